@@ -1,0 +1,1 @@
+"""Contraction planning and torch.einsum code generation."""

@@ -1,0 +1,59 @@
+"""tnderive: tensor networks for layers and losses, differentiated, simplified, drawn and
+compiled to torch.einsum code.
+
+The public surface (see README): parse, grad, hessian, jvp, vjp, simplify, evaluate, compile,
+codegen, draw, verify, elementwise, hessian_blocks, and the IR node classes.
+Heavy submodules are imported lazily on first use.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .errors import TNError
+from .functions import elementwise
+from .ir import Constant, Delta, Expr, Func, Product, Sum, Variable, Zero
+from .evaluate import evaluate
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported lazily)
+_LAZY = {
+    "parse": "tnderive.notation",
+    "to_notation": "tnderive.printer",
+    "var": "tnderive.builder",
+    "Tensor": "tnderive.builder",
+    "grad": "tnderive.derive",
+    "hessian": "tnderive.derive",
+    "jvp": "tnderive.derive",
+    "vjp": "tnderive.derive",
+    "derivative": "tnderive.derive",
+    "simplify": "tnderive.simplify",
+    "canonical_hash": "tnderive.canonical",
+    "isomorphic": "tnderive.canonical",
+    "verify": "tnderive.verify",
+    "draw": "tnderive.draw",
+    "draw_steps": "tnderive.draw",
+    "compile": "tnderive.codegen",
+    "codegen": "tnderive.codegen",
+    "plan": "tnderive.codegen",
+    "ggn": "tnderive.curvature",
+    "hessian_split": "tnderive.curvature",
+    "kfac": "tnderive.kfac",
+    "KronBlock": "tnderive.kronecker",
+    "hessian_blocks": "tnderive.attention",
+    "nn": "tnderive.nn",
+}
+
+__all__ = ["TNError", "elementwise", "evaluate", "Expr", "Variable", "Delta", "Constant", "Func",
+           "Product", "Sum", "Zero", *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tnderive' has no attribute {name!r}")
+    if name == "nn":
+        return importlib.import_module(module)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

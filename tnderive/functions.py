@@ -1,0 +1,142 @@
+"""Functions that appear in `Func` nodes.
+
+Two kinds:
+
+* `Elementwise(name, formula)`: a scalar function applied entry by entry. `formula` is a
+  sympy expression in the symbol `X`; derivatives of any order come from sympy.
+* `IndexFunction(name)`: a function over one index (`softmax`, `logsumexp`); the `Func`
+  node names the index in `over`.
+
+`elementwise(name, formula)` registers a user function so notation can use it right away.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import sympy
+
+from .errors import TNError
+
+X = sympy.Symbol("x", real=True)
+
+
+class sigmoid(sympy.Function):
+    """Logistic function σ(x) = 1/(1+exp(-x)), with derivative σ(1-σ) (numerically stable)."""
+
+    def fdiff(self, argindex=1):
+        s = sigmoid(self.args[0])
+        return s * (1 - s)
+
+    def _eval_rewrite_as_exp(self, x, **kwargs):
+        return 1 / (1 + sympy.exp(-x))
+
+
+class relu(sympy.Function):
+    """max(x, 0) with derivative heaviside(x)."""
+
+    def fdiff(self, argindex=1):
+        return step(self.args[0])
+
+
+class step(sympy.Function):
+    """Heaviside step (1 for x > 0, else 0); its derivative is taken to be 0."""
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
+
+
+@dataclass(frozen=True)
+class Elementwise:
+    """A scalar function `formula(x)` applied entrywise. Hashable; equal iff same formula."""
+
+    name: str = field(compare=False)
+    formula: sympy.Expr
+
+    def derivative(self, order: int = 1) -> "Elementwise":
+        """The `order`-th derivative, simplified by sympy, as a new Elementwise."""
+        d = sympy.simplify(sympy.diff(self.formula, X, order))
+        return Elementwise(self.name + "'" * order, d)
+
+    @property
+    def is_zero(self) -> bool:
+        return self.formula == 0
+
+    @property
+    def is_constant(self) -> bool:
+        return X not in self.formula.free_symbols
+
+    @property
+    def is_linear(self) -> bool:
+        """True when the formula is a*x + b (so its derivative is constant)."""
+        return sympy.diff(self.formula, X, 2) == 0
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class IndexFunction:
+    """A function over one index of its argument: 'softmax' keeps it, 'logsumexp' removes it."""
+
+    name: str
+
+    @property
+    def removes_index(self) -> bool:
+        return self.name == "logsumexp"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+SOFTMAX = IndexFunction("softmax")
+LOGSUMEXP = IndexFunction("logsumexp")
+
+_ELEMENTWISE: dict[str, Elementwise] = {}
+
+
+def elementwise(name: str, formula: sympy.Expr | Callable[[sympy.Symbol], sympy.Expr]) -> Elementwise:
+    """Register an elementwise function usable in notation as `name(...)`.
+
+    `formula` is a sympy expression in `tnderive.functions.X` or a callable taking that
+    symbol, e.g. `elementwise("swish", lambda x: x * sigmoid(x))`.
+    """
+    if not name.isidentifier():
+        raise TNError(f"function name {name!r} is not an identifier")
+    if callable(formula) and not isinstance(formula, sympy.Basic):
+        formula = formula(X)
+    formula = sympy.sympify(formula)
+    extra = formula.free_symbols - {X}
+    if extra:
+        raise TNError(f"function {name!r}: formula may only use the symbol x, found {sorted(map(str, extra))}")
+    fn = Elementwise(name, formula)
+    _ELEMENTWISE[name] = fn
+    return fn
+
+
+def get_elementwise(name: str) -> Elementwise:
+    """The registered elementwise function `name`; TNError naming it when unknown."""
+    try:
+        return _ELEMENTWISE[name]
+    except KeyError:
+        known = ", ".join(sorted(_ELEMENTWISE))
+        raise TNError(f"unknown function {name!r}; known elementwise functions: {known}, "
+                      f"and softmax, logsumexp, sum") from None
+
+
+def registered_elementwise() -> dict[str, Elementwise]:
+    return dict(_ELEMENTWISE)
+
+
+def power(p: int | float | sympy.Expr) -> Elementwise:
+    """x**p as an elementwise function (used for `e**p` in notation)."""
+    p = sympy.nsimplify(p)
+    return Elementwise(f"pow{p}", X ** p)
+
+
+elementwise("exp", sympy.exp(X))
+elementwise("log", sympy.log(X))
+elementwise("tanh", sympy.tanh(X))
+elementwise("sigmoid", sigmoid(X))
+elementwise("relu", relu(X))
+elementwise("sqrt", sympy.sqrt(X))

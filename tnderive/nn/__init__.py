@@ -1,0 +1,1 @@
+"""Layer library: layers as tensor networks (convolutions, attention, ...)."""
