@@ -1,1 +1,111 @@
-"""Contraction planning and torch.einsum code generation."""
+"""Contraction planning and torch.einsum code generation (installed as `tnderive.codegen`).
+
+    plan(expr, sizes=None)       -> Program: contraction order and cost of every product
+    codegen(expr, name="f")      -> str: a standalone module that imports only torch
+    compile(expr, name="f")      -> CompiledFunction: codegen + load, re-planned per size binding
+
+Modules: `plan` (one product's contraction order and cost), `program` (expression -> straight
+line program: deltas merged, products planned, common sub-expressions shared), `torch_emit`
+(program -> python source).
+"""
+from __future__ import annotations
+
+import builtins
+from typing import Mapping
+
+import torch
+
+from tnderive.errors import TNError
+from tnderive.ir import Expr
+
+from .plan import DEFAULT_SIZE, ContractionPlan, plan_contraction
+from .program import Program, lower
+from .torch_emit import emit_module
+
+__all__ = ["plan", "codegen", "compile", "CompiledFunction", "Program", "ContractionPlan",
+           "plan_contraction", "DEFAULT_SIZE"]
+
+
+def plan(expr: Expr, sizes: Mapping[str, int] | None = None, default_size: int = DEFAULT_SIZE,
+         method: str | None = None) -> Program:
+    """Contraction plan of `expr`: per product the order, FLOPs and largest intermediate as
+    sympy polynomials in the index sizes and as numbers for `sizes` (symbol name -> int;
+    unbound symbols are planned at `default_size`). `print(plan(expr))` shows a summary."""
+    return lower(expr, sizes, default_size, method)
+
+
+def codegen(expr: Expr, name: str = "f", sizes: Mapping[str, int] | None = None,
+            default_size: int = DEFAULT_SIZE, method: str | None = None) -> str:
+    """Source of a standalone module (imports only torch) defining `name(**tensors)` that
+    computes `expr`; the contraction order is planned for `sizes` (else `default_size`)."""
+    return emit_module(lower(expr, sizes, default_size, method), name)
+
+
+def compile(expr: Expr, name: str = "f", sizes: Mapping[str, int] | None = None,
+            default_size: int = DEFAULT_SIZE) -> "CompiledFunction":
+    """`expr` as a callable with keyword tensors (codegen + load). `.source`/`.plan` hold the
+    code and plan for `sizes`; each distinct size binding met in a call is re-planned once and
+    cached (`.specialisations`)."""
+    return CompiledFunction(expr, name, sizes, default_size)
+
+
+def load(source: str, name: str):
+    """Execute generated `source` and return its function `name` (errors: tnderive.TNError)."""
+    namespace: dict = {"__name__": f"tnderive_generated_{name}"}
+    exec(builtins.compile(source, f"<tnderive {name}>", "exec"), namespace)
+    namespace["TNError"] = TNError  # raise the library's error class when loaded in-process
+    return namespace[name]
+
+
+class CompiledFunction:
+    """Generated code for one expression, specialised per size binding."""
+
+    def __init__(self, expr: Expr, name: str, sizes, default_size: int):
+        if not isinstance(expr, Expr):
+            raise TNError(f"compile expects an expression, got {type(expr).__name__}")
+        self.expr = expr
+        self.name = name
+        self.default_size = default_size
+        self.plan = lower(expr, sizes, default_size)
+        self.source = emit_module(self.plan, name)
+        self._default = load(self.source, name)
+        self._names = tuple(expr.variables)
+        self._by_shapes: dict[tuple, object] = {}
+        self._by_sizes: dict[tuple, tuple[object, Program, str]] = {}
+
+    def __call__(self, *args, **tensors) -> torch.Tensor:
+        if args:
+            return self._default(*args, **tensors)
+        try:
+            key = tuple(tuple(tensors[n].shape) for n in self._names)
+        except (KeyError, AttributeError):
+            return self._default(**tensors)  # raises the argument error
+        fn = self._by_shapes.get(key)
+        if fn is None:
+            fn = self._specialise(tensors)
+            self._by_shapes[key] = fn
+        return fn(**tensors)
+
+    def _specialise(self, tensors):
+        from tnderive.binding import bind
+        try:
+            binding = bind(self.expr, tensors)
+        except TNError:
+            return self._default  # its own checks raise a clear error
+        values = {str(k): v for k, v in binding.symbols.items()}
+        skey = tuple(sorted(values.items()))
+        hit = self._by_sizes.get(skey)
+        if hit is None:
+            program = lower(self.expr, values, self.default_size)
+            source = emit_module(program, self.name)
+            hit = (load(source, self.name), program, source)
+            self._by_sizes[skey] = hit
+        return hit[0]
+
+    @property
+    def specialisations(self) -> dict[tuple, tuple[Program, str]]:
+        """(symbol, size) pairs -> (plan, source) for every binding met so far."""
+        return {k: (p, s) for k, (_, p, s) in self._by_sizes.items()}
+
+    def __repr__(self) -> str:
+        return f"<compiled {self.name}({', '.join(self._names)}) -> [{','.join(self.expr.indices)}]>"

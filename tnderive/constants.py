@@ -37,3 +37,73 @@ def build_constant(kind: str, params: tuple, shape: tuple[int, ...], device, dty
         raise TNError(f"constant {kind!r} builder returned shape {tuple(t.shape)}, expected {tuple(shape)}")
     _CACHE[key] = t
     return t
+
+
+# --- descriptions for drawings (used by tnderive.draw) -------------------------------------
+
+Describer = Callable[[str, tuple], str]
+
+_DESCRIBERS: dict[str, Describer] = {}
+_SYMBOLS = {"pattern": "Π"}
+_ABBREV = {"stride": "s", "padding": "p", "dilation": "d"}
+
+
+def register_description(kind: str, describe: Describer) -> None:
+    """Register how drawings caption constants of `kind`: `describe(kind, params) -> str`, one
+    short line whose first word is the symbol drawn for the kind and the rest its parameters,
+    e.g. "Π s=2 p=1 d=1"."""
+    _DESCRIBERS[kind] = describe
+
+
+def describe_constant(kind: str, params: tuple) -> str:
+    """A one-line caption of a constant for drawings: the registered describer's, else the
+    kind's symbol followed by `key=value` for params that are (str, value) pairs, or by the
+    params themselves."""
+    describe = _DESCRIBERS.get(kind)
+    if describe is not None:
+        try:
+            return describe(kind, params)
+        except Exception:  # a caption must never break a drawing: fall back to the generic one
+            pass
+    params = tuple(params)
+    if all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in params):
+        words = [f"{_ABBREV.get(k, k)}={_short(v)}" for k, v in params]
+    else:
+        words = [_short(p) for p in params]
+    return " ".join([_SYMBOLS.get(kind, kind), *words])
+
+
+def _short(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join(_short(v) for v in value) + ")"
+    return str(value).replace(" ", "")
+
+
+# --- source hook for generated code (used by tnderive.codegen) ----------------------------------
+# Generated modules import only torch, so they carry their own copy of each constant builder
+# they use. A kind registers that copy as Python source here.
+
+_SOURCES: dict[str, str] = {}
+
+
+def register_constant_source(kind: str, source: str) -> None:
+    """Register torch-only Python source of the builder of `kind` for generated code.
+
+    `source` defines a top-level function `(params, shape, device, dtype) -> torch.Tensor`
+    (the same contract as a `register_constant` builder; if it defines several functions, the
+    last one is the builder and the others are its helpers). It may use only `torch` and
+    builtins: the generated module imports nothing else.
+    """
+    if not isinstance(source, str) or "def " not in source:
+        raise TNError(f"constant {kind!r}: source must be Python text defining a function")
+    _SOURCES[kind] = source
+
+
+def constant_source(kind: str) -> str | None:
+    """Source of the builder of `kind` for generated code (None when none is registered)."""
+    if kind not in _SOURCES and kind in ("pattern", "pattern_sum", "split", "window"):
+        try:
+            import tnderive.patterns  # noqa: F401  (registers builders and their sources)
+        except ImportError:
+            pass
+    return _SOURCES.get(kind)

@@ -41,9 +41,15 @@ def hessian(expr: Expr, a: str, b: str | None = None) -> Expr:
     """Second derivative d²expr / d`a` d`b` (b defaults to a). For a scalar the indices are
     a's axes then b's axes — the layout of `torch.func.hessian(f, argnums=(a, b))[a][b]`."""
     b = a if b is None else b
-    _variable(expr, a)
-    _variable(expr, b)
-    return grad(grad(expr, a), b)
+    va, vb = _variable(expr, a), _variable(expr, b)
+    legs_a = new_leg_names(expr, va)
+    first = derivative(expr, a, legs_a)
+    taken = set(first.all_indices) | set(legs_a)
+    legs_b = []
+    for ax in vb.axes:
+        legs_b.append(fresh_name(ax, taken))
+        taken.add(legs_b[-1])
+    return derivative(first, b, legs_b, var=vb)
 
 
 def jvp(expr: Expr, name: str, tangent: str | None = None) -> Expr:
@@ -80,10 +86,12 @@ def vjp(expr: Expr, name: str, cotangent: str | None = None) -> Expr:
     return rename_free(out, dict(zip(legs, var.axes)))
 
 
-def derivative(expr: Expr, name: str, legs: Sequence[str]) -> Expr:
+def derivative(expr: Expr, name: str, legs: Sequence[str], var: Variable | None = None) -> Expr:
     """d expr / d `name` with the new legs named `legs` (one per axis of the variable).
-    `legs` must not be used anywhere in `expr`."""
-    var = _variable(expr, name)
+    `legs` must not be used anywhere in `expr`. Pass `var` (an occurrence of the variable) to
+    differentiate an expression where it may no longer occur (the result is then Zero)."""
+    if var is None or name in expr.variables:
+        var = _variable(expr, name)
     legs = tuple(legs)
     if len(legs) != len(var.axes):
         raise TNError(f"variable {name!r} has {len(var.axes)} axes {list(var.axes)}; got legs {list(legs)}")

@@ -24,6 +24,12 @@ class TorchPrinter(PythonCodePrinter):
         "sigmoid": "torch.sigmoid", "relu": "torch.relu",
     }
 
+    def _print(self, expr, **kwargs):
+        if isinstance(expr, sympy.Basic) and expr.is_number and not expr.is_Integer:
+            v = float(expr)
+            return f"({v!r})" if v < 0 else repr(v)
+        return super()._print(expr, **kwargs)
+
     def _print_Function(self, expr):
         name = type(expr).__name__
         if name in self._torch_funcs:

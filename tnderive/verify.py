@@ -16,6 +16,7 @@ import torch
 from torch.func import jacrev
 
 from .errors import TNError
+from .binding import bind
 from .evaluate import evaluate
 from .ir import Expr
 
@@ -94,7 +95,7 @@ def verify(expr: Expr, wrt: str | Sequence[str], result: Expr | None = None,
 
     result: the derived expression to check (default: derived here, simplified if `simplify`).
     """
-    from .derive import grad
+    from .derive import derivative, new_leg_names
 
     wrt = [wrt] if isinstance(wrt, str) else list(wrt)
     if not wrt:
@@ -102,14 +103,18 @@ def verify(expr: Expr, wrt: str | Sequence[str], result: Expr | None = None,
     if result is None:
         result = expr
         for w in wrt:
-            result = grad(result, w)
+            if w not in expr.variables:
+                raise TNError(f"cannot differentiate w.r.t. {w!r}: not a variable of the expression")
+            var = expr.variables[w]
+            result = derivative(result, w, new_leg_names(result, var), var=var)
         if simplify:
             from .simplify import simplify as _simplify
             result = _simplify(result)
     tensors = dict(tensors) if tensors is not None else random_tensors(expr, sizes, seed, positive)
     ref = reference_derivative(expr, wrt, tensors)
     used = {k: v for k, v in tensors.items() if k in result.variables}
-    got = evaluate(result, **used)
+    bound = {str(k): v for k, v in bind(expr, tensors).symbols.items()}
+    got = evaluate(result, sizes=bound, **used)
     if tuple(got.shape) != tuple(ref.shape):
         raise TNError(f"derived shape {tuple(got.shape)} differs from torch.func's {tuple(ref.shape)}")
     abs_err = (got - ref).abs().max().item() if got.numel() else 0.0

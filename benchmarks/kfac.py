@@ -1,0 +1,249 @@
+"""KFAC input-side factor of convolution layers: tnderive's generated code vs unfold vs einconv.
+
+For each layer (ResNet-18 3×3 stride 1 and 2, 5×5, 1×1, a K = S = 4 patchify stem) and each
+flavour (expand, reduce) the factor A (curvlinops' scaling) is computed by
+
+  * tnderive: `tnderive.kfac(conv_network(...).expr, "W", "n", kind)` -> `input_expr`,
+              compiled with `tnderive.compile` (generated torch.einsum code);
+  * unfold:   what curvlinops / BackPACK do: `F.unfold` (im2col), then (expand) the Gram matrix
+              over batch × positions, or (reduce) the mean over positions and a Gram matrix;
+  * einconv:  the peer's einsum expressions (`convNd_kfc` / `convNd_kfac_reduce`, simplified),
+              evaluated with torch.einsum (skipped when einconv is not installed).
+
+All three results are checked against each other. Reported: median wall time over repeats and
+peak memory of one call (CPU: from the torch profiler's allocation events; CUDA:
+`max_memory_allocated`), and for tnderive the largest intermediate of its plan vs the im2col size.
+
+    python benchmarks/kfac.py [--batch 4] [--repeats 5] [--device cpu] [--threads 1] [--quick]
+
+Writes its section of benchmarks/RESULTS.md between `<!-- BEGIN kfac -->` / `<!-- END kfac -->`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import tnderive  # noqa: E402
+from tnderive.kfac import kfac  # noqa: E402
+from tnderive.nn.conv import conv_network  # noqa: E402
+
+try:  # optional peer
+    from einconv.expressions import convNd_kfac_reduce, convNd_kfc
+except ImportError:  # pragma: no cover - optional
+    convNd_kfac_reduce = convNd_kfc = None
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+# name, C_in, C_out, input size, kernel, stride, padding
+LAYERS = [
+    ("ResNet-18 3×3 s1 (64@56)", 64, 64, 56, 3, 1, 1),
+    ("ResNet-18 3×3 s1 (256@14)", 256, 256, 14, 3, 1, 1),
+    ("ResNet-18 3×3 s2 (64→128@56)", 64, 128, 56, 3, 2, 1),
+    ("ResNet-18 3×3 s2 (256→512@14)", 256, 512, 14, 3, 2, 1),
+    ("5×5 s1 (32→64@28)", 32, 64, 28, 5, 1, 2),
+    ("1×1 s2 (64→128@56, downsample)", 64, 128, 56, 1, 2, 0),
+    ("1×1 s1 (128→128@28)", 128, 128, 28, 1, 1, 0),
+    ("patchify K=S=4 (3→96@224)", 3, 96, 224, 4, 4, 0),
+]
+QUICK = [LAYERS[0], LAYERS[2], LAYERS[5], LAYERS[7]]
+
+
+# --------------------------------------------------------------------------------------------
+# the three implementations
+# --------------------------------------------------------------------------------------------
+
+def unfold_factor(x, k, s, p, kind):
+    """curvlinops/BackPACK: im2col, then Gram matrix (expand) or mean over positions (reduce)."""
+    u = F.unfold(x, k, padding=p, stride=s)  # [N, C*K*K, L]
+    N, _, L = u.shape
+    if kind == "expand":
+        u = u.transpose(1, 2).reshape(N * L, -1)
+        return u.T @ u / (N * L)
+    ur = u.mean(-1)
+    return ur.T @ ur / N
+
+
+def einconv_factor(x, k, s, p, kind):
+    mod = convNd_kfc if kind == "expand" else convNd_kfac_reduce
+    eq, ops, shape = mod.einsum_expression(x, k, stride=s, padding=p)
+    A = torch.einsum(eq, *ops).reshape(shape)
+    if kind == "expand":  # einconv's KFC factor is scaled by 1/N; curvlinops' by 1/(N·L)
+        O = (x.shape[-1] + 2 * p - k) // s + 1
+        A = A / (O * O)
+    return A
+
+
+class TNFactor:
+    """tnderive's generated code for the layer's input-side factor."""
+
+    def __init__(self, x_shape, c_out, k, s, p, kind):
+        net = conv_network(x_shape, (c_out, x_shape[1], k, k), stride=s, padding=p, bias=False)
+        self.fac = kfac(net.expr, "W", "n", kind=kind)
+        self.fn = tnderive.compile(self.fac.input_expr, f"kfac_{kind}")
+        N, C, I, _ = x_shape
+        O = (I + 2 * p - k) // s + 1
+        self.denom = N * O * O if kind == "expand" else N * (O * O) ** 2
+        self.prepare = net.prepare
+        self.im2col = N * C * k * k * O * O
+        self.largest = self.fn.plan.largest_at() if hasattr(self.fn, "plan") else float("nan")
+        self.source = self.fn.source
+
+    def __call__(self, x):
+        xg = x.reshape(x.shape[0], 1, *x.shape[1:])
+        A = self.fn(x=xg) / self.denom
+        return A.reshape(int(math.isqrt(A.numel())), -1)
+
+
+# --------------------------------------------------------------------------------------------
+# measuring
+# --------------------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], torch.Tensor], repeats: int, device) -> float:
+    fn()  # warm-up (builds constants, plans)
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory(fn: Callable[[], torch.Tensor], device) -> int:
+    """Peak bytes allocated during one call (beyond what was allocated before)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return peak
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    cur = best = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        cur += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        best = max(best, cur)
+    return best
+
+
+def mib(n: float) -> str:
+    return f"{n / 2 ** 20:.1f}"
+
+
+def run(layers, batch, repeats, device, dtype):
+    rows = []
+    for name, cin, cout, I, k, s, p in layers:
+        x = torch.randn(batch, cin, I, I, device=device, dtype=dtype)
+        for kind in ("expand", "reduce"):
+            tn = TNFactor(tuple(x.shape), cout, k, s, p, kind)
+            impls = {"tnderive": lambda: tn(x), "unfold": lambda: unfold_factor(x, k, s, p, kind)}
+            if convNd_kfc is not None:
+                impls["einconv"] = lambda: einconv_factor(x, k, s, p, kind)
+            ref = impls["unfold"]()
+            for label, fn in impls.items():
+                got = fn()
+                err = (got.reshape(ref.shape) - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+                if err > (1e-4 if dtype == torch.float32 else 1e-10):
+                    raise SystemExit(f"{name} {kind}: {label} differs from unfold (rel err {err:.2e})")
+            res = {}
+            for label, fn in impls.items():
+                res[label] = (median_time(fn, repeats, device), peak_memory(fn, device))
+            rows.append((name, kind, res, tn.largest, tn.im2col))
+            t_tn, t_un = res["tnderive"][0], res["unfold"][0]
+            ein = res.get("einconv", (float("nan"), 0))[0]
+            print(f"{name:34s} {kind:6s} tnderive {t_tn * 1e3:8.2f} ms  unfold {t_un * 1e3:8.2f} ms  "
+                  f"einconv {ein * 1e3:8.2f} ms  speed-up vs unfold {t_un / t_tn:5.2f}x  "
+                  f"peak MiB tn/unfold/einconv {mib(res['tnderive'][1])}/{mib(res['unfold'][1])}/"
+                  f"{mib(res.get('einconv', (0, 0))[1])}", flush=True)
+    return rows
+
+
+def table(rows, args, device) -> str:
+    lines = [
+        "## KFAC input-side factor of convolutions (`benchmarks/kfac.py`)",
+        "",
+        f"Command: `python benchmarks/kfac.py --batch {args.batch} --repeats {args.repeats} "
+        f"--device {args.device} --threads {args.threads}{' --quick' if args.quick else ''}`; "
+        f"{device.type}, {args.dtype}, torch {torch.__version__}, {platform.machine()}, "
+        f"{torch.get_num_threads()} thread(s). Median of {args.repeats} runs after one warm-up; "
+        "peak = extra memory of one call "
+        + ("(CUDA max_memory_allocated)." if device.type == "cuda" else
+           "(torch profiler allocation events)."),
+        "tnderive = generated code for `tnderive.kfac(conv_network(...).expr, 'W', 'n', kind).input_expr`; "
+        "unfold = `F.unfold` + Gram matrix (curvlinops/BackPACK); einconv = the peer's simplified "
+        "einsum expressions. \"largest\" = tnderive's largest intermediate (entries) vs the im2col size.",
+        "",
+        "| layer | kind | tnderive ms | unfold ms | einconv ms | ×unfold | ×einconv | peak MiB tn / unfold / einconv | largest / im2col |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for name, kind, res, largest, im2col in rows:
+        t_tn, m_tn = res["tnderive"]
+        t_un, m_un = res["unfold"]
+        t_ei, m_ei = res.get("einconv", (float("nan"), float("nan")))
+        lines.append(
+            f"| {name} | {kind} | {t_tn * 1e3:.2f} | {t_un * 1e3:.2f} | {t_ei * 1e3:.2f} | "
+            f"{t_un / t_tn:.2f} | {t_ei / t_tn:.2f} | {mib(m_tn)} / {mib(m_un)} / {mib(m_ei)} | "
+            f"{largest:,} / {im2col:,} |")
+    lines.append("")
+    lines.append("×unfold, ×einconv: the peer's time divided by tnderive's (> 1: tnderive is faster).")
+    return "\n".join(lines)
+
+
+def write_section(text: str, name: str = "kfac") -> None:
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    old = open(RESULTS, encoding="utf-8").read() if os.path.exists(RESULTS) else "# Benchmark results\n"
+    block = f"{begin}\n{text}\n{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    with open(RESULTS, "w", encoding="utf-8") as fh:
+        fh.write(new)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="four layers only")
+    ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    rows = run(QUICK if args.quick else LAYERS, args.batch, args.repeats, device, dtype)
+    text = table(rows, args, device)
+    print()
+    print(text)
+    if not args.no_write:
+        write_section(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

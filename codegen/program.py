@@ -1,0 +1,502 @@
+"""Lowering an expression to a straight-line program of tensor operations.
+
+`lower(expr, sizes=None, default_size=8)` returns a `Program`: a list of `Op`s, each writing one
+temporary whose dimensions carry index labels, plus the contraction plans of its products.
+
+* Products are flattened (nested products are inlined with their bound indices renamed fresh,
+  one-term scaled sums become coefficients), copy tensors are merged into index renames
+  (union-find), and the remaining operands are contracted pairwise along
+  `plan.plan_contraction`. A delta leg that only reaches the output becomes an `expand`, an
+  output that really is diagonal a `diag` op (zeros + diagonal view); nothing is materialised.
+* Common subexpressions: every op is keyed by its kind, payload, input temporaries and its
+  index pattern (labels renamed by first appearance, commutative inputs sorted), so an
+  identical op — the same sub-product in two terms of a sum, the same intermediate in two
+  products, a repeated function application — is emitted once and reused under new labels.
+* Sizes: the sympy sizes of the expression are kept (for the symbolic cost); planning uses
+  numbers: the bound `sizes` where given, else `default_size` for every free symbol.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import sympy
+
+from tnderive.errors import TNError
+from tnderive.functions import X, Elementwise, IndexFunction
+from tnderive.ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name,
+                         rename_free)
+
+from .factor import factor_sums
+from .plan import DEFAULT_SIZE, ContractionPlan, plan_contraction, step_cost
+
+Labels = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Value:
+    """A tensor available at run time: python name and one label per dimension.
+
+    `ties` ((extra, rep), ...) describe a lazily diagonal value: the full tensor is this one
+    times copy tensors joining each `extra` index to its `rep` label (so it has the extra
+    indices too, zero off the diagonal). Products absorb ties for free (index merges); only a
+    consumer that needs the full tensor materialises it (`_Lowering.materialise`)."""
+
+    name: str
+    labels: Labels
+    shape: tuple[sympy.Expr, ...]
+    ties: tuple[tuple[str, str], ...] = ()
+
+    def relabel(self, labels: Labels) -> "Value":
+        return Value(self.name, tuple(labels), self.shape, self.ties)
+
+    @property
+    def free(self) -> Labels:
+        """All indices of the full tensor (labels, then tied extras)."""
+        return self.labels + tuple(x for x, _ in self.ties)
+
+    @property
+    def sizes(self) -> dict[str, sympy.Expr]:
+        return dict(zip(self.labels, self.shape))
+
+
+@dataclass
+class Op:
+    """One line of generated code: `out = <kind>(inputs, payload)` with dims `labels`.
+
+    kinds: einsum (payload: None), const (kind, params), zeros, ones, elementwise (fn),
+    softmax / logsumexp (dim), lincomb (coefficients), scale (coefficient),
+    expand (label positions), diag (output label list)."""
+
+    kind: str
+    out: str
+    inputs: tuple[Value, ...]
+    labels: Labels
+    shape: tuple[sympy.Expr, ...] = ()
+    payload: object = None
+    flops: sympy.Expr = sympy.Integer(0)
+
+
+@dataclass
+class Program:
+    """Straight-line program for one expression."""
+
+    expr: Expr
+    ops: list[Op]
+    result: Value
+    numeric: dict[sympy.Symbol, int]               # planning values of size symbols
+    plans: list[tuple[Product, ContractionPlan]] = field(default_factory=list)
+    reused: int = 0                                 # ops saved by common-subexpression reuse
+
+    @property
+    def flops(self) -> sympy.Expr:
+        """FLOPs of all emitted contractions (shared ones counted once)."""
+        return sympy.expand(sum((op.flops for op in self.ops), sympy.Integer(0)))
+
+    @property
+    def naive_flops(self) -> sympy.Expr:
+        """FLOPs when every product is one naive einsum and nothing is shared."""
+        return sympy.expand(sum((p.naive_flops for _, p in self.plans), sympy.Integer(0)))
+
+    @property
+    def largest_intermediate(self) -> sympy.Expr:
+        sizes = [sympy.Mul(*op.shape) for op in self.ops if op.kind == "einsum"]
+        if not sizes:
+            return sympy.Integer(0)
+        return max(sizes, key=lambda e: self.at(e))
+
+    @property
+    def products(self) -> list[ContractionPlan]:
+        """The contraction plan of every product (in lowering order)."""
+        return [p for _, p in self.plans]
+
+    def flops_at(self, values: Mapping | None = None) -> int:
+        """FLOPs for size-symbol values (name -> int; default: the planning sizes)."""
+        return self.at(self.flops, values)
+
+    def naive_flops_at(self, values: Mapping | None = None) -> int:
+        return self.at(self.naive_flops, values)
+
+    def largest_at(self, values: Mapping | None = None) -> int:
+        return self.at(self.largest_intermediate, values)
+
+    def summary(self) -> str:
+        """Human-readable plan: one line per product and the totals."""
+        vals = ", ".join(f"{k}={v}" for k, v in sorted(self.numeric.items(), key=lambda kv: str(kv[0])))
+        lines = [f"plan for sizes {vals or '(none)'}: {len(self.products)} product(s), "
+                 f"{sum(op.kind == 'einsum' for op in self.ops)} einsum line(s), "
+                 f"{self.reused} reused sub-expression(s)"]
+        for k, p in enumerate(self.products):
+            lines.append(f"  product {k}: {len(p.operands)} operand(s) -> [{','.join(p.output)}] "
+                         f"({p.method}): {p.flops} flops (naive {p.naive_flops})")
+        fl, nv = self.flops_at(), self.naive_flops_at()
+        ratio = f", {nv / fl:.3g}x fewer than naive" if fl else ""
+        lines.append(f"  total: {self.flops} flops = {fl:,}{ratio}")
+        lines.append(f"  naive: {self.naive_flops} flops = {nv:,}")
+        lines.append(f"  largest intermediate: {self.largest_intermediate} = "
+                     f"{self.largest_at():,} entries")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def at(self, e: sympy.Expr, values: Mapping | None = None) -> int:
+        """Numeric value of a size polynomial (default: the planning sizes)."""
+        vals = self.numeric if values is None else {
+            sympy.Symbol(str(k), integer=True, positive=True): int(v) for k, v in values.items()}
+        v = sympy.sympify(e).xreplace({k: sympy.Integer(n) for k, n in vals.items()})
+        return int(sympy.floor(v)) if v.is_number else v
+
+
+def lower(expr: Expr, sizes: Mapping[str, int] | None = None,
+          default_size: int = DEFAULT_SIZE, method: str | None = None,
+          factor: bool = True) -> Program:
+    """Lower `expr` to a Program, planning with `sizes` (symbol name -> int) where bound.
+
+    factor: first pull factors shared by all terms of a sum out of it (`factor.factor_sums`)."""
+    if not isinstance(expr, Expr):
+        raise TNError(f"codegen expects an expression, got {type(expr).__name__}")
+    return _Lowering(expr, sizes or {}, default_size, method, factor).run()
+
+
+def planning_values(expr: Expr, sizes: Mapping[str, int], default_size: int) -> dict:
+    """Value of every size symbol of `expr` for planning: bound ones, else the default."""
+    symbols: set[sympy.Symbol] = set()
+    for node in expr.walk():
+        for s in node.shape:
+            symbols |= s.free_symbols
+        if isinstance(node, Variable):
+            for s in node.axis_shape:
+                symbols |= s.free_symbols
+    by_name = {str(k): int(v) for k, v in sizes.items()}
+    unknown = [k for k in by_name if k not in {str(s) for s in symbols}]
+    if unknown:
+        raise TNError(f"sizes: {unknown[0]!r} is not a size symbol of the expression "
+                      f"(symbols: {sorted(str(s) for s in symbols)})")
+    return {s: by_name.get(str(s), default_size) for s in symbols}
+
+
+class _Lowering:
+    def __init__(self, expr: Expr, sizes: Mapping[str, int], default_size: int, method,
+                 factor: bool = True):
+        self.expr = expr
+        self.values = planning_values(expr, sizes, default_size)
+        self.method = method
+        self.ops: list[Op] = []
+        self.cse: dict[tuple, str] = {}
+        self.memo: dict[Expr, Value] = {}
+        self.plans: list[tuple[Product, ContractionPlan]] = []
+        self.reused = 0
+        self._taken = set(expr.variables)
+        self._counter = 0
+        self.work = factor_sums(expr) if factor else expr
+        self._labels = set(self.work.all_indices)
+        self.parents = _parent_counts(self.work)
+
+    def run(self) -> Program:
+        result = self.materialise(self.value(self.work))
+        return Program(self.expr, self.ops, result, self.values, self.plans, self.reused)
+
+    # --- helpers -------------------------------------------------------------------------
+    def numeric(self, s: sympy.Expr) -> int:
+        v = s.xreplace({k: sympy.Integer(n) for k, n in self.values.items()})
+        return max(1, int(sympy.floor(v)))
+
+    def fresh_temp(self) -> str:
+        while True:
+            name = f"t{self._counter}"
+            self._counter += 1
+            if name not in self._taken:
+                return name
+
+    def fresh_label(self, base: str) -> str:
+        name = fresh_name(base, self._labels)
+        self._labels.add(name)
+        return name
+
+    def emit(self, kind: str, inputs: tuple[Value, ...], labels: Labels,
+             shape: tuple[sympy.Expr, ...] | None = None, payload=None,
+             commutative: bool = False) -> Value:
+        """Append an op (or reuse an identical one) and return its value.
+
+        `shape` defaults to the input sizes of `labels`."""
+        sizes: dict[str, sympy.Expr] = {}
+        for v in inputs:
+            for i, n in zip(v.labels, v.shape):
+                sizes.setdefault(i, n)
+        if shape is None:
+            shape = tuple(sizes[i] for i in labels)
+        shape = tuple(shape)
+        for i, n in zip(labels, shape):
+            sizes.setdefault(i, n)
+        ordered = tuple(sorted(inputs, key=lambda v: v.name)) if commutative else inputs
+        norm: dict[str, int] = {}
+        for v in ordered:
+            for i in v.labels:
+                norm.setdefault(i, len(norm))
+        for i in labels:
+            norm.setdefault(i, len(norm))
+        sizes_key = tuple(str(sizes[i]) for i in sorted(norm, key=norm.get))
+        out_norm = tuple(norm[i] for i in labels)
+        # an einsum may return its dims in any order: key it by the set of output indices
+        out_key = tuple(sorted(out_norm)) if kind == "einsum" else out_norm
+        key = (kind, _hashable(payload), tuple((v.name, tuple(norm[i] for i in v.labels))
+                                               for v in ordered), out_key, sizes_key)
+        hit = self.cse.get(key)
+        if hit is not None:
+            self.reused += 1
+            name, cached_out = hit
+            inverse = {k: i for i, k in norm.items()}
+            got = tuple(inverse[k] for k in cached_out)
+            return Value(name, got, tuple(sizes[i] for i in got))
+        out = self.fresh_temp()
+        flops = sympy.Integer(0)
+        view = len(inputs) == 1 and set(inputs[0].labels) == set(labels)  # diagonal/permute
+        if kind == "einsum" and not view:
+            flops = step_cost(tuple(v.labels for v in inputs), labels, sizes)[0]
+        self.ops.append(Op(kind, out, tuple(inputs), tuple(labels), shape, payload, flops))
+        self.cse[key] = (out, out_norm)
+        return Value(out, tuple(labels), shape)
+
+    # --- nodes ---------------------------------------------------------------------------
+    def value(self, e: Expr) -> Value:
+        hit = self.memo.get(e)
+        if hit is not None:
+            return hit
+        v = self._value(e)
+        if sorted(v.free) != sorted(e.indices):
+            raise TNError(f"internal codegen error: {e!r} lowered to labels {v.labels}")
+        self.memo[e] = v
+        return v
+
+    def _value(self, e: Expr) -> Value:
+        if isinstance(e, Variable):
+            v = Value(e.name, e.occurrence, e.axis_shape)
+            if len(set(e.occurrence)) != len(e.occurrence):
+                v = self.emit("einsum", (v,), e.indices)
+            return v
+        if isinstance(e, Zero):
+            return self.emit("zeros", (), e.indices, e.shape)
+        if isinstance(e, Constant):
+            return self.emit("const", (), e.indices, e.shape, (e.kind, e.params))
+        if isinstance(e, Func):
+            return self._func(e)
+        if isinstance(e, Sum):
+            return self._sum(e)
+        if isinstance(e, (Product, Delta)):
+            p = e if isinstance(e, Product) else Product((e,), e.indices)
+            return self._product(p)
+        raise TNError(f"codegen: cannot lower node {type(e).__name__}")
+
+    def materialise(self, v: Value) -> Value:
+        """The full tensor of a lazily diagonal value (zeros with the diagonal set)."""
+        if not v.ties:
+            return v
+        full = v.free
+        reps = dict(v.ties)
+        positions = tuple(v.labels.index(reps.get(i, i)) for i in full)
+        shape = v.shape + tuple(v.shape[v.labels.index(r)] for _, r in v.ties)
+        return self.emit("diag", (Value(v.name, v.labels, v.shape),), full, shape,
+                         payload=positions)
+
+    def _func(self, e: Func) -> Value:
+        x = self.value(e.arg)
+        if isinstance(e.fn, Elementwise):
+            if x.ties and e.fn.formula.subs(X, 0) == 0:  # f(0) = 0 keeps the diagonal structure
+                y = self.emit("elementwise", (Value(x.name, x.labels, x.shape),), x.labels,
+                              payload=e.fn)
+                return Value(y.name, y.labels, y.shape, x.ties)
+            x = self.materialise(x)
+            return self.emit("elementwise", (x,), x.labels, payload=e.fn)
+        x = self.materialise(x)
+        if isinstance(e.fn, IndexFunction) and e.fn.name in ("softmax", "logsumexp"):
+            dim = x.labels.index(e.over)
+            labels = x.labels if e.fn.name == "softmax" else tuple(i for i in x.labels if i != e.over)
+            return self.emit(e.fn.name, (x,), labels, payload=dim)
+        raise TNError(f"codegen: unknown function {e.fn}")
+
+    def _sum(self, e: Sum) -> Value:
+        terms = [(c, t) for c, t in e.terms if not isinstance(t, Zero) and c != 0]
+        if not terms:
+            return self.emit("zeros", (), e.indices, e.shape)
+        coefs = tuple(sympy.sympify(c) for c, _ in terms)
+        if len(terms) == 1:
+            if coefs[0] != 1 and isinstance(terms[0][1], Product):  # fold into the product
+                return self._product(terms[0][1], coefs[0])
+            v = self.value(terms[0][1])
+            return v if coefs[0] == 1 else self._scale(v, coefs[0])
+        vals = tuple(self.value(t) for _, t in terms)
+        vals, ties = self._common_ties(vals, e.indices)
+        labels = tuple(i for i in e.indices if i not in dict(ties))
+        sizes = e.sizes
+        out = self.emit("lincomb", tuple(Value(v.name, v.labels, v.shape) for v in vals), labels,
+                        tuple(sizes[i] for i in labels), payload=coefs)
+        return Value(out.name, out.labels, out.shape, ties)
+
+    def _scale(self, v: Value, c) -> Value:
+        out = self.emit("scale", (Value(v.name, v.labels, v.shape),), v.labels, payload=c)
+        return Value(out.name, out.labels, out.shape, v.ties)
+
+    def _common_ties(self, vals: tuple[Value, ...], order: Labels):
+        """Terms with the same diagonal structure stay compact (one canonical label per
+        group); otherwise every term is materialised."""
+        def groups(v: Value):
+            g: dict[str, set[str]] = {}
+            for x, r in v.ties:
+                g.setdefault(r, {r}).add(x)
+            return {frozenset(m) for m in g.values()}
+
+        first = groups(vals[0])
+        if not first or any(groups(v) != first for v in vals[1:]):
+            return tuple(self.materialise(v) for v in vals), ()
+        canon = {m: min(m, key=order.index) for m in first}
+        out = []
+        for v in vals:
+            rename = {}
+            for m in first:
+                rep = next(i for i in v.labels if i in m)
+                rename[rep] = canon[m]
+            out.append(Value(v.name, tuple(rename.get(i, i) for i in v.labels), v.shape))
+        ties = tuple((x, canon[m]) for m in first for x in sorted(m, key=order.index)
+                     if x != canon[m])
+        return tuple(out), ties
+
+    # --- products ------------------------------------------------------------------------
+    def _flatten(self, p: Product, coef, out: list[Expr]):
+        """Append p's factors (nested products inlined, bound indices renamed fresh)."""
+        for f in p.factors:
+            while isinstance(f, Sum) and len(f.terms) == 1:
+                c, f = f.terms[0]
+                coef = coef * c
+            if isinstance(f, Product) and not self._keep_whole(f):
+                mapping = {b: self.fresh_label(b) for b in f.summed}
+                inner = Product([rename_free(g, {k: v for k, v in mapping.items() if k in g.indices})
+                                 for g in f.factors], f.indices)
+                coef = self._flatten(inner, coef, out)
+            else:
+                out.append(f)
+        return coef
+
+    def _keep_whole(self, f: Product) -> bool:
+        """Contract a nested product on its own (instead of inlining it) when it is shared by
+        several parents and does not grow: it is then computed once and reused."""
+        if self.parents.get(f, 0) < 2 or not f.factors:
+            return False
+        out = self.numeric(sympy.Mul(*f.shape))
+        biggest = max(self.numeric(sympy.Mul(*g.shape)) for g in f.factors)
+        return out <= biggest
+
+    def _product(self, p: Product, scale=1) -> Value:
+        factors: list[Expr] = []
+        coef = self._flatten(p, sympy.sympify(scale), factors)
+        if any(isinstance(f, Zero) for f in factors) or coef == 0:
+            return self.emit("zeros", (), p.indices, p.shape)
+        sizes: dict[str, sympy.Expr] = {}
+        for f in factors:
+            for i, n in zip(f.indices, f.shape):
+                sizes.setdefault(i, n)
+        # union-find over labels joined by deltas
+        parent: dict[str, str] = {i: i for i in sizes}
+
+        def find(i: str) -> str:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        out_set = set(p.indices)
+        for f in factors:
+            if isinstance(f, Delta):
+                for j in f.indices[1:]:
+                    a, b = find(f.indices[0]), find(j)
+                    _same_size(sizes, a, b)
+                    if a != b:
+                        if b in out_set and a not in out_set:  # an output index represents
+                            a, b = b, a
+                        parent[b] = a
+        values = [self.value(f) for f in factors if not isinstance(f, Delta)]
+        for v in values:  # a lazily diagonal factor brings its copy tensors along
+            for x, r in v.ties:
+                a, b = find(r), find(x)
+                if a != b:
+                    if b in out_set and a not in out_set:
+                        a, b = b, a
+                    parent[b] = a
+        operands: list[Value] = []
+        for v in values:
+            labels = tuple(find(i) for i in v.labels)
+            v = Value(v.name, labels, v.shape)
+            if len(set(labels)) != len(labels):  # a delta joins two dims of one factor
+                v = self.emit("einsum", (v,), tuple(dict.fromkeys(labels)))
+            operands.append(v)
+        classes = tuple(dict.fromkeys(find(i) for i in p.indices))
+        carried = {i for v in operands for i in v.labels}
+        core_out = tuple(c for c in classes if c in carried)
+        for r in {find(i) for i in sizes}:  # closed delta loop: its trace is its size
+            if r not in carried and r not in classes:
+                coef = coef * sizes[r]
+        if coef != 1 and operands:  # scale the smallest operand if that is cheaper
+            k = min(range(len(operands)), key=lambda j: self.numeric(sympy.Mul(*operands[j].shape)))
+            if self.numeric(sympy.Mul(*operands[k].shape)) < \
+                    self.numeric(sympy.Mul(*[sizes[c] for c in classes])):
+                operands[k] = self._scale(operands[k], sympy.sympify(coef))
+                coef = 1
+        result = self._contract(p, operands, core_out, sizes)
+        if len(core_out) != len(classes):  # classes only delta legs bring to the output
+            result = self.emit("expand", (result,), classes, tuple(sizes[c] for c in classes))
+        if len(classes) != len(p.indices):  # an output index repeated through deltas: lazy
+            ties = tuple((i, find(i)) for i in p.indices if find(i) != i)
+            result = Value(result.name, result.labels, result.shape, ties)
+        if coef != 1:
+            result = self._scale(result, sympy.sympify(coef))
+        return result
+
+    def _contract(self, p: Product, operands: list[Value], output: Labels, sizes) -> Value:
+        if not operands:
+            return self.emit("ones", (), ())
+        numeric = {i: self.numeric(sizes[i]) for v in operands for i in v.labels}
+        plan = plan_contraction([v.labels for v in operands], output, sizes, numeric, self.method)
+        self.plans.append((p, plan))
+        live: dict[int, Value] = dict(enumerate(operands))
+        last = operands[0]
+        for k, step in enumerate(plan.steps):
+            ins = tuple(live[i] for i in step.inputs)
+            last = self._einsum(ins, step.output)
+            live[len(operands) + k] = last
+        return last
+
+    def _einsum(self, inputs: tuple[Value, ...], output: Labels) -> Value:
+        if len(inputs) == 1 and inputs[0].labels == output:
+            return inputs[0]
+        return self.emit("einsum", inputs, output, commutative=True)
+
+
+def _same_size(sizes, a: str, b: str) -> None:
+    """Indices joined by a copy tensor must have one size (checked when decidable)."""
+    sa, sb = sizes[a], sizes[b]
+    decidable = (sa.is_number and sb.is_number) or (sa.is_Symbol and sb.is_Symbol)
+    if decidable and sa != sb:
+        raise TNError(f"copy tensor joins index {a!r} (size {sa}) and index {b!r} (size {sb})")
+
+
+def _hashable(payload):
+    try:
+        hash(payload)
+        return payload
+    except TypeError:
+        return repr(payload)
+
+
+def _parent_counts(expr: Expr) -> dict[Expr, int]:
+    """For every distinct node, how many distinct parent nodes refer to it."""
+    counts: dict[Expr, int] = {}
+    seen = {expr}
+    stack = [expr]
+    while stack:
+        node = stack.pop()
+        for child in set(node.children):
+            counts[child] = counts.get(child, 0) + 1
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return counts

@@ -1,0 +1,89 @@
+"""Canonical hashes and isomorphism of tensor networks."""
+from __future__ import annotations
+
+import networkx as nx
+
+from tnderive.canonical import canonical_hash, coarse_key, isomorphic, like_term_groups, to_graph
+from tnderive.functions import LOGSUMEXP, SOFTMAX
+from tnderive.ir import Delta, Func, Product, Sum
+
+from test_simplify_cases import d, f, v
+
+
+def test_invariant_under_bound_renaming_and_factor_order():
+    a = Product((v("A", "i", "j"), v("B", "j", "k")), ("i", "k"))
+    b = Product((v("B", "l", "k"), v("A", "i", "l")), ("i", "k"))
+    assert a != b
+    assert canonical_hash(a) == canonical_hash(b)
+    assert isomorphic(a, b)
+
+
+def test_free_indices_count_by_name():
+    a = v("A", "i", "j")
+    at = Product((v("A", "j", "i"),), ("i", "j"))  # Aᵀ with the same output order
+    assert not isomorphic(a, at)
+    assert canonical_hash(Product((a,), ("i", "j"))) != canonical_hash(at)
+
+
+def test_symmetric_by_structure():
+    xx = Product((v("X", "j", "i"), v("X", "j", "k")), ("i", "k"))
+    xx_t = Product((v("X", "l", "k"), v("X", "l", "i")), ("i", "k"))
+    assert isomorphic(xx, xx_t)
+
+
+def test_different_variables_or_functions_differ():
+    assert not isomorphic(v("A", "i", "j"), v("B", "i", "j"))
+    assert not isomorphic(f("tanh", v("A", "i")), f("exp", v("A", "i")))
+    assert isomorphic(f("tanh", Product((v("A", "i", "j"), v("B", "j")), ("i",))),
+                      f("tanh", Product((v("B", "l"), v("A", "i", "l")), ("i",))))
+
+
+def test_diagonal_differs_from_full():
+    diag = Product((v("A", "i", "i"), v("B", "i")), ())
+    full = Product((v("A", "i", "k"), v("B", "i")), ("k",))
+    assert isomorphic(diag, Product((v("A", "k", "k"), v("B", "k")), ()))
+    assert canonical_hash(diag) != canonical_hash(Product((v("A", "i", "k"), v("B", "i"), v("C", "k")), ()))
+    assert full.indices == ("k",)
+
+
+def test_bound_over_index_of_logsumexp():
+    a = Func(LOGSUMEXP, v("z", "i", "k"), "k")
+    b = Func(LOGSUMEXP, v("z", "i", "m"), "m")
+    assert a != b and isomorphic(a, b)
+    sa = Func(SOFTMAX, v("z", "i", "k"), "k")
+    sb = Func(SOFTMAX, v("z", "k", "i"), "k")  # softmax over the other axis
+    assert not isomorphic(sa, Product((sb,), ("i", "k")))
+
+
+def test_sum_terms_unordered_with_coefficients():
+    a = Sum(((2, v("A", "i")), (1, v("B", "i"))))
+    b = Sum(((1, v("B", "i")), (2, v("A", "i"))))
+    c = Sum(((1, v("A", "i")), (2, v("B", "i"))))
+    assert isomorphic(a, b)
+    assert not isomorphic(a, c)
+
+
+def test_exact_check_catches_wl_collisions():
+    """A 6-cycle of deltas and two 3-cycles are regular graphs WL cannot tell apart."""
+    names = ["i", "k", "m", "i2", "k2", "m2"]
+    sizes = 2
+    hexagon = Product(tuple(Delta((names[t], names[(t + 1) % 6]), sizes) for t in range(6)), ())
+    tri = Product(tuple(Delta((names[t], names[(t + 1) % 3]), sizes) for t in range(3))
+                  + tuple(Delta((names[3 + t], names[3 + (t + 1) % 3]), sizes) for t in range(3)), ())
+    assert canonical_hash(hexagon) == canonical_hash(tri)
+    assert not isomorphic(hexagon, tri)
+
+
+def test_graph_labels():
+    g = to_graph(Product((v("A", "i", "j"), d("j", "l")), ("i",)))
+    labels = sorted(nx.get_node_attributes(g, "label").values())
+    assert "free:i:2" in labels and "var:A:[2,3]" in labels and "delta:3" in labels
+    assert labels.count("idx:3") == 2
+
+
+def test_like_term_groups():
+    a = Product((v("A", "i", "j"), v("B", "j")), ("i",))
+    b = Product((v("B", "l"), v("A", "i", "l")), ("i",))
+    c = Product((v("A", "i", "j"), v("C", "j")), ("i",))
+    assert like_term_groups([a, c, b, a]) == [[0, 2, 3], [1]]
+    assert coarse_key(a) == coarse_key(b)

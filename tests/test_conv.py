@@ -1,0 +1,361 @@
+"""Convolutions as tensor networks vs torch.nn.functional (float64, 1e-10)."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import sympy
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tnderive
+from tnderive.constants import build_constant
+from tnderive.errors import TNError
+from tnderive.nn import functional as T
+from tnderive.nn.conv import conv_network, conv_transpose_network, fold_network, unfold_network
+from tnderive.patterns import (build_pattern, build_pattern_sum, pattern_constant,
+                               structured_evaluate)
+
+TOL = dict(atol=1e-10, rtol=1e-10)
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+TN_CONV = {1: T.conv1d, 2: T.conv2d, 3: T.conv3d}
+TORCH_CONVT = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+TN_CONVT = {1: T.conv_transpose1d, 2: T.conv_transpose2d, 3: T.conv_transpose3d}
+
+
+# --------------------------------------------------------------------------------------------
+# the pattern constant
+# --------------------------------------------------------------------------------------------
+
+def _pattern_loop(K, O, I, s, pl, d):
+    t = torch.zeros(K, O, I)
+    for k, o, i in itertools.product(range(K), range(O), range(I)):
+        if i == s * o + d * k - pl:
+            t[k, o, i] = 1
+    return t
+
+
+@pytest.mark.parametrize("K,I,s,p,d", [(3, 7, 1, 0, 1), (3, 7, 2, 1, 1), (2, 9, 3, (0, 2), 2),
+                                       (4, 5, 1, "same", 1), (3, 8, 1, "same", 2), (1, 4, 2, 0, 1)])
+def test_pattern_matches_definition(K, I, s, p, d):
+    c = pattern_constant(("k", "o", "i"), (K, I), stride=s, padding=p, dilation=d)
+    O = int(c.shape[1])
+    ref_o = F.conv1d(torch.zeros(1, 1, I), torch.zeros(1, 1, K), stride=s, dilation=d,
+                     padding=p if not isinstance(p, tuple) else 0).shape[-1] if not isinstance(p, tuple) \
+        else (I + sum(p) - d * (K - 1) - 1) // s + 1
+    assert O == ref_o
+    t = build_pattern(c.params, (K, O, I), "cpu", torch.float64)
+    pl = c.params[1]
+    assert torch.equal(t, _pattern_loop(K, O, I, s, pl, d))
+    ps = build_pattern_sum(c.params, (K, I), "cpu", torch.float64)
+    assert torch.equal(ps, t.sum(1))
+
+
+def test_pattern_symbolic_sizes_and_cache():
+    c = pattern_constant(("k", "o", "i"), stride=2, padding=1)
+    k, i = sympy.Symbol("k", integer=True, positive=True), sympy.Symbol("i", integer=True, positive=True)
+    assert c.shape[0] == k and c.shape[2] == i
+    assert c.shape[1].subs({k: 3, i: 8}) == 4
+    same = pattern_constant(("k", "o", "i"), padding="same")
+    assert same.shape[1] == i
+    a = build_constant("pattern", c.params, (3, 4, 8), "cpu", torch.float64)
+    b = build_constant("pattern", c.params, (3, 4, 8), "cpu", torch.float64)
+    assert a is b
+
+
+@pytest.mark.parametrize("kwargs,word", [
+    (dict(sizes=(3, 8), stride=2, padding="same"), "same"),
+    (dict(sizes=(3, 8), stride=0), "stride"),
+    (dict(sizes=(3, 8), dilation=-1), "dilation"),
+    (dict(sizes=(3, 8), padding=-1), "padding"),
+    (dict(sizes=(3, 8), padding="full"), "padding"),
+    (dict(sizes=(3, 8), padding=(1, 2, 3)), "padding"),
+    (dict(sizes=(9, 4)), "empty output"),
+    (dict(sizes=(0, 4)), "kernel size"),
+    (dict(sizes=(3, -2)), "input size"),
+])
+def test_pattern_errors(kwargs, word):
+    with pytest.raises(TNError, match=word):
+        pattern_constant(("k", "o", "i"), **kwargs)
+
+
+def test_pattern_in_notation():
+    e = tnderive.parse("y[n,c,o] = W[c,e,k]*x[n,e,i]*pattern(stride=2, padding=1, dilation=2)[k,o,i]")
+    x, w = torch.randn(2, 3, 11), torch.randn(4, 3, 3)
+    ref = F.conv1d(x, w, stride=2, padding=1, dilation=2)
+    assert torch.allclose(tnderive.evaluate(e, x=x, W=w), ref, **TOL)
+    assert torch.allclose(structured_evaluate(e, x=x, W=w), ref, **TOL)
+
+
+# --------------------------------------------------------------------------------------------
+# convolutions vs torch (hypothesis over hyperparameters)
+# --------------------------------------------------------------------------------------------
+
+@st.composite
+def conv_cases(draw, dims=(1, 2, 3)):
+    d = draw(st.sampled_from(dims))
+    g = draw(st.integers(1, 2))
+    e, c, n = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    same = draw(st.booleans())
+    ks, ss, ds, ps, isz = [], [], [], [], []
+    for _ in range(d):
+        k = draw(st.integers(1, 3))
+        s = 1 if same else draw(st.integers(1, 3))
+        dil = draw(st.integers(1, 2))
+        p = 0 if same else draw(st.integers(0, 2))
+        lo = max(1, dil * (k - 1) + 1 - 2 * p)
+        i = draw(st.integers(lo, lo + (5 if d < 3 else 2)))
+        ks.append(k), ss.append(s), ds.append(dil), ps.append(p), isz.append(i)
+    padding = "same" if same else (ps[0] if draw(st.booleans()) else tuple(ps))
+    if not same and draw(st.booleans()):
+        padding = "valid"
+        isz = [max(i, dl * (k - 1) + 1) for i, k, dl in zip(isz, ks, ds)]
+    stride = ss[0] if len(set(ss)) == 1 and draw(st.booleans()) else tuple(ss)
+    if isinstance(padding, int):
+        isz = [max(i, dl * (k - 1) + 1 - 2 * padding) for i, k, dl in zip(isz, ks, ds)]
+    dilation = tuple(ds)
+    bias = draw(st.booleans())
+    return dict(d=d, x=(n, g * e, *isz), w=(g * c, e, *ks), stride=stride, padding=padding,
+                dilation=dilation, groups=g, bias=bias)
+
+
+@SETTINGS
+@given(conv_cases())
+def test_conv_vs_torch(case):
+    d = case["d"]
+    x, w = torch.randn(*case["x"]), torch.randn(*case["w"])
+    b = torch.randn(case["w"][0]) if case["bias"] else None
+    kw = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"], groups=case["groups"])
+    ref = TORCH_CONV[d](x, w, b, **kw)
+    out = TN_CONV[d](x, w, b, **kw)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, **TOL)
+
+
+@SETTINGS
+@given(conv_cases(dims=(1, 2)))
+def test_conv_network_generic_evaluate(case):
+    """The network itself (with bias term) through tnderive.evaluate (dense patterns)."""
+    x, w, b = torch.randn(*case["x"]), torch.randn(*case["w"]), torch.randn(case["w"][0])
+    net = conv_network(case["x"], case["w"], stride=case["stride"], padding=case["padding"],
+                       dilation=case["dilation"], groups=case["groups"], bias=True)
+    y = net.finish(tnderive.evaluate(net.expr, **net.prepare(x, w, b)))
+    ref = TORCH_CONV[case["d"]](x, w, b, stride=case["stride"], padding=case["padding"],
+                                dilation=case["dilation"], groups=case["groups"])
+    assert torch.allclose(y, ref, **TOL)
+
+
+def test_conv_asymmetric_padding():
+    x, w = torch.randn(2, 3, 9, 7), torch.randn(4, 3, 3, 2)
+    out = T.conv2d(x, w, stride=(2, 1), padding=((1, 2), (0, 3)))
+    ref = F.conv2d(F.pad(x, (0, 3, 1, 2)), w, stride=(2, 1))
+    assert torch.allclose(out, ref, **TOL)
+
+
+def test_symbolic_network_evaluates_any_size():
+    net = conv_network(ndim=2, stride=2, padding=1, dilation=1, groups=1, bias=True)
+    for shape in [(2, 3, 8, 9), (1, 3, 5, 5)]:
+        x, w, b = torch.randn(*shape), torch.randn(4, 3, 3, 2), torch.randn(4)
+        y = net.finish(tnderive.evaluate(net.expr, **net.prepare(x, w, b)))
+        assert torch.allclose(y, F.conv2d(x, w, b, stride=2, padding=1), **TOL)
+
+
+def _conv4d_loop(x, w, b, stride, padding, dilation):
+    """Reference: 4-d convolution as a sum over the first kernel axis of conv3d calls."""
+    s1, p1, d1 = stride[0], padding[0], dilation[0]
+    K1, I1 = w.shape[2], x.shape[2]
+    O1 = (I1 + 2 * p1 - d1 * (K1 - 1) - 1) // s1 + 1
+    outs = []
+    for o in range(O1):
+        acc = 0
+        for k in range(K1):
+            i = s1 * o + d1 * k - p1
+            if 0 <= i < I1:
+                acc = acc + F.conv3d(x[:, :, i], w[:, :, k], None, stride[1:], padding[1:], dilation[1:])
+        outs.append(acc)
+    y = torch.stack(outs, 2)
+    return y + b.view(1, -1, 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [((1, 1, 1, 1), (0, 0, 0, 0), (1, 1, 1, 1)),
+                                                     ((2, 1, 2, 1), (1, 1, 0, 1), (1, 2, 1, 1))])
+def test_conv4d_vs_conv3d_loop(stride, padding, dilation):
+    x, w, b = torch.randn(2, 3, 5, 4, 6, 5), torch.randn(2, 3, 2, 3, 2, 2), torch.randn(2)
+    out = T.convnd(x, w, b, stride, padding, dilation)
+    ref = _conv4d_loop(x, w, b, stride, padding, dilation)
+    assert torch.allclose(out, ref, **TOL)
+
+
+# --------------------------------------------------------------------------------------------
+# unfold / fold / transpose convolution
+# --------------------------------------------------------------------------------------------
+
+@SETTINGS
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(0, 2),
+       st.integers(0, 4), st.integers(0, 4))
+def test_unfold_fold_vs_torch(k1, k2, s, dil, p, extra1, extra2):
+    i1 = max(1, dil * (k1 - 1) + 1 - 2 * p) + extra1
+    i2 = max(1, dil * (k2 - 1) + 1 - 2 * p) + extra2
+    x = torch.randn(2, 3, i1, i2)
+    kw = dict(kernel_size=(k1, k2), dilation=dil, padding=p, stride=s)
+    u = T.unfold(x, **kw)
+    ref = F.unfold(x, **kw)
+    assert torch.allclose(u, ref, **TOL)
+    v = torch.randn_like(ref)
+    assert torch.allclose(T.fold(v, (i1, i2), **kw), F.fold(v, (i1, i2), **kw), **TOL)
+
+
+def test_unfold_3d_matches_conv():
+    """N-d unfold: contracting it with the flattened kernel is the convolution."""
+    x, w = torch.randn(2, 3, 5, 4, 6), torch.randn(4, 3, 2, 3, 2)
+    u = T.unfold(x, (2, 3, 2), stride=(1, 2, 1), padding=1)
+    y = torch.einsum("ck,nkl->ncl", w.reshape(4, -1), u)
+    ref = F.conv3d(x, w, stride=(1, 2, 1), padding=1)
+    assert torch.allclose(y.reshape(ref.shape), ref, **TOL)
+
+
+@st.composite
+def convt_cases(draw):
+    d = draw(st.sampled_from((1, 2, 3)))
+    g, e, c, n = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ks, ss, ds, ps, ops, isz = [], [], [], [], [], []
+    for _ in range(d):
+        k, s, dil = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 2))
+        i = draw(st.integers(1, 4 if d < 3 else 3))
+        full = (i - 1) * s + dil * (k - 1) + 1
+        p = draw(st.integers(0, max(0, (full - 1) // 2)))
+        op = draw(st.integers(0, max(s, dil) - 1))
+        ks.append(k), ss.append(s), ds.append(dil), ps.append(p), ops.append(op), isz.append(i)
+    return dict(d=d, x=(n, g * e, *isz), w=(g * e, c, *ks), stride=tuple(ss), padding=tuple(ps),
+                output_padding=tuple(ops), dilation=tuple(ds), groups=g, bias=draw(st.booleans()))
+
+
+@SETTINGS
+@given(convt_cases())
+def test_conv_transpose_vs_torch(case):
+    d = case["d"]
+    x, w = torch.randn(*case["x"]), torch.randn(*case["w"])
+    b = torch.randn(case["w"][1] * case["groups"]) if case["bias"] else None
+    kw = dict(stride=case["stride"], padding=case["padding"], output_padding=case["output_padding"],
+              groups=case["groups"], dilation=case["dilation"])
+    try:
+        ref = TORCH_CONVT[d](x, w, b, **kw)
+    except RuntimeError:
+        with pytest.raises(TNError):
+            TN_CONVT[d](x, w, b, **kw)
+        return
+    out = TN_CONVT[d](x, w, b, **kw)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, **TOL)
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call,word", [
+    (lambda: T.conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), stride=2, padding="same"), "same"),
+    (lambda: T.conv2d(torch.randn(1, 2, 2, 2), torch.randn(2, 2, 3, 3)), "empty output"),
+    (lambda: T.conv2d(torch.randn(1, 4, 5, 5), torch.randn(2, 2, 3, 3), groups=3), "groups"),
+    (lambda: T.conv2d(torch.randn(1, 4, 5, 5), torch.randn(2, 3, 3, 3), groups=2), "channels"),
+    (lambda: T.conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), stride=(1, 2, 3)), "stride"),
+    (lambda: T.conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), dilation=0), "dilation"),
+    (lambda: T.conv1d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3)), "conv1d"),
+    (lambda: T.conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), torch.randn(3)), "bias"),
+    (lambda: T.fold(torch.randn(1, 8, 5), (4, 4), 2), "L=5"),
+    (lambda: T.conv_transpose1d(torch.randn(1, 2, 5), torch.randn(2, 2, 3), output_padding=2), "output_padding"),
+])
+def test_errors_name_the_culprit(call, word):
+    with pytest.raises(TNError, match=word):
+        call()
+
+
+# --------------------------------------------------------------------------------------------
+# derived operations (grad / jvp / vjp on the network) vs torch autograd
+# --------------------------------------------------------------------------------------------
+
+DERIVED = [
+    dict(x=(2, 4, 7, 6), w=(6, 2, 3, 2), stride=(2, 1), padding=1, dilation=(1, 2), groups=2),
+    dict(x=(2, 3, 8, 8), w=(4, 3, 2, 2), stride=2, padding=0, dilation=1, groups=1),
+    dict(x=(1, 2, 9), w=(3, 2, 3), stride=3, padding=2, dilation=2, groups=1),
+]
+
+
+def _net_and_tensors(case):
+    net = conv_network(case["x"], case["w"], stride=case["stride"], padding=case["padding"],
+                       dilation=case["dilation"], groups=case["groups"], bias=True)
+    x, w, b = torch.randn(*case["x"]), torch.randn(*case["w"]), torch.randn(case["w"][0])
+    return net, x, w, b
+
+
+def _only(expr, **tensors):
+    """The tensors an expression needs (a derivative may drop a variable)."""
+    return {k: t for k, t in tensors.items() if k in expr.variables}
+
+
+def _torch_conv(case):
+    d = len(case["x"]) - 2
+    return lambda x, w, b: TORCH_CONV[d](x, w, b, stride=case["stride"], padding=case["padding"],
+                                         dilation=case["dilation"], groups=case["groups"])
+
+
+@pytest.mark.parametrize("case", DERIVED)
+def test_input_vjp_is_transpose_conv_and_matches_autograd(case):
+    net, x, w, b = _net_and_tensors(case)
+    f = _torch_conv(case)
+    y, pullback = torch.func.vjp(f, x, w, b)
+    v = torch.randn_like(y)
+    gx, gw, gb = pullback(v)
+    tensors = net.prepare(x, w, b)
+    vv = v.reshape([int(s) for s in net.expr.shape])
+    vjp_x = tnderive.vjp(net.expr, "x", "v")
+    for ev in (tnderive.evaluate, structured_evaluate):
+        got = ev(vjp_x, **_only(vjp_x, v=vv, **tensors)).reshape(x.shape)
+        assert torch.allclose(got, gx, **TOL)
+    # the input VJP is the transpose convolution
+    d = len(case["x"]) - 2
+    st_, pd, dl = ([case[k]] * d if isinstance(case[k], int) else list(case[k])
+                   for k in ("stride", "padding", "dilation"))
+    O = y.shape[2:]
+    ops = [x.shape[2 + q] - ((O[q] - 1) * st_[q] - 2 * pd[q] + dl[q] * (w.shape[2 + q] - 1) + 1)
+           for q in range(d)]
+    ct = T.conv_transposend(v, w, None, st_, pd, ops, case["groups"], dl)
+    assert torch.allclose(ct, gx, **TOL)
+    vjp_w = tnderive.vjp(net.expr, "W", "v")
+    got_w = structured_evaluate(vjp_w, **_only(vjp_w, v=vv, **tensors)).reshape(w.shape)
+    assert torch.allclose(got_w, gw, **TOL)
+    vjp_b = tnderive.vjp(net.expr, "b", "v")
+    got_b = tnderive.evaluate(vjp_b, **_only(vjp_b, v=vv, **tensors)).reshape(b.shape)
+    assert torch.allclose(got_b, gb, **TOL)
+
+
+@pytest.mark.parametrize("case", DERIVED)
+def test_jvps_match_torch_func(case):
+    net, x, w, b = _net_and_tensors(case)
+    f = _torch_conv(case)
+    dx, dw = torch.randn_like(x), torch.randn_like(w)
+    _, jx = torch.func.jvp(lambda x_: f(x_, w, b), (x,), (dx,))
+    _, jw = torch.func.jvp(lambda w_: f(x, w_, b), (w,), (dw,))
+    tensors = net.prepare(x, w, b)
+    ex = tnderive.jvp(net.expr, "x", "dx")
+    ew = tnderive.jvp(net.expr, "W", "dW")
+    got_x = structured_evaluate(ex, **_only(ex, dx=dx.reshape(tensors["x"].shape), **tensors))
+    got_w = structured_evaluate(ew, **_only(ew, dW=dw.reshape(tensors["W"].shape), **tensors))
+    assert torch.allclose(net.finish(got_x), jx, **TOL)
+    assert torch.allclose(net.finish(got_w), jw, **TOL)
+
+
+def test_grad_of_conv_loss_matches_autograd():
+    """grad of a scalar loss through the convolution network (a Sum with bias)."""
+    case = DERIVED[0]
+    net, x, w, b = _net_and_tensors(case)
+    loss = tnderive.Product((net.expr, net.expr), ())
+    tensors = net.prepare(x, w, b)
+    gw = structured_evaluate(tnderive.grad(loss, "W"), **tensors).reshape(w.shape)
+    w_ = w.clone().requires_grad_()
+    (_torch_conv(case)(x, w_, b) ** 2).sum().backward()
+    assert torch.allclose(gw, w_.grad, **TOL)

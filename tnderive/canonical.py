@@ -1,0 +1,205 @@
+"""Canonical forms of tensor networks: a graph per expression, a Weisfeiler-Lehman hash to
+bucket terms cheaply, and an exact isomorphism check inside a bucket.
+
+The graph of an expression (networkx, node and edge attribute ``label``):
+
+* one node per IR node: ``var:<name>``, ``delta:<size>``, ``const:<kind>:<params>``,
+  ``func:<formula or softmax/logsumexp>``, ``prod``, ``sum``, ``zero``;
+* one node per index: a free index of the whole expression is labelled by its name and size
+  (``free:i:n``: names mean something outside), a summed index only by its size (``idx:n``:
+  bound names are arbitrary, so renaming them never changes the graph);
+* edges: a variable/constant/zero to each index it carries, labelled with the axis
+  position(s) (``ax(0,)``; a repeated index, i.e. a diagonal, is one edge ``ax(0, 1)``); a
+  delta to its legs (``leg``: legs are interchangeable); a product to its factors
+  (``factor``: unordered); a sum to its terms (``term:<coefficient>``); a function to its
+  argument (``arg``) and to the index it works over (``over``).
+
+Two expressions with isomorphic graphs (labels matched) are the same tensor, so like terms
+can be merged. The converse does not hold (rules normalise first). Isomorphism is not `==`:
+`==` stays structural equality of the tree.
+"""
+from __future__ import annotations
+
+import itertools
+from functools import lru_cache
+
+import networkx as nx
+import sympy
+
+from .functions import Elementwise
+from .ir import Constant, Delta, Expr, Func, Product, Sum, Variable, Zero
+
+WL_ITERATIONS = 4
+
+
+@lru_cache(maxsize=4096)
+def _fn_label(fn) -> str:
+    if isinstance(fn, Elementwise):
+        return "func:" + sympy.srepr(fn.formula)
+    return "func:" + fn.name
+
+
+def _size(s) -> str:
+    return str(s)
+
+
+def _sizes(shape) -> str:
+    return "[" + ",".join(str(s) for s in shape) + "]"
+
+
+class _Builder:
+    def __init__(self):
+        self.g = nx.Graph()
+        self.ids = itertools.count()
+
+    def node(self, label: str) -> int:
+        n = next(self.ids)
+        self.g.add_node(n, label=label)
+        return n
+
+    def edge(self, a: int, b: int, label: str) -> None:
+        self.g.add_edge(a, b, label=label)
+
+    def legs(self, n: int, names, env: dict[str, int]) -> None:
+        """Edges from node n to the index nodes of `names` (axis-position labels)."""
+        pos: dict[str, list[int]] = {}
+        for k, i in enumerate(names):
+            pos.setdefault(i, []).append(k)
+        for i, ks in pos.items():
+            self.edge(n, env[i], f"ax{tuple(ks)}")
+
+    def add(self, e: Expr, env: dict[str, int]) -> int:
+        if isinstance(e, Variable):
+            n = self.node(f"var:{e.name}:{_sizes(e.axis_shape)}")
+            self.legs(n, e.occurrence, env)
+            return n
+        if isinstance(e, Delta):
+            n = self.node(f"delta:{_size(e.size)}")
+            for i in e.indices:
+                self.edge(n, env[i], "leg")
+            return n
+        if isinstance(e, Constant):
+            n = self.node(f"const:{e.kind}:{e.params!r}:{_sizes(e.shape)}")
+            self.legs(n, e.indices, env)
+            return n
+        if isinstance(e, Zero):
+            n = self.node("zero")
+            self.legs(n, e.indices, env)
+            return n
+        if isinstance(e, Func):
+            n = self.node(_fn_label(e.fn))
+            inner = env
+            if e.over is not None:
+                if e.over in e.indices:
+                    self.edge(n, env[e.over], "over")
+                else:  # logsumexp: `over` is bound inside
+                    inner = dict(env)
+                    inner[e.over] = self.node(f"idx:{_size(e.arg.size_of(e.over))}")
+                    self.edge(n, inner[e.over], "over")
+            self.edge(n, self.add(e.arg, inner), "arg")
+            return n
+        if isinstance(e, Product):
+            n = self.node("prod")
+            inner = {i: env[i] for i in e.indices}
+            sizes = e.index_sizes()
+            for b in e.summed:
+                inner[b] = self.node(f"idx:{_size(sizes[b])}")
+            for f in e.factors:
+                self.edge(n, self.add(f, inner), "factor")
+            return n
+        if isinstance(e, Sum):
+            n = self.node("sum")
+            for c, t in e.terms:
+                self.edge(n, self.add(t, env), f"term:{sympy.srepr(c)}")
+            return n
+        raise TypeError(f"no graph for node {type(e).__name__}")
+
+
+def to_graph(expr: Expr) -> nx.Graph:
+    """The labelled graph of `expr` (free indices labelled by name; see module docstring)."""
+    b = _Builder()
+    env = {i: b.node(f"free:{i}:{_size(s)}") for i, s in zip(expr.indices, expr.shape)}
+    b.add(expr, env)
+    return b.g
+
+
+@lru_cache(maxsize=100_000)
+def _graph(expr: Expr) -> nx.Graph:
+    return to_graph(expr)
+
+
+@lru_cache(maxsize=100_000)
+def canonical_hash(expr: Expr) -> str:
+    """Weisfeiler-Lehman hash of `expr`'s graph: equal for isomorphic networks (invariant
+    under renaming summed indices and reordering factors/terms); free indices count by name."""
+    return nx.weisfeiler_lehman_graph_hash(_graph(expr), node_attr="label", edge_attr="label",
+                                           iterations=WL_ITERATIONS)
+
+
+def _match(a: dict, b: dict) -> bool:
+    return a["label"] == b["label"]
+
+
+def isomorphic(a: Expr, b: Expr) -> bool:
+    """True when `a` and `b` are the same network up to renaming summed indices and
+    reordering factors and terms (free indices matched by name). Exact (VF2), run only when
+    the hashes agree."""
+    if a is b or a == b:
+        return True
+    if set(a.indices) != set(b.indices) or a.sizes != b.sizes:
+        return False
+    if coarse_key(a) != coarse_key(b) or canonical_hash(a) != canonical_hash(b):
+        return False
+    return nx.is_isomorphic(_graph(a), _graph(b), node_match=_match, edge_match=_match)
+
+
+@lru_cache(maxsize=200_000)
+def coarse_key(expr: Expr) -> int:
+    """A very cheap hash invariant under isomorphism (node kinds and names only, no index
+    wiring): first-stage bucketing before the WL hash."""
+    if isinstance(expr, Variable):
+        return hash(("V", expr.name))
+    if isinstance(expr, Delta):
+        return hash(("D", len(expr.indices), expr.size))
+    if isinstance(expr, Constant):
+        return hash(("C", expr.kind, expr.params))
+    if isinstance(expr, Zero):
+        return hash(("Z", len(expr.indices)))
+    if isinstance(expr, Func):
+        return hash(("F", expr.fn, coarse_key(expr.arg)))
+    if isinstance(expr, Product):
+        return hash(("P", tuple(sorted(coarse_key(f) for f in expr.factors)), len(expr.indices)))
+    if isinstance(expr, Sum):
+        return hash(("S", tuple(sorted(hash((c, coarse_key(t))) for c, t in expr.terms)),
+                     len(expr.indices)))
+    return hash(type(expr).__name__)
+
+
+def like_term_groups(exprs: list[Expr]) -> list[list[int]]:
+    """Partition positions of `exprs` (all with the same free index set) into groups of
+    isomorphic expressions, first occurrence first. Cheap key, then WL hash, then VF2."""
+    groups: list[list[int]] = []
+    buckets: dict[int, list[int]] = {}
+    for k, e in enumerate(exprs):
+        buckets.setdefault(coarse_key(e), []).append(k)
+    owner: dict[int, int] = {}
+    for members in buckets.values():
+        if len(members) == 1:
+            owner[members[0]] = members[0]
+            continue
+        reps: list[int] = []  # representatives of the groups in this bucket
+        for k in members:
+            for r in reps:
+                if exprs[r] == exprs[k] or (canonical_hash(exprs[r]) == canonical_hash(exprs[k])
+                                            and isomorphic(exprs[r], exprs[k])):
+                    owner[k] = r
+                    break
+            else:
+                reps.append(k)
+                owner[k] = k
+    by_rep: dict[int, list[int]] = {}
+    for k in range(len(exprs)):
+        by_rep.setdefault(owner[k], []).append(k)
+    for r in sorted(by_rep):
+        groups.append(by_rep[r])
+    return groups

@@ -1,0 +1,40 @@
+"""Helpers shared by the sub-commands: reading notation, parsing --sizes."""
+from __future__ import annotations
+
+import os
+
+from ..errors import TNError
+
+
+def read_source(text_or_path: str) -> str:
+    """The notation itself, or the contents of the file it names."""
+    if os.path.isfile(text_or_path):
+        with open(text_or_path, encoding="utf-8") as fh:
+            return fh.read()
+    return text_or_path
+
+
+def parse_sizes(spec: str | None) -> dict[str, int]:
+    """'n=128,i=64' -> {'n': 128, 'i': 64}; TNError naming a bad item."""
+    out: dict[str, int] = {}
+    if not spec:
+        return out
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip().isidentifier() or not value.strip().lstrip("-").isdigit():
+            raise TNError(f"bad size {item!r}: expected NAME=INT, e.g. n=128")
+        n = int(value)
+        if n <= 0:
+            raise TNError(f"size {name.strip()!r} must be positive, got {n}")
+        out[name.strip()] = n
+    return out
+
+
+def load_expression(text_or_path: str, sizes: str | None = None):
+    """Parse notation (or a file of it) with optional --sizes."""
+    from ..notation import parse
+
+    return parse(read_source(text_or_path), sizes=parse_sizes(sizes) or None)

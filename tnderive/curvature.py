@@ -1,0 +1,404 @@
+"""GGN and Hessian of a loss on a model, as tensor-network expressions.
+
+For a model expression `f` (free indices e.g. ``[n, c]``), a `Loss` on its output and
+parameters `a`, `b` (variable names):
+
+    ggn(f, loss, a, b)           G[a…, b…]  = Σ J_a[out, a]ᵀ H_loss[out, out'] J_b[out', b]
+    hessian_split(f, loss, a, b) (G, F):  ∂²ℓ/∂a∂b = G + F,
+                                 F[a…, b…] = Σ_out ∂ℓ/∂f[out] · ∂²f[out]/∂a∂b  (functional part)
+    loss_hessian_block(f, loss, a, b)  G + F as one expression
+    ggn_diagonal / hessian_diagonal(f, loss, a)   the diagonals (indices: a's axes)
+    ggn_vector_product / hessian_vector_product(f, loss, a, b)   Σ_b block · V[b]  (V a new
+                                 variable with b's axes; indices: a's axes)
+
+Layout: a's axes then b's axes (as `torch.func.hessian(loss, argnums=(a, b))[a][b]`), each named
+after the variable's declared axes, '_'-suffixed until unique. Expressions are simplified with
+`tnderive.simplify` when that module is available (``simplify=False`` keeps the raw network).
+
+Helpers used by KFAC too: `substitute` (replace a variable by an expression), `numeric` (turn
+symbolic coefficients such as 1/N of a mean reduction into numbers for bound tensors),
+`evaluate` and `compile_expr` (compiled via `tnderive.compile` when available).
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional, Sequence
+
+import sympy
+import torch
+
+from .binding import bind
+from .derive import derivative
+from .errors import TNError
+from .evaluate import evaluate as _evaluate
+from .ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name,
+                 rename_free)
+from .losses import Loss, as_loss
+
+__all__ = ["ggn", "hessian_split", "loss_hessian_block", "ggn_diagonal", "hessian_diagonal",
+           "ggn_vector_product", "hessian_vector_product", "substitute", "numeric", "evaluate",
+           "compile_expr", "maybe_simplify"]
+
+
+# --------------------------------------------------------------------------------------------
+# small expression utilities
+# --------------------------------------------------------------------------------------------
+
+def maybe_simplify(expr: Expr, enabled: bool = True) -> Expr:
+    """`tnderive.simplify(expr)` when the simplifier is installed, else `expr` unchanged."""
+    if not enabled:
+        return expr
+    try:
+        from .simplify import simplify
+    except ImportError:
+        return expr
+    return simplify(expr)
+
+
+def substitute(expr: Expr, name: str, replacement: Expr) -> Expr:
+    """`expr` with every occurrence of variable `name` replaced by `replacement`, whose free
+    indices play the role of the variable's axes (in declared order)."""
+    memo: dict[int, Expr] = {}
+
+    def go(e: Expr) -> Expr:
+        hit = memo.get(id(e))
+        if hit is not None:
+            return hit
+        if isinstance(e, Variable):
+            if e.name != name:
+                out = e
+            else:
+                if len(e.occurrence) != len(replacement.indices):
+                    raise TNError(f"substitute {name!r}: the replacement has indices "
+                                  f"{list(replacement.indices)}, the variable {list(e.occurrence)}")
+                if len(set(e.occurrence)) != len(e.occurrence):
+                    raise TNError(f"substitute {name!r}: repeated index in {list(e.occurrence)}")
+                out = _rename_to(replacement, e.occurrence)
+        elif isinstance(e, Product):
+            fs = tuple(go(f) for f in e.factors)
+            out = e if all(a is b for a, b in zip(fs, e.factors)) else Product(fs, e.indices)
+        elif isinstance(e, Sum):
+            ts = tuple(go(t) for _, t in e.terms)
+            out = e if all(a is b for a, (_, b) in zip(ts, e.terms)) else \
+                Sum(((c, t) for (c, _), t in zip(e.terms, ts)), e.indices)
+        elif isinstance(e, Func):
+            a = go(e.arg)
+            out = e if a is e.arg else Func(e.fn, a, e.over)
+        else:
+            out = e
+        memo[id(e)] = out
+        return out
+
+    return go(expr)
+
+
+def _rename_to(expr: Expr, names: Sequence[str]) -> Expr:
+    """`expr` with its free indices renamed, position by position, to `names` (two-step to
+    allow permutations)."""
+    names = tuple(names)
+    if names == expr.indices:
+        return expr
+    taken = set(expr.all_indices) | set(names)
+    tmp = {}
+    for i in expr.indices:
+        tmp[i] = fresh_name(f"{i}_tmp", taken)
+        taken.add(tmp[i])
+    step = rename_free(expr, tmp)
+    return rename_free(step, {tmp[i]: n for i, n in zip(expr.indices, names)})
+
+
+def numeric(expr: Expr, tensors: Mapping[str, torch.Tensor],
+            sizes: Mapping[str, int] | None = None) -> Expr:
+    """`expr` with sympy coefficients that involve size symbols (1/N of a mean, √(2/N)…)
+    replaced by their numbers under the sizes the tensors bind."""
+    symbols = dict(bind(expr, {k: v for k, v in tensors.items() if k in expr.variables}, sizes).symbols)
+    values = {k: sympy.Integer(v) for k, v in symbols.items()}
+    memo: dict[int, Expr] = {}
+
+    def go(e: Expr) -> Expr:
+        hit = memo.get(id(e))
+        if hit is not None:
+            return hit
+        if isinstance(e, Sum):
+            terms = []
+            changed = False
+            for c, t in e.terms:
+                t2 = go(t)
+                c2 = c
+                if c.free_symbols:
+                    c2 = sympy.nsimplify(c.xreplace(values))
+                    if c2.free_symbols:
+                        raise TNError(f"coefficient {c} has unbound sizes {sorted(map(str, c2.free_symbols))}")
+                changed |= (c2 is not c) or (t2 is not t)
+                terms.append((c2, t2))
+            out = Sum(terms, e.indices) if changed else e
+        elif isinstance(e, Product):
+            fs = tuple(go(f) for f in e.factors)
+            out = e if all(a is b for a, b in zip(fs, e.factors)) else Product(fs, e.indices)
+        elif isinstance(e, Func):
+            a = go(e.arg)
+            out = e if a is e.arg else Func(e.fn, a, e.over)
+        else:
+            out = e
+        memo[id(e)] = out
+        return out
+
+    return go(expr)
+
+
+def has_symbolic_coefficients(expr: Expr) -> bool:
+    return any(isinstance(e, Sum) and any(c.free_symbols for c, _ in e.terms) for e in expr.walk())
+
+
+def sizes_from(context: Expr, tensors: Mapping[str, torch.Tensor],
+               sizes: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Every size symbol `context`'s variables bind from `tensors` (name -> int), merged with
+    `sizes`. Used when a derived expression lost variables (e.g. a GGN block of a last layer
+    is built from deltas only) but its sizes are known from the model."""
+    used = {k: v for k, v in tensors.items() if k in context.variables}
+    missing = [k for k in context.variables if k not in used]
+    ctx = context
+    if missing:  # bind what is there: drop variables without tensors
+        return {**{str(k): v for k, v in _partial_symbols(context, used).items()}, **(sizes or {})}
+    out = {str(k): v for k, v in bind(ctx, used).symbols.items()}
+    out.update(sizes or {})
+    return out
+
+
+def _partial_symbols(context: Expr, tensors: Mapping[str, torch.Tensor]) -> dict:
+    symbols: dict = {}
+    for name, var in context.variables.items():
+        t = tensors.get(name)
+        if t is None or t.dim() != len(var.axes):
+            continue
+        for s, n in zip(var.axis_shape, t.shape):
+            if s.is_Symbol:
+                symbols.setdefault(s, int(n))
+    return symbols
+
+
+def evaluate(expr: Expr, sizes: Mapping[str, int] | None = None, context: Expr | None = None,
+             **tensors: torch.Tensor) -> torch.Tensor:
+    """`tnderive.evaluate` that also accepts symbolic coefficients (bound from the tensors),
+    ignores tensors that are not variables of `expr`, and binds sizes from `context` (e.g.
+    the model) when given."""
+    if context is not None:
+        sizes = sizes_from(context, tensors, sizes)
+    used = {k: v for k, v in tensors.items() if k in expr.variables}
+    if has_symbolic_coefficients(expr):
+        expr = numeric(expr, used, sizes)
+    return _evaluate(expr, sizes, **used)
+
+
+def compile_expr(expr: Expr, name: str = "f", context: Expr | None = None) -> Callable[..., torch.Tensor]:
+    """A callable with keyword tensors computing `expr`: generated code via `tnderive.compile`
+    when the code generator is installed and the coefficients are numbers, else `evaluate`.
+    Extra keyword tensors (not variables of `expr`) are ignored."""
+    variables = set(expr.variables)
+    fn = None
+    if not has_symbolic_coefficients(expr):
+        try:
+            from .codegen import compile as _compile  # type: ignore[attr-defined]
+        except ImportError:
+            try:
+                from tnderive.codegen import compile as _compile  # the codegen/ package
+            except ImportError:
+                _compile = None
+        if _compile is not None:
+            try:
+                fn = _compile(expr, name)
+            except TNError:
+                fn = None
+
+    def call(**tensors: torch.Tensor) -> torch.Tensor:
+        used = {k: v for k, v in tensors.items() if k in variables}
+        if fn is not None and (used or context is None):
+            try:
+                return fn(**used)
+            except TNError:
+                if context is None:
+                    raise
+        return evaluate(expr, context=context, **tensors)
+
+    call.expr = expr  # type: ignore[attr-defined]
+    call.source = getattr(fn, "source", None)  # type: ignore[attr-defined]
+    call.__name__ = name
+    return call
+
+
+# --------------------------------------------------------------------------------------------
+# leg naming
+# --------------------------------------------------------------------------------------------
+
+def _var(expr: Expr, name: str) -> Variable:
+    vs = expr.variables
+    if name not in vs:
+        raise TNError(f"parameter {name!r} does not occur in the model (variables: {list(vs)})")
+    return vs[name]
+
+
+def _legs(var: Variable, taken: set) -> tuple[str, ...]:
+    out = []
+    for a in var.axes:
+        n = fresh_name(a, taken)
+        taken.add(n)
+        out.append(n)
+    return tuple(out)
+
+
+class _Pieces:
+    """Jacobians and loss derivatives of one (model, loss, a, b) with consistent index names."""
+
+    def __init__(self, model: Expr, loss, a: str, b: Optional[str]):
+        if not isinstance(model, Expr):
+            raise TNError(f"expected a model expression, got {type(model).__name__}")
+        self.model = model
+        self.loss: Loss = as_loss(loss)
+        self.a = a
+        self.b = a if b is None else b
+        self.va, self.vb = _var(model, a), _var(model, self.b)
+        if self.loss.target in model.variables:
+            raise TNError(f"the loss target {self.loss.target!r} is also a model variable; "
+                          f"name the target differently (Loss(target=...))")
+        taken = set(model.all_indices) | {self.loss.target}
+        # result legs: named after the variables' axes (as `hessian` of the scalar loss does)
+        taken_out: set = set()
+        self.legs_a = _legs(self.va, taken_out)
+        self.legs_b = _legs(self.vb, taken_out)
+        # working legs: fresh against everything inside the model
+        taken |= taken_out
+        self.wa = _legs(self.va, set(taken))
+        taken |= set(self.wa)
+        self.wb = _legs(self.vb, set(taken))
+        taken |= set(self.wb)
+        self.taken = taken
+
+    def jac(self, which: str) -> Expr:
+        var, legs = (self.va, self.wa) if which == "a" else (self.vb, self.wb)
+        return derivative(self.model, var.name, legs)
+
+    def out_names(self, tag: str) -> dict:
+        out = {}
+        for i in self.model.indices:
+            out[i] = fresh_name(f"{i}{tag}", self.taken)
+            self.taken.add(out[i])
+        return out
+
+    def finish(self, expr: Expr) -> Expr:
+        """Rename working legs to the result legs (a's axes, then b's)."""
+        return _rename_to(expr, self.legs_a + self.legs_b)
+
+
+# --------------------------------------------------------------------------------------------
+# GGN / Hessian blocks
+# --------------------------------------------------------------------------------------------
+
+def ggn(model: Expr, loss, a: str, b: Optional[str] = None, simplify: bool = True) -> Expr:
+    """GGN block `Σ J_aᵀ H_loss J_b` of `loss(model)` for parameters `a`, `b` (b defaults to a).
+    Indices: a's axes, then b's axes (primed with '_' where they clash)."""
+    p = _Pieces(model, loss, a, b)
+    o1, o2 = p.out_names("1"), p.out_names("2")
+    ja = rename_free(p.jac("a"), o1)
+    jb = rename_free(p.jac("b"), o2)
+    H = _loss_hessian(p, o1, o2)
+    block = Product((ja, H, jb), p.wa + p.wb)
+    return maybe_simplify(p.finish(block), simplify)
+
+
+def _loss_hessian(p: _Pieces, o1: dict, o2: dict) -> Expr:
+    """H_loss with indices [o1 names…, o2 names…] (the model output renamed twice)."""
+    primed = {i: o2[i] for i in p.model.indices}
+    H = p.loss.hessian(p.model, primed)
+    return rename_free(H, o1)
+
+
+def functional_part(model: Expr, loss, a: str, b: Optional[str] = None, simplify: bool = True) -> Expr:
+    """The Hessian's functional part `Σ_out ∂ℓ/∂f[out] ∂²f[out]/∂a∂b` (indices as `ggn`)."""
+    p = _Pieces(model, loss, a, b)
+    return maybe_simplify(p.finish(_functional(p)), simplify)
+
+
+def _functional(p: _Pieces) -> Expr:
+    ja = p.jac("a")
+    legs = _legs(p.vb, set(ja.all_indices) | p.taken)
+    d2 = derivative(ja, p.vb.name, legs, var=p.vb)
+    if not isinstance(d2, Zero):
+        d2 = _rename_to(d2, tuple(d2.indices[:-len(legs)]) + p.wb) if legs != p.wb else d2
+    g = p.loss.gradient(p.model)
+    if isinstance(d2, Zero):
+        return Zero(p.wa + p.wb, tuple(p.va.axis_shape) + tuple(p.vb.axis_shape))
+    return Product((g, d2), p.wa + p.wb)
+
+
+def hessian_split(model: Expr, loss, a: str, b: Optional[str] = None,
+                  simplify: bool = True) -> tuple[Expr, Expr]:
+    """(GGN, functional part) of the Hessian block ∂²ℓ/∂a∂b; their sum is the Hessian block."""
+    p = _Pieces(model, loss, a, b)
+    o1, o2 = p.out_names("1"), p.out_names("2")
+    block = Product((rename_free(p.jac("a"), o1), _loss_hessian(p, o1, o2),
+                     rename_free(p.jac("b"), o2)), p.wa + p.wb)
+    g = maybe_simplify(p.finish(block), simplify)
+    f = maybe_simplify(p.finish(_functional(p)), simplify)
+    return g, f
+
+
+def loss_hessian_block(model: Expr, loss, a: str, b: Optional[str] = None,
+                       simplify: bool = True) -> Expr:
+    """The Hessian block ∂²loss(model)/∂a∂b as GGN + functional part (one expression)."""
+    g, f = hessian_split(model, loss, a, b, simplify=False)
+    out = g if isinstance(f, Zero) else Sum(((1, g), (1, f)), g.indices)
+    return maybe_simplify(out, simplify)
+
+
+def _diagonal(block: Expr, legs_a: Sequence[str], legs_b: Sequence[str]) -> Expr:
+    """diag of a square block with index pairs (legs_a[k], legs_b[k]) -> indices legs_a."""
+    sizes = block.sizes
+    taken = set(block.all_indices)
+    diag_names, deltas = [], []
+    for la, lb in zip(legs_a, legs_b):
+        d = fresh_name(la + "d", taken)
+        taken.add(d)
+        diag_names.append(d)
+        deltas.append(Delta((la, lb, d), sizes[la]))
+    out = Product((block, *deltas), diag_names)
+    return _rename_to(out, legs_a)
+
+
+def ggn_diagonal(model: Expr, loss, a: str, simplify: bool = True) -> Expr:
+    """Diagonal of the GGN block of parameter `a` (indices: a's axes)."""
+    block = ggn(model, loss, a, a, simplify=False)
+    n = len(_var(model, a).axes)
+    return maybe_simplify(_diagonal(block, block.indices[:n], block.indices[n:]), simplify)
+
+
+def hessian_diagonal(model: Expr, loss, a: str, simplify: bool = True) -> Expr:
+    """Diagonal of the Hessian block of parameter `a` (GGN diagonal + functional diagonal)."""
+    block = loss_hessian_block(model, loss, a, a, simplify=False)
+    n = len(_var(model, a).axes)
+    return maybe_simplify(_diagonal(block, block.indices[:n], block.indices[n:]), simplify)
+
+
+def _vector_product(block: Expr, model: Expr, a: str, b: str, vector: Optional[str]) -> Expr:
+    vb = _var(model, b)
+    na = len(_var(model, a).axes)
+    legs_a, legs_b = block.indices[:na], block.indices[na:]
+    name = vector or fresh_name("v_" + b, set(model.variables))
+    if name in model.variables:
+        raise TNError(f"vector name {name!r} is already a model variable")
+    v = Variable(name, vb.axes, legs_b, vb.axis_shape)
+    return Product((block, v), legs_a)
+
+
+def ggn_vector_product(model: Expr, loss, a: str, b: Optional[str] = None,
+                       vector: Optional[str] = None, simplify: bool = True) -> Expr:
+    """Σ_b G[a, b] V[b] with a new variable V (default name ``v_<b>``) shaped like b."""
+    b = a if b is None else b
+    block = ggn(model, loss, a, b, simplify=False)
+    return maybe_simplify(_vector_product(block, model, a, b, vector), simplify)
+
+
+def hessian_vector_product(model: Expr, loss, a: str, b: Optional[str] = None,
+                           vector: Optional[str] = None, simplify: bool = True) -> Expr:
+    """Σ_b H[a, b] V[b] with a new variable V (default name ``v_<b>``) shaped like b."""
+    b = a if b is None else b
+    block = loss_hessian_block(model, loss, a, b, simplify=False)
+    return maybe_simplify(_vector_product(block, model, a, b, vector), simplify)

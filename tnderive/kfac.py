@@ -1,0 +1,547 @@
+"""KFAC for any layer linear in its weight, derived from the layer's tensor network.
+
+`kfac(expr, weight="W", batch="n", kind="expand"|"reduce", fisher="type-2"|"mc"|"empirical",
+loss=None, bias=None, joint=False)` -> `KFACFactors`.
+
+Network surgery
+---------------
+The product P that holds W as a factor is split: its other factors form connected components
+(linked by indices other than W's legs and the batch index). Components that carry the batch
+index, or no free index of P, are the **input side** (data, convolution patterns, ...); the
+others (e.g. the second factor of a low-rank layer, the point-wise weight of a flat
+depthwise-separable product) are the **output side**. The layer output is the sub-network
+`z = W · input side`; W's legs classify as
+
+  * output legs:  free in z, not on the input side     (o of W[o, i])
+  * group legs:   free in z and on the input side       (g of a grouped convolution, c of a
+                                                          depthwise one): factors per group
+  * input legs:   contracted inside z                   (i; e, k1, k2 of a convolution)
+
+and z's other free indices (besides the batch index) are the weight-sharing **positions**
+(a sequence axis, the output pixels o1, o2 of a convolution).
+
+Factors (curvlinops' scaling, so both factors match `KFACLinearOperator`)
+--------------------------------------------------------------------------
+X[n, pos, grp, in] is the input side with W removed. With N the batch size and S the number of
+positions:
+
+  expand:  A = Σ_{n,pos} X Xᵀ / (N·S)                B = Σ_{n,pos,col} g gᵀ · s_B
+  reduce:  A = Σ_n (Σ_pos X)(Σ_pos X)ᵀ / (N·S²)      B = Σ_{n,col} (Σ_pos g)(Σ_pos g)ᵀ · s_B
+
+The position sums of reduce are inside the network: X summed over pos before the outer
+product, so for a convolution the pattern Π is summed over its output index first and the
+unfolded input is never built. g[n, pos, grp, out, col] are vectors backpropagated to z:
+
+  * no loss:   a new variable g[*expr.indices, col] at the expression's output (the CLI's
+               "output-side vectors"), pulled back through the output-side factors (s_B = 1)
+  * type-2:    the columns of the loss-Hessian square root S (`tnderive.losses`), s_B = 1
+  * mc:        the loss gradient at targets sampled from the model's distribution
+  * empirical: the loss gradient at the true targets; for both s_B = 1/scale (1 for sum,
+               numel(f) for an MSE/BCE mean, numel(f)/C for a CE mean), so B estimates the
+               type-2 factor.
+
+`input_expr`/`output_expr` are the unnormalised sums (expressions); `compute(**tensors)` applies
+the scaling and returns `KronBlock`s (`tnderive.kronecker`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
+
+import sympy
+import torch
+
+from .derive import derivative
+from .errors import TNError
+from .ir import Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name, rename_free
+from .kronecker import KronBlock, ParamLayout
+from .losses import Loss, as_loss
+from .curvature import _rename_to, compile_expr, evaluate, maybe_simplify, sizes_from, substitute
+
+KINDS = ("expand", "reduce")
+FISHERS = ("type-2", "mc", "empirical")
+
+__all__ = ["kfac", "KFACFactors", "LayerSplit", "split_layer"]
+
+
+# --------------------------------------------------------------------------------------------
+# network surgery
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerSplit:
+    """The layer containing a weight, split into input side and output side.
+
+    product:         the product of `expr` holding W as a factor.
+    z:               the layer output network `W · input side` (free: z.indices).
+    input_factors:   the input side (W removed).
+    output_factors:  factors of `product` on the output side (may be empty).
+    weight:          W's occurrence in the product.
+    batch, positions, group_legs, out_legs, in_legs: index names (see module docstring).
+    expr:            the expression with `product` rewritten as `output factors · z`.
+    """
+
+    product: Product
+    z: Product
+    input_factors: tuple
+    output_factors: tuple
+    weight: Variable
+    batch: str
+    positions: tuple
+    group_legs: tuple
+    out_legs: tuple
+    in_legs: tuple
+    expr: Expr
+
+    def describe(self) -> str:
+        w = self.weight
+        return (f"layer output z[{','.join(self.z.indices)}] = {w.name}[{','.join(w.occurrence)}] · "
+                f"input side ({len(self.input_factors)} factor(s)); batch {self.batch!r}, positions "
+                f"{list(self.positions)}, group legs {list(self.group_legs)}, output legs "
+                f"{list(self.out_legs)}, input legs {list(self.in_legs)}"
+                + (f"; {len(self.output_factors)} output-side factor(s)" if self.output_factors else ""))
+
+
+def _products_with(expr: Expr, name: str) -> list[Product]:
+    found: list[Product] = []
+    for node in expr.walk():
+        if isinstance(node, Product) and any(isinstance(f, Variable) and f.name == name
+                                             for f in node.factors):
+            if node not in found:
+                found.append(node)
+    return found
+
+
+def split_layer(expr: Expr, weight: str, batch: str) -> LayerSplit:
+    """Find the product holding `weight` in `expr` and split it (TNError when the expression is
+    not linear in the weight in the required way)."""
+    if not isinstance(expr, Expr):
+        raise TNError(f"expected an expression, got {type(expr).__name__}")
+    if weight not in expr.variables:
+        raise TNError(f"weight {weight!r} does not occur in the expression (variables: {list(expr.variables)})")
+    prods = _products_with(expr, weight)
+    if not prods:
+        raise TNError(f"weight {weight!r} is not a factor of a product (KFAC needs a layer linear in its weight)")
+    if len(prods) > 1:
+        raise TNError(f"weight {weight!r} is a factor of {len(prods)} different products; KFAC needs it "
+                      f"used by one layer")
+    P = prods[0]
+    ws = [f for f in P.factors if isinstance(f, Variable) and f.name == weight]
+    if len(ws) != 1:
+        raise TNError(f"weight {weight!r} appears {len(ws)} times in one product (not linear in it)")
+    W = ws[0]
+    if len(set(W.occurrence)) != len(W.occurrence):
+        raise TNError(f"weight {weight!r} is used with a repeated index {list(W.occurrence)}")
+    others = [f for f in P.factors if f is not W]
+    for f in others:
+        if weight in f.variables:
+            raise TNError(f"weight {weight!r} also occurs inside another factor of its product "
+                          f"(the layer is not linear in it)")
+    if batch not in P.indices:
+        raise TNError(f"batch index {batch!r} is not a free index of the layer product "
+                      f"[{','.join(P.indices)}] holding {weight!r}")
+    legs = set(W.occurrence)
+    # connected components of the other factors (ignoring W's legs and the batch index)
+    parent = list(range(len(others)))
+
+    def find(k):
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    owner: dict[str, int] = {}
+    for k, f in enumerate(others):
+        for i in f.indices:
+            if i in legs or i == batch:
+                continue
+            if i in owner:
+                parent[find(k)] = find(owner[i])
+            else:
+                owner[i] = k
+    comps: dict[int, list[int]] = {}
+    for k in range(len(others)):
+        comps.setdefault(find(k), []).append(k)
+    free = set(P.indices)
+    input_side, output_side = [], []
+    for members in comps.values():
+        idx = {i for k in members for i in others[k].indices}
+        is_input = batch in idx or not (idx & free)
+        (input_side if is_input else output_side).extend(members)
+    input_factors = tuple(others[k] for k in sorted(input_side))
+    output_factors = tuple(others[k] for k in sorted(output_side))
+    if not input_factors:
+        raise TNError(f"the layer of {weight!r} has no input side (no factor carries the batch index {batch!r})")
+    in_idx = {i for f in input_factors for i in f.indices}
+    out_idx = {i for f in output_factors for i in f.indices}
+    order: list[str] = list(P.indices)
+    for f in (W, *input_factors):
+        for i in f.indices:
+            if i not in order:
+                order.append(i)
+    z_indices = tuple(i for i in order
+                      if (i in free or i in out_idx) and (i in in_idx or i in legs))
+    if batch not in z_indices:
+        raise TNError(f"batch index {batch!r} does not reach the layer output")
+    group_legs = tuple(i for i in W.occurrence if i in z_indices and i in in_idx)
+    out_legs = tuple(i for i in W.occurrence if i in z_indices and i not in in_idx)
+    in_legs = tuple(i for i in W.occurrence if i not in z_indices)
+    for i in in_legs:
+        if i not in in_idx:
+            raise TNError(f"axis {i!r} of weight {weight!r} is summed without touching the input side")
+    positions = tuple(i for i in z_indices if i != batch and i not in legs)
+    z = Product((W, *input_factors), z_indices)
+    if output_factors:
+        new_P = Product((*output_factors, z), P.indices)
+        new_expr = _replace(expr, P, new_P)
+    else:
+        if z_indices != P.indices:  # same index set, P's order
+            z = Product((W, *input_factors), P.indices)
+        new_expr = _replace(expr, P, z) if z != P else expr
+    return LayerSplit(P, z, input_factors, output_factors, W, batch, positions, group_legs,
+                      out_legs, in_legs, new_expr)
+
+
+def _replace(expr: Expr, old: Expr, new: Expr) -> Expr:
+    """`expr` with every occurrence of the sub-tree `old` replaced by `new`."""
+    memo: dict[int, Expr] = {}
+
+    def go(e: Expr) -> Expr:
+        if e == old:
+            return new
+        hit = memo.get(id(e))
+        if hit is not None:
+            return hit
+        if isinstance(e, Product):
+            fs = tuple(go(f) for f in e.factors)
+            out = e if all(a is b for a, b in zip(fs, e.factors)) else Product(fs, e.indices)
+        elif isinstance(e, Sum):
+            ts = tuple(go(t) for _, t in e.terms)
+            out = e if all(a is b for a, (_, b) in zip(ts, e.terms)) else \
+                Sum(((c, t) for (c, _), t in zip(e.terms, ts)), e.indices)
+        elif isinstance(e, Func):
+            a = go(e.arg)
+            out = e if a is e.arg else Func(e.fn, a, e.over)
+        else:
+            out = e
+        memo[id(e)] = out
+        return out
+
+    return go(expr)
+
+
+# --------------------------------------------------------------------------------------------
+# the factors
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class KFACFactors:
+    """KFAC factors of one weight as expressions, compiled callables and a `compute` method.
+
+    input_expr:   Σ X Xᵀ (unnormalised), indices [*group legs, *input legs, *input legs']
+    output_expr:  Σ g gᵀ (unnormalised), indices [*group legs, *output legs, *output legs']
+    bias_input_expr: Σ_{n,pos} X (joint weight+bias blocks), indices [*group legs, *input legs]
+    vectors:      the output-side vectors at the expression output ([*expr.indices, col]); a
+                  variable (no loss) or the loss-derived expression
+    """
+
+    split: LayerSplit
+    kind: str
+    fisher: str
+    loss: Optional[Loss]
+    input_expr: Expr
+    output_expr: Expr
+    vectors: Expr
+    backprop: Expr
+    bias: Optional[str] = None
+    joint: bool = False
+    bias_input_expr: Optional[Expr] = None
+    vector_name: Optional[str] = None
+    mc_samples: int = 1
+    _fns: dict = field(default_factory=dict, repr=False)
+
+    # --- metadata ---------------------------------------------------------------------------
+    @property
+    def weight(self) -> str:
+        return self.split.weight.name
+
+    @property
+    def model(self) -> Expr:
+        return self.split.expr
+
+    def describe(self) -> str:
+        s = self.split
+        return (f"KFAC-{self.kind} ({self.fisher if self.loss else 'given output-side vectors'}) for "
+                f"{self.weight}: A [{','.join(self.input_expr.indices)}], "
+                f"B [{','.join(self.output_expr.indices)}]\n  {s.describe()}")
+
+    # --- compiled callables -----------------------------------------------------------------
+    def _fn(self, key: str) -> Callable[..., torch.Tensor]:
+        if key not in self._fns:
+            expr = {"input": self.input_expr, "output": self.output_expr,
+                    "bias_input": self.bias_input_expr}[key]
+            self._fns[key] = compile_expr(expr, f"kfac_{key}_{self.weight}", context=self.model)
+        return self._fns[key]
+
+    @property
+    def input_fn(self) -> Callable[..., torch.Tensor]:
+        """Compiled Σ X Xᵀ (keyword tensors: the layer's input-side variables)."""
+        return self._fn("input")
+
+    @property
+    def output_fn(self) -> Callable[..., torch.Tensor]:
+        """Compiled Σ g gᵀ (keyword tensors: the vectors / model tensors)."""
+        return self._fn("output")
+
+    # --- numbers ----------------------------------------------------------------------------
+    def _sizes(self, tensors: Mapping[str, torch.Tensor]) -> dict:
+        ctx = self.model
+        if self.vector_name:
+            ctx = Product((ctx, self.vectors), ())  # bind the vectors' column size too
+        return sizes_from(ctx, tensors)
+
+    def counts(self, tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+        """(N, S): batch size and number of weight-sharing positions."""
+        sizes = self._sizes(tensors)
+        vals = {sympy.Symbol(k, integer=True, positive=True): sympy.Integer(v) for k, v in sizes.items()}
+        zs = self.split.z.sizes
+
+        def num(s):
+            v = sympy.sympify(s).xreplace(vals)
+            if not v.is_number:
+                raise TNError(f"cannot determine size {s} from the given tensors")
+            return int(sympy.floor(v))
+
+        n = num(zs[self.split.batch])
+        s = math.prod(num(zs[p]) for p in self.split.positions)
+        return n, s
+
+    def input_factor(self, **tensors: torch.Tensor) -> torch.Tensor:
+        """A [*groups, *in, *in'] with curvlinops' scaling (1/(N·S) expand, 1/(N·S²) reduce)."""
+        n, s = self.counts(tensors)
+        denom = n * s if self.kind == "expand" else n * s * s
+        return self.input_fn(**tensors) / denom
+
+    def output_factor(self, generator: Optional[torch.Generator] = None,
+                      **tensors: torch.Tensor) -> torch.Tensor:
+        """B [*groups, *out, *out'] (MC: averaged over `mc_samples` sampled targets)."""
+        if self.loss is None or self.fisher in ("type-2", "empirical"):
+            B = self.output_fn(**tensors)
+        else:
+            f_val = evaluate(self.model, **{k: v for k, v in tensors.items() if k in self.model.variables})
+            cdim = self.model.indices.index(self.loss.class_of(self.model))
+            B = None
+            for _ in range(self.mc_samples):
+                t = dict(tensors)
+                t[self.loss.target] = self.loss.sample_target(f_val, cdim, generator)
+                Bm = self.output_fn(**t)
+                B = Bm if B is None else B + Bm
+            B = B / self.mc_samples
+        if self.loss is not None and self.fisher in ("mc", "empirical"):
+            sizes = self._sizes(tensors)
+            vals = {sympy.Symbol(k, integer=True, positive=True): sympy.Integer(v) for k, v in sizes.items()}
+            sc = float(self.loss.scale(self.model).xreplace(vals))
+            B = B / sc
+        return B
+
+    def compute(self, generator: Optional[torch.Generator] = None, **tensors: torch.Tensor):
+        """KronBlock of the weight (joint with the bias if `joint`); with a separate bias a dict
+        {weight: KronBlock, bias: KronBlock} is returned."""
+        A = self.input_factor(**tensors)
+        B = self.output_factor(generator=generator, **tensors)
+        layout = self.layout(tensors)
+        G, P, Q = layout.G, layout.P, math.prod(layout.ins)
+        Bm = B.reshape(G, P, P)
+        Am = A.reshape(G, Q, Q)
+        if self.joint:
+            n, s = self.counts(tensors)
+            cross = self._fn("bias_input")(**tensors).reshape(G, Q) / (n * s)
+            one = torch.ones(G, 1, 1, dtype=Am.dtype, device=Am.device)
+            Am = torch.cat([torch.cat([Am, cross[:, :, None]], 2),
+                            torch.cat([cross[:, None, :], one], 2)], 1)
+            return KronBlock(Bm, Am, layout)
+        blk = KronBlock(Bm, Am, layout)
+        if self.bias is None:
+            return blk
+        bl = self.bias_layout(tensors)
+        eye = torch.ones(G, 1, 1, dtype=Bm.dtype, device=Bm.device)
+        return {self.weight: blk, self.bias: KronBlock(Bm, eye, bl)}
+
+    def layout(self, tensors: Mapping[str, torch.Tensor]) -> ParamLayout:
+        s = self.split
+        W = s.weight
+        pos = {i: k for k, i in enumerate(W.occurrence)}
+        perm = tuple(pos[i] for i in (*s.group_legs, *s.out_legs, *s.in_legs))
+        shape = self._axis_sizes(W, tensors)
+        pick = lambda legs: tuple(shape[pos[i]] for i in legs)  # noqa: E731
+        bias_shape = bias_perm = None
+        if self.joint:
+            bias_shape, bias_perm = self._bias_layout(tensors)
+        return ParamLayout(tuple(shape), perm, pick(s.group_legs), pick(s.out_legs), pick(s.in_legs),
+                           bias_shape, bias_perm)
+
+    def bias_layout(self, tensors: Mapping[str, torch.Tensor]) -> ParamLayout:
+        shape, perm = self._bias_layout(tensors)
+        s = self.split
+        canon = [shape[p] for p in perm]
+        g = tuple(canon[:len(s.group_legs)])
+        o = tuple(canon[len(s.group_legs):])
+        return ParamLayout(tuple(shape), tuple(perm), g, o, ())
+
+    def _bias_layout(self, tensors):
+        b = self.model.variables[self.bias]
+        occ = _bias_occurrence(self.model, self.bias)
+        pos = {i: k for k, i in enumerate(occ)}
+        s = self.split
+        perm = tuple(pos[i] for i in (*s.group_legs, *s.out_legs))
+        return tuple(self._axis_sizes(b, tensors, occ)), perm
+
+    def _axis_sizes(self, var: Variable, tensors, occ=None) -> list[int]:
+        t = tensors.get(var.name)
+        if t is not None:
+            return list(t.shape)
+        sizes = self._sizes(tensors)
+        vals = {sympy.Symbol(k, integer=True, positive=True): sympy.Integer(v) for k, v in sizes.items()}
+        out = []
+        for s in var.axis_shape:
+            v = sympy.sympify(s).xreplace(vals)
+            if not v.is_number:
+                raise TNError(f"cannot determine the shape of {var.name!r}: pass its tensor")
+            out.append(int(v))
+        return out
+
+
+def _bias_occurrence(expr: Expr, name: str) -> tuple:
+    occs = {n.occurrence for n in expr.walk() if isinstance(n, Variable) and n.name == name}
+    if len(occs) != 1:
+        raise TNError(f"bias {name!r} must occur once in the expression (found {len(occs)} index patterns)")
+    return next(iter(occs))
+
+
+def kfac(expr: Expr, weight: str = "W", batch: str = "n", kind: str = "expand",
+         fisher: str = "type-2", loss=None, bias: Optional[str] = None, joint: bool = False,
+         mc_samples: int = 1, vectors: str = "g", simplify: bool = True) -> KFACFactors:
+    """KFAC factors of `weight` in `expr` (a layer, or a whole model when `loss` is given).
+
+    kind:    "expand" (every non-batch output position is a sample) or "reduce" (positions
+             summed first, inside the network).
+    fisher:  "type-2" (loss-Hessian square root), "mc" (sampled targets) or "empirical" (true
+             targets); used with `loss`. Without a loss the output-side factor is a function
+             of vectors `vectors`[*expr.indices, col] given at the expression's output.
+    loss:    a `tnderive.losses.Loss` (or "mse", "ce", "bce", "mse:mean", ...) on `expr`.
+    bias:    name of the layer's bias (added to the layer output); `joint=True` treats weight
+             and bias as one block (input side augmented with a constant 1).
+    """
+    if kind not in KINDS:
+        raise TNError(f"kind must be 'expand' or 'reduce', got {kind!r}")
+    if fisher not in FISHERS:
+        raise TNError(f"fisher must be one of {', '.join(FISHERS)}, got {fisher!r}")
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise TNError(f"mc_samples must be a positive int, got {mc_samples!r}")
+    if joint and bias is None:
+        raise TNError("joint=True needs the bias name (bias='b')")
+    s = split_layer(expr, weight, batch)
+    model = s.expr
+    lossobj = as_loss(loss) if loss is not None else None
+    if bias is not None:
+        if bias not in model.variables:
+            raise TNError(f"bias {bias!r} does not occur in the expression")
+        occ = _bias_occurrence(model, bias)
+        if set(occ) != set(s.group_legs) | set(s.out_legs):
+            raise TNError(f"bias {bias!r}[{','.join(occ)}] must have the weight's output/group legs "
+                          f"{list(s.group_legs + s.out_legs)}")
+    # --- output-side vectors at the expression output ---
+    taken = set(model.all_indices)
+    col = fresh_name("col", taken)
+    vector_name = None
+    if lossobj is None:
+        vector_name = vectors
+        if vector_name in model.variables:
+            raise TNError(f"vector name {vector_name!r} is already a variable of the expression")
+        V = Variable(vector_name, (*model.indices, col), (*model.indices, col), (*model.shape, _col_size()))
+    elif fisher == "type-2":
+        V = lossobj.hessian_sqrt(model, col)
+    else:
+        grad = lossobj.gradient(model)
+        V = Product((grad, Delta((col,), 1)), (*model.indices, col))
+    gz = _pullback(model, s.z, V, col)
+    # --- the factor networks ---
+    A, bias_in = _input_side(s, kind)
+    B = _output_side(s, gz, col, kind)
+    A = maybe_simplify(A, simplify)
+    B = maybe_simplify(B, simplify)
+    if bias_in is not None:
+        bias_in = maybe_simplify(bias_in, simplify)
+    return KFACFactors(s, kind, fisher, lossobj, A, B, V, gz, bias, joint,
+                       bias_in if joint else None, vector_name, mc_samples)
+
+
+def _col_size():
+    return sympy.Symbol("col", integer=True, positive=True)
+
+
+def _pullback(model: Expr, z: Product, V: Expr, col: str) -> Expr:
+    """g[*z.indices, col] = Σ_out V[out, col] ∂model[out]/∂z (z's value substituted back)."""
+    if model == z:
+        return _rename_to(V, (*z.indices, col)) if V.indices != (*z.indices, col) else V
+    zname = fresh_name("Z", set(model.variables))
+    while zname in model.variables:
+        zname += "_"
+    Zv = Variable(zname, z.indices, z.indices, z.shape)
+    mz = _replace(model, z, Zv)
+    taken = set(mz.all_indices) | set(V.all_indices) | {col}
+    legs = []
+    for i in z.indices:
+        legs.append(fresh_name(i, taken))
+        taken.add(legs[-1])
+    J = derivative(mz, zname, legs)
+    if isinstance(J, Zero):
+        raise TNError("the expression does not depend on the layer output")
+    g = Product((V, J), (*legs, col))
+    g = substitute(g, zname, z)
+    return _rename_to(g, (*z.indices, col))
+
+
+def _input_side(s: LayerSplit, kind: str) -> tuple[Expr, Expr]:
+    keep = (*s.group_legs, *s.in_legs)
+    if kind == "expand":
+        X = Product(s.input_factors, (s.batch, *s.positions, *keep))
+    else:
+        X = Product(s.input_factors, (s.batch, *keep))
+    taken = set(X.all_indices)
+    primed = {}
+    for i in s.in_legs:
+        primed[i] = fresh_name(i + "_", taken)
+        taken.add(primed[i])
+    X2 = rename_free(X, primed)
+    A = Product((X, X2), (*s.group_legs, *s.in_legs, *(primed[i] for i in s.in_legs)))
+    bias_in = Product((X,), keep)
+    return A, bias_in
+
+
+def _output_side(s: LayerSplit, gz: Expr, col: str, kind: str) -> Expr:
+    keep = (*s.group_legs, *s.out_legs)
+    if kind == "expand":
+        g = gz
+    else:
+        g = Product((gz,), (s.batch, *keep, col))
+    taken = set(g.all_indices)
+    primed = {}
+    for i in s.out_legs:
+        primed[i] = fresh_name(i + "_", taken)
+        taken.add(primed[i])
+    g2 = rename_free(g, primed)
+    return Product((g, g2), (*keep, *(primed[i] for i in s.out_legs)))
+
+
+# `tnderive.kfac` is both this module and the public function (lazy name in tnderive/__init__):
+# once the module is imported, the package attribute is the module, so make it callable.
+class _CallableModule(type(math)):
+    def __call__(self, *args, **kwargs):
+        return kfac(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,127 @@
+"""Drop-in replacements for torch.nn.functional convolutions, computed as tensor networks.
+
+Each call builds (once per shapes and hyperparameters, cached) the layer's network from
+`tnderive.nn.conv` and evaluates it with patterns applied as strided views
+(`tnderive.patterns.structured_evaluate`). Inputs and outputs are torch tensors in torch layout.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from ..errors import TNError
+from .conv import Network, conv_network, conv_transpose_network, fold_network, unfold_network
+
+__all__ = ["conv1d", "conv2d", "conv3d", "convnd", "conv_transpose1d", "conv_transpose2d",
+           "conv_transpose3d", "conv_transposend", "unfold", "fold"]
+
+
+def _key(v):
+    """Hashable form of a hyperparameter (lists -> tuples)."""
+    if isinstance(v, list):
+        return tuple(_key(x) for x in v)
+    if isinstance(v, tuple):
+        return tuple(_key(x) for x in v)
+    return v
+
+
+def _check(t, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TNError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+
+
+@lru_cache(maxsize=512)
+def _conv_net(xs, ws, stride, padding, dilation, groups, bias) -> Network:
+    return conv_network(xs, ws, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                        bias=bias)
+
+
+def convnd(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
+           padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    """N-d convolution (any number of spatial dims); padding may also be (left, right) per dim."""
+    _check(input, "input")
+    _check(weight, "weight")
+    if input.dim() != weight.dim():
+        raise TNError(f"input of shape {tuple(input.shape)} and weight of shape {tuple(weight.shape)} "
+                      f"have different ranks")
+    net = _conv_net(tuple(input.shape), tuple(weight.shape), _key(stride), _key(padding),
+                    _key(dilation), groups, bias is not None)
+    if bias is not None:
+        _check(bias, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise TNError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        return net(input, weight, bias)
+    return net(input, weight)
+
+
+def _fixed(d: int, name: str):
+    def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        _check(input, "input")
+        if input.dim() != d + 2:
+            raise TNError(f"{name} expects input [N, C, {d} spatial dims], got shape {tuple(input.shape)}")
+        return convnd(input, weight, bias, stride, padding, dilation, groups)
+    conv.__name__ = conv.__qualname__ = name
+    conv.__doc__ = f"{d}-d convolution, drop-in for torch.nn.functional.{name}."
+    return conv
+
+
+conv1d = _fixed(1, "conv1d")
+conv2d = _fixed(2, "conv2d")
+conv3d = _fixed(3, "conv3d")
+
+
+@lru_cache(maxsize=512)
+def _convt_net(xs, ws, stride, padding, output_padding, dilation, groups, bias) -> Network:
+    return conv_transpose_network(xs, ws, stride=stride, padding=padding, output_padding=output_padding,
+                                  dilation=dilation, groups=groups, bias=bias)
+
+
+def conv_transposend(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1) -> torch.Tensor:
+    """N-d transpose convolution (torch argument order)."""
+    _check(input, "input")
+    _check(weight, "weight")
+    net = _convt_net(tuple(input.shape), tuple(weight.shape), _key(stride), _key(padding),
+                     _key(output_padding), _key(dilation), groups, bias is not None)
+    return net(input, weight, bias) if bias is not None else net(input, weight)
+
+
+def _fixed_t(d: int, name: str):
+    def convt(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+        _check(input, "input")
+        if input.dim() != d + 2:
+            raise TNError(f"{name} expects input [N, C, {d} spatial dims], got shape {tuple(input.shape)}")
+        return conv_transposend(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    convt.__name__ = convt.__qualname__ = name
+    convt.__doc__ = f"{d}-d transpose convolution, drop-in for torch.nn.functional.{name}."
+    return convt
+
+
+conv_transpose1d = _fixed_t(1, "conv_transpose1d")
+conv_transpose2d = _fixed_t(2, "conv_transpose2d")
+conv_transpose3d = _fixed_t(3, "conv_transpose3d")
+
+
+@lru_cache(maxsize=512)
+def _unfold_net(xs, kernel_size, dilation, padding, stride) -> Network:
+    return unfold_network(xs, kernel_size, dilation=dilation, padding=padding, stride=stride)
+
+
+def unfold(input: torch.Tensor, kernel_size, dilation=1, padding=0, stride=1) -> torch.Tensor:
+    """im2col: [N, C, *I] -> [N, C·ΠK, L] (torch.nn.functional.unfold; any number of dims)."""
+    _check(input, "input")
+    return _unfold_net(tuple(input.shape), _key(kernel_size), _key(dilation), _key(padding),
+                       _key(stride))(input)
+
+
+@lru_cache(maxsize=512)
+def _fold_net(us, output_size, kernel_size, dilation, padding, stride) -> Network:
+    return fold_network(us, output_size, kernel_size, dilation=dilation, padding=padding, stride=stride)
+
+
+def fold(input: torch.Tensor, output_size, kernel_size, dilation=1, padding=0, stride=1) -> torch.Tensor:
+    """col2im: [N, C·ΠK, L] -> [N, C, *output_size] (torch.nn.functional.fold; any dims)."""
+    _check(input, "input")
+    return _fold_net(tuple(input.shape), _key(output_size), _key(kernel_size), _key(dilation),
+                     _key(padding), _key(stride))(input)

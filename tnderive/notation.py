@@ -1,0 +1,820 @@
+"""Index notation → IR: `parse(text, sizes=None)`.
+
+The text is Python expression syntax (parsed with `ast`), one statement a line:
+
+    z[n,o] = W[o,i] * x[n,i]
+    y[n,o] = tanh(z[n,o] + b[o])
+    loss = sum((y[n,o] - t[n,o])**2) / 2
+
+Semantics (see DESIGN.md and docs/readme/notation.md):
+
+* A chain `a*b*c/2` (numbers folded into one coefficient) is one product. It keeps an index
+  that appears in the statement's target or anywhere in the statement outside the chain, and
+  sums the others. A chain with a single tensor factor is not a product (just a scaling).
+* `+`/`-` chains are one `Sum`; every term has the same free index set, except scalar terms,
+  which broadcast (a scalar `s` over indices I is `Product((s, δ[i] for i in I), I)`).
+* Index order of a product or sum: the target's indices first (target order), then the rest
+  in first-appearance order. A statement whose right side has other indices than its target
+  (extra ones, or another order) is wrapped in `Product((rhs,), target)` (sums the extras).
+* A name defined by an earlier statement is substituted (free indices renamed to the
+  occurrence's names); the last statement is the result.
+* Sizes: every variable axis gets the symbol named after its declared axis; symbols joined by
+  an index are unified (ints from `sizes=` win, then variables' symbols in first-seen order).
+
+Two comment lines are read as well (the printer writes the first):
+
+    # vars: W[o,i]=(3, i), x[n,i]     declared axes (and sizes) of variables
+    # sizes: n=3, o=4                 index sizes, like `sizes=`
+"""
+from __future__ import annotations
+
+import ast
+import re
+from collections import Counter
+from typing import Mapping, Sequence
+
+import sympy
+
+from .errors import TNError
+from .functions import LOGSUMEXP, SOFTMAX, X, Elementwise, get_elementwise, power
+from .ir import (ONE, Constant, Delta, Expr, Func, Product, Size, Sum, Variable, Zero,
+                 fresh_name, rename_free, size_symbol)
+
+__all__ = ["parse", "unify_sizes", "broadcast", "parse_size"]
+
+RESERVED = ("delta", "pattern", "constant")
+INDEX_FUNCTIONS = {"softmax": SOFTMAX, "logsumexp": LOGSUMEXP}
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+
+def parse(text: str, sizes: Mapping[str, int] | None = None) -> Expr:
+    """Parse index notation into an expression (the last statement's value).
+
+    sizes: optional {index or axis name: int}; other sizes stay symbolic.
+    Raises TNError with line and column for bad input.
+    """
+    if not isinstance(text, str):
+        raise TNError(f"parse expects a string, got {type(text).__name__}")
+    return _Parser(text, sizes).run()
+
+
+def parse_size(text: str) -> Size:
+    """A size written in notation ('3', 'n', 'floor((i - 1)/2) + 1') as a sympy size whose
+    symbols are positive-integer size symbols (every name not followed by '(' is a symbol)."""
+    text = text.strip()
+    if re.fullmatch(r"\d+", text):
+        return sympy.Integer(int(text))
+    names = {m.group(1) for m in re.finditer(r"([A-Za-z_]\w*)\s*(?!\s*\()", text)
+             if not re.match(r"\s*\(", text[m.end():])}
+    local = {n: size_symbol(n) for n in names}
+    try:
+        from sympy.parsing.sympy_parser import parse_expr
+        e = parse_expr(text, local_dict=local)
+    except Exception as err:  # sympy raises many kinds
+        raise TNError(f"cannot read size {text!r}: {err}") from None
+    if not isinstance(e, sympy.Expr):
+        raise TNError(f"cannot read size {text!r}")
+    return e
+
+
+def broadcast(core: Expr | None, indices: Sequence[str], shape: Sequence[Size]) -> Expr:
+    """`core` (None = the number 1) broadcast over the `indices` it lacks:
+    Product((core, δ[i], δ[j], ...), indices) with one one-leg δ (the all-ones vector) per
+    missing index, in `indices` order."""
+    have = set(core.indices) if core is not None else set()
+    deltas = [Delta([i], s) for i, s in zip(indices, shape) if i not in have]
+    if not deltas:
+        return ONE if core is None else core
+    return Product(([core] if core is not None else []) + deltas, indices)
+
+
+# --------------------------------------------------------------------------------------------
+# size unification
+# --------------------------------------------------------------------------------------------
+
+class _Classes:
+    """Union-find over sympy sizes; a class holds at most one int."""
+
+    def __init__(self):
+        self.parent: dict = {}
+        self.order: list = []
+
+    def add(self, s):
+        if s not in self.parent:
+            self.parent[s] = s
+            self.order.append(s)
+
+    def find(self, s):
+        self.add(s)
+        root = s
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[s] != root:
+            self.parent[s], s = root, self.parent[s]
+        return root
+
+    def union(self, a, b, index: str):
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        ia, ib = self._int(ra), self._int(rb)
+        if ia is not None and ib is not None and ia != ib:
+            raise TNError(f"size mismatch for index {index!r}: {ia} vs {ib}")
+        # keep an int (if any) at the root so conflicts are found in O(1)
+        if ib is not None and ia is None:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+
+    @staticmethod
+    def _int(s):
+        return int(s) if s.is_Integer else None
+
+    def representatives(self) -> dict:
+        """symbol -> chosen size (int > derived expression > first-seen symbol)."""
+        members: dict = {}
+        for s in self.order:
+            members.setdefault(self.find(s), []).append(s)
+        out = {}
+        for group in members.values():
+            ints = [s for s in group if s.is_Integer]
+            derived = [s for s in group if not s.is_Integer and not s.is_Symbol]
+            rep = ints[0] if ints else derived[0] if derived else group[0]
+            for s in group:
+                if s.is_Symbol and s != rep:
+                    out[s] = rep
+        return out
+
+
+def unify_sizes(expr: Expr, sizes: Mapping[str, int] | None = None) -> Expr:
+    """Make `expr` size-consistent: sizes joined by an index (in a product, a sum, a diagonal)
+    are unified, `sizes` (index name -> int) are applied to every index of that name, and all
+    variables, deltas, constants and zeros are rebuilt with the chosen sizes.
+
+    TNError naming the index when two different ints meet.
+    """
+    sizes = _check_sizes(sizes)
+    uf = _Classes()
+    nodes = list(expr.walk())
+    for v in expr.variables.values():  # variables' symbols first: they win ties
+        for s in v.axis_shape:
+            uf.add(s)
+    for node in nodes:
+        for s in node.shape:
+            uf.add(s)
+    for node in nodes:
+        if isinstance(node, Variable):
+            for a, s in zip(node.axes, node.axis_shape):  # sizes by declared axis name
+                if a in sizes:
+                    uf.union(s, sizes[a], a)
+            first: dict[str, Size] = {}
+            for i, s in zip(node.occurrence, node.axis_shape):
+                if i in first:
+                    uf.union(first[i], s, i)
+                first.setdefault(i, s)
+        if isinstance(node, (Variable, Delta, Constant, Zero)):
+            for i, s in zip(node.indices, node.shape):
+                if i in sizes:
+                    uf.union(s, sizes[i], i)
+        elif isinstance(node, (Product, Sum)):
+            seen: dict[str, Size] = {}
+            for child in node.children:
+                for i, s in zip(child.indices, child.shape):
+                    if i in seen:
+                        uf.union(seen[i], s, i)
+                    else:
+                        seen[i] = s
+    mapping = uf.representatives()
+    if not mapping:
+        return expr
+
+    def final(s: Size) -> Size:
+        for _ in range(8):
+            t = s.xreplace(mapping)
+            if t == s:
+                break
+            s = t
+        return s
+
+    memo: dict[Expr, Expr] = {}
+
+    def rebuild(e: Expr) -> Expr:
+        hit = memo.get(e)
+        if hit is not None:
+            return hit
+        if isinstance(e, Variable):
+            out = Variable(e.name, e.axes, e.occurrence, [final(s) for s in e.axis_shape])
+        elif isinstance(e, Delta):
+            out = Delta(e.indices, final(e.size))
+        elif isinstance(e, Constant):
+            out = Constant(e.kind, e.params, e.indices, [final(s) for s in e.shape])
+        elif isinstance(e, Zero):
+            out = Zero(e.indices, [final(s) for s in e.shape])
+        elif isinstance(e, Func):
+            out = Func(e.fn, rebuild(e.arg), e.over)
+        elif isinstance(e, Product):
+            out = Product([rebuild(f) for f in e.factors], e.indices)
+        elif isinstance(e, Sum):
+            out = Sum([(c, rebuild(t)) for c, t in e.terms], e.indices)
+        else:
+            raise TNError(f"unify_sizes: unknown node {type(e).__name__}")
+        memo[e] = out
+        return out
+
+    return rebuild(expr)
+
+
+def _check_sizes(sizes) -> dict[str, sympy.Integer]:
+    out = {}
+    if sizes is None:
+        return out
+    if not isinstance(sizes, Mapping):
+        raise TNError(f"sizes must be a mapping of index name to int, got {type(sizes).__name__}")
+    for k, v in sizes.items():
+        if not isinstance(k, str) or not k.isidentifier():
+            raise TNError(f"sizes: {k!r} is not an index name")
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise TNError(f"sizes[{k!r}] must be a positive int, got {v!r}")
+        out[k] = sympy.Integer(v)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the parser
+# --------------------------------------------------------------------------------------------
+
+def _located(err: TNError) -> bool:
+    """Does this TNError already carry a line and column?"""
+    return getattr(err, "_tn_located", False)
+
+
+_HEADER = re.compile(r"^\s*#\s*(vars|sizes)\s*:(.*)$")
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside brackets/parentheses."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+class _Parser:
+    def __init__(self, text: str, sizes):
+        self.text = text
+        self.lines = text.splitlines()
+        self.sizes = _check_sizes(sizes)
+        self.decls: dict[str, tuple[tuple[str, ...], tuple[Size, ...] | None]] = {}
+        self.defs: dict[str, tuple[tuple[str, ...], Expr]] = {}
+        self._numbers: dict[int, object] = {}
+        self._shown: dict[int, list[str]] = {}
+
+    # ---- driver --------------------------------------------------------------------------
+    def run(self) -> Expr:
+        self._read_header()
+        try:
+            tree = ast.parse(self.text, mode="exec")
+        except SyntaxError as e:
+            line = self.lines[e.lineno - 1] if e.lineno and e.lineno <= len(self.lines) else ""
+            caret = " " * max((e.offset or 1) - 1, 0) + "^"
+            raise TNError(f"syntax error at line {e.lineno}, column {e.offset}: {e.msg}\n"
+                          f"    {line}\n    {caret}") from None
+        if not tree.body:
+            raise TNError("empty program: expected at least one statement like 'y[i] = x[i]'")
+        result = None
+        for st in tree.body:
+            result = self.statement(st)
+        sizes = {k: int(v) for k, v in self.sizes.items()}
+        return unify_sizes(result, sizes)
+
+    def _read_header(self) -> None:
+        for lineno, line in enumerate(self.lines, 1):
+            m = _HEADER.match(line)
+            if not m:
+                continue
+            kind, body = m.group(1), m.group(2)
+            for item in _split_top(body):
+                if kind == "sizes":
+                    name, sep, value = item.partition("=")
+                    if not sep or not name.strip().isidentifier() or not value.strip().isdigit() \
+                            or int(value) <= 0:
+                        raise TNError(f"line {lineno}: bad size {item!r} in '# sizes:' (expected NAME=INT)")
+                    self.sizes.setdefault(name.strip(), sympy.Integer(int(value)))
+                else:
+                    self._declare_from_header(item, lineno)
+
+    def _declare_from_header(self, item: str, lineno: int) -> None:
+        m = re.fullmatch(r"([A-Za-z_]\w*)\s*(?:\[([^\]]*)\])?\s*(?:=\s*\((.*)\))?", item)
+        if not m:
+            raise TNError(f"line {lineno}: bad declaration {item!r} in '# vars:' "
+                          f"(expected NAME[i,j] or NAME[i,j]=(3, j))")
+        name, axes_text, shape_text = m.groups()
+        axes = tuple(a.strip() for a in (axes_text or "").split(",") if a.strip())
+        shape = None
+        if shape_text is not None:
+            shape = tuple(parse_size(s) for s in _split_top(shape_text))
+            if len(shape) != len(axes):
+                raise TNError(f"line {lineno}: variable {name!r} declares {len(axes)} axes but "
+                              f"{len(shape)} sizes")
+        self.decls[name] = (axes, shape)
+
+    # ---- errors ----------------------------------------------------------------------------
+    def error(self, node: ast.AST, message: str) -> TNError:
+        line = getattr(node, "lineno", None)
+        col = getattr(node, "col_offset", None)
+        where = f"line {line}, column {col + 1}: " if line is not None else ""
+        src = ""
+        if line is not None and line <= len(self.lines):
+            src = f"\n    {self.lines[line - 1]}\n    {' ' * col}^"
+        err = TNError(f"{where}{message}{src}")
+        err._tn_located = True
+        return err
+
+    # ---- statements ------------------------------------------------------------------------
+    def statement(self, st: ast.stmt) -> Expr:
+        if isinstance(st, ast.Assign):
+            if len(st.targets) != 1:
+                raise self.error(st, "one target per statement (no 'a = b = ...')")
+            name, target = self.target(st.targets[0])
+            rhs = st.value
+        elif isinstance(st, ast.Expr):
+            name, target, rhs = None, None, st.value
+        else:
+            raise self.error(st, f"unsupported statement {type(st).__name__}: expected "
+                                 f"'y[i,j] = expression' or an expression")
+        shown = self.shown(rhs)
+        if target is None:  # bare expression: keep the indices that appear once (einsum style)
+            counts = Counter(shown)
+            target = tuple(dict.fromkeys(i for i in shown if counts[i] == 1))
+        self.target_indices = target
+        self.total = Counter(shown) + Counter(target)
+        e = self.expr(rhs)
+        missing = [i for i in target if i not in e.indices]
+        if missing:
+            raise self.error(st, f"target index {missing[0]!r} of {name or 'the result'} does not "
+                                 f"appear free on the right side (free there: {list(e.indices)})")
+        if e.indices != target:
+            e = Product((e,), target)
+        if name is not None:
+            self.defs[name] = (target, e)
+        return e
+
+    def target(self, node: ast.expr) -> tuple[str, tuple[str, ...]]:
+        if isinstance(node, ast.Name):
+            name, idx = node.id, ()
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
+            name, idx = node.value.id, self.index_list(node)
+        else:
+            raise self.error(node, "the target must be a name or a subscripted name like y[n,o]")
+        if name in RESERVED:
+            raise self.error(node, f"{name!r} is reserved and cannot be defined")
+        if name in self.decls:
+            raise self.error(node, f"{name!r} is already an input variable; a statement cannot "
+                                   f"define it")
+        if len(set(idx)) != len(idx):
+            raise self.error(node, f"target {name} has a repeated index in {list(idx)}")
+        return name, idx
+
+    def index_list(self, node: ast.Subscript) -> tuple[str, ...]:
+        sl = node.slice
+        items = sl.elts if isinstance(sl, ast.Tuple) else [sl]
+        out = []
+        for it in items:
+            if not isinstance(it, ast.Name):
+                raise self.error(it, f"indices must be names, got {ast.unparse(it)!r}")
+            out.append(it.id)
+        return tuple(out)
+
+    # ---- indices shown in the source (for the keep rule) -------------------------------------
+    def shown(self, node: ast.AST) -> list[str]:
+        """Index names written inside `node`, with multiplicity, in source order."""
+        key = id(node)
+        hit = self._shown.get(key)
+        if hit is not None:
+            return hit
+        out: list[str] = []
+        if isinstance(node, ast.Subscript):
+            out += self.shown(node.value)
+            items = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+            out += [it.id for it in items if isinstance(it, ast.Name)]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in ("softmax", "logsumexp", "sum") and node.args:
+            out += self.shown(node.args[0])
+            out += [a.id for a in node.args[1:] if isinstance(a, ast.Name)]
+            for kw in node.keywords:
+                items = kw.value.elts if isinstance(kw.value, ast.Tuple) else [kw.value]
+                out += [a.id for a in items if isinstance(a, ast.Name)]
+        elif isinstance(node, ast.Name):
+            pass
+        else:
+            for child in ast.iter_child_nodes(node):
+                out += self.shown(child)
+        self._shown[key] = out
+        return out
+
+    # ---- numbers ---------------------------------------------------------------------------
+    def number(self, node: ast.AST):
+        """The sympy number `node` denotes, or None if it involves tensors."""
+        key = id(node)
+        if key in self._numbers:
+            return self._numbers[key]
+        v = self._number(node)
+        self._numbers[key] = v
+        return v
+
+    def _number(self, node):
+        if isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
+                raise self.error(node, f"unexpected constant {node.value!r}")
+            return sympy.Integer(node.value) if isinstance(node.value, int) \
+                else sympy.nsimplify(node.value, rational=True)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = self.number(node.operand)
+            return None if v is None else (-v if isinstance(node.op, ast.USub) else v)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)):
+            a, b = self.number(node.left), self.number(node.right)
+            if a is None or b is None:
+                return None
+            if isinstance(node.op, ast.Div) and b == 0:
+                raise self.error(node, "division by zero")
+            op = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
+                  ast.Div: lambda: a / b, ast.Pow: lambda: a ** b}[type(node.op)]
+            return sympy.nsimplify(op())
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and len(node.args) == 1 \
+                and not node.keywords and node.func.id not in INDEX_FUNCTIONS \
+                and node.func.id not in ("sum", "elementwise") + RESERVED:
+            v = self.number(node.args[0])
+            if v is None:
+                return None
+            try:
+                fn = get_elementwise(node.func.id)
+            except TNError as err:
+                raise self.error(node.func, str(err)) from None
+            return fn.formula.subs(X, v)
+        return None
+
+    # ---- expressions -----------------------------------------------------------------------
+    def expr(self, node: ast.AST) -> Expr:
+        try:
+            return self._expr(node)
+        except TNError as err:
+            if _located(err):
+                raise
+            raise self.error(node, str(err)) from None
+
+    def _expr(self, node: ast.AST) -> Expr:
+        v = self.number(node)
+        if v is not None:
+            return _scaled(v, ONE)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub)):
+            return self.add_chain(node)
+        if _is_mult(node):
+            c, core = self.mult_chain(node)
+            if c == 1 and self.has_number(node):
+                return Sum(((c, core),), self.ordered(core.indices))
+            return _scaled(c, core, self.ordered(core.indices))
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+            return self.power(node)
+        return self.atom(node)
+
+    def mult_chain(self, node: ast.AST) -> tuple[sympy.Expr, Expr]:
+        """(coefficient, core) of a `*`/`/`/unary-minus chain; core is a Product when the chain
+        has two or more tensor factors."""
+        coef = sympy.Integer(1)
+        factor_nodes: list[ast.AST] = []
+
+        def flatten(n):
+            nonlocal coef
+            v = self.number(n)
+            if v is not None:
+                coef = coef * v
+            elif isinstance(n, ast.BinOp) and isinstance(n.op, ast.Mult):
+                flatten(n.left)
+                flatten(n.right)
+            elif isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div):
+                flatten(n.left)
+                d = self.number(n.right)
+                if d is None:
+                    raise self.error(n.right, f"'/' divides by numbers only, not by "
+                                              f"{ast.unparse(n.right)!r}")
+                if d == 0:
+                    raise self.error(n.right, "division by zero")
+                coef = coef / d
+            elif isinstance(n, ast.UnaryOp) and isinstance(n.op, (ast.USub, ast.UAdd)):
+                if isinstance(n.op, ast.USub):
+                    coef = -coef
+                flatten(n.operand)
+            else:
+                factor_nodes.append(n)
+
+        flatten(node)
+        factors = [self.expr(f) for f in factor_nodes]
+        if not factors:
+            return coef, ONE
+        if len(factors) == 1:
+            return coef, factors[0]
+        return coef, Product(factors, self.kept(node, factors))
+
+    def has_number(self, node: ast.AST) -> bool:
+        """Does this `*` chain spell a numeric factor (so `1*e` is a one-term sum)?"""
+        if self.number(node) is not None:
+            return True
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Div)):
+            return self.has_number(node.left) or self.has_number(node.right)
+        if isinstance(node, ast.UnaryOp):
+            return self.has_number(node.operand)
+        return False
+
+    def ordered(self, indices: Sequence[str]) -> tuple[str, ...]:
+        """The parser's index order for a sum or product: target order first, then the rest."""
+        target = self.target_indices
+        return tuple([i for i in target if i in indices] + [i for i in indices if i not in target])
+
+    def kept(self, node: ast.AST, factors: list[Expr]) -> tuple[str, ...]:
+        """The keep rule: a factor index is kept iff it is in the target or appears in the
+        statement outside this chain. Order: target order, then first appearance."""
+        outside = self.total - Counter(self.shown(node))
+        target = self.target_indices
+        seen = list(dict.fromkeys(i for f in factors for i in f.indices))
+        keep = [i for i in seen if i in target or outside[i] > 0]
+        return tuple([i for i in target if i in keep] + [i for i in keep if i not in target])
+
+    def add_chain(self, node: ast.BinOp) -> Expr:
+        leaves: list[tuple[int, ast.AST]] = []
+
+        def flatten(n, sign):
+            if isinstance(n, ast.BinOp) and isinstance(n.op, (ast.Add, ast.Sub)):
+                flatten(n.left, sign)
+                flatten(n.right, sign if isinstance(n.op, ast.Add) else -sign)
+            else:
+                leaves.append((sign, n))
+
+        flatten(node, 1)
+        parts: list[tuple[sympy.Expr, Expr | None, ast.AST]] = []
+        for sign, leaf in leaves:
+            v = self.number(leaf)
+            if v is not None:
+                parts.append((sign * v, None, leaf))
+            elif _is_mult(leaf):
+                c, core = self.mult_chain(leaf)
+                parts.append((sign * c, core, leaf))
+            else:
+                parts.append((sympy.Integer(sign), self.expr(leaf), leaf))
+        full: set[str] = set()
+        for _, core, _ in parts:
+            if core is not None:
+                full |= set(core.indices)
+        if not full:  # all scalar
+            return Sum([(c, ONE if core is None else core) for c, core, _ in parts], ())
+        first = next((p for p in parts if p[1] is not None and set(p[1].indices) == full), None)
+        if first is None:
+            a, b = [p for p in parts if p[1] is not None and p[1].indices][:2]
+            raise self.error(b[2], f"index sets differ in '+'/'-': {ast.unparse(a[2])!r} has "
+                                   f"{sorted(a[1].indices)} but {ast.unparse(b[2])!r} has "
+                                   f"{sorted(b[1].indices)} (a term may only lack indices "
+                                   f"that another term has: it is then broadcast)")
+        for c, core, leaf in parts:
+            if core is not None and not set(core.indices) <= full:  # pragma: no cover
+                raise self.error(leaf, "index sets differ in '+'/'-'")
+        target = self.target_indices
+        order = tuple([i for i in target if i in full] + [i for i in first[1].indices if i not in target])
+        sizes = {}
+        for _, core, _ in parts:
+            if core is not None:
+                for i, s_ in zip(core.indices, core.shape):
+                    sizes.setdefault(i, s_)
+        shape = [sizes[i] for i in order]
+        terms = []
+        for c, core, _ in parts:
+            if core is None or set(core.indices) != full:
+                core = broadcast(core, order, shape)
+            terms.append((c, core))
+        return Sum(terms, order)
+
+    def power(self, node: ast.BinOp) -> Expr:
+        p = self.number(node.right)
+        if p is None:
+            raise self.error(node.right, f"'**' needs a number exponent, not {ast.unparse(node.right)!r}")
+        return Func(power(p), self.expr(node.left))
+
+    # ---- atoms -------------------------------------------------------------------------------
+    def atom(self, node: ast.AST) -> Expr:
+        if isinstance(node, ast.Name):
+            return self.reference(node.id, (), node)
+        if isinstance(node, ast.Subscript):
+            idx = self.index_list(node)
+            base = node.value
+            if isinstance(base, ast.Name):
+                if base.id == "delta":
+                    return Delta(idx, self._delta_size(idx, None))
+                if base.id == "pattern":
+                    return self.pattern(idx, None, node)
+                return self.reference(base.id, idx, node)
+            if isinstance(base, ast.Call) and isinstance(base.func, ast.Name):
+                if base.func.id == "pattern":
+                    return self.pattern(idx, base, node)
+                if base.func.id == "constant":
+                    return self.constant(idx, base)
+                if base.func.id == "delta":
+                    if len(base.args) != 1 or base.keywords:
+                        raise self.error(base, "delta(SIZE)[i,j] takes exactly one size")
+                    return Delta(idx, self._delta_size(idx, base.args[0]))
+            raise self.error(node, f"cannot subscript {ast.unparse(base)!r}; expected a name "
+                                   f"like W[o,i], delta[i,j] or pattern(...)[k,o,i]")
+        if isinstance(node, ast.Call):
+            return self.call(node)
+        raise self.error(node, f"unsupported syntax {type(node).__name__} "
+                               f"({ast.unparse(node)!r}); expected tensors, numbers, "
+                               f"+ - * / ** and function calls")
+
+    def _delta_size(self, idx: tuple[str, ...], size_node) -> Size:
+        if size_node is None:
+            return self.sizes.get(idx[0], size_symbol(idx[0])) if idx else sympy.Integer(1)
+        if isinstance(size_node, ast.Name):
+            return size_symbol(size_node.id)
+        if isinstance(size_node, ast.Constant) and isinstance(size_node.value, (int, str)):
+            return parse_size(str(size_node.value))
+        raise self.error(size_node, "a delta size is an int, a name or a string expression")
+
+    def reference(self, name: str, idx: tuple[str, ...], node: ast.AST) -> Expr:
+        if name in RESERVED:
+            raise self.error(node, f"{name} needs indices, e.g. {name}[i,j]")
+        if name in self.defs:
+            target, e = self.defs[name]
+            if len(idx) != len(target):
+                raise self.error(node, f"{name!r} was defined with {len(target)} indices "
+                                       f"{list(target)} but is used with {len(idx)} {list(idx)}")
+            return _substitute(e, target, idx)
+        return self.variable(name, idx, node)
+
+    def variable(self, name: str, idx: tuple[str, ...], node: ast.AST) -> Variable:
+        decl = self.decls.get(name)
+        if decl is None:
+            axes: list[str] = []
+            for i in idx:
+                axes.append(fresh_name(i, axes))
+            decl = (tuple(axes), None)
+            self.decls[name] = decl
+        axes, shape = decl
+        if len(idx) != len(axes):
+            raise self.error(node, f"variable {name!r} is used with {len(idx)} indices {list(idx)} "
+                                   f"but was declared with {len(axes)} {list(axes)}")
+        return Variable(name, axes, idx, shape)
+
+    def call(self, node: ast.Call) -> Expr:
+        if not isinstance(node.func, ast.Name):
+            raise self.error(node.func, f"unsupported function {ast.unparse(node.func)!r}")
+        fname = node.func.id
+        if node.keywords and fname not in ("pattern", "sum"):
+            raise self.error(node, f"{fname}() takes no keyword arguments")
+        args = node.args
+        if fname in INDEX_FUNCTIONS:
+            if len(args) != 2 or not isinstance(args[1], ast.Name):
+                raise self.error(node, f"{fname} takes an expression and an index name: "
+                                       f"{fname}(e, k)")
+            return Func(INDEX_FUNCTIONS[fname], self.expr(args[0]), args[1].id)
+        if fname == "sum":
+            if not args:
+                raise self.error(node, "sum needs an argument: sum(e) or sum(e, i, ...)")
+            e = self.expr(args[0])
+            if node.keywords:
+                return self.sum_keep(node, e)
+            over = []
+            for a in args[1:]:
+                if not isinstance(a, ast.Name):
+                    raise self.error(a, "sum(e, i, ...) takes index names after the expression")
+                if a.id not in e.indices:
+                    raise self.error(a, f"sum over index {a.id!r}, which is not free in the "
+                                        f"argument (free: {list(e.indices)})")
+                over.append(a.id)
+            keep = [i for i in e.indices if i not in over] if over else []
+            return Product((e,), keep)
+        if fname == "elementwise":
+            if len(args) != 2 or not (isinstance(args[0], ast.Constant) and isinstance(args[0].value, str)):
+                raise self.error(node, "elementwise takes a formula string in x and an expression: "
+                                       "elementwise(\"1 - tanh(x)**2\", e)")
+            return Func(formula_function(args[0].value), self.expr(args[1]))
+        if fname in RESERVED:
+            raise self.error(node, f"{fname}(...) needs indices, e.g. {fname}(...)[i,j]")
+        try:
+            fn = get_elementwise(fname)
+        except TNError as err:
+            raise self.error(node.func, str(err)) from None
+        if len(args) != 1:
+            raise self.error(node, f"{fname} takes one argument, got {len(args)}")
+        return Func(fn, self.expr(args[0]))
+
+    def sum_keep(self, node: ast.Call, e: Expr) -> Expr:
+        """sum(e, keep=(i, j)): keep exactly i, j in this order, sum the others."""
+        if len(node.args) != 1 or len(node.keywords) != 1 or node.keywords[0].arg != "keep":
+            raise self.error(node, "sum takes index names or keep=(i, j, ...), not both")
+        value = node.keywords[0].value
+        items = value.elts if isinstance(value, ast.Tuple) else [value]
+        keep = []
+        for a in items:
+            if not isinstance(a, ast.Name):
+                raise self.error(a, "keep=(i, j, ...) takes index names")
+            if a.id not in e.indices:
+                raise self.error(a, f"keep index {a.id!r} is not free in the argument "
+                                    f"(free: {list(e.indices)})")
+            keep.append(a.id)
+        if len(set(keep)) != len(keep):
+            raise self.error(value, f"keep has a repeated index: {keep}")
+        return Product((e,), keep)
+
+    def constant(self, idx: tuple[str, ...], call: ast.Call) -> Expr:
+        """constant("kind", (params...), ("size", ...))[i,j,...]: any registered constant."""
+        if len(call.args) != 3 or call.keywords:
+            raise self.error(call, 'constant takes ("kind", (params...), ("size", ...))')
+        try:
+            kind, params, shape = (ast.literal_eval(a) for a in call.args)
+        except ValueError:
+            raise self.error(call, "constant(...) arguments must be literals") from None
+        if not isinstance(kind, str) or not isinstance(params, tuple) or not isinstance(shape, tuple):
+            raise self.error(call, 'constant takes ("kind", (params...), ("size", ...))')
+        return Constant(kind, params, idx, [parse_size(str(x)) for x in shape])
+
+    def pattern(self, idx: tuple[str, ...], call: ast.Call | None, node: ast.AST) -> Expr:
+        try:
+            from . import patterns
+        except ImportError:
+            raise self.error(node, "pattern needs tnderive.patterns") from None
+        kwargs = {}
+        if call is not None:
+            if call.args:
+                raise self.error(call, "pattern takes keywords only: pattern(stride=S, padding=P, dilation=D)")
+            for kw in call.keywords:
+                if kw.arg not in ("stride", "padding", "dilation"):
+                    raise self.error(kw.value, f"pattern: unknown keyword {kw.arg!r} "
+                                               f"(expected stride, padding, dilation)")
+                try:
+                    kwargs[kw.arg] = ast.literal_eval(kw.value)
+                except ValueError:
+                    raise self.error(kw.value, f"pattern: {kw.arg} must be a literal") from None
+                if isinstance(kwargs[kw.arg], list):
+                    kwargs[kw.arg] = tuple(kwargs[kw.arg])
+        if len(idx) != 3:
+            raise self.error(node, f"pattern needs three indices [k,o,i], got {list(idx)}")
+        sizes = {i: self.sizes.get(i, size_symbol(i)) for i in (idx[0], idx[2])}
+        return patterns.pattern_constant(idx, sizes, **kwargs)
+
+
+def formula_function(formula: str) -> Elementwise:
+    """An (unregistered) elementwise function from a sympy formula string in x."""
+    from . import functions as F
+
+    local = {"x": X, "sigmoid": F.sigmoid, "relu": F.relu, "step": F.step}
+    try:
+        f = sympy.sympify(formula, locals=local)
+    except (sympy.SympifyError, SyntaxError, TypeError) as err:
+        raise TNError(f"cannot read formula {formula!r}: {err}") from None
+    extra = f.free_symbols - {X}
+    if extra:
+        raise TNError(f"formula {formula!r} may only use x, found {sorted(map(str, extra))}")
+    return Elementwise(formula, f)
+
+
+def _is_mult(node: ast.AST) -> bool:
+    return (isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Div))) or \
+        (isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)))
+
+
+def _scaled(c, core: Expr, order: Sequence[str] | None = None) -> Expr:
+    """c·core as the parser spells it: core itself (c = 1), Zero (c = 0), else a one-term Sum
+    (indices in `order`, default the core's)."""
+    if c == 0:
+        return Zero(core.indices, core.shape)
+    if c == 1:
+        return core
+    return Sum(((c, core),), order)
+
+
+def _substitute(e: Expr, target: tuple[str, ...], idx: tuple[str, ...]) -> Expr:
+    """A defined expression seen with index names `idx` (a repeated name takes a diagonal)."""
+    if len(set(idx)) == len(idx):
+        return rename_free(e, dict(zip(target, idx)))
+    taken = set(e.all_indices) | set(idx)
+    names, deltas, first = [], [], {}
+    for t, i in zip(target, idx):
+        if i in first:
+            j = fresh_name(i, taken)
+            taken.add(j)
+            names.append(j)
+            deltas.append((first[i], j, e.size_of(t)))
+        else:
+            first[i] = i
+            names.append(i)
+    renamed = rename_free(e, dict(zip(target, names)))
+    out = tuple(dict.fromkeys(idx))
+    return Product([renamed] + [Delta([a, b], s) for a, b, s in deltas], out)

@@ -1,0 +1,911 @@
+"""Convolution index patterns and the reshape/slice constants of the convolution rules.
+
+Four structured constant kinds (all 0/1 tensors, built vectorised on the target device):
+
+``pattern``      Π[k, o, i] = 1 iff i = S·o + D·k − P_left            shape [K, O, I]
+                 params ``(S, P_left, P_right, D)``; ``P_left``/``P_right`` may be the
+                 string ``"same"`` while K is symbolic (resolved from the numeric K when built).
+                 O = floor((I + P_left + P_right − D·(K−1) − 1) / S) + 1 (a sympy size).
+``pattern_sum``  Σ_o Π[k, o, i]  (the KFAC-reduce trick: built without the O axis)
+                 params ``(S, P_left, P_right, D)`` (O follows from K, I)  shape [K, I]
+``split``        R[i, a, b] = 1 iff i = a·B + b  (a reshape of axis i into (a, b), row-major)
+                 params ``()``                                           shape [A·B, A, B]
+``window``       W[k, s] = 1 iff s = k + offset  (a slice s[offset:offset+K])
+                 params ``(offset,)``                                    shape [K, S]
+
+``split`` and ``window`` are how the IR spells reshapes and slices: contracting a tensor's axis
+``i`` with ``split[i, a, b]`` is ``t.reshape(..., A, B, ...)``; contracting ``s`` with
+``window[k, s]`` is ``t.narrow(s, offset, K)``. Code generators emit them as views
+(`PATTERN_SOURCE` holds plain-torch builders; `structured_evaluate` shows the view lowering).
+
+`pattern_constant(indices, sizes, stride, padding, dilation)` makes a ``pattern`` node.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence, Union
+
+import sympy
+import torch
+
+from . import constants
+from .errors import TNError
+from .ir import Constant, Size, SizeLike, as_size, size_symbol
+
+PaddingLike = Union[int, str, Sequence[int]]
+
+PATTERN_KINDS = ("pattern", "pattern_sum", "split", "window")
+
+
+# --------------------------------------------------------------------------------------------
+# hyperparameter normalisation (done once, here)
+# --------------------------------------------------------------------------------------------
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TNError(f"{what} must be a positive int, got {value!r}")
+    if value <= 0:
+        raise TNError(f"{what} must be a positive int, got {value}")
+    return value
+
+
+def normalize_stride(stride, what: str = "stride") -> int:
+    return _positive_int(stride, what)
+
+
+def normalize_dilation(dilation, what: str = "dilation") -> int:
+    return _positive_int(dilation, what)
+
+
+def normalize_padding(padding: PaddingLike, kernel: SizeLike, stride: int, dilation: int,
+                      what: str = "padding") -> tuple:
+    """(P_left, P_right) from an int, a (left, right) pair, 'same' or 'valid'.
+
+    'same' pads D·(K−1) in total, left = total // 2 (TNError when stride ≠ 1); with a
+    symbolic K the pair stays ("same", "same") and is resolved when the pattern is built.
+    """
+    if isinstance(padding, str):
+        mode = padding.lower()
+        if mode == "valid":
+            return (0, 0)
+        if mode == "same":
+            if stride != 1:
+                raise TNError(f"{what}='same' needs stride 1, got stride {stride}")
+            k = sympy.sympify(kernel)
+            if k.is_Integer:
+                total = dilation * (int(k) - 1)
+                return (total // 2, total - total // 2)
+            return ("same", "same")
+        raise TNError(f"{what} must be an int, a (left, right) pair, 'same' or 'valid'; got {padding!r}")
+    if isinstance(padding, (tuple, list)):
+        if len(padding) != 2:
+            raise TNError(f"{what} as a sequence must be (left, right), got {padding!r}")
+        left, right = (_non_negative_int(p, what) for p in padding)
+        return (left, right)
+    p = _non_negative_int(padding, what)
+    return (p, p)
+
+
+def _non_negative_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TNError(f"{what} must be a non-negative int, got {value!r}")
+    if value < 0:
+        raise TNError(f"{what} must be non-negative, got {value}")
+    return value
+
+
+def resolve_padding(params: tuple, kernel: int) -> tuple[int, int]:
+    """Numeric (P_left, P_right) of pattern params `(S, Pl, Pr, D)` for a numeric kernel size."""
+    _, pl, pr, d = params[:4]
+    if pl == "same":
+        total = d * (kernel - 1)
+        return total // 2, total - total // 2
+    return int(pl), int(pr)
+
+
+def output_size(in_size: SizeLike, kernel: SizeLike, stride: int, pad_left, pad_right,
+                dilation: int) -> Size:
+    """O = floor((I + P_l + P_r − D·(K−1) − 1) / S) + 1 as a sympy size."""
+    i, k = sympy.sympify(in_size), sympy.sympify(kernel)
+    if pad_left == "same":
+        return i  # stride 1, total padding D(K-1)
+    return sympy.floor((i + pad_left + pad_right - dilation * (k - 1) - 1) / sympy.Integer(stride)) + 1
+
+
+# --------------------------------------------------------------------------------------------
+# the pattern constant
+# --------------------------------------------------------------------------------------------
+
+def pattern_constant(indices: Sequence[str] = ("k", "o", "i"),
+                     sizes: Sequence[SizeLike] | Mapping[str, SizeLike] | None = None,
+                     stride=1, padding: PaddingLike = 0, dilation=1) -> Constant:
+    """The index pattern Π[k, o, i] (1 iff i = S·o + D·k − P_left) as a `Constant`.
+
+    indices: names (k, o, i) of the kernel, output and input legs.
+    sizes:   (K, I), or a mapping {k_name: K, i_name: I}; None uses the default size symbols
+             named after the index names (as variables do). O is derived (sympy expression).
+    """
+    indices = tuple(indices)
+    if len(indices) != 3:
+        raise TNError(f"pattern needs three indices (k, o, i), got {list(indices)}")
+    kname, _, iname = indices
+    if sizes is None:
+        ksize, isize = size_symbol(kname), size_symbol(iname)
+    elif isinstance(sizes, Mapping):
+        missing = [n for n in (kname, iname) if n not in sizes]
+        if missing:
+            raise TNError(f"pattern sizes: no size for index {missing[0]!r} (given {sorted(sizes)})")
+        ksize, isize = sizes[kname], sizes[iname]
+    else:
+        sizes = tuple(sizes)
+        if len(sizes) != 2:
+            raise TNError(f"pattern sizes must be (K, I), got {sizes!r}")
+        ksize, isize = sizes
+    ksize = as_size(ksize, f"pattern kernel size ({kname})")
+    isize = as_size(isize, f"pattern input size ({iname})")
+    s = normalize_stride(stride)
+    d = normalize_dilation(dilation)
+    pl, pr = normalize_padding(padding, ksize, s, d)
+    o = output_size(isize, ksize, s, pl, pr, d)
+    if o.is_number and int(o) <= 0:
+        raise TNError(f"pattern output size is {int(o)} (empty output): input size {isize}, kernel size "
+                      f"{ksize}, stride {s}, padding ({pl}, {pr}), dilation {d}")
+    return Constant("pattern", (s, pl, pr, d), indices, (ksize, o, isize))
+
+
+def pattern_params(const: Constant) -> dict:
+    """Hyperparameters of a pattern constant as a dict (stride, padding, dilation)."""
+    s, pl, pr, d = const.params[:4]
+    return {"stride": s, "padding": (pl, pr), "dilation": d}
+
+
+def pattern_sum_constant(pattern: Constant, indices: Sequence[str] | None = None) -> Constant:
+    """Σ_o Π[k, o, i] as a `pattern_sum` constant with legs (k, i)."""
+    k, o, i = pattern.indices
+    K, _, I = pattern.shape
+    return Constant("pattern_sum", tuple(pattern.params[:4]),
+                    tuple(indices) if indices else (k, i), (K, I))
+
+
+def split_constant(indices: Sequence[str], a: SizeLike, b: SizeLike) -> Constant:
+    """R[i, a, b] = 1 iff i = a·B + b: reshape of axis i (size A·B) into (A, B)."""
+    a, b = as_size(a, "split outer size"), as_size(b, "split inner size")
+    return Constant("split", (), tuple(indices), (a * b, a, b))
+
+
+def window_constant(indices: Sequence[str], k: SizeLike, s: SizeLike, offset: int = 0) -> Constant:
+    """W[k, s] = 1 iff s = k + offset: the slice s[offset : offset + K]."""
+    return Constant("window", (int(offset),), tuple(indices), (k, s))
+
+
+# --------------------------------------------------------------------------------------------
+# builders (vectorised, on the target device)
+# --------------------------------------------------------------------------------------------
+
+def build_pattern(params: tuple, shape: tuple, device, dtype) -> torch.Tensor:
+    """Π of numeric `shape` (K, O, I): broadcast comparison i == S·o + D·k − P_left."""
+    K, O, I = shape
+    s, d = params[0], params[3]
+    pl, _ = resolve_padding(params, K)
+    k = torch.arange(K, device=device).view(K, 1, 1)
+    o = torch.arange(O, device=device).view(1, O, 1)
+    i = torch.arange(I, device=device).view(1, 1, I)
+    return (i == s * o + d * k - pl).to(dtype)
+
+
+def build_pattern_sum(params: tuple, shape: tuple, device, dtype) -> torch.Tensor:
+    """Σ_o Π[k, o, i]: 1 iff (i − D·k + P_left) is a multiple of S in [0, S·(O−1)]."""
+    K, I = shape
+    s, d = params[0], params[3]
+    pl, pr = resolve_padding(params, K)
+    O = (I + pl + pr - d * (K - 1) - 1) // s + 1
+    k = torch.arange(K, device=device).view(K, 1)
+    i = torch.arange(I, device=device).view(1, I)
+    r = i - d * k + pl
+    return ((r >= 0) & (r % s == 0) & (r <= s * (O - 1))).to(dtype)
+
+
+def build_split(params: tuple, shape: tuple, device, dtype) -> torch.Tensor:
+    I, A, B = shape
+    if I != A * B:
+        raise TNError(f"split constant: axis size {I} is not {A}·{B}")
+    return torch.eye(I, device=device, dtype=dtype).view(I, A, B)
+
+
+def build_window(params: tuple, shape: tuple, device, dtype) -> torch.Tensor:
+    K, S = shape
+    (offset,) = params
+    k = torch.arange(K, device=device).view(K, 1)
+    s = torch.arange(S, device=device).view(1, S)
+    return (s == k + offset).to(dtype)
+
+
+# Plain-torch source of the builders, for standalone generated code (one function per kind,
+# signature (params, shape, device, dtype) -> Tensor, imports only torch).
+PATTERN_SOURCE = {
+    "pattern": '''\
+def build_pattern(params, shape, device, dtype):
+    K, O, I = shape
+    s, pl, pr, d = params[:4]
+    if pl == "same":
+        pl = d * (K - 1) // 2
+    k = torch.arange(K, device=device).view(K, 1, 1)
+    o = torch.arange(O, device=device).view(1, O, 1)
+    i = torch.arange(I, device=device).view(1, 1, I)
+    return (i == s * o + d * k - pl).to(dtype)
+''',
+    "pattern_sum": '''\
+def build_pattern_sum(params, shape, device, dtype):
+    K, I = shape
+    s, pl, pr, d = params[:4]
+    if pl == "same":
+        pl = d * (K - 1) // 2
+        pr = d * (K - 1) - pl
+    O = (I + pl + pr - d * (K - 1) - 1) // s + 1
+    k = torch.arange(K, device=device).view(K, 1)
+    i = torch.arange(I, device=device).view(1, I)
+    r = i - d * k + pl
+    return ((r >= 0) & (r % s == 0) & (r <= s * (O - 1))).to(dtype)
+''',
+    "split": '''\
+def build_split(params, shape, device, dtype):
+    I, A, B = shape
+    return torch.eye(I, device=device, dtype=dtype).view(I, A, B)
+''',
+    "window": '''\
+def build_window(params, shape, device, dtype):
+    K, S = shape
+    k = torch.arange(K, device=device).view(K, 1)
+    s = torch.arange(S, device=device).view(1, S)
+    return (s == k + params[0]).to(dtype)
+''',
+}
+
+
+def describe(kind: str, params: tuple) -> str:
+    """Short label for drawings, e.g. 'Π s=2 p=1 d=1'."""
+    if kind in ("pattern", "pattern_sum"):
+        s, pl, pr, d = params[:4]
+        p = pl if pl == pr else f"({pl},{pr})"
+        head = "Π" if kind == "pattern" else "ΣₒΠ"
+        return f"{head} s={s} p={p} d={d}"
+    if kind == "split":
+        return "reshape"
+    if kind == "window":
+        return f"slice +{params[0]}"
+    return kind
+
+
+_BUILDERS = {"pattern": build_pattern, "pattern_sum": build_pattern_sum,
+             "split": build_split, "window": build_window}
+
+
+def _register() -> None:
+    for kind, builder in _BUILDERS.items():
+        constants.register_constant(kind, builder)
+    hook = getattr(constants, "register_constant_source", None)
+    if hook is not None:
+        for kind, src in PATTERN_SOURCE.items():
+            hook(kind, src)
+    desc = getattr(constants, "register_description", None)
+    if desc is not None:
+        for kind in _BUILDERS:
+            desc(kind, describe)
+
+
+_register()
+
+
+# --------------------------------------------------------------------------------------------
+# structured evaluation: patterns, splits and windows as strided views / scatter-adds
+# --------------------------------------------------------------------------------------------
+#
+# `structured_evaluate(expr, **tensors)` evaluates like `tnderive.evaluate` but never contracts
+# a pattern/split/window constant densely when it can be applied as a view:
+#   gather  t[..., i, ...] · C[..., i]  (i summed, only on t)  -> t.as_strided(...) (pad first
+#           when a pattern has padding): im2col without copying, reshape, slice;
+#   scatter Π[k, o, i] with i a free index only on Π            -> contract the rest keeping
+#           (k, o), then add each kernel tap into a strided slice of the output (col2im).
+# Anything else falls back to dense contraction (always correct).
+
+from .evaluate import Evaluator, contract, product_operands  # noqa: E402
+from .ir import Delta, Expr, Product, fresh_name  # noqa: E402
+
+_VIEW_KINDS = ("pattern", "split", "window")
+
+
+def structured_evaluate(expr: Expr, sizes: Mapping[str, int] | None = None,
+                        **tensors: torch.Tensor) -> torch.Tensor:
+    """Evaluate `expr` (dims follow `expr.indices`) with structured constants as views."""
+    from .binding import bind
+    if not isinstance(expr, Expr):
+        raise TNError(f"evaluate expects an expression, got {type(expr).__name__}")
+    return StructuredEvaluator(bind(expr, tensors, sizes)).run(expr)
+
+
+def flatten_product(expr: Product) -> Product:
+    """Splice nested products into one (their summed indices renamed fresh)."""
+    if not any(isinstance(f, Product) for f in expr.factors):
+        return expr
+    taken = set(expr.all_indices)
+    factors: list[Expr] = []
+    for f in expr.factors:
+        if not isinstance(f, Product):
+            factors.append(f)
+            continue
+        f = flatten_product(f)
+        alpha = {}
+        for b in f.summed:
+            alpha[b] = fresh_name(b, taken)
+            taken.add(alpha[b])
+        for g in f.factors:
+            m = {k: v for k, v in alpha.items() if k in g.indices}
+            factors.append(g.rename(m) if m else g)
+    return Product(factors, expr.indices)
+
+
+class _Op:
+    """An operand during structured contraction: tensor + integer index ids."""
+    __slots__ = ("t", "sub", "taps")
+
+    def __init__(self, t: torch.Tensor, sub: list[int]):
+        self.t, self.sub = t, list(sub)
+        self.taps: list[tuple[int, int]] = []  # (k, o) ids of patterns applied as views
+
+
+class _Struct:
+    """A pending structured constant: its kind, params, ids and numeric shape."""
+    __slots__ = ("c", "sub", "shape", "dense")
+
+    def __init__(self, c: Constant, sub: list[int], dense: torch.Tensor):
+        self.c, self.sub, self.shape, self.dense = c, list(sub), tuple(dense.shape), dense
+
+    @property
+    def source(self) -> int:  # the id the constant reads from a tensor
+        return {"pattern": 2, "split": 0, "window": 1}[self.c.kind]
+
+    @property
+    def src(self) -> int:
+        return self.sub[self.source]
+
+    @property
+    def new(self) -> list[int]:
+        return [k for j, k in enumerate(self.sub) if j != self.source]
+
+
+class StructuredEvaluator(Evaluator):
+    """`Evaluator` whose products apply pattern/split/window constants as views."""
+
+    def _product(self, expr: Product) -> torch.Tensor:
+        expr = flatten_product(expr)
+        operands, sublists, out, _ = product_operands(expr, self)
+        others = [f for f in expr.factors if not isinstance(f, Delta)]
+        ops: list[_Op] = []
+        structs: list[_Struct] = []
+        for j, (t, sub) in enumerate(zip(operands, sublists)):
+            f = others[j] if j < len(others) else None
+            if isinstance(f, Constant) and f.kind in _VIEW_KINDS and len(set(sub)) == len(sub):
+                structs.append(_Struct(f, sub, t))
+            else:
+                ops.append(_Op(t, sub))
+        if not structs:
+            return contract_fast(operands, sublists, out)
+        # output legs that only an all-ones vector carries: broadcast them at the end
+        ones = [op for j, op in enumerate(ops) if op.t.dim() == 1 and len(op.sub) == 1
+                and sum(op.sub[0] in o.sub for o in ops) == 1
+                and not any(op.sub[0] in st.sub for st in structs)
+                and op.sub[0] in out and _is_extra(op, operands, others)]
+        if ones:
+            for op in ones:
+                ops.remove(op)
+            inner = [k for k in out if not any(k == op.sub[0] for op in ones)]
+            y = self._structured(ops, structs, inner)
+            for j, k in enumerate(out):
+                if k not in inner:
+                    y = y.unsqueeze(j)
+            return y.expand([self._size_of_id(k, out, ones, y, j) for j, k in enumerate(out)])
+        return self._structured(ops, structs, out)
+
+    @staticmethod
+    def _size_of_id(k, out, ones, y, j) -> int:
+        for op in ones:
+            if op.sub[0] == k:
+                return int(op.t.shape[0])
+        return int(y.shape[j])
+
+    def _structured(self, ops: list[_Op], structs: list[_Struct], out: list[int]) -> torch.Tensor:
+        _gather_all(ops, structs, out)
+        if _flip_folds(ops, structs, out):
+            _gather_all(ops, structs, out)
+        folds = _fold_candidates(ops, structs, out)
+        for s in structs:  # not applicable as views: contract densely
+            if s not in folds:
+                ops.append(_Op(s.dense, s.sub))
+        if not folds:
+            if len(ops) == 2:
+                y = _conv_taps(ops, out)
+                if y is None:
+                    y = _weight_taps(ops, out)
+                if y is not None:
+                    return y
+            return contract_fast([o.t for o in ops], [o.sub for o in ops], out)
+        return _fold(ops, folds, out)
+
+
+def _squeeze_lonely(a: _Op, b: _Op, out: list[int]) -> tuple[_Op, _Op]:
+    """Copies of a, b without summed ids only one of them carries (size 1: a view)."""
+    res = []
+    for op, other in ((a, b), (b, a)):
+        t, sub = op.t, list(op.sub)
+        for k in [k for k in sub if k not in other.sub and k not in out]:
+            j = sub.index(k)
+            t = t.select(j, 0) if t.shape[j] == 1 else t.sum(j)
+            sub.pop(j)
+        new = _Op(t, sub)
+        new.taps = [(k, o) for k, o in op.taps if k in sub and o in sub]
+        res.append(new)
+    return res[0], res[1]
+
+
+def _is_extra(op: _Op, operands: list, others: list) -> bool:
+    """True when op's tensor is one the product added (not a factor of the expression)."""
+    return not any(op.t is operands[j] for j in range(len(others)))
+
+
+def _users(ops: list[_Op], structs: list[_Struct], idx: int) -> tuple[list[_Op], int]:
+    return [o for o in ops if idx in o.sub], sum(idx in s.sub for s in structs)
+
+
+def _gather_all(ops: list[_Op], structs: list[_Struct], out: list[int]) -> None:
+    """Apply every structured constant whose source index lives on exactly one tensor."""
+    changed = True
+    while changed:
+        changed = False
+        for op in ops:
+            batch = []
+            for s in structs:
+                if s.src in out or s.src not in op.sub or op.sub.count(s.src) != 1:
+                    continue
+                holders, nstruct = _users(ops, structs, s.src)
+                if len(holders) != 1 or nstruct != 1:
+                    continue
+                if any(n in op.sub for n in s.new) or any(n in t.new for t in batch for n in s.new):
+                    continue
+                batch.append(s)
+            if batch:
+                _apply_views(op, batch)
+                for s in batch:
+                    structs.remove(s)
+                changed = True
+
+
+def _apply_views(op: _Op, batch: list[_Struct]) -> None:
+    """Replace op's source axes by the constants' new axes (one pad, one as_strided)."""
+    t = op.t
+    # padding for patterns (one F.pad for all of them)
+    pads = [(0, 0)] * t.dim()
+    for s in batch:
+        if s.c.kind == "pattern":
+            K, O, I = s.shape
+            st, d = s.c.params[0], s.c.params[3]
+            pl, _ = resolve_padding(s.c.params, K)
+            right = max(0, st * (O - 1) + d * (K - 1) - pl - (I - 1))
+            pads[op.sub.index(s.src)] = (pl, right)
+    if any(p != (0, 0) for p in pads):
+        first = min(j for j, p in enumerate(pads) if p != (0, 0))
+        flat: list[int] = []
+        for p in reversed(pads[first:]):
+            flat.extend(p)
+        t = torch.nn.functional.pad(t, flat)
+    sizes, strides = list(t.shape), list(t.stride())
+    offset = t.storage_offset()
+    new_sizes: list[list[int]] = [[n] for n in sizes]
+    new_strides: list[list[int]] = [[st] for st in strides]
+    new_sub: list[list[int]] = [[k] for k in op.sub]
+    for s in batch:
+        dim = op.sub.index(s.src)
+        st = strides[dim]
+        kind = s.c.kind
+        if kind == "pattern":
+            K, O, _ = s.shape
+            new_sizes[dim], new_strides[dim] = [K, O], [s.c.params[3] * st, s.c.params[0] * st]
+            op.taps.append((s.sub[0], s.sub[1]))
+        elif kind == "split":
+            _, A, B = s.shape
+            new_sizes[dim], new_strides[dim] = [A, B], [B * st, st]
+        else:  # window
+            K, _ = s.shape
+            new_sizes[dim], new_strides[dim] = [K], [st]
+            offset += s.c.params[0] * st
+        new_sub[dim] = s.new
+    op.t = t.as_strided([n for g in new_sizes for n in g], [x for g in new_strides for x in g], offset)
+    op.sub = [k for g in new_sub for k in g]
+
+
+def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
+    """Convolution-shaped pair (a pattern view X and a kernel-carrying W) as one in-place
+    batched matmul per kernel tap on shifted flat views of X: no im2col copy.
+
+    The output positions of the patterns are merged into one unit-stride axis by widening each
+    inner output axis to the row length of the padded input (the extra columns are computed and
+    cropped). Needs: the innermost output axis has stride 1 in memory (stride-1 convolution),
+    out = [prefix, W-only free ids, o ids in memory order]. Returns None when not applicable.
+    """
+    import itertools
+    xs = [o for o in ops if o.taps]
+    if len(xs) != 1:
+        return None
+    X, Wo = _squeeze_lonely(xs[0], ops[1] if ops[0] is xs[0] else ops[0], out)
+    ks = [k for k, _ in X.taps]
+    os_ = [o for _, o in X.taps]
+    if any(k not in Wo.sub or k in out for k in ks) or any(o not in out or o in Wo.sub for o in os_):
+        return None
+    t = X.t
+    pos = {k: j for j, k in enumerate(X.sub)}
+    order = sorted(os_, key=lambda o: -t.stride(pos[o]))
+    if out[len(out) - len(order):] != order or t.stride(pos[order[-1]]) != 1:
+        return None
+    sizes = {k: int(n) for k, n in zip(X.sub, t.shape)}
+    sizes.update({k: int(n) for k, n in zip(Wo.sub, Wo.t.shape)})
+    widened = [sizes[o] for o in order]
+    for j in range(len(order) - 1, 0, -1):
+        outer, inner = t.stride(pos[order[j - 1]]), t.stride(pos[order[j]])
+        if outer % inner or outer // inner < sizes[order[j]]:
+            return None
+        widened[j] = outer // inner
+    flat = _prod(widened)
+    length = sum((sizes[o] - 1) * t.stride(pos[o]) for o in order) + 1
+    if length < 200:  # small images: one im2col GEMM is faster than many thin ones
+        return None
+    head = out[:len(out) - len(order)]
+    fw = []
+    while head and head[-1] in Wo.sub and head[-1] not in X.sub:
+        fw.insert(0, head.pop())
+    prefix = head
+    if any(k not in X.sub for k in prefix) or any(k in ks or k in os_ for k in prefix):
+        return None
+    contract = [k for k in X.sub if k in Wo.sub and k not in out and k not in ks]
+    if set(X.sub) != set(prefix) | set(contract) | set(ks) | set(os_):
+        return None
+    if set(Wo.sub) != set(k for k in prefix if k in Wo.sub) | set(fw) | set(contract) | set(ks):
+        return None
+    B, M, E = _prod(sizes[k] for k in prefix), _prod(sizes[k] for k in fw), _prod(sizes[k] for k in contract)
+    base = t.storage_offset()
+    xsizes = [sizes[k] for k in prefix + contract] + [length]
+    xstrides = [t.stride(pos[k]) for k in prefix + contract] + [1]
+    try:
+        probe = t.as_strided(xsizes, xstrides, base).view(B, E, length)
+    except RuntimeError:
+        return None
+    del probe
+    # W permuted to [prefix (broadcast), fw, contract, ks] -> per tap [B, M, E]
+    wperm = [Wo.sub.index(k) for k in prefix + fw + contract + ks if k in Wo.sub]
+    wt = Wo.t.permute(wperm)
+    wshape = [sizes[k] if k in Wo.sub else 1 for k in prefix] + [sizes[k] for k in fw + contract + ks]
+    wt = wt.reshape(wshape).expand([sizes[k] for k in prefix + fw + contract + ks])
+    wt = wt.reshape(B, M, E, -1)
+    buf = t.new_empty([B, M, flat])
+    acc = buf[:, :, :length]
+    ksizes = [sizes[k] for k in ks]
+    kstrides = [t.stride(pos[k]) for k in ks]
+    for n, tap in enumerate(itertools.product(*[range(s) for s in ksizes])):
+        off = base + sum(a * b for a, b in zip(tap, kstrides))
+        xt = t.as_strided(xsizes, xstrides, off).view(B, E, length)
+        flat_tap = 0
+        for a, s in zip(tap, ksizes):
+            flat_tap = flat_tap * s + a
+        wtap = wt[:, :, :, flat_tap]
+        if E == 1:  # depthwise: a broadcast multiply-add beats tiny matmuls
+            if n == 0:
+                torch.mul(wtap, xt, out=acc) if acc.is_contiguous() else acc.copy_(wtap * xt)
+            else:
+                acc.addcmul_(wtap, xt)
+        else:
+            acc.baddbmm_(wtap, xt, beta=0 if n == 0 else 1)
+    y = buf.view([sizes[k] for k in prefix + fw] + widened)
+    crop = (slice(None),) * len(prefix + fw) + tuple(slice(0, sizes[o]) for o in order)
+    return y[crop]
+
+
+def _flip_folds(ops: list[_Op], structs: list[_Struct], out: list[int]) -> bool:
+    """Stride-1 scatters become gathers with a flipped kernel:
+    Σ_{k,o} W[k]·v[o]·[i = o + D·k − P] = Σ_k' W[K−1−k']·v[o]·[o = i + D·k' − (D(K−1) − P)].
+    Needs o and k each on exactly one (different) operand and P_left ≤ D·(K−1)."""
+    changed = False
+    for j, s in enumerate(list(structs)):
+        if s.c.kind != "pattern" or s.c.params[0] != 1:
+            continue
+        k, o, i = s.sub
+        K, O, I = s.shape
+        d = s.c.params[3]
+        pl, _ = resolve_padding(s.c.params, K)
+        if i not in out or k in out or o in out or pl > d * (K - 1):
+            continue
+        vs = [op for op in ops if o in op.sub]
+        ws = [op for op in ops if k in op.sub]
+        if len(vs) != 1 or len(ws) != 1 or vs[0] is ws[0] or any(i in op.sub for op in ops):
+            continue
+        if sum(o in t.sub or k in t.sub or i in t.sub for t in structs) != 1:
+            continue
+        w = ws[0]
+        w.t = w.t.flip(w.sub.index(k))
+        params = (1, d * (K - 1) - pl, 0, d)
+        dense = build_pattern(params, (K, I, O), s.dense.device, s.dense.dtype)
+        flipped = _Struct(Constant("pattern", params, ("k", "i", "o"), (K, I, O)), [k, i, o], dense)
+        structs[structs.index(s)] = flipped
+        changed = True
+    return changed
+
+
+def _weight_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
+    """Weight-VJP-shaped pair: a pattern view X[.., k, o, ..] and V[.., o, ..] contracted over
+    the o's (and e.g. the batch), kernel legs k free: per kernel tap one batched matmul over
+    the widened flat output positions (V zero-padded to X's row length), no im2col copy."""
+    import itertools
+    xs = [o for o in ops if o.taps]
+    if len(xs) != 1:
+        return None
+    X, V = _squeeze_lonely(xs[0], ops[1] if ops[0] is xs[0] else ops[0], out)
+    ks = [k for k, _ in X.taps]
+    os_ = [o for _, o in X.taps]
+    if any(k not in out or k in V.sub for k in ks) or any(o in out or o not in V.sub for o in os_):
+        return None
+    t = X.t
+    pos = {k: j for j, k in enumerate(X.sub)}
+    order = sorted(os_, key=lambda o: -t.stride(pos[o]))
+    if t.stride(pos[order[-1]]) != 1 or len(set(V.sub)) != len(V.sub) or len(set(X.sub)) != len(X.sub):
+        return None
+    sizes = {k: int(n) for k, n in zip(X.sub, t.shape)}
+    sizes.update({k: int(n) for k, n in zip(V.sub, V.t.shape)})
+    widened = [sizes[o] for o in order]
+    for j in range(len(order) - 1, 0, -1):
+        outer, inner = t.stride(pos[order[j - 1]]), t.stride(pos[order[j]])
+        if outer % inner or outer // inner < sizes[order[j]]:
+            return None
+        widened[j] = outer // inner
+    length = sum((sizes[o] - 1) * t.stride(pos[o]) for o in order) + 1
+    if length < 200:
+        return None
+    batch = [k for k in X.sub if k in V.sub and k in out]
+    red = [k for k in X.sub if k in V.sub and k not in out and k not in os_]
+    xfree = [k for k in X.sub if k not in V.sub and k not in ks and k not in os_]
+    vfree = [k for k in V.sub if k not in X.sub]
+    if any(k not in out for k in xfree + vfree) or set(out) != set(batch + vfree + xfree + ks):
+        return None
+    R_, B_ = _prod(sizes[k] for k in red), _prod(sizes[k] for k in batch)
+    Cv, E = _prod(sizes[k] for k in vfree), _prod(sizes[k] for k in xfree)
+    xsizes = [sizes[k] for k in red + batch + xfree] + [length]
+    xstrides = [t.stride(pos[k]) for k in red + batch + xfree] + [1]
+    base = t.storage_offset()
+    try:
+        t.as_strided(xsizes, xstrides, base).view(R_ * B_, E, length)
+    except RuntimeError:
+        return None
+    # V laid out [red, batch, vfree, widened o's] with zeros in the extra columns
+    vp = V.t.permute([V.sub.index(k) for k in red + batch + vfree + order])
+    vw = vp.new_zeros([sizes[k] for k in red + batch + vfree] + widened)
+    vw[(Ellipsis,) + tuple(slice(0, sizes[o]) for o in order)] = vp
+    v3 = vw.view(R_ * B_, Cv, _prod(widened))[:, :, :length]
+    ksizes = [sizes[k] for k in ks]
+    kstrides = [t.stride(pos[k]) for k in ks]
+    res = []
+    for tap in itertools.product(*[range(n) for n in ksizes]):
+        off = base + sum(a * b for a, b in zip(tap, kstrides))
+        xt = t.as_strided(xsizes, xstrides, off).view(R_ * B_, E, length)
+        r = torch.bmm(v3, xt.transpose(1, 2)).view(R_, B_ * Cv * E)
+        res.append(r.sum(0) if R_ > 1 else r[0])
+    y = torch.stack(res, -1).view([sizes[k] for k in batch + vfree + xfree + ks])
+    order_out = batch + vfree + xfree + ks
+    return y.permute([order_out.index(k) for k in out])
+
+
+def _fold_candidates(ops: list[_Op], structs: list[_Struct], out: list[int]) -> list[_Struct]:
+    """Patterns whose input leg is free and carried by nothing else (col2im)."""
+    folds = []
+    used = {k for o in ops for k in o.sub}
+    for s in structs:
+        if s.c.kind != "pattern":
+            continue
+        k, o, i = s.sub
+        if i not in out or out.count(i) != 1 or i in used or k in out or o in out:
+            continue
+        if k not in used or o not in used:
+            continue
+        if any(t is not s and set(t.sub) & set(s.sub) for t in structs):
+            continue
+        folds.append(s)
+    return folds
+
+
+def _fold(ops: list[_Op], folds: list[_Struct], out: list[int]) -> torch.Tensor:
+    """Contract ops keeping every fold's (k, o) legs, then add each kernel tap into a strided
+    slice of the (padded) output: col2im without materialising Π."""
+    import itertools
+    fold_is = [s.sub[2] for s in folds]
+    rest = [k for k in out if k not in fold_is]
+    inner_out = rest + [s.sub[0] for s in folds] + [s.sub[1] for s in folds]
+    r = contract_fast([o.t for o in ops], [o.sub for o in ops], inner_out)
+    info = []  # per fold: (K, O, I, S, D, P_left, padded size)
+    for s in folds:
+        K, O, I = s.shape
+        st, d = s.c.params[0], s.c.params[3]
+        pl, _ = resolve_padding(s.c.params, K)
+        info.append((K, O, I, st, d, pl, max(pl + I, d * (K - 1) + st * (O - 1) + 1)))
+    nrest = len(rest)
+    y = r.new_zeros(list(r.shape[:nrest]) + [x[6] for x in info])
+    head = (slice(None),) * nrest
+    for taps in itertools.product(*[range(x[0]) for x in info]):
+        ysl = tuple(slice(d * t, d * t + st * (O - 1) + 1, st)
+                    for (K, O, I, st, d, pl, _), t in zip(info, taps))
+        y[head + ysl] += r[head + taps]
+    y = y[head + tuple(slice(pl, pl + I) for (K, O, I, st, d, pl, _) in info)]
+    order = rest + fold_is
+    return y.permute([order.index(k) for k in out])
+
+
+# --------------------------------------------------------------------------------------------
+# layout-aware contraction (pairs as matmuls whose result lands in output order)
+# --------------------------------------------------------------------------------------------
+
+def contract_fast(operands: list[torch.Tensor], sublists: list[list[int]], out: list[int]) -> torch.Tensor:
+    """Like `tnderive.evaluate.contract`, with each pair contracted by `pair_contract`."""
+    from .evaluate import plan_path
+    if not operands:
+        return torch.ones(())
+    if len(operands) == 1:
+        return _single(operands[0], list(sublists[0]), list(out))
+    path = plan_path([tuple(o.shape) for o in operands], sublists, out)
+    ops, subs = list(operands), [list(s) for s in sublists]
+    for a, b in path:
+        a, b = sorted((a, b), reverse=True)
+        ta, sa = ops.pop(a), subs.pop(a)
+        tb, sb = ops.pop(b), subs.pop(b)
+        rest = {k for s in subs for k in s} | set(out)
+        keep = [k for k in out if k in sa or k in sb] if not subs else \
+            [k for k in dict.fromkeys(sa + sb) if k in rest]
+        ops.append(pair_contract(ta, sa, tb, sb, keep))
+        subs.append(keep)
+    (t,), (s,) = ops, subs
+    return _single(t, s, list(out))
+
+
+def _single(t: torch.Tensor, s: list[int], out: list[int]) -> torch.Tensor:
+    if s == out:
+        return t
+    if len(set(s)) == len(s) and len(set(out)) == len(out) and set(out) <= set(s):
+        extra = [j for j, k in enumerate(s) if k not in out]
+        if extra:
+            t = t.sum(extra)
+            s = [k for k in s if k in out]
+        return t.permute([s.index(k) for k in out])
+    return torch.einsum(t, s, out)
+
+
+def _presum(t: torch.Tensor, s: list[int], keep: set) -> tuple[torch.Tensor, list[int]]:
+    extra = [j for j, k in enumerate(s) if k not in keep]
+    if not extra:
+        return t, s
+    return t.sum(extra), [k for k in s if k in keep]
+
+
+def _grouped(t: torch.Tensor, s: list[int], groups: list[list[int]], sizes: dict) -> torch.Tensor | None:
+    """t permuted to the concatenated groups and reshaped to one dim per group, as a view
+    (None when that needs a copy). A group may name ids t lacks (size 1)."""
+    perm = [s.index(k) for g in groups for k in g if k in s]
+    p = t.permute(perm)
+    shape = [_prod(sizes[k] if k in s else 1 for k in g) for g in groups]
+    try:
+        return p.view(shape)
+    except RuntimeError:
+        return None
+
+
+def _prod(xs) -> int:
+    r = 1
+    for x in xs:
+        r *= x
+    return r
+
+
+def _inner_score(t: torch.Tensor, s: list[int], group: list[int]) -> tuple:
+    """How cheap it is to copy t with `group` innermost: (stride of its last real dim, -size)."""
+    real = [k for k in group if k in s and t.shape[s.index(k)] != 1]
+    if not real:
+        return (float("inf"), 0)
+    j = s.index(real[-1])
+    return (t.stride(j), -t.shape[j])
+
+
+def pair_contract(a: torch.Tensor, sa: list[int], b: torch.Tensor, sb: list[int],
+                  out: list[int]) -> torch.Tensor:
+    """Contract two operands (integer sublists) into `out` order with one (batched) matmul.
+
+    The output is split as [prefix (batch, broadcast), free-of-P, free-of-Q] following `out`,
+    so the matmul result needs no permutation; the contracted ids follow the memory order of
+    the larger operand, and an operand that must be copied is copied in its own memory order.
+    """
+    if len(set(sa)) != len(sa) or len(set(sb)) != len(sb) or len(set(out)) != len(out):
+        return torch.einsum(a, sa, b, sb, out)
+    a, sa = _presum(a, list(sa), set(sb) | set(out))
+    b, sb = _presum(b, list(sb), set(sa) | set(out))
+    sizes = {k: int(n) for k, n in zip(sa, a.shape)}
+    sizes.update({k: int(n) for k, n in zip(sb, b.shape)})
+    if any(sizes[k] != int(n) for k, n in zip(sa, a.shape)):
+        return torch.einsum(a, sa, b, sb, out)
+    if out and out[-1] in sa and out[-1] not in sb:
+        a, sa, b, sb = b, sb, a, sa
+    A, B = set(sa), set(sb)
+    j = len(out)
+
+    def run(owner: set, other: set) -> list[int]:
+        nonlocal j
+        end = j
+        while j > 0 and out[j - 1] in owner and out[j - 1] not in other:
+            j -= 1
+        return out[j:end]
+
+    fq = run(B, A)
+    fp = run(A, B)
+    prefix = out[:j]
+    final = None
+    if _prod(sizes[k] for k in fq) < 256:
+        # small matrices: fold Q-only batch ids into Q's free block (one big GEMM), permute after
+        moved = [k for k in prefix if k in B and k not in A]
+        if moved:
+            prefix = [k for k in prefix if k not in moved]
+            fq = moved + fq
+            final = out
+            out = prefix + fp + fq
+    big, sbig = (a, sa) if a.numel() >= b.numel() else (b, sb)
+    contract = [k for k in sa if k in B and k not in out]
+    contract.sort(key=lambda k: -big.stride(sbig.index(k)))
+    M, N, Kc = (_prod(sizes[k] for k in g) for g in (fp, fq, contract))
+    if M == 1 and 1 < Kc <= 64 and b.numel() > 16 * a.numel():
+        y = _tap_loop(a, sa, b, sb, prefix, fp, contract, fq, sizes).reshape([sizes[k] for k in out])
+        return y.permute([out.index(k) for k in final]) if final is not None else y
+    pre = [[k] for k in prefix]
+    P = _grouped(a, sa, pre + [fp, contract], sizes)
+    if P is None:
+        Pt = _grouped(a, sa, pre + [contract, fp], sizes)
+        if Pt is not None:
+            P = Pt.transpose(-1, -2)
+        elif _inner_score(a, sa, fp) < _inner_score(a, sa, contract):
+            P = _copy(a, sa, pre + [contract, fp], sizes).transpose(-1, -2)
+        else:
+            P = _copy(a, sa, pre + [fp, contract], sizes)
+    Q = _grouped(b, sb, pre + [contract, fq], sizes)
+    if Q is None:
+        Qt = _grouped(b, sb, pre + [fq, contract], sizes)
+        if Qt is not None:
+            Q = Qt.transpose(-1, -2)
+        elif _inner_score(b, sb, contract) < _inner_score(b, sb, fq):
+            Q = _copy(b, sb, pre + [fq, contract], sizes).transpose(-1, -2)
+        else:
+            Q = _copy(b, sb, pre + [contract, fq], sizes)
+    y = torch.matmul(P, Q).reshape([sizes[k] for k in out])
+    if final is not None:
+        y = y.permute([out.index(k) for k in final])
+    return y
+
+
+def _copy(t, s, groups, sizes) -> torch.Tensor:
+    perm = [s.index(k) for g in groups for k in g if k in s]
+    shape = [_prod(sizes[k] if k in s else 1 for k in g) for g in groups]
+    return t.permute(perm).reshape(shape)
+
+
+def _tap_loop(a, sa, b, sb, prefix, fp, contract, fq, sizes) -> torch.Tensor:
+    """Σ over a few contracted taps of a[..., tap] * b[..., tap, ...] without copying b
+    (depthwise convolutions: M = 1, small kernel)."""
+    import itertools
+    pa = a.permute([sa.index(k) for k in prefix + fp + contract if k in sa])  # fp: all size 1
+    pa = pa.reshape([sizes[k] if k in sa else 1 for k in prefix] + [sizes[k] for k in contract])
+    pb = b.permute([sb.index(k) for k in prefix + contract + fq if k in sb])
+    pb_shape = [sizes[k] if k in sb else 1 for k in prefix] + [sizes[k] for k in contract + fq]
+    pb = pb.reshape(pb_shape) if list(pb.shape) != pb_shape else pb
+    nq = len(fq)
+    acc = None
+    for tap in itertools.product(*[range(sizes[k]) for k in contract]):
+        w = pa[(Ellipsis, *tap)].reshape(list(pa.shape[:len(prefix)]) + [1] * nq)
+        x = pb[(slice(None),) * len(prefix) + tap]
+        acc = x * w if acc is None else acc.addcmul_(x, w)
+    return acc

@@ -1,0 +1,443 @@
+"""IR → index notation: `to_notation(expr)` (also `str(expr)`).
+
+The text parses back to an equal expression: `parse(to_notation(e)) == e` for every
+expression the parser or the builder makes (and for most others). How:
+
+* The result is printed as a statement `out[I] = ...` with `I = expr.indices`.
+* A sub-expression that cannot be written inline without changing its meaning (a product
+  nested directly in a product, a product whose summed index is also used outside it, an
+  index order the parser would not choose, ...) is hoisted into a helper statement
+  `t1[...] = ...` printed before the result and referred to by name.
+* Variables whose declared axes differ from their first printed occurrence, or whose sizes
+  are not the default symbols, are declared in a leading `# vars: W[o,i]=(3, i)` line; a
+  delta whose size would not be recovered is written `delta(n)[i,j]`.
+* Elementwise functions print by their registered name (found by formula), powers as `**`,
+  anything else as `elementwise("formula in x", e)`.
+"""
+from __future__ import annotations
+
+import ast
+from collections import Counter
+
+import sympy
+
+from .errors import TNError
+from .functions import Elementwise, IndexFunction, X, registered_elementwise
+from .ir import ONE, Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, size_symbol
+
+__all__ = ["to_notation"]
+
+_KEYWORDS = {"delta", "pattern", "constant", "sum", "softmax", "logsumexp", "elementwise"}
+
+
+def to_notation(expr: Expr, name: str = "out") -> str:
+    """Index notation for `expr`; the last statement (named `name`) is the result."""
+    if not isinstance(expr, Expr):
+        raise TNError(f"to_notation expects an expression, got {type(expr).__name__}")
+    text = _Printer(expr, explicit=False).program(name)
+    from .notation import parse
+    try:
+        if parse(text) == expr:
+            return text
+    except Exception:  # a best-effort check: fall back to the explicit spelling
+        pass
+    return _Printer(expr, explicit=True).program(name)
+
+
+class _Printer:
+    def __init__(self, root: Expr, explicit: bool):
+        self.root = root
+        self.explicit = explicit
+        self.taken = set(root.variables) | _KEYWORDS | set(registered_elementwise())
+        self.helper_names: dict[Expr, str] = {}
+        self.helper_text: dict[str, tuple[str, set[str]]] = {}
+        self.helper_order: list[str] = []
+
+    def fresh(self, base: str) -> str:
+        k = 0
+        name = base
+        while name in self.taken:
+            k += 1
+            name = f"{base}{k}"
+        self.taken.add(name)
+        return name
+
+    # ---- program -----------------------------------------------------------------------------
+    def program(self, name: str) -> str:
+        out = self.fresh(name if name.isidentifier() else "out")
+        main, refs = self.statement(out, self.root)
+        used: list[str] = []
+        stack = list(refs)
+        while stack:  # helpers reachable from the result
+            h = stack.pop()
+            if h not in used:
+                used.append(h)
+                stack.extend(self.helper_text[h][1])
+        lines = [self.helper_text[h][0] for h in self.helper_order if h in used] + [main]
+        header = self.header(lines)
+        return "\n".join(([header] if header else []) + lines)
+
+    def helper(self, node: Expr) -> str:
+        name = self.helper_names.get(node)
+        if name is None:
+            name = self.fresh("t")
+            self.helper_names[node] = name
+            text, refs = self.statement(name, node)
+            self.helper_text[name] = (text, refs)
+            self.helper_order.append(name)
+        return name
+
+    def statement(self, name: str, node: Expr) -> tuple[str, set[str]]:
+        target = node.indices
+        hoist: set[Expr] = set()
+        while True:
+            r = _Render(self, target, hoist)
+            text, shown = r.top(node)
+            total = Counter(shown) + Counter(target)
+            bad = {p for p, inside in r.products if not _keeps_right(p, inside, total, target)}
+            if not bad - hoist:
+                break
+            hoist |= bad
+        lhs = f"{name}[{','.join(target)}]" if target else name
+        return f"{lhs} = {text}", r.refs
+
+    def header(self, lines: list[str]) -> str:
+        first: dict[str, tuple[str, ...]] = {}
+        for line in lines:
+            _first_occurrences(ast.parse(line).body[0].value, first)
+        items = []
+        for name, v in self.root.variables.items():
+            occ = first.get(name)
+            axes_ok = occ is not None and _dedupe(occ) == v.axes
+            default = tuple(size_symbol(a) for a in v.axes)
+            if axes_ok and v.axis_shape == default:
+                continue
+            item = f"{name}[{','.join(v.axes)}]" if v.axes else name
+            if v.axis_shape != default:
+                item += "=(" + ", ".join(_size_text(s) for s in v.axis_shape) + \
+                        ("," if len(v.axes) == 1 else "") + ")"
+            items.append(item)
+        return "# vars: " + ", ".join(items) if items else ""
+
+
+def _dedupe(occ: tuple[str, ...]) -> tuple[str, ...]:
+    from .ir import fresh_name
+    axes: list[str] = []
+    for i in occ:
+        axes.append(fresh_name(i, axes))
+    return tuple(axes)
+
+
+def _first_occurrences(node: ast.AST, first: dict) -> None:
+    """Variables' first subscripts in source order (helpers' names are not variables, but
+    they never collide with variable names)."""
+    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
+        sl = node.slice
+        items = sl.elts if isinstance(sl, ast.Tuple) else [sl]
+        first.setdefault(node.value.id, tuple(getattr(i, "id", "") for i in items))
+        return
+    if isinstance(node, ast.Name):
+        first.setdefault(node.id, ())
+        return
+    if isinstance(node, ast.Call):
+        fname = getattr(node.func, "id", "")
+        args = node.args[:1] if fname in ("softmax", "logsumexp", "sum") else \
+            node.args[1:] if fname == "elementwise" else node.args
+        for a in args:
+            _first_occurrences(a, first)
+        return
+    for child in ast.iter_child_nodes(node):
+        _first_occurrences(child, first)
+
+
+def _size_text(s) -> str:
+    """A size as the `# vars:` line writes it (read back by `notation.parse_size`)."""
+    return str(s)
+
+
+def _keeps_right(p: Product, inside: Counter, total: Counter, target) -> bool:
+    """Would the parser's keep rule give product `p` exactly its free indices (and order)?"""
+    outside = total - inside
+    tset = set(target)
+    seen = list(dict.fromkeys(i for f in p.factors for i in f.indices))
+    keep = [i for i in seen if i in tset or outside[i] > 0]
+    order = tuple([i for i in target if i in keep] + [i for i in keep if i not in tset])
+    return order == p.indices
+
+
+def _coef_text(c, core: str) -> str:
+    """c·core for c ≠ 0 written so the parser folds c back exactly."""
+    c = sympy.sympify(c)
+    if c == 1:
+        return core
+    if c == -1:
+        return "-" + core
+    if c.is_Integer:
+        return f"{c}*{core}"
+    if c.is_Rational:
+        p, q = c.p, c.q
+        if p == 1:
+            return f"{core}/{q}"
+        if p == -1:
+            return f"-{core}/{q}"
+        return f"{p}*{core}/{q}"
+    return f"({c})*{core}"
+
+
+def _number_text(c) -> str:
+    c = sympy.sympify(c)
+    if c.is_Integer:
+        return str(c)
+    if c.is_Rational:
+        return f"{c.p}/{c.q}"
+    return f"({c})"
+
+
+def _is_leg(e: Expr) -> bool:
+    return isinstance(e, Delta) and len(e.indices) == 1
+
+
+def _function_name(fn: Elementwise) -> str | None:
+    reg = registered_elementwise()
+    if fn.name in reg and reg[fn.name] == fn:
+        return fn.name
+    for name, f in reg.items():
+        if f == fn:
+            return name
+    return None
+
+
+class _Render:
+    """Renders one statement's right side with a given set of hoisted nodes, recording every
+    inline product (with the indices written inside it) for the keep-rule check."""
+
+    def __init__(self, printer: _Printer, target, hoist: set[Expr]):
+        self.p = printer
+        self.target = tuple(target)
+        self.hoist = hoist
+        self.products: list[tuple[Product, Counter]] = []
+        self.refs: set[str] = set()
+
+    # ---- positions ---------------------------------------------------------------------------
+    def top(self, node: Expr):
+        if isinstance(node, Product) and len(node.factors) == 1:
+            f = node.factors[0]
+            if f.indices == node.indices or isinstance(f, (Sum, Product, Zero)):
+                return self.sum_call(node)
+            s = self.sum_call(node, allow_keep=False)
+            if s is not None:
+                return s
+            return self.atomic(f)  # the statement wraps it: Product((f,), target)
+        return self.expr(node, root=True)
+
+    def expr(self, node: Expr, root: bool = False):
+        """Expression position: a statement's right side or a function argument."""
+        if not root and node in self.hoist:
+            return self.ref(node)
+        if isinstance(node, Sum):
+            if not root and not self.sum_order_ok(node):
+                return self.ref(node)
+            if len(node.terms) >= 2:
+                return self.add_chain(node)
+            (c, e), = node.terms
+            if e == ONE:
+                return _number_text(c), []
+            if c == 0:
+                return self.ref(node) if not root else self.add_chain(node)
+            core, shown = self.term_core(e)
+            return ("1*" + core if c == 1 else _coef_text(c, core)), shown
+        if isinstance(node, Product):
+            if len(node.factors) >= 2:
+                return self.chain(node)
+            if not node.factors:
+                return "1", []
+            s = self.sum_call(node)
+            return s if s is not None else self.ref(node)
+        if isinstance(node, Zero):
+            return self.zero(node)
+        return self.atomic(node)
+
+    def factor(self, node: Expr):
+        """Position inside a `*` chain."""
+        if node in self.hoist:
+            return self.ref(node)
+        if isinstance(node, Sum) and len(node.terms) >= 2 and self.sum_order_ok(node):
+            text, shown = self.add_chain(node)
+            return f"({text})", shown
+        if isinstance(node, Product) and len(node.factors) == 1:
+            s = self.sum_call(node)
+            return s if s is not None else self.ref(node)
+        if isinstance(node, (Variable, Delta, Constant, Func)):
+            return self.atomic(node)
+        return self.ref(node)
+
+    def term_core(self, e: Expr):
+        """The core of a term `c*core` (a chain, or one factor)."""
+        if isinstance(e, Product) and len(e.factors) >= 2 and e not in self.hoist:
+            return self.chain(e)
+        return self.factor(e)
+
+    def atomic(self, node: Expr):
+        if node in self.hoist:
+            return self.ref(node)
+        if isinstance(node, Variable):
+            occ = node.occurrence
+            return (f"{node.name}[{','.join(occ)}]" if occ else node.name), list(occ)
+        if isinstance(node, Delta):
+            return self.delta(node), list(node.indices)
+        if isinstance(node, Constant):
+            return self.constant(node)
+        if isinstance(node, Func):
+            return self.func(node)
+        return self.ref(node)
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def ref(self, node: Expr):
+        name = self.p.helper(node)
+        self.refs.add(name)
+        idx = node.indices
+        return (f"{name}[{','.join(idx)}]" if idx else name), list(idx)
+
+    def chain(self, node: Product):
+        texts, shown = [], []
+        for f in node.factors:
+            t, s = self.factor(f)
+            texts.append(t)
+            shown += s
+        self.products.append((node, Counter(shown)))
+        return "*".join(texts), shown
+
+    def sum_call(self, node: Product, allow_keep: bool = True):
+        """`sum(f, j)` / `sum(f)` / `sum(f, keep=(i, j))` for Product((f,), indices)."""
+        (f,) = node.factors
+        summed = [i for i in f.indices if i not in node.indices]
+        plain = not node.indices or (summed and tuple(i for i in f.indices if i in node.indices) == node.indices)
+        if not plain and not allow_keep:
+            return None
+        text, shown = self.expr(f)
+        if not plain:
+            keep = node.indices[0] if len(node.indices) == 1 else f"({', '.join(node.indices)})"
+            return f"sum({text}, keep={keep})", shown + list(node.indices)
+        if node.indices:
+            return f"sum({text}, {', '.join(summed)})", shown + summed
+        return f"sum({text})", shown
+
+    def sum_order_ok(self, node: Sum) -> bool:
+        first = next((e for _, e in node.terms if e.indices and not self.is_broadcast(e, node)), None)
+        if first is None:
+            return not node.indices
+        order = tuple([i for i in self.target if i in node.indices] +
+                      [i for i in first.indices if i not in self.target])
+        return order == node.indices
+
+    def is_broadcast(self, e: Expr, s: Sum) -> bool:
+        """Is term `e` of sum `s` a broadcast the parser would rebuild from a term lacking
+        some of the sum's indices (`e` = Product((core?, δ[i], ...), s.indices))?"""
+        if not (isinstance(e, Product) and s.indices and e.indices == s.indices and e.factors):
+            return False
+        core = e.factors[0] if not _is_leg(e.factors[0]) else None
+        have = set(core.indices) if core is not None else set()
+        if not have < set(s.indices):
+            return False
+        missing = [(i, size) for i, size in zip(s.indices, s.shape) if i not in have]
+        deltas = e.factors[1:] if core is not None else e.factors
+        if len(deltas) != len(missing):
+            return False
+        for d, (i, size) in zip(deltas, missing):
+            if not (_is_leg(d) and d.indices == (i,) and d.size == size):
+                return False
+        return True
+
+    def broadcast_core(self, e: Product):
+        return None if _is_leg(e.factors[0]) else e.factors[0]
+
+    def add_chain(self, node: Sum):
+        texts, shown = [], []
+        has_tensor_term = any(e.indices and not self.is_broadcast(e, node) for _, e in node.terms)
+        for k, (c, e) in enumerate(node.terms):
+            if has_tensor_term and self.is_broadcast(e, node):
+                inner = self.broadcast_core(e)
+                if inner is None:
+                    core, s = None, []
+                else:
+                    core, s = self.add_term_core(inner)
+            elif e == ONE and not node.indices:
+                core, s = None, []
+            else:
+                core, s = self.add_term_core(e)
+            shown += s
+            neg = sympy.sympify(c).could_extract_minus_sign()
+            mag = -c if neg else c
+            if core is None:
+                t = _number_text(mag)
+            elif mag == 0:
+                t = f"0*{core}"
+            else:
+                t = _coef_text(mag, core)
+            if k == 0:
+                texts.append(("-" + t) if neg else t)
+            else:
+                texts.append((" - " if neg else " + ") + t)
+        return "".join(texts), shown
+
+    def add_term_core(self, e: Expr):
+        """Core of a term in a `+` chain; a sum core needs an explicit coefficient there."""
+        if isinstance(e, Sum) and e not in self.hoist and len(e.terms) >= 2 and self.sum_order_ok(e):
+            text, s = self.add_chain(e)
+            return f"1*({text})", s
+        return self.term_core(e)
+
+    def zero(self, node: Zero):
+        if not node.indices:
+            return "0", []
+        legs = "*".join(self.delta(Delta([i], s)) for i, s in zip(node.indices, node.shape))
+        return f"0*{legs}", list(node.indices)
+
+    def delta(self, d: Delta) -> str:
+        idx = ",".join(d.indices)
+        if self.p.explicit and d.size != size_symbol(d.indices[0]):
+            s = d.size
+            size = str(s) if (s.is_Integer or s.is_Symbol) else repr(str(s))
+            return f"delta({size})[{idx}]"
+        return f"delta[{idx}]"
+
+    def constant(self, c: Constant):
+        if c.kind == "pattern" and not self.p.explicit:
+            s, pl, pr, d = c.params[:4]
+            pad = "'same'" if pl == "same" else (str(pl) if pl == pr else f"({pl}, {pr})")
+            return (f"pattern(stride={s}, padding={pad}, dilation={d})[{','.join(c.indices)}]",
+                    list(c.indices))
+        return self.generic_constant(c)
+
+    def generic_constant(self, c: Constant):
+        shape = ", ".join(repr(str(x)) for x in c.shape) + ("," if len(c.shape) == 1 else "")
+        return (f"constant({c.kind!r}, {c.params!r}, ({shape}))[{','.join(c.indices)}]",
+                list(c.indices))
+
+    def func(self, f: Func):
+        fn = f.fn
+        if isinstance(fn, IndexFunction):
+            text, shown = self.expr(f.arg)
+            return f"{fn.name}({text}, {f.over})", shown + [f.over]
+        name = _function_name(fn)
+        if name is not None:
+            text, shown = self.expr(f.arg)
+            return f"{name}({text})", shown
+        form = fn.formula
+        if form.is_Pow and form.base == X and form.exp.is_number:
+            base, shown = self.power_base(f.arg)
+            e = form.exp
+            exp = str(e) if (e.is_Integer and e >= 0) else f"({_number_text(e).strip('()')})"
+            return f"{base}**{exp}", shown
+        text, shown = self.expr(f.arg)
+        return f"elementwise({str(form)!r}, {text})", shown
+
+    def power_base(self, arg: Expr):
+        if arg in self.hoist:
+            return self.ref(arg)
+        if isinstance(arg, (Variable, Delta, Constant)):
+            return self.atomic(arg)
+        if isinstance(arg, Func) and not (isinstance(arg.fn, Elementwise) and _function_name(arg.fn) is None):
+            return self.atomic(arg)
+        text, shown = self.expr(arg)
+        return f"({text})", shown
