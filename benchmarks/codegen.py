@@ -10,13 +10,18 @@ the peers):
       H[e,d,f,g] = Σ_{s,t,u} X[s,d] k[t,e] M[s,t,u] q[s,f] X[u,g]
   (c) KFAC-reduce input factor of a 3x3 convolution
       A[c,k,l,C,K,L] = Σ_n ū[n,c,k,l] ū[n,C,K,L],  ū[n,c,k,l] = Σ_{o,p,i,j} Π[k,o,i] Π[l,p,j] x[n,c,i,j]
-      written as one 6-operand network (the positions o, p are summed inside it)
+      as derived by `tnderive.kfac(conv_network(...), kind="reduce")` (its rules have already
+      summed Π over o: `pattern_sum` constants); without those modules the 6-operand network
+      above. All three peers get the same flat network.
 
-plus the end-to-end derived MLP Hessian block (tnderive.hessian + simplify of a tanh layer's
-squared loss), generated code vs tnderive.evaluate vs torch.func.hessian.
+plus (d) the end-to-end derived MLP Hessian block (tnderive.hessian + simplify of a tanh
+layer's squared loss), generated code vs torch.func.hessian (tnderive.evaluate is left out:
+it materialises the block's copy-tensor structure over the batch, 17 GB at these sizes).
 
 Peers: `tnderive.codegen.compile` (specialised to the sizes), `opt_einsum.contract` (torch
-backend, its default 'auto' path), `torch.einsum` with torch's opt_einsum integration switched
+backend, its default 'auto' path, searched on every call as a user calling it would),
+`opt_einsum.contract_expression` (the same with the path found once, outside the timing),
+`torch.einsum` with torch's opt_einsum integration switched
 off (contracts left to right: the naive order). Medians over repeats after a warm-up; peak
 memory above the baseline: CPU from the process's peak RSS (reset through
 /proc/self/clear_refs), CUDA from torch.cuda.max_memory_allocated.
@@ -39,6 +44,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
 MARK = "codegen"
+MIN_TIME = 0.2   # seconds per timing block
 
 
 @dataclass
@@ -79,41 +85,100 @@ def networks(quick: bool) -> list[Network]:
 # building the three peers for a network
 # --------------------------------------------------------------------------------------------
 
-def build(net: Network, device, dtype):
-    """(generated fn, opt_einsum fn, naive fn, tensors) for a network."""
-    import opt_einsum
-    from tnderive.codegen import compile as tn_compile
-    from tnderive.constants import build_constant
+def network_expr(net: Network, device, dtype):
+    """(expr, tensors, description) of a network spec; for (c) the real derived KFAC-reduce
+    input factor (tnderive.kfac on tnderive.nn.conv) when those modules are available."""
     from tnderive.ir import Delta, Product, Variable
     from tnderive.patterns import pattern_constant
 
     gen = torch.Generator().manual_seed(0)
+    if net.patterns:
+        derived = kfac_reduce_expr(net, device, dtype, gen)
+        if derived is not None:
+            return derived
     tensors: dict[str, torch.Tensor] = {}
     factors = []
-    peer_ops = []
     var_axes: dict[str, str] = {}
     for name, labels in net.operands:
         if name == "delta":
             factors.append(Delta(tuple(labels), net.sizes[labels[0]]))
-            peer_ops.append(torch.eye(net.sizes[labels[0]], device=device, dtype=dtype))
         elif name.startswith("pattern"):
             ksz, stride, pad = net.patterns[name]
             k, o, i = labels
-            const = pattern_constant((k, o, i), (ksz, net.sizes[i]), stride=stride, padding=pad)
-            factors.append(const)
-            shape = tuple(int(x) for x in const.shape)
-            peer_ops.append(build_constant("pattern", const.params, shape, device, dtype))
+            factors.append(pattern_constant((k, o, i), (ksz, net.sizes[i]), stride=stride,
+                                            padding=pad))
         else:
             axes = var_axes.setdefault(name, labels)
-            shape = [net.sizes[a] for a in labels]
             if name not in tensors:
+                shape = [net.sizes[a] for a in labels]
                 tensors[name] = torch.randn(shape, generator=gen, dtype=torch.float64).to(device, dtype)
             factors.append(Variable(name, tuple(axes), tuple(labels),
                                     tuple(net.sizes[a] for a in axes)))
-            peer_ops.append(tensors[name])
-    expr = Product(factors, tuple(net.output))
+    return Product(factors, tuple(net.output)), tensors, "einsum-level network"
+
+
+def kfac_reduce_expr(net: Network, device, dtype, gen):
+    """The KFAC-reduce input factor derived by tnderive.kfac (None if unavailable)."""
+    try:
+        from tnderive.kfac import kfac
+        from tnderive.nn.conv import conv_network
+    except ImportError:
+        return None
+    N, C, H = net.sizes["n"], net.sizes["c"], net.sizes["i"]
+    try:
+        conv = conv_network((N, C, H, H), (C, C, 3, 3), stride=1, padding=1, bias=False)
+        expr = kfac(conv.expr, weight="W", batch="n", kind="reduce").input_expr
+    except Exception as e:  # a module still changing: fall back to the hand-written network
+        print(f"  (kfac derivation failed: {e}; using the einsum-level network)", file=sys.stderr)
+        return None
+    x = torch.randn(N, C, H, H, generator=gen, dtype=torch.float64).to(device, dtype)
+    w = torch.zeros(C, C, 3, 3, device=device, dtype=dtype)
+    tensors = {k: v for k, v in conv.prepare(x, w).items() if k in expr.variables}
+    return expr, tensors, "derived by tnderive.kfac(kind='reduce'), simplified"
+
+
+def flat_network(expr, tensors, device, dtype):
+    """(equation, operands, sizes) of a product of variables, constants and copy tensors
+    (nested products spliced), constants and copy tensors materialised for the peers."""
+    import opt_einsum
+    from tnderive.constants import build_constant
+    from tnderive.ir import Constant, Delta, Variable
+    from tnderive.patterns import flatten_product
+
+    flat = flatten_product(expr)
+    letters: dict[str, str] = {}
+    terms, ops = [], []
+    sizes: dict[str, int] = {}
+    for f in flat.factors:
+        labels = f.occurrence if isinstance(f, Variable) else f.indices
+        for i in labels:
+            letters.setdefault(i, opt_einsum.get_symbol(len(letters)))
+        terms.append("".join(letters[i] for i in labels))
+        if isinstance(f, Variable):
+            t = tensors[f.name]
+        elif isinstance(f, Constant):
+            t = build_constant(f.kind, f.params, tuple(int(n) for n in f.shape), device, dtype)
+        elif isinstance(f, Delta):
+            n = int(f.size)
+            t = torch.zeros((n,) * len(f.indices), device=device, dtype=dtype)
+            t[(torch.arange(n, device=device),) * len(f.indices)] = 1
+        else:
+            raise TypeError(f"not a plain network factor: {type(f).__name__}")
+        ops.append(t)
+        for i, n in zip(terms[-1], t.shape):
+            sizes[i] = int(n)
+    eq = ",".join(terms) + "->" + "".join(letters[i] for i in flat.indices)
+    return eq, ops, sizes
+
+
+def build(net: Network, device, dtype):
+    """({peer: fn or skip reason}, compiled code, description, tensors) for a network."""
+    import opt_einsum
+    from tnderive.codegen import compile as tn_compile
+
+    expr, tensors, what = network_expr(net, device, dtype)
     compiled = tn_compile(expr, name="block")
-    eq = ",".join(l for _, l in net.operands) + "->" + net.output
+    eq, peer_ops, sizes = flat_network(expr, tensors, device, dtype)
 
     def generated():
         return compiled(**tensors)
@@ -121,11 +186,45 @@ def build(net: Network, device, dtype):
     def oe():
         return opt_einsum.contract(eq, *peer_ops, backend="torch")
 
+    prepared = opt_einsum.contract_expression(eq, *[tuple(t.shape) for t in peer_ops])
+
+    def oe_prepared():
+        return prepared(*peer_ops, backend="torch")
+
     def naive():
         with _opt_einsum_off():
             return torch.einsum(eq, *peer_ops)
 
-    return {"generated": generated, "opt_einsum.contract": oe, "torch.einsum (naive)": naive}, compiled
+    peers = {"generated": generated, "opt_einsum.contract": oe,
+             "opt_einsum.contract_expression (path precomputed)": oe_prepared}
+    biggest = left_to_right_largest(eq, sizes)
+    if biggest * dtype.itemsize <= NAIVE_LIMIT_BYTES:
+        peers["torch.einsum (naive)"] = naive
+    else:
+        peers["torch.einsum (naive)"] = f"skipped: its left-to-right order needs a {biggest:,}-entry " \
+            f"intermediate ({biggest * dtype.itemsize / 2**30:.1f} GiB)"
+    return peers, compiled, what, tensors
+
+
+NAIVE_LIMIT_BYTES = 2 * 2**30
+
+
+def left_to_right_largest(eq: str, sizes: dict[str, int]) -> int:
+    """Largest intermediate of torch.einsum's left-to-right order (opt_einsum off): each step
+    keeps the indices that later operands or the output still need."""
+    lhs, output = eq.split("->")
+    ops = lhs.split(",")
+    acc = ops[0]
+    biggest = 0
+    for k in range(1, len(ops)):
+        later = set("".join(ops[k + 1:])) | set(output)
+        both = list(dict.fromkeys(acc + ops[k]))
+        acc = "".join(i for i in both if i in later)
+        size = 1
+        for i in acc:
+            size *= sizes[i]
+        biggest = max(biggest, size)
+    return biggest
 
 
 class _opt_einsum_off:
@@ -139,7 +238,7 @@ class _opt_einsum_off:
 
 def derived_mlp(device, dtype, quick: bool):
     """End-to-end derived Hessian block d²L/dW² of L = ½ Σ (tanh(W x + b) − t)²."""
-    from tnderive import derive, evaluate
+    from tnderive import derive
     from tnderive.codegen import compile as tn_compile
     from tnderive.functions import get_elementwise, power
     from tnderive.ir import Delta, Func, Product, Sum, Variable
@@ -171,7 +270,6 @@ def derived_mlp(device, dtype, quick: bool):
 
     peers = {
         "generated": lambda: compiled(**T),
-        "tnderive.evaluate": lambda: evaluate(H, **T),
         "torch.func.hessian": lambda: torch.func.hessian(loss_fn)(T["W"]),
     }
     return peers, compiled, f"n={n}, i={i}, o={o}"
@@ -181,50 +279,74 @@ def derived_mlp(device, dtype, quick: bool):
 # measuring
 # --------------------------------------------------------------------------------------------
 
-def _rss_kb(field_name: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    return 0
+def cpu_peak_bytes(fn: Callable) -> int:
+    """Peak of the running sum of CPU allocations minus frees during one call (torch profiler
+    memory events, in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    events = []
+    for e in prof.events():
+        v = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if v:
+            events.append((e.time_range.start, v))
+    cur = peak = 0
+    for _, v in sorted(events):
+        cur += v
+        peak = max(peak, cur)
+    return peak
 
 
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+def measure_all(peers: dict[str, Callable], device, repeats: int, min_time: float,
+                log=None) -> dict[str, tuple[float, float | None, torch.Tensor]]:
+    """name -> (median seconds, peak memory of one call in MiB, result) for every peer.
 
+    Time: `repeats` rounds; in each round every peer (in rotating order) gets one
+    torch.utils.benchmark blocked_autorange block (>= min_time s); the median of its block
+    medians is reported, so load changes on a shared machine hit all peers alike. Memory: CUDA
+    max_memory_allocated above the baseline, or on CPU the torch profiler's allocation events.
+    Peers that fail (e.g. out of memory) are reported as the exception."""
+    from torch.utils.benchmark import Timer
 
-def measure(fn: Callable, device, repeats: int) -> tuple[float, float | None, torch.Tensor]:
-    """(median seconds, peak extra memory in MiB or None, result)."""
-    out = fn()  # warm-up (plans, constants, kernels)
+    # CPU: process CPU time (this process's threads only), robust on a shared machine; CUDA:
+    # wall time around synchronised calls
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    outs, failed = {}, {}
+    for name, fn in peers.items():  # warm-up: plans, constants, kernels
+        if log:
+            log(name)
+        try:
+            outs[name] = fn()
+        except RuntimeError as e:
+            failed[name] = e
     if device.type == "cuda":
         torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
+    names = [n for n in peers if n not in failed]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            timer = Timer("fn()", globals={"fn": peers[name]}, timer=clock)
+            times[name].append(timer.blocked_autorange(min_run_time=min_time).median)
+    results = {}
+    for name in names:
+        fn = peers[name]
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    del out
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = fn()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        base = _rss_kb("VmRSS")
-        ok = _reset_peak()
-        out = fn()
-        peak = (_rss_kb("VmHWM") - base) / 1024 if ok else None
-    return statistics.median(times), peak, out
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            peak = cpu_peak_bytes(fn) / 2**20
+        results[name] = (statistics.median(times[name]), peak, outs[name])
+    for name, e in failed.items():
+        results[name] = e
+    return results
 
 
 def _fmt_time(s: float) -> str:
@@ -240,28 +362,44 @@ def run(device: torch.device, dtype, repeats: int, quick: bool) -> tuple[str, li
     verdicts = []
     sections = []
     for net in networks(quick):
-        peers, compiled = build(net, device, dtype)
-        results = {}
-        for name, fn in peers.items():
-            results[name] = measure(fn, device, repeats)
+        peers, compiled, what, _ = build(net, device, dtype)
+        for name, fn in list(peers.items()):
+            if isinstance(fn, str):
+                rows.append(f"| {net.name} | {name} | {fn} | | |")
+                del peers[name]
+        results = measure_all(peers, device, repeats, MIN_TIME,
+                              log=lambda n: print(f"  {net.name}: {n} ...", file=sys.stderr, flush=True))
         ref = results["opt_einsum.contract"][2]
-        for name, (t, m, out) in results.items():
+        for name, res in results.items():
+            if isinstance(res, Exception):
+                rows.append(f"| {net.name} | {name} | failed: {str(res).splitlines()[0][:80]} | | |")
+                continue
+            t, m, out = res
             err = (out.double() - ref.double()).abs().max().item() / max(ref.double().abs().max().item(), 1e-30)
             rows.append(f"| {net.name} | {name} | {_fmt_time(t)} | {_fmt_mem(m)} | {err:.1e} |")
         tg, to = results["generated"][0], results["opt_einsum.contract"][0]
-        verdicts.append(f"{net.name}: generated / opt_einsum time = {tg / to:.2f}"
-                        f" ({'at least as fast' if tg <= to * 1.05 else 'slower'})")
+        tp = results["opt_einsum.contract_expression (path precomputed)"][0]
+        r = tg / to
+        verdict = "faster" if r < 0.97 else "on par (within timing noise)" if r <= 1.05 else "slower"
+        verdicts.append(f"{net.name}: generated / opt_einsum.contract time = {r:.2f} ({verdict}); "
+                        f"generated / precomputed-path opt_einsum = {tg / tp:.2f}")
         p = compiled.specialisations
         plan = next(iter(p.values()))[0] if p else compiled.plan
-        sections.append(f"- {net.name} ({net.note}): planned {plan.flops} flops "
+        sections.append(f"- {net.name} ({net.note}; {what}): planned {plan.flops} flops "
                         f"= {plan.flops_at():,}; naive single loop nest {plan.naive_flops_at():,}; "
                         f"largest intermediate {plan.largest_at():,} entries")
     # end-to-end derived block
     try:
         peers, compiled, note = derived_mlp(device, dtype, quick)
-        results = {name: measure(fn, device, max(3, repeats // 3)) for name, fn in peers.items()}
+        results = measure_all(peers, device, repeats, MIN_TIME,
+                              log=lambda n: print(f"  derived: {n} ...", file=sys.stderr, flush=True))
         ref = results["torch.func.hessian"][2]
-        for name, (t, m, out) in results.items():
+        for name, res in results.items():
+            if isinstance(res, Exception):
+                rows.append(f"| (d) derived MLP Hessian d²L/dW² ({note}) | {name} | failed: "
+                            f"{str(res).splitlines()[0][:80]} | | |")
+                continue
+            t, m, out = res
             err = (out.double() - ref.double()).abs().max().item() / max(ref.double().abs().max().item(), 1e-30)
             rows.append(f"| (d) derived MLP Hessian d²L/dW² ({note}) | {name} | {_fmt_time(t)} | "
                         f"{_fmt_mem(m)} | {err:.1e} |")
@@ -290,7 +428,7 @@ def write_section(text: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=5, help="timing blocks per peer (median)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--threads", type=int, default=1)
@@ -310,8 +448,12 @@ def main(argv=None) -> int:
         "",
         f"Command: `python benchmarks/codegen.py --device {args.device} --dtype {args.dtype} "
         f"--repeats {args.repeats}{' --quick' if args.quick else ''}`; {hw}, torch {torch.__version__}, "
-        f"{args.dtype}. Median of {args.repeats} runs after a warm-up; peak memory is the extra "
-        f"{'CUDA allocation' if device.type == 'cuda' else 'resident memory (peak RSS)'} of one call. "
+        f"{args.dtype}. Time: median of {args.repeats} interleaved rounds of `torch.utils.benchmark` "
+        f"blocks (each >= {MIN_TIME} s) after a warm-up, "
+        f"{'process CPU time (the machine is shared)' if device.type == 'cpu' else 'synchronised wall time'}; "
+        "peak memory: "
+        f"{'CUDA max_memory_allocated above the inputs' if device.type == 'cuda' else 'torch profiler allocation events'} "
+        "of one call (inputs excluded). "
         "`torch.einsum (naive)` has torch's opt_einsum integration off (left-to-right order).",
         "",
         table,

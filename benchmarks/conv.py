@@ -105,18 +105,25 @@ def check(ops) -> None:
                 raise AssertionError(f"{op} {name}: relative error {err:.2e}")
 
 
-def measure(ops, repeats: int) -> dict:
-    """Interleaved rounds; median seconds per (op, impl)."""
+def measure(ops, repeats: int, min_time: float = 0.03) -> dict:
+    """Interleaved rounds; median seconds per call per (op, impl). Fast calls are repeated
+    within a round until it lasts `min_time` (so scheduler slices do not dominate)."""
     times = {(op, n): [] for op, impls in ops.items() for n in impls}
+    inner = {}
     for op, impls in ops.items():
-        for f in impls.values():
+        for name, f in impls.items():
             f()  # warm-up (builds and caches networks, patterns)
+            t0 = time.perf_counter()
+            f()
+            inner[(op, name)] = max(1, min(50, int(min_time / max(time.perf_counter() - t0, 1e-6))))
     for _ in range(repeats):
         for op, impls in ops.items():
             for name, f in impls.items():
+                k = inner[(op, name)]
                 t0 = time.perf_counter()
-                f()
-                times[(op, name)].append(time.perf_counter() - t0)
+                for _ in range(k):
+                    f()
+                times[(op, name)].append((time.perf_counter() - t0) / k)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -202,7 +209,8 @@ def main(argv=None) -> None:
         "",
         f"Batch 8, float32, CPU ({platform.processor() or platform.machine()}), "
         f"{args.threads} thread(s), torch {torch.__version__}, {peer}; median of {args.repeats} "
-        f"interleaved rounds; total {elapsed:.0f} s. Command: `python benchmarks/conv.py`.",
+        f"interleaved rounds (calls under 30 ms repeated within a round); total {elapsed:.0f} s. "
+        f"Command: `python benchmarks/conv.py`.",
         "VJPs: torch = autograd backward on a prebuilt graph; tnderive = `Network.vjp` (derived "
         "with `tnderive.vjp`, simplified, patterns applied as strided views); einconv = its VJP "
         "einsum expressions. Shared 2-core machine: expect ±30 % noise.",

@@ -170,7 +170,11 @@ def main() -> None:
         "## derive_speed: 9 (Q,K,V) Hessian blocks of self-attention, derive + simplify",
         "",
         f"Command: `python benchmarks/derive_speed.py --repeats {args.repeats} "
-        f"--peer-timeout {args.peer_timeout:.0f}`  ",
+        f"--peer-timeout {args.peer_timeout:.0f}"
+        + (f" --peer-python {args.peer_python}" if args.peer_python else "") + "`  ",
+        "(tensorgrad pins networkx==3.2.1, so it lives in its own venv: "
+        "`python -m venv --system-site-packages /tmp/tgenv && /tmp/tgenv/bin/pip install "
+        "tensorgrad==0.3.0`; the peer child runs there.)  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}.",
         "",

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import tnderive  # noqa: E402
 from tnderive.kfac import kfac  # noqa: E402
 from tnderive.nn.conv import conv_network  # noqa: E402
+from tnderive.patterns import structured_evaluate  # noqa: E402
 
 try:  # optional peer
     from einconv.expressions import convNd_kfac_reduce, convNd_kfc
@@ -85,24 +86,48 @@ def einconv_factor(x, k, s, p, kind):
 
 
 class TNFactor:
-    """tnderive's generated code for the layer's input-side factor."""
+    """tnderive's factor: `KFACFactors.input_factor` (generated code; expand in two stages:
+    X by generated code, then one Gram matrix), and the same networks through the structured
+    evaluator (`views`: patterns / splits applied as strided views)."""
 
     def __init__(self, x_shape, c_out, k, s, p, kind):
         net = conv_network(x_shape, (c_out, x_shape[1], k, k), stride=s, padding=p, bias=False)
         self.fac = kfac(net.expr, "W", "n", kind=kind)
-        self.fn = tnderive.compile(self.fac.input_expr, f"kfac_{kind}")
+        self.kind = kind
         N, C, I, _ = x_shape
         O = (I + 2 * p - k) // s + 1
-        self.denom = N * O * O if kind == "expand" else N * (O * O) ** 2
-        self.prepare = net.prepare
+        self.N, self.S = N, O * O
         self.im2col = N * C * k * k * O * O
-        self.largest = self.fn.plan.largest_at() if hasattr(self.fn, "plan") else float("nan")
+        expr = self.fac.input_side_expr if kind == "expand" else self.fac.input_expr
+        self.fn = tnderive.compile(expr, f"kfac_{kind}")
+        self.largest = self.fn.plan.largest_at()
+        if kind == "expand":  # the Gram stage's output
+            self.largest = max(self.largest, (C * k * k) ** 2)
         self.source = self.fn.source
 
     def __call__(self, x):
         xg = x.reshape(x.shape[0], 1, *x.shape[1:])
-        A = self.fn(x=xg) / self.denom
+        A = self.fac.input_factor(x=xg)
         return A.reshape(int(math.isqrt(A.numel())), -1)
+
+    def generated(self, x):
+        """Generated code only (expand: X by tnderive.compile, then the Gram matrix)."""
+        xg = x.reshape(x.shape[0], 1, *x.shape[1:])
+        if self.kind == "reduce":
+            A = self.fn(x=xg) / (self.N * self.S * self.S)
+            return A.reshape(int(math.isqrt(A.numel())), -1)
+        X = self.fn(x=xg)
+        Xm = X.reshape(self.N * self.S, -1)
+        return Xm.T @ Xm / (self.N * self.S)
+
+    def views(self, x):
+        xg = x.reshape(x.shape[0], 1, *x.shape[1:])
+        if self.kind == "reduce":
+            A = structured_evaluate(self.fac.input_expr, x=xg) / (self.N * self.S * self.S)
+            return A.reshape(int(math.isqrt(A.numel())), -1)
+        X = structured_evaluate(self.fac.input_side_expr, x=xg)
+        Xm = X.reshape(self.N * self.S, -1)
+        return Xm.T @ Xm / (self.N * self.S)
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,6 +149,22 @@ def median_time(fn: Callable[[], torch.Tensor], repeats: int, device) -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved_times(impls: dict, repeats: int, device) -> dict:
+    """Median time of each implementation, the repeats interleaved (round robin) so that load
+    changes on a shared machine hit all of them alike."""
+    for fn in impls.values():
+        fn()  # warm-up (builds constants, plans)
+    sync(device)
+    times: dict = {label: [] for label in impls}
+    for _ in range(repeats):
+        for label, fn in impls.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[label].append(time.perf_counter() - t0)
+    return {label: (statistics.median(ts), min(ts)) for label, ts in times.items()}
 
 
 def peak_memory(fn: Callable[[], torch.Tensor], device) -> int:
@@ -158,7 +199,8 @@ def run(layers, batch, repeats, device, dtype):
         x = torch.randn(batch, cin, I, I, device=device, dtype=dtype)
         for kind in ("expand", "reduce"):
             tn = TNFactor(tuple(x.shape), cout, k, s, p, kind)
-            impls = {"tnderive": lambda: tn(x), "unfold": lambda: unfold_factor(x, k, s, p, kind)}
+            impls = {"tnderive": lambda: tn(x), "generated": lambda: tn.generated(x), "views": lambda: tn.views(x),
+                     "unfold": lambda: unfold_factor(x, k, s, p, kind)}
             if convNd_kfc is not None:
                 impls["einconv"] = lambda: einconv_factor(x, k, s, p, kind)
             ref = impls["unfold"]()
@@ -167,13 +209,14 @@ def run(layers, batch, repeats, device, dtype):
                 err = (got.reshape(ref.shape) - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
                 if err > (1e-4 if dtype == torch.float32 else 1e-10):
                     raise SystemExit(f"{name} {kind}: {label} differs from unfold (rel err {err:.2e})")
-            res = {}
-            for label, fn in impls.items():
-                res[label] = (median_time(fn, repeats, device), peak_memory(fn, device))
+            times = interleaved_times(impls, repeats, device)
+            res = {label: (times[label][0], peak_memory(fn, device), times[label][1]) for label, fn in impls.items()}
             rows.append((name, kind, res, tn.largest, tn.im2col))
             t_tn, t_un = res["tnderive"][0], res["unfold"][0]
             ein = res.get("einconv", (float("nan"), 0))[0]
-            print(f"{name:34s} {kind:6s} tnderive {t_tn * 1e3:8.2f} ms  unfold {t_un * 1e3:8.2f} ms  "
+            print(f"{name:34s} {kind:6s} tnderive {t_tn * 1e3:8.2f} ms  generated {res['generated'][0] * 1e3:8.2f} ms  "
+                  f"views {res['views'][0] * 1e3:8.2f} ms  "
+                  f"unfold {t_un * 1e3:8.2f} ms  "
                   f"einconv {ein * 1e3:8.2f} ms  speed-up vs unfold {t_un / t_tn:5.2f}x  "
                   f"peak MiB tn/unfold/einconv {mib(res['tnderive'][1])}/{mib(res['unfold'][1])}/"
                   f"{mib(res.get('einconv', (0, 0))[1])}", flush=True)
@@ -187,28 +230,61 @@ def table(rows, args, device) -> str:
         f"Command: `python benchmarks/kfac.py --batch {args.batch} --repeats {args.repeats} "
         f"--device {args.device} --threads {args.threads}{' --quick' if args.quick else ''}`; "
         f"{device.type}, {args.dtype}, torch {torch.__version__}, {platform.machine()}, "
-        f"{torch.get_num_threads()} thread(s). Median of {args.repeats} runs after one warm-up; "
+        f"{torch.get_num_threads()} thread(s), a 2-core machine shared with other jobs (timings are noisy). "
+        f"Median of {args.repeats} runs after one warm-up, the implementations' runs interleaved; "
         "peak = extra memory of one call "
         + ("(CUDA max_memory_allocated)." if device.type == "cuda" else
            "(torch profiler allocation events)."),
-        "tnderive = generated code for `tnderive.kfac(conv_network(...).expr, 'W', 'n', kind).input_expr`; "
+        "tnderive = `tnderive.kfac(conv_network(...).expr, 'W', 'n', kind).input_factor(x=...)` with its default "
+        "engine: reduce runs generated code (`tnderive.compile`, Π summed over its output index); expand evaluates the "
+        "input side X with convolution constants as strided views, then one Gram matrix. generated = generated code "
+        "only (expand: X by `tnderive.compile`, then the Gram matrix); views = `tnderive.patterns.structured_evaluate` "
+        "for both; "
         "unfold = `F.unfold` + Gram matrix (curvlinops/BackPACK); einconv = the peer's simplified "
         "einsum expressions. \"largest\" = tnderive's largest intermediate (entries) vs the im2col size.",
         "",
-        "| layer | kind | tnderive ms | unfold ms | einconv ms | ×unfold | ×einconv | peak MiB tn / unfold / einconv | largest / im2col |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| layer | kind | tnderive ms (min) | generated ms | views ms | unfold ms (min) | einconv ms | ×unfold (min) | ×einconv | peak MiB tnderive / unfold / einconv | largest / im2col |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for name, kind, res, largest, im2col in rows:
-        t_tn, m_tn = res["tnderive"]
-        t_un, m_un = res["unfold"]
-        t_ei, m_ei = res.get("einconv", (float("nan"), float("nan")))
+        t_tn, m_tn, b_tn = res["tnderive"]
+        t_un, m_un, b_un = res["unfold"]
+        t_vi = res["views"][0]
+        t_ge = res["generated"][0]
+        t_ei, m_ei, _ = res.get("einconv", (float("nan"), float("nan"), float("nan")))
         lines.append(
-            f"| {name} | {kind} | {t_tn * 1e3:.2f} | {t_un * 1e3:.2f} | {t_ei * 1e3:.2f} | "
-            f"{t_un / t_tn:.2f} | {t_ei / t_tn:.2f} | {mib(m_tn)} / {mib(m_un)} / {mib(m_ei)} | "
-            f"{largest:,} / {im2col:,} |")
+            f"| {name} | {kind} | {t_tn * 1e3:.2f} ({b_tn * 1e3:.2f}) | {t_ge * 1e3:.2f} | {t_vi * 1e3:.2f} | "
+            f"{t_un * 1e3:.2f} ({b_un * 1e3:.2f}) | {t_ei * 1e3:.2f} | {t_un / t_tn:.2f} ({b_un / b_tn:.2f}) | "
+            f"{t_ei / t_tn:.2f} | {mib(m_tn)} / {mib(m_un)} / {mib(m_ei)} | {largest:,} / {im2col:,} |")
     lines.append("")
-    lines.append("×unfold, ×einconv: the peer's time divided by tnderive's (> 1: tnderive is faster).")
+    lines.append("×unfold, ×einconv: the peer's median time divided by tnderive's (> 1: tnderive is faster; in "
+                 "brackets the same for the fastest runs, less sensitive to load from other jobs). "
+                 "\"largest\" counts every tensor the plan creates, the factor itself included "
+                 "([C·K², C·K²] can exceed the im2col size for deep layers).")
+    lines.append("")
+    lines.extend(summary(rows))
     return "\n".join(lines)
+
+
+def summary(rows) -> list[str]:
+    """Targets: KFAC-reduce ≥ 3× unfold on stride-1 3×3 layers; never slower than the peers."""
+    out = ["Targets:"]
+    s1 = [(name, res["unfold"][0] / res["tnderive"][0], res["unfold"][2] / res["tnderive"][2])
+          for name, kind, res, _, _ in rows if kind == "reduce" and "3×3 s1" in name]
+    if s1:
+        out.append("* KFAC-reduce vs unfold on stride-1 3×3 layers (medians, mins): " + ", ".join(
+            f"{name} {r:.1f}× ({b:.1f}×)" for name, r, b in s1) + " (target ≥ 3×; where the Gram matrix "
+            "[C·K²]² dominates — few positions, many channels — both sides share that cost).")
+    for peer in ("unfold", "einconv"):
+        slow = [(name, kind, res[peer][0] / res["tnderive"][0], res[peer][2] / res["tnderive"][2])
+                for name, kind, res, _, _ in rows
+                if peer in res and res[peer][0] < res["tnderive"][0] and res[peer][2] < res["tnderive"][2]]
+        if slow:
+            out.append(f"* slower than {peer} by median and by min: " + ", ".join(
+                f"{name} {kind} ({r:.2f}×, {b:.2f}×)" for name, kind, r, b in slow))
+        else:
+            out.append(f"* never slower than {peer} by both median and min in this run.")
+    return out
 
 
 def write_section(text: str, name: str = "kfac") -> None:
@@ -225,7 +301,7 @@ def write_section(text: str, name: str = "kfac") -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])

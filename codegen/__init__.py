@@ -11,6 +11,8 @@ line program: deltas merged, products planned, common sub-expressions shared), `
 from __future__ import annotations
 
 import builtins
+import sys
+import types
 from typing import Mapping
 
 import torch
@@ -19,7 +21,7 @@ from tnderive.errors import TNError
 from tnderive.ir import Expr
 
 from .plan import DEFAULT_SIZE, ContractionPlan, plan_contraction
-from .program import Program, lower
+from .program import Program, lower  # noqa: F401  (lower: used by the CLI)
 from .torch_emit import emit_module
 
 __all__ = ["plan", "codegen", "compile", "CompiledFunction", "Program", "ContractionPlan",
@@ -109,3 +111,15 @@ class CompiledFunction:
 
     def __repr__(self) -> str:
         return f"<compiled {self.name}({', '.join(self._names)}) -> [{','.join(self.expr.indices)}]>"
+
+
+class _CallableModule(types.ModuleType):
+    """`tnderive.codegen` is both this package and the public function `tnderive.codegen(expr,
+    name)`: importing the package makes it the attribute of `tnderive`, so the package itself
+    is callable and forwards to `codegen`."""
+
+    def __call__(self, expr: Expr, name: str = "f", **kwargs) -> str:
+        return codegen(expr, name, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -251,6 +251,15 @@ def _has_cotengra() -> bool:
     return True
 
 
+def _intermediate_order(taken, rest, output) -> Labels:
+    """Dims of an intermediate: indices a later step sums first, then the output's indices in
+    output order (keeps later GEMMs free of transposing copies and the result unpermuted)."""
+    seen = list(dict.fromkeys(x for _, l in taken for x in l))
+    kept = [i for i in seen if i in rest]
+    pos = {i: k for k, i in enumerate(output)}
+    return tuple(sorted(kept, key=lambda i: (i in pos, pos.get(i, 0), seen.index(i))))
+
+
 def _steps(live, output, path, sizes, next_id: int) -> list[Step]:
     """Turn a linear path (positions popped from a shrinking list) into SSA steps.
 
@@ -264,7 +273,7 @@ def _steps(live, output, path, sizes, next_id: int) -> list[Step]:
         if not live:
             out = output
         else:
-            out = tuple(i for i in dict.fromkeys(x for _, l in taken for x in l) if i in rest)
+            out = _intermediate_order(taken, rest, output)
         ids = tuple(t[0] for t in taken)
         labs = tuple(t[1] for t in taken)
         if len(taken) == 1 and labs[0] == out:

@@ -3,11 +3,15 @@
 `lower(expr, sizes=None, default_size=8)` returns a `Program`: a list of `Op`s, each writing one
 temporary whose dimensions carry index labels, plus the contraction plans of its products.
 
+* Sums first lose the factors all their terms share (`factor.factor_sums`).
 * Products are flattened (nested products are inlined with their bound indices renamed fresh,
-  one-term scaled sums become coefficients), copy tensors are merged into index renames
-  (union-find), and the remaining operands are contracted pairwise along
-  `plan.plan_contraction`. A delta leg that only reaches the output becomes an `expand`, an
-  output that really is diagonal a `diag` op (zeros + diagonal view); nothing is materialised.
+  unless shared and not growing; one-term scaled sums become coefficients, applied to the
+  smallest operand), copy tensors are merged into index renames (union-find), `split` /
+  `window` constants become reshape / narrow views, and the remaining operands are contracted
+  pairwise along `plan.plan_contraction`. A delta leg that only reaches the output becomes an
+  `expand`; an output that really is diagonal stays *lazy* (`Value.ties`): later products absorb
+  the ties as index merges, sums and zero-preserving functions keep them, and only a consumer
+  that needs the dense tensor (or the final result) materialises it with a `diag` op.
 * Common subexpressions: every op is keyed by its kind, payload, input temporaries and its
   index pattern (labels renamed by first appearance, commutative inputs sorted), so an
   identical op — the same sub-product in two terms of a sum, the same intermediate in two
@@ -64,9 +68,9 @@ class Value:
 class Op:
     """One line of generated code: `out = <kind>(inputs, payload)` with dims `labels`.
 
-    kinds: einsum (payload: None), const (kind, params), zeros, ones, elementwise (fn),
-    softmax / logsumexp (dim), lincomb (coefficients), scale (coefficient),
-    expand (label positions), diag (output label list)."""
+    kinds: einsum, const (payload: kind, params), zeros, ones, elementwise (fn),
+    softmax / logsumexp (dim), lincomb (coefficients), scale (coefficient), expand,
+    reshape, narrow (dim, offset), diag (input dim of each output dim)."""
 
     kind: str
     out: str
@@ -123,7 +127,7 @@ class Program:
     def summary(self) -> str:
         """Human-readable plan: one line per product and the totals."""
         vals = ", ".join(f"{k}={v}" for k, v in sorted(self.numeric.items(), key=lambda kv: str(kv[0])))
-        lines = [f"plan for sizes {vals or '(none)'}: {len(self.products)} product(s), "
+        lines = [f"plan for sizes {vals or '(all numeric)'}: {len(self.products)} product(s), "
                  f"{sum(op.kind == 'einsum' for op in self.ops)} einsum line(s), "
                  f"{self.reused} reused sub-expression(s)"]
         for k, p in enumerate(self.products):
@@ -194,7 +198,7 @@ class _Lowering:
         self.parents = _parent_counts(self.work)
 
     def run(self) -> Program:
-        result = self.materialise(self.value(self.work))
+        result = self.materialise(self.value(self.work), self.work.indices)
         return Program(self.expr, self.ops, result, self.values, self.plans, self.reused)
 
     # --- helpers -------------------------------------------------------------------------
@@ -288,14 +292,15 @@ class _Lowering:
             return self._product(p)
         raise TNError(f"codegen: cannot lower node {type(e).__name__}")
 
-    def materialise(self, v: Value) -> Value:
-        """The full tensor of a lazily diagonal value (zeros with the diagonal set)."""
+    def materialise(self, v: Value, order: Labels | None = None) -> Value:
+        """The full tensor of a lazily diagonal value (zeros with the diagonal set), with its
+        dims in `order` when given (so no permute follows)."""
         if not v.ties:
             return v
-        full = v.free
+        full = tuple(order) if order is not None else v.free
         reps = dict(v.ties)
         positions = tuple(v.labels.index(reps.get(i, i)) for i in full)
-        shape = v.shape + tuple(v.shape[v.labels.index(r)] for _, r in v.ties)
+        shape = tuple(v.shape[v.labels.index(reps.get(i, i))] for i in full)
         return self.emit("diag", (Value(v.name, v.labels, v.shape),), full, shape,
                          payload=positions)
 
@@ -414,7 +419,12 @@ class _Lowering:
                         if b in out_set and a not in out_set:  # an output index represents
                             a, b = b, a
                         parent[b] = a
-        values = [self.value(f) for f in factors if not isinstance(f, Delta)]
+        plain = [f for f in factors if not isinstance(f, Delta)]
+        views = _view_constants(plain, find, set(find(i) for i in p.indices))
+        values = [None if k in views else self.value(f) for k, f in enumerate(plain)]
+        for k, (target, const) in views.items():  # reshape / slice instead of a 0/1 tensor
+            values[target] = self._apply_view(values[target], const, find)
+        values = [v for v in values if v is not None]
         for v in values:  # a lazily diagonal factor brings its copy tensors along
             for x, r in v.ties:
                 a, b = find(r), find(x)
@@ -432,8 +442,9 @@ class _Lowering:
         classes = tuple(dict.fromkeys(find(i) for i in p.indices))
         carried = {i for v in operands for i in v.labels}
         core_out = tuple(c for c in classes if c in carried)
+        on_factors = {find(i) for f in plain for i in f.indices}
         for r in {find(i) for i in sizes}:  # closed delta loop: its trace is its size
-            if r not in carried and r not in classes:
+            if r not in carried and r not in classes and r not in on_factors:
                 coef = coef * sizes[r]
         if coef != 1 and operands:  # scale the smallest operand if that is cheaper
             k = min(range(len(operands)), key=lambda j: self.numeric(sympy.Mul(*operands[j].shape)))
@@ -450,6 +461,23 @@ class _Lowering:
         if coef != 1:
             result = self._scale(result, sympy.sympify(coef))
         return result
+
+    def _apply_view(self, v: Value, const: Constant, find) -> Value:
+        """`split` R[i,a,b] as a reshape of dim i into (a, b); `window` W[k,s] as
+        narrow(s, offset, K) relabelled k."""
+        labels = tuple(find(i) for i in v.labels)
+        v = Value(v.name, labels, v.shape)
+        if const.kind == "split":
+            i, a, b = (find(x) for x in const.indices)
+            d = labels.index(i)
+            new = labels[:d] + (a, b) + labels[d + 1:]
+            shape = v.shape[:d] + (const.shape[1], const.shape[2]) + v.shape[d + 1:]
+            return self.emit("reshape", (v,), new, shape)
+        k, s_ = (find(x) for x in const.indices)
+        d = labels.index(s_)
+        new = labels[:d] + (k,) + labels[d + 1:]
+        shape = v.shape[:d] + (const.shape[0],) + v.shape[d + 1:]
+        return self.emit("narrow", (v,), new, shape, payload=(d, int(const.params[0])))
 
     def _contract(self, p: Product, operands: list[Value], output: Labels, sizes) -> Value:
         if not operands:
@@ -469,6 +497,32 @@ class _Lowering:
         if len(inputs) == 1 and inputs[0].labels == output:
             return inputs[0]
         return self.emit("einsum", inputs, output, commutative=True)
+
+
+def _view_constants(factors: list[Expr], find, out: set[str]) -> dict[int, tuple[int, Constant]]:
+    """Split/window constants that can become a view of the one other factor carrying their
+    input leg: {constant position: (target position, constant)} (one view per target)."""
+    labels = [tuple(find(i) for i in f.indices) for f in factors]
+    views: dict[int, tuple[int, Constant]] = {}
+    targets: set[int] = set()
+    for k, f in enumerate(factors):
+        if not isinstance(f, Constant) or f.kind not in ("split", "window"):
+            continue
+        legs = labels[k]
+        if len(set(legs)) != len(legs):
+            continue
+        src, new = (legs[0], legs[1:]) if f.kind == "split" else (legs[1], legs[:1])
+        holders = [j for j, l in enumerate(labels) if j != k and src in l]
+        if src in out or len(holders) != 1 or holders[0] in targets or holders[0] in views:
+            continue
+        j = holders[0]
+        if isinstance(factors[j], Constant) and factors[j].kind in ("split", "window"):
+            continue
+        if labels[j].count(src) != 1 or any(x in labels[j] for x in new):
+            continue
+        views[k] = (j, f)
+        targets.add(j)
+    return views
 
 
 def _same_size(sizes, a: str, b: str) -> None:

@@ -22,7 +22,7 @@ from tnderive.verify import random_tensors
 TITLE = "A 2-layer MLP's GGN and Hessian blocks"
 MODEL = """h[n,j] = tanh(W1[j,i]*x[n,i] + b1[j])
 z[n,c] = W2[c,j]*h[n,j] + b2[c]"""
-SHOW = ["ggn_W1_W1.svg", "functional_W1_W1.svg"]
+SHOW = ["ggn_W2_W2.svg"]
 
 
 def main(outdir=None, fast: bool = False) -> Artifacts:
@@ -62,6 +62,8 @@ def main(outdir=None, fast: bool = False) -> Artifacts:
         if (a, b) == ("W1", "W1"):
             art.diagram(G, "ggn_W1_W1", "GGN block (W1, W1)")
             art.diagram(F, "functional_W1_W1", "functional part (W1, W1)")
+        if (a, b) == ("W2", "W2"):
+            art.diagram(G, "ggn_W2_W2", "GGN block (W2, W2): the logits are linear in W2, so it is the whole block")
         art.code(G, f"ggn_{a}_{b}", sizes=sizes, caption=f"GGN block ({a}, {b})")
         art.code(F, f"functional_{a}_{b}", sizes=sizes, caption=f"functional part ({a}, {b})")
     art.table(("block", "GGN terms", "functional terms", "functional part zero"), rows)

@@ -22,7 +22,7 @@ from tnderive.demo import Artifacts, save_figure
 from tnderive.nn.attention import reference_output, self_attention
 
 TITLE = "Self-attention Hessian blocks"
-SHOW = ["heatmap.png", "outer_WQ_WQ.svg"]
+SHOW = ["heatmap.png", "outer_WV_WV.svg"]
 NAMES = {"WQ": "Q", "WK": "K", "WV": "V"}
 
 

@@ -36,7 +36,11 @@ def load(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
 
 
@@ -61,7 +65,11 @@ def write_index(root: Path = ROOT, outroot: Path | None = None) -> Path:
            "| # | example | pictures | code |", "| --- | --- | --- | --- |"]
     sections = []
     for path in examples(root):
-        module = load(path)
+        try:
+            module = load(path)
+        except Exception as e:  # a feature the example needs is missing: list it anyway
+            sys.modules.pop(f"tnderive_gallery_{path.stem}", None)
+            module = ModuleType(path.stem, f"{path.stem}\n\n(cannot be imported here: {type(e).__name__})")
         title, text = _title_and_text(module)
         folder = outroot / path.stem
         pics = sorted(p.name for p in folder.glob("*.svg")) + sorted(p.name for p in folder.glob("*.png"))
@@ -96,13 +104,12 @@ def run(only: list[str] | None = None, fast: bool = False, outroot: Path | None 
     if only:
         paths = [p for p in paths if any(p.stem.startswith(o) or o in p.stem for o in only)]
     for path in paths:
-        module = load(path)
         outdir = (outroot / path.stem) if outroot else None
         t0 = time.perf_counter()
         if not quiet:
-            print(f"[{path.stem}] {getattr(module, 'TITLE', '')}", flush=True)
+            print(f"[{path.stem}]", flush=True)
         try:
-            art = module.main(outdir, fast=fast)
+            art = load(path).main(outdir, fast=fast)
         except Exception as e:  # report and continue with the next example
             results.append((path.stem, e, time.perf_counter() - t0))
             if not quiet:

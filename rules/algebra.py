@@ -155,6 +155,24 @@ def pull_scalar_factors(p: Product) -> Expr | None:
 
 
 @rule(Product)
+def pull_common_coefficient(p: Product) -> Expr | None:
+    """A sum factor whose coefficients are rational multiples of its first one, c ≠ 1, gives
+    c to the product: A·(c·X − c·Y) → c·(A·(X − Y)) (sums inside products start with 1)."""
+    for k, f in enumerate(p.factors):
+        if not isinstance(f, Sum) or len(f.terms) < 2:
+            continue
+        c0 = f.terms[0][0]
+        if c0 == 1 or c0 == 0:
+            continue
+        ratios = [sympy.nsimplify(c / c0) for c, _ in f.terms]
+        if not all(r.is_Rational for r in ratios):
+            continue
+        inner = Sum(((r, e) for r, (_, e) in zip(ratios, f.terms)), f.indices)
+        return rebuild(p, p.factors[:k] + (inner,) + p.factors[k + 1:], c0)
+    return None
+
+
+@rule(Product)
 def unwrap_single_factor(p: Product) -> Expr | None:
     """Product((A,), A.indices) → A; a lone sum/zero factor with a permuted output is
     transposed in place."""
@@ -253,7 +271,11 @@ RULES = [
     flatten_product,
     flatten_sum,
     pull_scalar_factors,
+    pull_common_coefficient,
     unwrap_single_factor,
     unwrap_single_term,
     fold_coefficients,
 ]
+
+# opt-in rules (by name: simplify(expr, rules=[..., "distribute"]))
+OPTIONAL = [distribute]

@@ -1,7 +1,7 @@
 """Elementwise-function rules:
 
 * f(0) for a Zero argument (Zero when f(0) = 0, else a constant);
-* a constant function (e.g. the derivative of x**2/2's derivative) is its value times ones;
+* a constant function (e.g. the second derivative of x²/2) is its value times ones;
 * a linear function a·x + b is a·arg (+ b·ones) (e.g. f'(z) of a quadratic f);
 * the Hadamard product of functions of the same argument is one function:
   f(z)·g(z) → (f·g)(z), with idempotent ones kept: relu'(z)·relu'(z) = step·step = step(z),

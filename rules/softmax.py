@@ -59,29 +59,25 @@ def softmax_jacobian_parts(expr: Expr):
     if not isinstance(expr, Sum) or len(expr.terms) != 2:
         return None
     (c1, a), (c2, b) = expr.terms
-    if c1 == -c2 and c2 != 0:
-        pass
-    else:
+    if c2 == 0 or c1 != -c2:
         return None
-    if c1.could_extract_minus_sign():
-        a, b = b, a
-    diag, outer = a, b
+    if isinstance(a, Product) and any(_softmax(f) for f in a.factors) and \
+            any(isinstance(f, Delta) for f in a.factors):
+        diag, outer = a, b
+    else:
+        diag, outer = b, a
     if not (isinstance(diag, Product) and len(diag.factors) == 2):
         return None
     sm = [f for f in diag.factors if _softmax(f)]
     dl = [f for f in diag.factors if isinstance(f, Delta) and len(f.indices) == 2]
-    if len(sm) != 1 or len(dl) != 1:
+    if len(sm) != 1 or len(dl) != 1 or sm[0].over not in dl[0].indices:
         return None
-    p = sm[0]
-    k = p.over
-    if k not in dl[0].indices:
-        return None
-    k2 = [i for i in dl[0].indices if i != k][0]
+    p, k = sm[0], sm[0].over
+    k2 = next(i for i in dl[0].indices if i != k)
     if not (isinstance(outer, Product) and len(outer.factors) == 2
             and all(_softmax(f) for f in outer.factors)):
         return None
-    overs = sorted(f.over for f in outer.factors)
-    if overs != sorted((k, k2)) or outer.factors[0].arg.rename({}) is None:
+    if sorted(f.over for f in outer.factors) != sorted((k, k2)) or p not in outer.factors:
         return None
     return p, k, k2
 

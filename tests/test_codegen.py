@@ -13,112 +13,13 @@ import sympy
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tnderive import constants, derive, evaluate
+from tnderive import constants, evaluate
 from tnderive.codegen import codegen, compile, load, plan
 from tnderive.codegen.plan import plan_contraction
 from tnderive.errors import TNError
-from tnderive.functions import LOGSUMEXP, SOFTMAX, get_elementwise, power
-from tnderive.ir import Constant, Delta, Func, Product, Sum, Variable, Zero, size_symbol
+from tnderive.ir import Constant, Delta, Product, Sum, Variable, Zero, size_symbol
 
-SIZES = {"n": 3, "o": 4, "i": 5, "j": 2, "k": 3, "m": 4}
-
-
-def V(name, axes, indices=None, shape=None):
-    return Variable(name, axes, indices, shape)
-
-
-def fn(name):
-    return get_elementwise(name)
-
-
-# --- expressions as data (id -> expression) -----------------------------------------------------
-
-W = V("W", "oi")
-x = V("x", "ni")
-b = V("b", "o")
-t = V("t", "no")
-A = V("A", "ij")
-a = V("a", "i")
-c = V("c", "i")
-Ai = V("A", "ij", "ii", ["i", "i"])   # A seen with a repeated index: its diagonal
-z = Product((W, x), "no")
-
-
-def _mlp_loss():
-    zb = Sum(((1, z), (1, Product((b, Delta("n", "n")), "no"))))
-    r = Sum(((1, Func(fn("tanh"), zb)), (-1, t)))
-    return Sum(((sympy.Rational(1, 2), Product((Func(power(2), r),), ())),))
-
-
-def _attention_scores():
-    X = V("X", ("s", "d"))
-    Q = V("Q", ("e", "d"))
-    K = V("K", ("e", "d"))
-    q = Product((X, Q), ("s", "e"))
-    k = Product((V("X", ("s", "d"), ("t", "d_")), K.with_indices(("e", "d_"))), ("t", "e"))
-    scores = Product((q, k), ("s", "t"))
-    return Func(SOFTMAX, scores, "t")
-
-
-CASES = {
-    "matmul": z,
-    "matmul_transposed_out": Product((W, x), "on"),
-    "hadamard": Product((V("p", "no"), V("q", "no")), "no"),
-    "dot": Product((a, c), ()),
-    "outer": Product((a, V("d", "j")), "ji"),
-    "hyperedge": Product((V("P", "ni"), V("Q", "nj"), V("R", "nk")), "ijk"),
-    "hyperedge_kept": Product((V("P", "ni"), V("Q", "nj"), V("R", "nk")), "nijk"),
-    "trace_repeated_index": Product((Ai,), ()),
-    "diagonal_repeated_index": Product((Ai,), "i"),
-    "delta_merge": Product((W, Delta("ij", "i"), V("y", "nj", shape=["n", "i"])), "no"),
-    "delta_identity_out": Product((Delta("ij", 4),), "ij"),
-    "delta_diag_out": Product((a, Delta("ij", "i")), "ij"),
-    "delta_three_legs": Product((a, V("e", "j", "j", [size_symbol("i")]), V("g", "k", "k",
-                                [size_symbol("i")]), Delta("ijk", "i")), ()),
-    "delta_closed_loop": Product((a, Delta("jk", 3), Delta("kj", 3)), "i"),
-    "delta_ones_leg": Product((a, Delta("j", 3)), "ij"),
-    "delta_joins_one_factor": Product((V("B", "ij", "ij", [size_symbol("i"), size_symbol("i")]),
-                                       Delta("ij", "i")), "i"),
-    "sum_permuted_terms": Sum(((1, V("B", "ij", "ij", [size_symbol("i"), size_symbol("i")])),
-                               (2, V("B", "ij", "ji", [size_symbol("i"), size_symbol("i")]))), "ij"),
-    "sum_with_zero": Sum(((1, z), (3, Zero("no", [size_symbol("n"), size_symbol("o")]))), "no"),
-    "scaled_symbolic": Sum(((1 / size_symbol("n"), z),)),
-    "zero": Zero("no", [3, 4]),
-    "tanh_affine": Func(fn("tanh"), Sum(((1, z), (1, Product((b, Delta("n", "n")), "no"))))),
-    "exp_log_sigmoid": Func(fn("log"), Func(fn("exp"), Func(fn("sigmoid"), z))),
-    "relu_sqrt": Func(fn("sqrt"), Sum(((1, Func(power(2), z)), (1, Func(fn("relu"), z))))),
-    "softmax": Func(SOFTMAX, z, "o"),
-    "logsumexp": Func(LOGSUMEXP, z, "o"),
-    "nested_product": Product((Func(fn("tanh"), z), V("U", "po")), "np"),
-    "cse_sum": Sum(((1, Product((z, b), "no")), (2, Product((W, x, b), "no")),
-                    (1, Func(fn("tanh"), z)))),
-    "mlp_loss": _mlp_loss(),
-    "mlp_grad_W": derive.grad(_mlp_loss(), "W"),
-    "mlp_hessian_WW": derive.hessian(_mlp_loss(), "W"),
-    "mlp_hessian_Wb": derive.hessian(_mlp_loss(), "W", "b"),
-    "mlp_hessian_xx": derive.hessian(_mlp_loss(), "x"),
-    "attention_softmax": _attention_scores(),
-    "attention_grad_Q": derive.grad(Product((_attention_scores(), V("Y", "st")), ()), "Q"),
-    "attention_hessian_QK": derive.hessian(Product((_attention_scores(), V("Y", "st")), ()), "Q",
-                                           "K"),
-}
-
-EXTRA_SIZES = {"p": 2, "s": 3, "t": 3, "d": 4, "e": 2}
-
-
-def random_inputs(expr, sizes=None, dtype=torch.float64, device="cpu", seed=0):
-    sizes = dict(SIZES, **EXTRA_SIZES, **(sizes or {}))
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, var in expr.variables.items():
-        vals = {s: sympy.Integer(v) for s, v in
-                ((size_symbol(k), v) for k, v in sizes.items())}
-        shape = [int(s.xreplace(vals)) for s in var.axis_shape]
-        tensor = torch.randn(shape, generator=gen, dtype=torch.float64) + 0.1
-        if name in ("a", "c"):
-            tensor = tensor.abs() + 0.5
-        out[name] = tensor.to(dtype=dtype, device=device)
-    return out
+from test_codegen_cases import CASES, EXTRA_SIZES, SIZES, V, conv_expr as _conv_expr, random_inputs, z
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -217,18 +118,6 @@ def test_module_runs_in_clean_interpreter(tmp_path):
 
 # --- constants ---------------------------------------------------------------------------------
 
-def _conv_expr():
-    """KFAC-reduce-like input factor of a 3-tap 1d convolution: Σ_o Π[k,o,i] x[n,c,i]."""
-    from tnderive.patterns import pattern_constant
-    pat = pattern_constant(("k", "o", "h"), (3, size_symbol("h")), stride=1, padding=1)
-    x_ = V("x", ("n", "c", "h"))
-    u = Product((pat, x_), ("n", "c", "k", "o"))
-    ubar = Product((u,), ("n", "c", "k"))
-    return Product((ubar, V("x", ("n", "c", "h"), ("n", "c_", "h_")).with_indices(("n", "c_", "h_")),
-                    pattern_constant(("k_", "o_", "h_"), (3, size_symbol("h")), stride=1, padding=1)),
-                   ("c", "k", "c_", "k_"))
-
-
 def test_pattern_constant_codegen():
     expr = _conv_expr()
     tensors = random_inputs(expr, {"c": 2, "h": 6})
@@ -236,6 +125,13 @@ def test_pattern_constant_codegen():
     assert "def _pattern_build_pattern" in src and "_constant('pattern'" in src
     f = compile(expr)
     torch.testing.assert_close(f(**tensors), evaluate(expr, **tensors), rtol=1e-10, atol=1e-10)
+
+
+def test_split_and_window_become_views():
+    src = codegen(CASES["split_as_reshape"], "f")
+    assert ".reshape(" in src and "_constant(" not in src
+    src = codegen(CASES["window_as_narrow"], "f")
+    assert ".narrow(1, 2, 3)" in src and "_constant(" not in src
 
 
 def test_constant_source_hook_and_cache():
@@ -434,8 +330,22 @@ def test_common_subexpressions_computed_once():
 def test_deltas_not_materialised():
     src = codegen(CASES["delta_merge"], "f")
     assert "eye" not in src and "zeros" not in src
-    src = codegen(CASES["mlp_hessian_WW"], "f")
-    assert src.count("new_zeros") <= 1   # only the final diagonal output
+    # the raw Hessian's terms carry delta[o,o_,o__] next to [n,i_,i__]: kept lazy, no op ever
+    # writes a rank-6 tensor; the block [o_,i_,o__,i__] is expanded once at the end
+    prog = plan(CASES["mlp_hessian_WW"])
+    assert max(len(op.labels) for op in prog.ops) <= 4
+    assert [op.kind for op in prog.ops].count("diag") == 1
+
+
+def test_common_factors_pulled_out_of_sums():
+    from tnderive.codegen.factor import factor_sums
+    P, Q = V("P", "ni"), V("Q", "ni")
+    xo = V("xo", "no")
+    s = Sum(((1, Product((P, xo), "nio")), (3, Product((Q, xo), "nio"))), "nio")
+    f = factor_sums(s)
+    assert isinstance(f, Product) and xo in f.factors
+    tensors = random_inputs(s)
+    torch.testing.assert_close(compile(s)(**tensors), evaluate(s, **tensors))
 
 
 # --- random products ---------------------------------------------------------------------------
@@ -494,3 +404,65 @@ def _unify_delta_sizes(expr, delta_idx):
     if not any(a_ in s.free_symbols for f in factors if isinstance(f, Variable) for s in f.axis_shape):
         factors.append(V("Ta", ["x0"], ["a_"], [a_]))
     return Product(factors, expr.indices)
+
+
+# --- facade and CLI ----------------------------------------------------------------------------
+
+def test_public_names():
+    import tnderive
+    expr = CASES["matmul"]
+    assert "def f(" in tnderive.codegen(expr, "f")   # the package itself is callable
+    assert tnderive.compile(expr).plan.flops == plan(expr).flops
+    import tnderive.codegen as package
+    assert package(expr, "g") == codegen(expr, "g")
+
+
+def test_cli_codegen(tmp_path, capsys):
+    from tnderive.cli import main
+    out = tmp_path / "hess.py"
+    rc = main(["codegen", "z[n,o] = W[o,i]*x[n,i]\nloss = sum((tanh(z[n,o]) - t[n,o])**2)/2",
+               "--wrt", "W", "--wrt", "W", "-o", str(out), "--sizes", "n=16,o=3,i=4", "--name", "hess"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "flops" in text and "naive" in text and "largest intermediate" in text
+    src = out.read_text()
+    assert _imports(src) == {"torch"}
+    mod = {}
+    exec(src, mod)
+    W_, x_, t_ = torch.randn(3, 4), torch.randn(16, 4), torch.randn(16, 3)
+    H = mod["hess"](W=W_, x=x_, t=t_)
+    ref = torch.func.hessian(lambda w: ((torch.tanh(x_ @ w.T) - t_) ** 2).sum() / 2)(W_)
+    torch.testing.assert_close(H, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_cli_codegen_errors(capsys):
+    from tnderive.cli import main
+    assert main(["codegen", "y[n] = a[n]*b[n]", "--wrt", "c"]) == 2
+    assert "'c'" in capsys.readouterr().err
+    assert main(["codegen", "y[n] = a[n]*b[n]", "--sizes", "q=3"]) == 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(random_product(), st.integers(0, 10), st.sampled_from([1, -2, 0.5]))
+def test_random_sums_of_products(expr, which, coef):
+    """P + c·Q where Q shares all but one factor with P: exercises common-factor extraction,
+    lazy diagonals across sum terms and sub-expression reuse."""
+    delta_idx = {i for f in expr.factors if isinstance(f, Delta) for i in f.indices}
+    p = _unify_delta_sizes(expr, delta_idx)
+    variables = [k for k, f in enumerate(p.factors) if isinstance(f, Variable)]
+    if not variables:
+        return
+    k = variables[which % len(variables)]
+    old = p.factors[k]
+    new = Variable(old.name + "q", old.axes, old.occurrence, old.axis_shape)
+    q = Product(p.factors[:k] + (new,) + p.factors[k + 1:], p.indices)
+    s = Sum(((1, p), (coef, q)), p.indices)
+    sizes = {"a": 2, "b": 3, "c": 2, "d": 4, "e": 1, "f": 3}
+    gen = torch.Generator().manual_seed(which)
+    tensors = {}
+    for name, var in s.variables.items():
+        shape = [int(x.subs({size_symbol(n): v for n, v in sizes.items()})) for x in var.axis_shape]
+        tensors[name] = torch.randn(shape, generator=gen, dtype=torch.float64)
+    ref = evaluate(p, **{n: t for n, t in tensors.items() if n in p.variables}) + \
+        coef * evaluate(q, **{n: t for n, t in tensors.items() if n in q.variables})
+    torch.testing.assert_close(compile(s)(**tensors), ref, rtol=1e-10, atol=1e-10)

@@ -14,7 +14,7 @@ import tnderive
 from tnderive.constants import build_constant
 from tnderive.errors import TNError
 from tnderive.nn import functional as T
-from tnderive.nn.conv import conv_network, conv_transpose_network, fold_network, unfold_network
+from tnderive.nn.conv import conv_network
 from tnderive.patterns import (build_pattern, build_pattern_sum, pattern_constant,
                                structured_evaluate)
 
@@ -359,3 +359,52 @@ def test_grad_of_conv_loss_matches_autograd():
     w_ = w.clone().requires_grad_()
     (_torch_conv(case)(x, w_, b) ** 2).sum().backward()
     assert torch.allclose(gw, w_.grad, **TOL)
+
+
+# --------------------------------------------------------------------------------------------
+# the structured evaluation paths (per-tap matmuls, flipped scatters) at sizes that take them
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("xs,ws,kw", [
+    ((2, 32, 34, 34), (4, 32, 3, 3), dict(padding=1)),
+    ((1, 64, 33, 35), (6, 32, 3, 2), dict(padding=(2, 1), dilation=(2, 1), groups=2)),
+    ((2, 8, 40, 40), (8, 1, 3, 3), dict(padding=1, groups=8)),          # depthwise
+    ((1, 32, 36, 36), (4, 32, 2, 3), dict(padding="same", dilation=2)),
+])
+def test_tap_paths_match_torch(monkeypatch, xs, ws, kw):
+    import tnderive.patterns as P
+    used = []
+    for name in ("_conv_taps", "_weight_taps"):
+        orig = getattr(P, name)
+
+        def spy(*args, _orig=orig, _name=name):
+            out = _orig(*args)
+            if out is not None:
+                used.append(_name)
+            return out
+        monkeypatch.setattr(P, name, spy)
+    x, w = torch.randn(*xs, requires_grad=True), torch.randn(*ws, requires_grad=True)
+    y = F.conv2d(x, w, **kw)
+    v = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), v)
+    assert torch.allclose(T.conv2d(x.detach(), w.detach(), **kw), y, **TOL)
+    net = conv_network(xs, ws, bias=False, **kw)
+    assert torch.allclose(net.vjp("x")(v, x.detach(), w.detach()), gx, **TOL)
+    assert torch.allclose(net.vjp("W")(v, x.detach(), w.detach()), gw, **TOL)
+    assert "_conv_taps" in used and "_weight_taps" in used
+
+
+@pytest.mark.parametrize("xs,ws,kw", [((2, 32, 34, 34), (4, 32, 3, 3), dict(padding=1)),
+                                      ((2, 8, 20, 20), (8, 1, 3, 3), dict(padding=1, groups=8)),
+                                      ((2, 3, 9, 9), (4, 3, 3, 3), dict(stride=2, padding=1)),
+                                      ((2, 3, 8, 8), (4, 3, 4, 4), dict(stride=4))])
+def test_functional_autograd_and_memory_layouts(xs, ws, kw):
+    """Drop-in: gradients flow through the views, and strided inputs work."""
+    x, w = torch.randn(*xs, requires_grad=True), torch.randn(*ws, requires_grad=True)
+    b = torch.randn(ws[0], requires_grad=True)
+    y, ref = T.conv2d(x, w, b, **kw), F.conv2d(x, w, b, **kw)
+    v = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(y, (x, w, b), v), torch.autograd.grad(ref, (x, w, b), v)):
+        assert torch.allclose(got, want, **TOL)
+    for xin in (x.detach().to(memory_format=torch.channels_last), x.detach().transpose(2, 3)):
+        assert torch.allclose(T.conv2d(xin, w.detach(), None, **kw), F.conv2d(xin, w.detach(), None, **kw), **TOL)

@@ -1,8 +1,6 @@
 """GGN / Hessian blocks, their split, diagonals and vector products vs torch.func (float64)."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch.func import hessian, jacrev

@@ -558,3 +558,90 @@ def test_curvlinops_conv2d(kind):
     lin = kfac(model, "V", "n", kind=kind, loss=losses.cross_entropy("mean"), bias="bv").compute(**T)
     close(lin["V"].B[0], B_cl["2"])
     close(lin["V"].A[0], A_cl["2"])
+
+
+# ------------------------------------------------------------------------------------------
+# engines and the CLI
+# ------------------------------------------------------------------------------------------
+
+def test_expand_engines_agree():
+    net = conv_network((2, 3, 8, 8), (4, 3, 3, 3), stride=2, padding=1, bias=False)
+    x = torch.randn(2, 1, 3, 8, 8, generator=gen())
+    As = [kfac(net.expr, "W", "n", kind="expand", engine=e).input_factor(x=x)
+          for e in ("generated", "views", "auto")]
+    close(As[0], As[1])
+    close(As[0], As[2])
+    with pytest.raises(TNError, match="engine"):
+        kfac(net.expr, "W", "n", engine="fast")
+
+
+def _load(path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("kfac_generated", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("kind", ["expand", "reduce"])
+def test_cli_writes_standalone_factor_code(tmp_path, capsys, kind):
+    from tnderive.cli import main
+    out = tmp_path / "kfac_conv.py"
+    layer = ("y[n,c,o1,o2] = W[c,e,k1,k2]*x[n,e,i1,i2]*pattern(stride=2,padding=1)[k1,o1,i1]"
+             "*pattern(stride=2,padding=1)[k2,o2,i2]")
+    rc = main(["kfac", layer, "--weight", "W", "--batch", "n", "--kind", kind,
+               "--sizes", "k1=3,k2=3", "-o", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "A (input side)" in text and "cost:" in text and f"KFAC-{kind}" in text
+    source = out.read_text()
+    assert "import torch" in source
+    assert "import tnderive" not in source and "from tnderive" not in source
+    mod = _load(out)
+    x = torch.randn(3, 4, 9, 9, generator=gen())
+    u = F.unfold(x, 3, padding=1, stride=2)  # [N, 36, 25]
+    g = torch.randn(3, 5, 5, 5, 2, generator=gen(1))
+    A, B = mod.input_factor(x=x), mod.output_factor(g=g)
+    if kind == "expand":
+        ue = u.transpose(1, 2).reshape(-1, 36)
+        close(A[0], ue.T @ ue / (3 * 25))
+        ge = g.permute(0, 2, 3, 4, 1).reshape(-1, 5)
+        close(B[0], ge.T @ ge)
+    else:
+        ur = u.mean(-1)
+        close(A[0], ur.T @ ur / 3)
+        gr = g.sum((2, 3))
+        close(B[0], torch.einsum("ncm,ndm->cd", gr, gr))
+
+
+def test_cli_with_loss_and_errors(tmp_path, capsys):
+    from tnderive.cli import main
+    out = tmp_path / "k.py"
+    rc = main(["kfac", "f[n,c] = V[c,o]*tanh(W[o,i]*x[n,i])", "--weight", "W", "--loss", "ce",
+               "-o", str(out)])
+    assert rc == 0
+    mod = _load(out)
+    model = tnderive.parse("f[n,c] = V[c,o]*tanh(W[o,i]*x[n,i])")
+    T = random_tensors(model, dict(n=4, c=3, o=5, i=2), "ce")
+    fac = kfac(model, "W", "n", loss="ce")
+    close(mod.output_factor(**T)[0], fac.output_factor(**T))
+    close(mod.input_factor(**T)[0], fac.input_factor(**T))
+    assert main(["kfac", "y[n,o] = W[o,i]*x[n,i]", "--weight", "Q"]) == 2
+    assert "weight 'Q'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["expand", "reduce"])
+def test_symbolic_conv_network_with_sizes_and_missing_size_error(kind):
+    net = conv_network(ndim=2, stride=2, padding=1, bias=False)
+    x = torch.randn(2, 1, 3, 9, 9, generator=gen())
+    g = torch.randn(2, 1, 4, 5, 5, 2, generator=gen(1))
+    with pytest.raises(TNError, match="k1"):
+        kfac(net.expr, "W", "n", kind=kind).compute(x=x, g=g)
+    blk = kfac(net.expr, "W", "n", kind=kind, sizes={"k1": 3, "k2": 3}).compute(x=x, g=g)
+    u = F.unfold(x[:, 0], 3, padding=1, stride=2)
+    if kind == "reduce":
+        ur = u.mean(-1)
+        close(blk.A[0], ur.T @ ur / 2)
+    else:
+        ue = u.transpose(1, 2).reshape(-1, 27)
+        close(blk.A[0], ue.T @ ue / 50)

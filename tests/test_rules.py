@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import sympy
 
-from tnderive.functions import SOFTMAX, Elementwise, X
+from tnderive.functions import SOFTMAX, X
 from tnderive.ir import ONE, Delta, Func, Product, Sum, Zero, scalar
 from tnderive.rules import algebra, deltas, elementwise, like_terms, softmax
 from tnderive.simplify import family
@@ -28,6 +28,9 @@ FIRES = {
     "drop_zero_terms": lambda: Sum(((1, A_ij), (2, Zero(("i", "j"), (2, 3))), (0, v("B", "i", "j")))),
     "pull_scalar_factors": lambda: Product((v("A", "i"), scalar(3), Sum(((2, v("B", "i")),)), ONE), ("i",)),
     "unwrap_single_factor": lambda: Product((A_ij,), ("i", "j")),
+    "pull_common_coefficient": lambda: Product((v("C", "i"), Sum(((sympy.sqrt(2) / 2, A_ij),
+                                                                  (-sympy.sqrt(2), v("B", "i", "j")))),
+                                               ), ("j",)),
     "unwrap_single_term": lambda: Sum(((1, A_ij),), ("j", "i")),
     "fold_coefficients": lambda: Sum(((2, A_ij), (3, A_ij), (1, v("B", "i", "j")))),
     "fold_coefficients/symbolic": lambda: Sum((((_N ** 2 + _N) / _N, A_ij),)),
@@ -70,6 +73,10 @@ DOES_NOT_FIRE = {
     "drop_zero_terms": lambda: Sum(((1, A_ij), (2, v("B", "i", "j")))),
     "pull_scalar_factors": lambda: Product((A_ij, B_jk), ("i", "k")),
     "unwrap_single_factor": lambda: Product((A_ij,), ("j", "i")),  # a transpose stays a view
+    "pull_common_coefficient": lambda: Product((v("C", "i"), Sum(((2, A_ij), (sympy.sqrt(2), v("B", "i", "j"))))),
+                                               ("j",)),  # irrational ratio
+    "pull_common_coefficient/first-is-one": lambda: Product((v("C", "i"), Sum(((1, A_ij), (3, v("B", "i", "j"))))),
+                                                            ("j",)),
     "unwrap_single_term": lambda: Sum(((2, A_ij),)),
     "fold_coefficients": lambda: Sum(((1, A_ij), (1, v("B", "i", "j")))),
     "distribute": lambda: Product((v("A", "i", "k"), Sum(((1, v("B", "k", "j")), (1, v("C", "k", "j"))))),

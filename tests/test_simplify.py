@@ -12,13 +12,13 @@ import tnderive
 from tnderive.errors import TNError
 from tnderive.functions import SOFTMAX, Elementwise, X, get_elementwise, power
 from tnderive.ir import ONE, Delta, Func, Product, Sum, Variable, Zero, scalar
-from tnderive.simplify import (Step, chain, count_terms, default_rules, exhaust, fixpoint,
+from tnderive.simplify import (Step, chain, count_terms, exhaust, fixpoint,
                                rule, simplify)
 from tnderive.verify import random_tensors, reference_derivative, verify
 
-from test_simplify_cases import (SIZES, STEP, assert_same_value, attention_loss, d, f, fn,
-                                 linear_regression, quadratic_form, softmax_ce_log,
-                                 softmax_ce_logsumexp, v)
+from test_simplify_cases import (SIZES, STEP, assert_same_value, attention_loss, d,
+                                 linear_regression, mlp, quadratic_form, softmax_ce_log,
+                                 softmax_ce_logsumexp, v, value)
 
 TOL = 1e-9
 
@@ -79,6 +79,8 @@ def test_rules_argument_by_name_and_function():
     only_flatten = simplify(e, rules=["flatten_product"])
     assert isinstance(only_flatten, Product) and len(only_flatten.factors) == 2
     assert simplify(e, rules=[]) == e
+    dist = Product((d("i", "k"), Sum(((1, v("A", "i")), (1, v("B", "i"))))), ("k",))
+    assert isinstance(simplify(dist, rules=["distribute"]), Sum)  # opt-in rule by name
     with pytest.raises(TNError, match="unknown rule 'nope'"):
         simplify(e, rules=["nope"])
     with pytest.raises(TNError, match="expects an expression"):
@@ -277,3 +279,17 @@ def test_random_derivatives_simplified_keep_their_values(e, name):
     assert_same_value(g, out, tol=1e-9)
     if steps:
         assert steps[-1].after == out
+
+
+@pytest.mark.parametrize("act,loss", [("tanh", "mse"), ("relu", "ce"), ("sigmoid", "ce")])
+def test_mlp_hessian_blocks_values(act, loss):
+    """2-layer MLP with biases (copy tensors broadcast the biases; their traces give size
+    coefficients): every simplified Hessian block matches torch.func."""
+    e = mlp(act, loss)
+    sizes = {"n": 3, "i": 4, "h": 3, "c": 3}
+    tensors = random_tensors(e, sizes, seed=1)
+    for a, b in [("W1", "W1"), ("b1", "W2"), ("b2", "b2"), ("W2", "b1")]:
+        h = simplify(tnderive.hessian(e, a, b))
+        ref = reference_derivative(e, [a, b], tensors)
+        got = value(h, tensors, sizes)
+        assert (got - ref).abs().max().item() <= TOL * max(ref.abs().max().item(), 1.0), (a, b)

@@ -123,3 +123,19 @@ def attention_loss(coef=sympy.Rational(1, 2)) -> Expr:
     F = Product((A, Xv.with_indices(("k", "d3")), WV.with_indices(("d3", "v"))), ("q", "v"))
     Y = Variable("Y", ("q", "v"))
     return Product((Func(power(2), Sum(((1, F), (-1, Y)))),), ())
+
+
+def mlp(act: str, loss: str) -> Expr:
+    """2-layer MLP with biases (broadcast over n by one-leg copy tensors), MSE or softmax CE."""
+    from tnderive.ir import Delta
+    x = Variable("x", ("n", "i"))
+    W1, b1 = Variable("W1", ("h", "i")), Variable("b1", ("h",))
+    W2, b2 = Variable("W2", ("c", "h")), Variable("b2", ("c",))
+    ones_n = Delta(("n",), "n")
+    z1 = Sum(((1, Product((W1, x), ("n", "h"))), (1, Product((b1, ones_n), ("n", "h")))))
+    z2 = Sum(((1, Product((W2, f(act, z1)), ("n", "c"))), (1, Product((b2, ones_n), ("n", "c")))))
+    t = Variable("t", ("n", "c"))
+    if loss == "mse":
+        return Product((Func(power(2), Sum(((1, z2), (-1, t)))),), ())
+    lse = Func(LOGSUMEXP, z2, "c")
+    return Sum(((1, Product((lse, Product((t,), ("n",))), ())), (-1, Product((t, z2), ()))))

@@ -13,29 +13,26 @@ from .errors import TNError
 from .functions import elementwise
 from .ir import Constant, Delta, Expr, Func, Product, Sum, Variable, Zero
 from .evaluate import evaluate
+from .derive import derivative, grad, hessian, jvp, vjp
+from .notation import parse
+from .simplify import simplify
+from .verify import verify
+from .draw import draw, draw_steps
+from .codegen import codegen, compile, plan
+
+# The names above that equal a submodule's name (simplify, verify, draw, codegen) are bound
+# eagerly on purpose: importing a submodule later never rebinds a package attribute that is
+# already set, so `tnderive.simplify` stays the function.
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it (imported lazily)
 _LAZY = {
-    "parse": "tnderive.notation",
     "to_notation": "tnderive.printer",
     "var": "tnderive.builder",
     "Tensor": "tnderive.builder",
-    "grad": "tnderive.derive",
-    "hessian": "tnderive.derive",
-    "jvp": "tnderive.derive",
-    "vjp": "tnderive.derive",
-    "derivative": "tnderive.derive",
-    "simplify": "tnderive.simplify",
     "canonical_hash": "tnderive.canonical",
     "isomorphic": "tnderive.canonical",
-    "verify": "tnderive.verify",
-    "draw": "tnderive.draw",
-    "draw_steps": "tnderive.draw",
-    "compile": "tnderive.codegen",
-    "codegen": "tnderive.codegen",
-    "plan": "tnderive.codegen",
     "ggn": "tnderive.curvature",
     "hessian_split": "tnderive.curvature",
     "kfac": "tnderive.kfac",
@@ -44,7 +41,8 @@ _LAZY = {
     "nn": "tnderive.nn",
 }
 
-__all__ = ["TNError", "elementwise", "evaluate", "Expr", "Variable", "Delta", "Constant", "Func",
+__all__ = ["TNError", "elementwise", "evaluate", "parse", "grad", "hessian", "jvp", "vjp",
+           "derivative", "simplify", "verify", "draw", "draw_steps", "codegen", "compile", "plan", "Expr", "Variable", "Delta", "Constant", "Func",
            "Product", "Sum", "Zero", *_LAZY]
 
 

@@ -40,8 +40,7 @@ import torch
 
 from .derive import derivative, var_names
 from .errors import TNError
-from .evaluate import Evaluator, evaluate
-from .binding import bind
+from .evaluate import evaluate
 from .functions import Elementwise, IndexFunction, X as SYM_X
 from .ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name,
                  rename_free)
@@ -122,6 +121,15 @@ class _Fresh:
 
 
 def _rename_leaf(f: Expr, mapping: Mapping[str, str]) -> Expr:
+    items = tuple((i, mapping[i]) for i in f.indices if i in mapping and mapping[i] != i)
+    if isinstance(f, Variable) and f.occurrence != f.indices:
+        items = tuple((i, mapping[i]) for i in f.occurrence if i in mapping)
+    return _rename_leaf_cached(f, items) if items else f
+
+
+@lru_cache(maxsize=200_000)
+def _rename_leaf_cached(f: Expr, items: tuple) -> Expr:
+    mapping = dict(items)
     if isinstance(f, Variable):
         return f.with_indices([mapping.get(i, i) for i in f.occurrence])
     if isinstance(f, Delta):
@@ -169,14 +177,20 @@ def expand(expr: Expr) -> list[Monomial]:
             for combo in itertools.product(*parts):
                 coef = sympy.Integer(1)
                 factors: list[Expr] = []
+                # bound indices of one sub-term must not meet any index of another: rename
+                # only on a clash (fresh names are unique within this expansion)
+                used = set(e.indices).union(*(m.indices for m in combo))
                 for m in combo:
                     coef = coef * m.coef
                     bound = set(_factor_indices(m.factors)) - set(m.indices)
-                    ren = {b: fresh() for b in bound}
-                    factors.extend(_rename_leaf(f, ren) for f in m.factors)
-                summed = set(_factor_indices(factors)) - set(e.indices)
-                ren = {b: fresh() for b in summed}
-                factors = [_rename_leaf(f, ren) for f in factors]
+                    clash = bound & used
+                    if clash:
+                        ren = {b: fresh() for b in clash}
+                        factors.extend(_rename_leaf(f, ren) for f in m.factors)
+                        bound = (bound - clash) | set(ren.values())
+                    else:
+                        factors.extend(m.factors)
+                    used |= bound
                 out.append(Monomial(coef, tuple(factors), e.indices))
         else:
             raise TNError(f"cannot expand node {type(e).__name__}")
@@ -282,10 +296,16 @@ def merge_like(monomials: Iterable[Monomial]) -> list[Monomial]:
         c = canonical_monomial(m)
         k = c.factors
         if k in acc:
-            acc[k] = Monomial(sympy.simplify(acc[k].coef + c.coef), k, c.indices)
+            acc[k] = Monomial(acc[k].coef + c.coef, k, c.indices)
         else:
             acc[k] = c
-    return [m for m in acc.values() if m.coef != 0]
+    return [m for m in acc.values() if not _is_zero(m.coef)]
+
+
+def _is_zero(c: sympy.Expr) -> bool:
+    if c.is_number:
+        return abs(complex(c)) < 1e-300 if not c.is_zero else True
+    return sympy.simplify(c) == 0
 
 
 # ============================================================================================
@@ -530,36 +550,53 @@ class _Emitter:
     def monomial(self, m: Monomial) -> str:
         """Emit the pairwise contraction of one monomial; returns the variable (axes m.indices)."""
         ops = [self.leaf(f) for f in m.factors]
-        sizes = _sizes_of(m.factors)
+        return self.contract(ops, _sizes_of(m.factors), tuple(m.indices))
+
+    def contract(self, ops: list, sizes: Mapping[str, sympy.Expr], out: tuple[str, ...]) -> str:
+        """Emit the pairwise contraction of operands (variable, indices) to indices `out`."""
         if not ops:
             v = self.tmp()
             self.lines.append(f"{v} = torch.ones((), dtype=DTYPE, device=DEVICE)")
             return v
         if len(ops) == 1:
-            return self._step1(ops[0], m.indices)
+            return self._step1(ops[0], out)
         shapes = [tuple(self.num(sizes[i]) for i in idx) for _, idx in ops]
-        letters = self._letters(list(sizes) + list(m.indices))
+        letters = self._letters([i for _, idx in ops for i in idx] + list(out))
         eq = ",".join("".join(letters[i] for i in idx) for _, idx in ops) + "->" + \
-            "".join(letters[i] for i in m.indices)
-        optimize = "optimal" if len(ops) <= 6 else "dp"
-        path, _ = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize=optimize)
+            "".join(letters[i] for i in out)
+        path = _path(eq, tuple(shapes))
         work = list(ops)
         for step in path:
             if len(step) == 1:
                 (na, ia) = work.pop(step[0])
-                rest = {i for _, idx in work for i in idx} | set(m.indices)
+                rest = {i for _, idx in work for i in idx} | set(out)
                 keep = tuple(i for i in dict.fromkeys(ia) if i in rest)
                 work.append((self._step1((na, ia), keep), keep))
                 continue
             a, b = sorted(step, reverse=True)
             (na, ia), (nb, ib) = work.pop(a), work.pop(b)
-            rest = {i for _, idx in work for i in idx} | set(m.indices)
-            keep = tuple(i for i in dict.fromkeys(ia + ib) if i in rest)
+            rest = {i for _, idx in work for i in idx} | set(out)
+            # batch indices first, then the left's, then the right's: the order torch's bmm
+            # produces, so the intermediate is contiguous (strided views make later bmm slow)
+            both = [i for i in nb_first(ib, ia) if i in rest]
+            keep = tuple(both + [i for i in ib if i in rest and i not in both] +
+                         [i for i in ia if i in rest and i not in both and i not in ib])
             work.append((self._step2((nb, ib), (na, ia), keep, sizes), keep))
         (name, idx), = work
-        if idx != tuple(m.indices):
-            return self._step1((name, idx), m.indices)
+        if idx != tuple(out):
+            return self._step1((name, idx), out)
         return name
+
+    def linear(self, terms: Sequence[tuple]) -> str:
+        """Σ coef · variable (all with the same axes); returns the variable."""
+        if len(terms) == 1 and terms[0][0] == 1:
+            return terms[0][1]
+        v = self.tmp("s")
+        (c0, n0), rest = terms[0], terms[1:]
+        self.lines.append(f"{v} = {n0}.clone()" if c0 == 1 else f"{v} = torch.mul({n0}, {_num(c0)})")
+        for c, n in rest:       # in place: no temporaries for long sums
+            self.lines.append(f"{v}.add_({n})" if c == 1 else f"{v}.add_({n}, alpha={_num(c)})")
+        return v
 
     def _step1(self, op, out) -> str:
         name, idx = op
@@ -587,6 +624,21 @@ class _Emitter:
         return self.names[key]
 
 
+def nb_first(ia: Sequence[str], ib: Sequence[str]) -> list[str]:
+    """Indices in both operands, in the first one's order."""
+    sb = set(ib)
+    return [i for i in ia if i in sb]
+
+
+@lru_cache(maxsize=10_000)
+def _path(eq: str, shapes: tuple) -> list:
+    """opt_einsum path: exhaustive for small networks, branch-and-bound (1 branch) beyond."""
+    n = len(shapes)
+    optimize = "optimal" if n <= 5 else ("branch-2" if n <= 8 else "branch-1")
+    path, _ = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize=optimize)
+    return path
+
+
 _CONSTANT_CODE = {
     "causal_mask": "torch.zeros({shape}, dtype=DTYPE, device=DEVICE).masked_fill("
                    "torch.ones({shape}, dtype=torch.bool, device=DEVICE).triu(1), "
@@ -602,20 +654,93 @@ def _num(c) -> str:
     return repr(float(c)) if c.is_number else f"float({c})"
 
 
+def _split_legs(m: Monomial, which: frozenset | None):
+    """Leg factors (leaves carrying an output index in `which`; all output indices when None)
+    renamed canonically, and the other factors with the same renaming. Returns
+    (key, leg factors, rest factors, ports) where ports are the indices joining the two."""
+    out = set(m.indices)
+    sel = out if which is None else which
+    legs = [f for f in m.factors if set(f.indices) & sel]
+    rest = [f for f in m.factors if not (set(f.indices) & sel)]
+
+    def key(f):
+        pattern = tuple(i if i in out else "*" for i in f.indices)
+        return (_stable(_leaf_base(f)), pattern)
+
+    legs.sort(key=key)
+    rest_idx = set(_factor_indices(rest))
+    ren: dict[str, str] = {}
+    for f in legs:
+        for i in f.indices:
+            if i not in out and i not in ren and i in rest_idx:
+                ren[i] = f"_c{len(ren)}"
+    inner: dict[str, str] = {}
+    for f in legs:                      # indices summed among the leg factors only
+        for i in f.indices:
+            if i not in out and i not in ren and i not in inner:
+                inner[i] = f"_l{len(inner)}"
+    legs_r = tuple(_rename_leaf(f, {**ren, **inner}) for f in legs)
+    rest_r = tuple(_rename_leaf(f, ren) for f in rest)
+    ports = tuple(ren.values()) + tuple(i for i in m.indices if i in rest_idx and i not in ren)
+    return legs_r, legs_r, rest_r, ports
+
+
+def _emit_grouped(em: "_Emitter", monomials: Sequence[Monomial], indices: tuple[str, ...],
+                  which: frozenset | None) -> list[tuple]:
+    """Σ monomials with the leg factors pulled out: monomials whose leg factors agree share one
+    final contraction of the legs with the sum of their (contracted) remainders."""
+    groups: dict[tuple, list] = {}
+    for m in monomials:
+        key, legs, rest, ports = _split_legs(m, which)
+        groups.setdefault((key, ports), []).append((m, legs, rest, ports))
+    terms = []
+    for (key, ports), items in groups.items():
+        legs = items[0][1]
+        if len(items) == 1 or not ports:
+            for m, *_ in items:
+                v = em.monomial(m)
+                terms.append((m.coef, em._step1((v, tuple(m.indices)), indices)))
+            continue
+        parts = []
+        for m, _, rest, _ in items:
+            sizes = _sizes_of(legs + rest)
+            r = em.contract([em.leaf(f) for f in rest], sizes, ports)
+            parts.append((m.coef, r))
+        total = em.linear(parts)
+        sizes = _sizes_of(legs + items[0][2])
+        ops = [em.leaf(f) for f in legs] + [(total, ports)]
+        terms.append((sympy.Integer(1), em.contract(ops, sizes, indices)))
+    return terms
+
+
 def build_program(monomials: Sequence[Monomial], indices: Sequence[str], shape: Sequence[sympy.Expr],
-                  fn_name: str = "block", plan_sizes: Mapping[str, int] | None = None) -> Program:
+                  fn_name: str = "block", plan_sizes: Mapping[str, int] | None = None,
+                  leg_groups: Sequence[Sequence[str]] = ()) -> Program:
     """Torch code computing Σ monomials with output dims in the order `indices`.
 
+    The cheapest of these strategies (by the planned FLOP count) is emitted: every monomial
+    contracted on its own; or monomials grouped by their leg factors (the leaves that carry
+    output indices — all of them, or those of one group in `leg_groups`, e.g. the legs of one
+    parameter), the remainders summed before the single final contraction.
     plan_sizes: numeric values for size symbols (needed only when sizes are symbolic; the
     contraction order is chosen for them, the FLOP count stays symbolic)."""
     sizes = {sympy.Symbol(k, integer=True, positive=True): v for k, v in (plan_sizes or {}).items()}
-    em = _Emitter(sizes)
-    terms = []
-    for m in monomials:
-        v = em.monomial(m)
-        if tuple(m.indices) != tuple(indices):
-            v = em._step1((v, tuple(m.indices)), tuple(indices))
-        terms.append((m.coef, v))
+    indices = tuple(indices)
+    best = None
+    for which in [False, None] + [frozenset(g) for g in leg_groups]:
+        em = _Emitter(sizes)
+        if which is False:
+            terms = []
+            for m in monomials:
+                v = em.monomial(m)
+                terms.append((m.coef, em._step1((v, tuple(m.indices)), indices)))
+        else:
+            terms = _emit_grouped(em, monomials, indices, which)
+        cost = float(em.flops.xreplace({k: sympy.Integer(v) for k, v in sizes.items()})) \
+            if em.flops.free_symbols else float(em.flops)
+        if best is None or cost < best[0] * 0.999:
+            best = (cost, em, terms)
+    _, em, terms = best
     body = list(em.lines)
     out_shape = "(" + ", ".join(str(em.num(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
     if not terms:
@@ -652,6 +777,7 @@ class BlockPart:
     expr: Expr
     softmax_order: int
     second_T: bool
+    leg_groups: tuple = ()
     _monomials: list[Monomial] | None = None
     _structure: Structure | None = None
     _programs: dict = field(default_factory=dict)
@@ -676,17 +802,16 @@ class BlockPart:
         key = (fn_name, tuple(sorted((plan_sizes or {}).items())))
         if key not in self._programs:
             self._programs[key] = build_program(self.monomials, self.expr.indices, self.expr.shape,
-                                                fn_name, plan_sizes)
+                                                fn_name, plan_sizes, self.leg_groups)
         return self._programs[key]
 
     def evaluate(self, tensors: Mapping[str, torch.Tensor], fast: bool = True) -> torch.Tensor:
         """Numeric value; `fast` runs the generated program, else `tnderive.evaluate`."""
         if fast:
             return self.program()(**tensors)
-        used = {k: v for k, v in tensors.items() if k in self.expr.variables}
         if isinstance(self.expr, Zero):
-            b = bind(self.expr, {}, None) if not used else bind(self.expr, used)
-            return Evaluator(b).run(self.expr) if not used else evaluate(self.expr, **used)
+            return self.program()(**tensors)
+        used = {k: v for k, v in tensors.items() if k in self.expr.variables}
         return evaluate(self.expr, **used)
 
 
@@ -764,9 +889,6 @@ def hessian_blocks(loss, params: Sequence[str] | None = None, include_X: bool = 
         params = params + (DATA,)
     variables = loss.variables
     for p in params:
-        if p in variables:
-            _AXIS_SIZES[p] = variables[p].axis_shape
-    for p in params:
         if p not in variables:
             raise TNError(f"parameter {p!r} does not occur in the loss (variables: {list(variables)})")
     split = output is not None and loss_of_output is not None
@@ -778,6 +900,7 @@ def hessian_blocks(loss, params: Sequence[str] | None = None, include_X: bool = 
                 raise TNError(f"parameter {p!r} enters the loss outside the output {output_name!r}; "
                               f"the Gauss-Newton split needs it only inside the output")
     simp, simp_name = _simplifier(simplify)
+    shp = {p: variables[p].axis_shape for p in params}
     t0 = time.perf_counter()
     taken = set(loss.all_indices)
     if split:
@@ -812,17 +935,21 @@ def hessian_blocks(loss, params: Sequence[str] | None = None, include_X: bool = 
             taken.add(n)
             f2.append(n)
         f1, f2 = tuple(f1), tuple(f2)
-        g_F = _deriv(loss_of_output, output_name, f1)
-        h_F = _deriv(g_F, output_name, f2)
+        g_F = _deriv(loss_of_output, output_name, f1, output.shape)
+        h_F = _deriv(g_F, output_name, f2, output.shape)
         g = substitute(g_F, output_name, output)
         h = substitute(h_F, output_name, output)
         ingredients = dict(grad_F=g, hess_F=h)
-        softmax_args = [n.arg for n in output.walk() if isinstance(n, Func)]
-        in_T = {p: any(p in var_names(a) for a in softmax_args) for p in params}
+        softmax_args = [n.arg for n in output.walk()
+                        if isinstance(n, Func) and getattr(n.fn, "name", "") == "softmax"]
+        # the scores T: the softmax argument, or the model's scores (linear attention)
+        score_nodes = softmax_args or ([model.scores] if model is not None else [])
+        in_T = {p: any(p in var_names(a) for a in score_nodes) for p in params}
+        has_softmax = bool(softmax_args)
         J = {}
         for p in params:
-            J[p] = _deriv(output, p, legs[p])
-            J[p, 2] = _deriv(output, p, legs2[p])
+            J[p] = _deriv(output, p, legs[p], variables[p].axis_shape)
+            J[p, 2] = _deriv(output, p, legs2[p], variables[p].axis_shape)
     t_derive = time.perf_counter() - t0
     out = HessianBlocks()
     t_simp = 0.0
@@ -832,7 +959,7 @@ def hessian_blocks(loss, params: Sequence[str] | None = None, include_X: bool = 
                 continue
             lp, lq = legs[p], (legs2[q] if q == p else legs[q])
             t0 = time.perf_counter()
-            total = _deriv(_deriv(loss, p, lp), q, lq)
+            total = _deriv(_deriv(loss, p, lp, shp[p]), q, lq, shp[q])
             outer = functional = None
             if split:
                 Jp = rename_free(J[p], dict(zip(output.indices, f1)))
@@ -841,7 +968,7 @@ def hessian_blocks(loss, params: Sequence[str] | None = None, include_X: bool = 
                     outer = Zero(lp + lq, total.shape)
                 else:
                     outer = Product((Jp, h, Jq), lp + lq)
-                d2 = _deriv(J[p], q, lq)
+                d2 = _deriv(J[p], q, lq, shp[q])
                 if isinstance(d2, Zero) or isinstance(g, Zero):
                     functional = Zero(lp + lq, total.shape)
                 else:
@@ -855,19 +982,21 @@ def hessian_blocks(loss, params: Sequence[str] | None = None, include_X: bool = 
             t_simp += time.perf_counter() - t0
             if split:
                 sp, sq = in_T[p], in_T[q]
-                o1 = int(sp or sq)
+                o1 = int((sp or sq) and has_softmax)
                 second_T = False
                 if sp and sq:
-                    for a in softmax_args:
-                        dT = _deriv(a, p, lp)
-                        if q in var_names(dT) and not isinstance(_deriv(dT, q, lq), Zero):
+                    for a in score_nodes:
+                        dT = _deriv(a, p, lp, shp[p])
+                        if q in var_names(dT) and not isinstance(_deriv(dT, q, lq, shp[q]), Zero):
                             second_T = True
-                parts_o = BlockPart("outer", outer, o1, False)
-                parts_f = BlockPart("functional", functional, 2 if (sp and sq) else o1, second_T)
-                parts_t = BlockPart("total", total, max(parts_f.softmax_order, o1), second_T)
+                parts_o = BlockPart("outer", outer, o1, False, (lp, lq))
+                parts_f = BlockPart("functional", functional,
+                                    2 if (sp and sq and has_softmax) else o1, second_T, (lp, lq))
+                parts_t = BlockPart("total", total, max(parts_f.softmax_order, o1), second_T,
+                                    (lp, lq))
             else:
                 parts_o = parts_f = None
-                parts_t = BlockPart("total", total, 0, False)
+                parts_t = BlockPart("total", total, 0, False, (lp, lq))
             out[p, q] = Block(p, q, parts_o, parts_f, parts_t, lp + lq, tuple(total.shape))
     out.params = params
     out.seconds = {"derive": t_derive, "simplify": t_simp}
@@ -877,21 +1006,14 @@ def hessian_blocks(loss, params: Sequence[str] | None = None, include_X: bool = 
     return out
 
 
-def _deriv(expr: Expr, name: str, legs: Sequence[str]) -> Expr:
-    """derivative(), but Zero (with the new legs) when `name` does not occur in `expr`."""
+def _deriv(expr: Expr, name: str, legs: Sequence[str], shape: Sequence | None = None) -> Expr:
+    """derivative(), but the Zero tensor when `name` does not occur in `expr` (`shape`: the
+    variable's axis sizes, for the new legs)."""
     if name in var_names(expr):
         return derivative(expr, name, legs)
-    return Zero(tuple(expr.indices) + tuple(legs), tuple(expr.shape) + tuple(_axis_sizes(name, expr, legs)))
-
-
-_AXIS_SIZES: dict[str, tuple] = {}
-
-
-def _axis_sizes(name: str, expr: Expr, legs) -> tuple:
-    try:
-        return _AXIS_SIZES[name]
-    except KeyError:
-        raise TNError(f"variable {name!r} does not occur in the expression") from None
+    if shape is None:
+        raise TNError(f"variable {name!r} does not occur in the expression")
+    return Zero(tuple(expr.indices) + tuple(legs), tuple(expr.shape) + tuple(shape))
 
 
 def structure_seconds(blocks: HessianBlocks) -> float:
@@ -956,3 +1078,118 @@ def assemble(blocks: HessianBlocks, tensors: Mapping[str, torch.Tensor], part: s
                 val = blocks[q, p].parts()[part].evaluate(tensors).reshape(numel[q], numel[p]).T
             H[offs[i]:offs[i + 1], offs[j]:offs[j + 1]] = val
     return H, offs
+
+
+# ============================================================================================
+# report, pictures
+# ============================================================================================
+
+PART_LABEL = {"outer": "H_o (Gauss-Newton)", "functional": "H_f (functional)", "total": "H"}
+
+
+def _short(p: str) -> str:
+    return p[1:] if p.startswith("W") and len(p) > 1 else p
+
+
+def report_rows(blocks: HessianBlocks, tensors: Mapping[str, torch.Tensor] | None = None,
+                slopes: Mapping | None = None) -> list[dict]:
+    """One row per (block, part): structure, norm (when tensors are given), fitted slope."""
+    rows = []
+    for (p, q), b in blocks.items():
+        for name, part in b.parts().items():
+            s = part.structure
+            row = dict(block=f"{_short(p)}–{_short(q)}", p=p, q=q, part=name, zero=s.zero,
+                       terms=s.n_terms, degrees=s.degrees, powers=s.powers, inside=s.inside,
+                       softmax_order=s.softmax_order, second_T=s.second_T,
+                       predicted=s.predicted_slope, tree=s.tree_slope)
+            if tensors is not None:
+                row["norm"] = float(part.evaluate(tensors).norm())
+            if slopes is not None:
+                row["fitted"] = slopes.get((p, q), {}).get(name)
+            rows.append(row)
+    return rows
+
+
+def _fmt_slope(v) -> str:
+    return "≡0" if v is None else f"{v:.2f}"
+
+
+def report_markdown(blocks: HessianBlocks, rows: list[dict], title: str = "Hessian blocks",
+                    notes: Sequence[str] = ()) -> str:
+    """The structure table as markdown."""
+    out = [f"# {title}", ""]
+    out += list(notes)
+    if notes:
+        out.append("")
+    out += ["| block | part | zero | terms | X-degree of terms (degree×count) | variable powers "
+            "(outside softmax) | softmax′ order | ∂²T term | norm | predicted slope | fitted slope |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        deg = ", ".join(f"{d}×{n}" for d, n in r["degrees"].items()) or "—"
+        powers = ", ".join(f"{v}^{'/'.join(map(str, p))}" for v, p in r["powers"].items()) or "—"
+        norm = f"{r['norm']:.3e}" if "norm" in r else "—"
+        fitted = _fmt_slope(r["fitted"]) if "fitted" in r else "—"
+        out.append(f"| {r['block']} | {r['part']} | {'yes' if r['zero'] else 'no'} | {r['terms']} | "
+                   f"{deg} | {powers} | {r['softmax_order']} | {'yes' if r['second_T'] else 'no'} | "
+                   f"{norm} | {_fmt_slope(r['predicted'])} | {fitted} |")
+    return "\n".join(out) + "\n"
+
+
+def heatmap(blocks: HessianBlocks, tensors: Mapping[str, torch.Tensor], path: str,
+            part: str = "total", title: str | None = None) -> str | None:
+    """PNG heatmap of log10 |H| over all parameters with block boundaries and per-block
+    Frobenius norms. Returns the path, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    H, offs = assemble(blocks, tensors, part)
+    params = blocks.params
+    mag = torch.log10(H.abs() + 1e-300).clamp(min=float(torch.log10(H.abs().max() + 1e-300)) - 12)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(mag.numpy(), cmap="magma", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="log10 |H|")
+    for o in offs[1:-1]:
+        ax.axhline(o - 0.5, color="cyan", lw=1)
+        ax.axvline(o - 0.5, color="cyan", lw=1)
+    for i, p in enumerate(params):
+        for j, q in enumerate(params):
+            blk = H[offs[i]:offs[i + 1], offs[j]:offs[j + 1]]
+            ax.text((offs[j] + offs[j + 1]) / 2, (offs[i] + offs[i + 1]) / 2,
+                    f"{_short(p)}{_short(q)}\n{float(blk.norm()):.1e}", ha="center", va="center",
+                    color="white", fontsize=9,
+                    bbox=dict(facecolor="black", alpha=0.45, lw=0))
+    mids = [(offs[k] + offs[k + 1]) / 2 for k in range(len(params))]
+    ax.set_xticks(mids, [_short(p) for p in params])
+    ax.set_yticks(mids, [_short(p) for p in params])
+    ax.set_title(title or f"{PART_LABEL.get(part, part)} over ({', '.join(params)})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw_blocks(blocks: HessianBlocks, outdir: str, fmt: str = "svg",
+                parts: Sequence[str] = ("outer", "functional")) -> list[str]:
+    """A diagram per block part (tnderive.draw); [] when drawing is unavailable."""
+    try:
+        from .draw import draw
+    except ImportError:
+        return []
+    import os
+    written = []
+    for (p, q), b in blocks.items():
+        for name in parts:
+            part = b.parts().get(name)
+            if part is None:
+                continue
+            path = os.path.join(outdir, f"{_short(p)}{_short(q)}_{name}.{fmt}")
+            try:
+                draw(part.expr, path, title=f"{PART_LABEL[name]} block ({p}, {q})")
+            except Exception as e:  # graphviz missing or an unsupported node: skip, say why
+                written.append(f"(not drawn: {path}: {e})")
+                continue
+            written.append(path)
+    return written

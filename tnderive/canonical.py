@@ -123,7 +123,7 @@ def to_graph(expr: Expr) -> nx.Graph:
     return b.g
 
 
-@lru_cache(maxsize=100_000)
+@lru_cache(maxsize=4096)
 def _graph(expr: Expr) -> nx.Graph:
     return to_graph(expr)
 

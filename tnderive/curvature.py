@@ -21,7 +21,7 @@ symbolic coefficients such as 1/N of a mean reduction into numbers for bound ten
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import sympy
 import torch
@@ -30,8 +30,7 @@ from .binding import bind
 from .derive import derivative
 from .errors import TNError
 from .evaluate import evaluate as _evaluate
-from .ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name,
-                 rename_free)
+from .ir import Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name, rename_free
 from .losses import Loss, as_loss
 
 __all__ = ["ggn", "hessian_split", "loss_hessian_block", "ggn_diagonal", "hessian_diagonal",
@@ -189,40 +188,96 @@ def evaluate(expr: Expr, sizes: Mapping[str, int] | None = None, context: Expr |
     return _evaluate(expr, sizes, **used)
 
 
-def compile_expr(expr: Expr, name: str = "f", context: Expr | None = None) -> Callable[..., torch.Tensor]:
-    """A callable with keyword tensors computing `expr`: generated code via `tnderive.compile`
-    when the code generator is installed and the coefficients are numbers, else `evaluate`.
-    Extra keyword tensors (not variables of `expr`) are ignored."""
-    variables = set(expr.variables)
-    fn = None
-    if not has_symbolic_coefficients(expr):
+def _codegen_compile():
+    try:
+        from .codegen import compile as _compile  # type: ignore[attr-defined]
+    except ImportError:
         try:
-            from .codegen import compile as _compile  # type: ignore[attr-defined]
+            from tnderive.codegen import compile as _compile  # the codegen/ package
         except ImportError:
-            try:
-                from tnderive.codegen import compile as _compile  # the codegen/ package
-            except ImportError:
-                _compile = None
-        if _compile is not None:
-            try:
-                fn = _compile(expr, name)
-            except TNError:
-                fn = None
+            return None
+    return _compile
 
-    def call(**tensors: torch.Tensor) -> torch.Tensor:
-        used = {k: v for k, v in tensors.items() if k in variables}
-        if fn is not None and (used or context is None):
+
+class CompiledExpr:
+    """`expr` as a callable with keyword tensors (extra keywords are ignored).
+
+    Generated code (`tnderive.compile`) when the code generator is installed; an expression
+    whose coefficients involve sizes (the 1/N of a mean) is compiled once per size binding
+    with those coefficients as numbers. Falls back to `evaluate` where code generation is not
+    possible (e.g. sizes that no argument determines); `context` (the model) binds them.
+    """
+
+    def __init__(self, expr: Expr, name: str = "f", context: Expr | None = None,
+                 sizes: Mapping[str, int] | None = None):
+        self.expr, self.name, self.context = expr, name, context
+        self.sizes = dict(sizes or {})
+        self.variables = set(expr.variables)
+        self.symbolic = has_symbolic_coefficients(expr)
+        self._compile = _codegen_compile()
+        self._cache: dict = {}
+        self._last = None
+        self._static = None if self.symbolic else self._build(expr, None)
+
+    def _build(self, expr: Expr, sizes):
+        if self._compile is None:
+            return None
+        try:
+            fn = self._compile(expr, self.name, sizes=sizes) if sizes else self._compile(expr, self.name)
+        except TNError:
+            return None
+        self._last = fn
+        return fn
+
+    @property
+    def source(self) -> Optional[str]:
+        """Source of the generated code (None before a symbolic expression's first call, or
+        when code generation was not possible)."""
+        return getattr(self._last, "source", None)
+
+    def __call__(self, **tensors: torch.Tensor) -> torch.Tensor:
+        used = {k: v for k, v in tensors.items() if k in self.variables}
+        fn = self._static
+        if self.symbolic:
+            sizes = sizes_from(self.context if self.context is not None else self.expr, tensors, self.sizes)
+            key = tuple(sorted(sizes.items()))
+            if key not in self._cache:
+                try:
+                    num = numeric(self.expr, used, sizes)
+                except TNError:
+                    num = None
+                wanted = {str(x) for x in _size_symbols(self.expr)}
+                self._cache[key] = None if num is None else self._build(
+                    num, {k: v for k, v in sizes.items() if k in wanted})
+            fn = self._cache[key]
+        if fn is not None:
             try:
                 return fn(**used)
             except TNError:
-                if context is None:
+                if self.context is None and not self.sizes:
                     raise
-        return evaluate(expr, context=context, **tensors)
+        return evaluate(self.expr, sizes=self._relevant_sizes(), context=self.context, **tensors)
 
-    call.expr = expr  # type: ignore[attr-defined]
-    call.source = getattr(fn, "source", None)  # type: ignore[attr-defined]
-    call.__name__ = name
-    return call
+    def _relevant_sizes(self) -> dict | None:
+        if not self.sizes:
+            return None
+        wanted = {str(x) for x in _size_symbols(self.expr)}
+        return {k: v for k, v in self.sizes.items() if k in wanted} or None
+
+
+def _size_symbols(expr: Expr) -> set:
+    out: set = set()
+    for node in expr.walk():
+        for n in node.shape:
+            out |= sympy.sympify(n).free_symbols
+    return out
+
+
+def compile_expr(expr: Expr, name: str = "f", context: Expr | None = None,
+                 sizes: Mapping[str, int] | None = None) -> CompiledExpr:
+    """A callable with keyword tensors computing `expr` (see `CompiledExpr`); `sizes` binds size
+    symbols that no tensor determines (name -> int)."""
+    return CompiledExpr(expr, name, context, sizes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Mapping
 
 import opt_einsum
+import sympy
 import torch
 
 from .binding import Binding, bind
@@ -75,12 +76,20 @@ class Evaluator:
                 t = self.run(e)
                 perm = [e.indices.index(i) for i in expr.indices]
                 t = t.permute(perm) if perm != list(range(len(perm))) else t
-                t = t * float(c) if c != 1 else t
+                t = t * self.coefficient(c) if c != 1 else t
                 total = t if total is None else total + t
             return total
         if isinstance(expr, Product):
             return self._product(expr)
         raise TNError(f"cannot evaluate node {type(expr).__name__}")
+
+    def coefficient(self, c) -> float:
+        """Numeric value of a sympy coefficient (which may contain size symbols, e.g. 1/sqrt(e))."""
+        if c.free_symbols:
+            c = c.xreplace({s: sympy.Integer(n) for s, n in self.b.symbols.items()})
+            if c.free_symbols:
+                raise TNError(f"coefficient {c} has unbound size symbols {sorted(map(str, c.free_symbols))}")
+        return float(c)
 
     def shape_of(self, expr: Expr) -> tuple[int, ...]:
         return tuple(self.b.size(s, f"index {i!r}") for i, s in zip(expr.indices, expr.shape))

@@ -47,17 +47,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional
 
 import sympy
 import torch
 
 from .derive import derivative
 from .errors import TNError
-from .ir import Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name, rename_free
+from .ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name, rename_free,
+                 size_symbol)
 from .kronecker import KronBlock, ParamLayout
 from .losses import Loss, as_loss
-from .curvature import _rename_to, compile_expr, evaluate, maybe_simplify, sizes_from, substitute
+from .curvature import (_rename_to, _size_symbols, compile_expr, evaluate, maybe_simplify, sizes_from,
+                        substitute)
 
 KINDS = ("expand", "reduce")
 FISHERS = ("type-2", "mc", "empirical")
@@ -242,6 +244,10 @@ class KFACFactors:
     input_expr:   Σ X Xᵀ (unnormalised), indices [*group legs, *input legs, *input legs']
     output_expr:  Σ g gᵀ (unnormalised), indices [*group legs, *output legs, *output legs']
     bias_input_expr: Σ_{n,pos} X (joint weight+bias blocks), indices [*group legs, *input legs]
+    input_side_expr: X itself, [batch, *positions, *group legs, *input legs] (expand) or
+                  Σ_pos X, [batch, *group legs, *input legs] (reduce). KFAC-expand computes A in
+                  two stages, X by generated code and then one Gram matrix (a single GEMM), which
+                  is faster than any single-network contraction order.
     vectors:      the output-side vectors at the expression output ([*expr.indices, col]); a
                   variable (no loss) or the loss-derived expression
     """
@@ -259,7 +265,11 @@ class KFACFactors:
     bias_input_expr: Optional[Expr] = None
     vector_name: Optional[str] = None
     mc_samples: int = 1
+    input_side_expr: Optional[Expr] = None
+    engine: str = "auto"
+    sizes: dict = field(default_factory=dict)
     _fns: dict = field(default_factory=dict, repr=False)
+    _counts: dict = field(default_factory=dict, repr=False)
 
     # --- metadata ---------------------------------------------------------------------------
     @property
@@ -280,8 +290,9 @@ class KFACFactors:
     def _fn(self, key: str) -> Callable[..., torch.Tensor]:
         if key not in self._fns:
             expr = {"input": self.input_expr, "output": self.output_expr,
-                    "bias_input": self.bias_input_expr}[key]
-            self._fns[key] = compile_expr(expr, f"kfac_{key}_{self.weight}", context=self.model)
+                    "bias_input": self.bias_input_expr, "input_side": self.input_side_expr}[key]
+            self._fns[key] = compile_expr(expr, f"kfac_{key}_{self.weight}", context=self.model,
+                                          sizes=self.sizes)
         return self._fns[key]
 
     @property
@@ -299,29 +310,82 @@ class KFACFactors:
         ctx = self.model
         if self.vector_name:
             ctx = Product((ctx, self.vectors), ())  # bind the vectors' column size too
-        return sizes_from(ctx, tensors)
+        return sizes_from(ctx, tensors, self.sizes)
 
     def counts(self, tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-        """(N, S): batch size and number of weight-sharing positions."""
+        """(N, S): batch size and number of weight-sharing positions (cached per shapes)."""
+        key = tuple(sorted((k, tuple(v.shape)) for k, v in tensors.items() if isinstance(v, torch.Tensor)))
+        hit = self._counts.get(key)
+        if hit is None:
+            hit = self._counts[key] = self._count(tensors)
+        return hit
+
+    def _count(self, tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:
         sizes = self._sizes(tensors)
         vals = {sympy.Symbol(k, integer=True, positive=True): sympy.Integer(v) for k, v in sizes.items()}
         zs = self.split.z.sizes
 
-        def num(s):
-            v = sympy.sympify(s).xreplace(vals)
-            if not v.is_number:
-                raise TNError(f"cannot determine size {s} from the given tensors")
-            return int(sympy.floor(v))
+        vec = dict(zip(self.vectors.indices, self.vectors.shape)) if self.vector_name else {}
 
-        n = num(zs[self.split.batch])
-        s = math.prod(num(zs[p]) for p in self.split.positions)
+        def num(index):
+            for s in (zs[index], vec.get(index)):  # the layer's size, else the vectors' axis
+                if s is None:
+                    continue
+                v = sympy.sympify(s).xreplace(vals)
+                if v.is_number:
+                    return int(sympy.floor(v))
+            raise TNError(f"cannot determine the size of index {index!r} ({zs[index]}) from the given "
+                          f"tensors; pass the weight or the output-side vectors too")
+
+        n = num(self.split.batch)
+        s = math.prod(num(p) for p in self.split.positions)
         return n, s
+
+    def uses_views(self) -> bool:
+        """True when the expand input side is evaluated with strided views (`engine`)."""
+        if self.engine == "views":
+            return True
+        if self.engine == "generated":
+            return False
+        return any(isinstance(f, Constant) and f.kind in ("pattern", "split", "window")
+                   for f in self.input_side_expr.walk())
+
+    def input_side(self, **tensors: torch.Tensor) -> torch.Tensor:
+        """X = the input side (W removed) evaluated: [batch, *positions, *groups, *in] (expand)."""
+        if self.uses_views():
+            from .patterns import structured_evaluate
+            used = {k: v for k, v in tensors.items() if k in self.input_side_expr.variables}
+            key = ("sizes",) + tuple(sorted((k, tuple(v.shape)) for k, v in tensors.items()
+                                            if isinstance(v, torch.Tensor)))
+            sizes = self._counts.get(key)
+            if sizes is None:
+                sizes = self._counts[key] = self._sizes(tensors)
+            wanted = {str(s) for s in _size_symbols(self.input_side_expr)}
+            return structured_evaluate(self.input_side_expr, sizes={k: v for k, v in sizes.items()
+                                                                    if k in wanted}, **used)
+        return self._fn("input_side")(**tensors)
 
     def input_factor(self, **tensors: torch.Tensor) -> torch.Tensor:
         """A [*groups, *in, *in'] with curvlinops' scaling (1/(N·S) expand, 1/(N·S²) reduce)."""
         n, s = self.counts(tensors)
-        denom = n * s if self.kind == "expand" else n * s * s
-        return self.input_fn(**tensors) / denom
+        if self.kind == "reduce" or self.input_side_expr is None:
+            denom = n * s if self.kind == "expand" else n * s * s
+            return self.input_fn(**tensors) / denom
+        # expand: X (generated code, or strided views for convolution constants), then one Gram
+        # matrix over (batch, positions)
+        X = self.input_side(**tensors)
+        ng = len(self.split.group_legs)
+        lead = 1 + len(self.split.positions)
+        gshape = tuple(X.shape[lead:lead + ng])
+        ishape = tuple(X.shape[lead + ng:])
+        G, Q = math.prod(gshape), math.prod(ishape)
+        Xm = X.reshape(n * s, G, Q)
+        if G == 1:
+            Xf = Xm[:, 0, :]
+            A = (Xf.T @ Xf).unsqueeze(0)
+        else:
+            A = torch.einsum("mgq,mgr->gqr", Xm, Xm)
+        return (A / (n * s)).reshape(*gshape, *ishape, *ishape)
 
     def output_factor(self, generator: Optional[torch.Generator] = None,
                       **tensors: torch.Tensor) -> torch.Tensor:
@@ -421,7 +485,8 @@ def _bias_occurrence(expr: Expr, name: str) -> tuple:
 
 def kfac(expr: Expr, weight: str = "W", batch: str = "n", kind: str = "expand",
          fisher: str = "type-2", loss=None, bias: Optional[str] = None, joint: bool = False,
-         mc_samples: int = 1, vectors: str = "g", simplify: bool = True) -> KFACFactors:
+         mc_samples: int = 1, vectors: str = "g", simplify: bool = True,
+         engine: str = "auto", sizes: Optional[Mapping[str, int]] = None) -> KFACFactors:
     """KFAC factors of `weight` in `expr` (a layer, or a whole model when `loss` is given).
 
     kind:    "expand" (every non-batch output position is a sample) or "reduce" (positions
@@ -432,7 +497,15 @@ def kfac(expr: Expr, weight: str = "W", batch: str = "n", kind: str = "expand",
     loss:    a `tnderive.losses.Loss` (or "mse", "ce", "bce", "mse:mean", ...) on `expr`.
     bias:    name of the layer's bias (added to the layer output); `joint=True` treats weight
              and bias as one block (input side augmented with a constant 1).
+    engine:  how KFAC-expand evaluates the input side X before its Gram matrix: "generated"
+             (tnderive.compile), "views" (convolution patterns / reshapes / slices as strided
+             views, `tnderive.patterns.structured_evaluate`) or "auto" (views when X holds such
+             constants). Reduce always runs generated code (Π summed over its output index).
+    sizes:   sizes that no tensor passed to `compute` determines (e.g. a symbolic kernel size
+             when the weight itself is not passed), name -> int.
     """
+    if engine not in ("auto", "generated", "views"):
+        raise TNError(f"engine must be 'auto', 'generated' or 'views', got {engine!r}")
     if kind not in KINDS:
         raise TNError(f"kind must be 'expand' or 'reduce', got {kind!r}")
     if fisher not in FISHERS:
@@ -459,7 +532,10 @@ def kfac(expr: Expr, weight: str = "W", batch: str = "n", kind: str = "expand",
         vector_name = vectors
         if vector_name in model.variables:
             raise TNError(f"vector name {vector_name!r} is already a variable of the expression")
-        V = Variable(vector_name, (*model.indices, col), (*model.indices, col), (*model.shape, _col_size()))
+        # derived sizes (a convolution's output size) become plain symbols so that the vectors'
+        # shape binds them (generated code cannot invert floor(...) expressions)
+        shape = [n if (n.is_Integer or n.is_Symbol) else size_symbol(i) for i, n in zip(model.indices, model.shape)]
+        V = Variable(vector_name, (*model.indices, col), (*model.indices, col), (*shape, _col_size()))
     elif fisher == "type-2":
         V = lossobj.hessian_sqrt(model, col)
     else:
@@ -467,14 +543,16 @@ def kfac(expr: Expr, weight: str = "W", batch: str = "n", kind: str = "expand",
         V = Product((grad, Delta((col,), 1)), (*model.indices, col))
     gz = _pullback(model, s.z, V, col)
     # --- the factor networks ---
-    A, bias_in = _input_side(s, kind)
+    A, bias_in, X = _input_side(s, kind)
+    X = maybe_simplify(X, simplify)
     B = _output_side(s, gz, col, kind)
     A = maybe_simplify(A, simplify)
     B = maybe_simplify(B, simplify)
     if bias_in is not None:
         bias_in = maybe_simplify(bias_in, simplify)
     return KFACFactors(s, kind, fisher, lossobj, A, B, V, gz, bias, joint,
-                       bias_in if joint else None, vector_name, mc_samples)
+                       bias_in if joint else None, vector_name, mc_samples, X, engine,
+                       dict(sizes or {}))
 
 
 def _col_size():
@@ -517,7 +595,7 @@ def _input_side(s: LayerSplit, kind: str) -> tuple[Expr, Expr]:
     X2 = rename_free(X, primed)
     A = Product((X, X2), (*s.group_legs, *s.in_legs, *(primed[i] for i in s.in_legs)))
     bias_in = Product((X,), keep)
-    return A, bias_in
+    return A, bias_in, X
 
 
 def _output_side(s: LayerSplit, gz: Expr, col: str, kind: str) -> Expr:

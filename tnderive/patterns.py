@@ -303,11 +303,18 @@ _register()
 # a pattern/split/window constant densely when it can be applied as a view:
 #   gather  t[..., i, ...] · C[..., i]  (i summed, only on t)  -> t.as_strided(...) (pad first
 #           when a pattern has padding): im2col without copying, reshape, slice;
+#   flip    a stride-1 scatter Σ_{k,o} W[k] v[o] Π[k,o,i] (i free) is a gather of v with the
+#           kernel flipped (transpose convolution = convolution);
+#   taps    a gathered pair shaped like a convolution (or its weight VJP) with a unit-stride
+#           output axis: one in-place batched matmul per kernel tap on shifted flat views of
+#           the padded input (no im2col copy at all);
 #   scatter Π[k, o, i] with i a free index only on Π            -> contract the rest keeping
-#           (k, o), then add each kernel tap into a strided slice of the output (col2im).
+#           (k, o), then add each kernel tap into a strided slice of the output (col2im);
+#   reshape split[i, a, b] with i a free output: compute (a, b), reshape.
+# Pairs are contracted by `pair_contract`: one matmul whose result lands in output order.
 # Anything else falls back to dense contraction (always correct).
 
-from .evaluate import Evaluator, contract, product_operands  # noqa: E402
+from .evaluate import Evaluator, product_operands  # noqa: E402
 from .ir import Delta, Expr, Product, fresh_name  # noqa: E402
 
 _VIEW_KINDS = ("pattern", "split", "window")
@@ -345,11 +352,12 @@ def flatten_product(expr: Product) -> Product:
 
 class _Op:
     """An operand during structured contraction: tensor + integer index ids."""
-    __slots__ = ("t", "sub", "taps")
+    __slots__ = ("t", "sub", "taps", "tapinfo")
 
     def __init__(self, t: torch.Tensor, sub: list[int]):
         self.t, self.sub = t, list(sub)
         self.taps: list[tuple[int, int]] = []  # (k, o) ids of patterns applied as views
+        self.tapinfo: dict[int, int] = {}  # k id -> the pattern's stride S
 
 
 class _Struct:
@@ -390,7 +398,7 @@ class StructuredEvaluator(Evaluator):
         if not structs:
             return contract_fast(operands, sublists, out)
         # output legs that only an all-ones vector carries: broadcast them at the end
-        ones = [op for j, op in enumerate(ops) if op.t.dim() == 1 and len(op.sub) == 1
+        ones = [op for op in ops if op.t.dim() == 1 and len(op.sub) == 1
                 and sum(op.sub[0] in o.sub for o in ops) == 1
                 and not any(op.sub[0] in st.sub for st in structs)
                 and op.sub[0] in out and _is_extra(op, operands, others)]
@@ -413,6 +421,22 @@ class StructuredEvaluator(Evaluator):
         return int(y.shape[j])
 
     def _structured(self, ops: list[_Op], structs: list[_Struct], out: list[int]) -> torch.Tensor:
+        # a split whose merged leg is a free output carried by nothing else: compute with the
+        # (a, b) legs in its place and reshape at the end (the scatter of a dense pattern)
+        carried = {k for o in ops for k in o.sub}
+        for s in structs:
+            if s.c.kind != "split" or s.src not in out or s.src in carried:
+                continue
+            a, b = s.new
+            if a in out or b in out or a not in carried or b not in carried:
+                continue
+            if sum(bool(set(t.sub) & set(s.sub)) for t in structs) != 1:
+                continue
+            rest = [t for t in structs if t is not s]
+            j = out.index(s.src)
+            inner = out[:j] + [a, b] + out[j + 1:]
+            y = self._structured(ops, rest, inner)
+            return y.reshape(list(y.shape[:j]) + [-1] + list(y.shape[j + 2:]))
         _gather_all(ops, structs, out)
         if _flip_folds(ops, structs, out):
             _gather_all(ops, structs, out)
@@ -442,6 +466,7 @@ def _squeeze_lonely(a: _Op, b: _Op, out: list[int]) -> tuple[_Op, _Op]:
             sub.pop(j)
         new = _Op(t, sub)
         new.taps = [(k, o) for k, o in op.taps if k in sub and o in sub]
+        new.tapinfo = op.tapinfo
         res.append(new)
     return res[0], res[1]
 
@@ -509,6 +534,7 @@ def _apply_views(op: _Op, batch: list[_Struct]) -> None:
             K, O, _ = s.shape
             new_sizes[dim], new_strides[dim] = [K, O], [s.c.params[3] * st, s.c.params[0] * st]
             op.taps.append((s.sub[0], s.sub[1]))
+            op.tapinfo[s.sub[0]] = s.c.params[0]
         elif kind == "split":
             _, A, B = s.shape
             new_sizes[dim], new_strides[dim] = [A, B], [B * st, st]
@@ -519,6 +545,24 @@ def _apply_views(op: _Op, batch: list[_Struct]) -> None:
         new_sub[dim] = s.new
     op.t = t.as_strided([n for g in new_sizes for n in g], [x for g in new_strides for x in g], offset)
     op.sub = [k for g in new_sub for k in g]
+
+
+class _Geometry:
+    """Where the kernel taps of a pattern view read: the source tensor, the stride of every
+    non-kernel id in it, and the storage offset of each tap (a strided-view lowering could
+    re-lay the input out here, e.g. polyphase for strided patterns; measured no faster)."""
+
+    def __init__(self, X: _Op):
+        t = X.t
+        pos = {k: j for j, k in enumerate(X.sub)}
+        ks = [k for k, _ in X.taps]
+        self.src = t
+        self.stride = {k: t.stride(pos[k]) for k in X.sub if k not in ks}
+        self.base = t.storage_offset()
+        self.kstride = {k: t.stride(pos[k]) for k in ks}
+
+    def offset(self, ks: list[int], tap: tuple[int, ...]) -> int:
+        return self.base + sum(a * self.kstride[k] for k, a in zip(ks, tap))
 
 
 def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
@@ -539,23 +583,24 @@ def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     os_ = [o for _, o in X.taps]
     if any(k not in Wo.sub or k in out for k in ks) or any(o not in out or o in Wo.sub for o in os_):
         return None
-    t = X.t
-    pos = {k: j for j, k in enumerate(X.sub)}
-    order = sorted(os_, key=lambda o: -t.stride(pos[o]))
-    if out[len(out) - len(order):] != order or t.stride(pos[order[-1]]) != 1:
-        return None
-    sizes = {k: int(n) for k, n in zip(X.sub, t.shape)}
+    sizes = {k: int(n) for k, n in zip(X.sub, X.t.shape)}
     sizes.update({k: int(n) for k, n in zip(Wo.sub, Wo.t.shape)})
+    order = sorted(os_, key=lambda o: -X.t.stride(X.sub.index(o)))
+    if out[len(out) - len(order):] != order:
+        return None
+    geo = _Geometry(X)
+    t, gs = geo.src, geo.stride
+    order = sorted(os_, key=lambda o: -gs[o])
+    if out[len(out) - len(order):] != order or gs[order[-1]] != 1:
+        return None
     widened = [sizes[o] for o in order]
     for j in range(len(order) - 1, 0, -1):
-        outer, inner = t.stride(pos[order[j - 1]]), t.stride(pos[order[j]])
+        outer, inner = gs[order[j - 1]], gs[order[j]]
         if outer % inner or outer // inner < sizes[order[j]]:
             return None
         widened[j] = outer // inner
     flat = _prod(widened)
-    length = sum((sizes[o] - 1) * t.stride(pos[o]) for o in order) + 1
-    if length < 200:  # small images: one im2col GEMM is faster than many thin ones
-        return None
+    length = sum((sizes[o] - 1) * gs[o] for o in order) + 1
     head = out[:len(out) - len(order)]
     fw = []
     while head and head[-1] in Wo.sub and head[-1] not in X.sub:
@@ -569,14 +614,16 @@ def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     if set(Wo.sub) != set(k for k in prefix if k in Wo.sub) | set(fw) | set(contract) | set(ks):
         return None
     B, M, E = _prod(sizes[k] for k in prefix), _prod(sizes[k] for k in fw), _prod(sizes[k] for k in contract)
-    base = t.storage_offset()
+    if E > 1 and (length < 1024 or E < 32):  # one im2col GEMM beats many thin ones
+        return None
+    if all(X.tapinfo.get(k, 1) >= sizes[k] for k in ks):
+        return None  # non-overlapping windows (dense / down-sampling): im2col is a cheap view
     xsizes = [sizes[k] for k in prefix + contract] + [length]
-    xstrides = [t.stride(pos[k]) for k in prefix + contract] + [1]
+    xstrides = [gs[k] for k in prefix + contract] + [1]
     try:
-        probe = t.as_strided(xsizes, xstrides, base).view(B, E, length)
+        t.as_strided(xsizes, xstrides, geo.offset(ks, (0,) * len(ks))).view(B, E, length)
     except RuntimeError:
         return None
-    del probe
     # W permuted to [prefix (broadcast), fw, contract, ks] -> per tap [B, M, E]
     wperm = [Wo.sub.index(k) for k in prefix + fw + contract + ks if k in Wo.sub]
     wt = Wo.t.permute(wperm)
@@ -586,10 +633,8 @@ def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     buf = t.new_empty([B, M, flat])
     acc = buf[:, :, :length]
     ksizes = [sizes[k] for k in ks]
-    kstrides = [t.stride(pos[k]) for k in ks]
     for n, tap in enumerate(itertools.product(*[range(s) for s in ksizes])):
-        off = base + sum(a * b for a, b in zip(tap, kstrides))
-        xt = t.as_strided(xsizes, xstrides, off).view(B, E, length)
+        xt = t.as_strided(xsizes, xstrides, geo.offset(ks, tap)).view(B, E, length)
         flat_tap = 0
         for a, s in zip(tap, ksizes):
             flat_tap = flat_tap * s + a
@@ -663,8 +708,6 @@ def _weight_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
             return None
         widened[j] = outer // inner
     length = sum((sizes[o] - 1) * t.stride(pos[o]) for o in order) + 1
-    if length < 200:
-        return None
     batch = [k for k in X.sub if k in V.sub and k in out]
     red = [k for k in X.sub if k in V.sub and k not in out and k not in os_]
     xfree = [k for k in X.sub if k not in V.sub and k not in ks and k not in os_]
@@ -673,6 +716,8 @@ def _weight_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
         return None
     R_, B_ = _prod(sizes[k] for k in red), _prod(sizes[k] for k in batch)
     Cv, E = _prod(sizes[k] for k in vfree), _prod(sizes[k] for k in xfree)
+    if Cv * E > 1 and length < 1024:  # small images: one im2col GEMM is faster
+        return None
     xsizes = [sizes[k] for k in red + batch + xfree] + [length]
     xstrides = [t.stride(pos[k]) for k in red + batch + xfree] + [1]
     base = t.storage_offset()
@@ -691,7 +736,10 @@ def _weight_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     for tap in itertools.product(*[range(n) for n in ksizes]):
         off = base + sum(a * b for a, b in zip(tap, kstrides))
         xt = t.as_strided(xsizes, xstrides, off).view(R_ * B_, E, length)
-        r = torch.bmm(v3, xt.transpose(1, 2)).view(R_, B_ * Cv * E)
+        if Cv == 1 and E == 1 and length < 512:  # small depthwise: batched dot products
+            r = torch.linalg.vecdot(v3, xt).view(R_, B_)
+        else:
+            r = torch.bmm(v3, xt.transpose(1, 2)).view(R_, B_ * Cv * E)
         res.append(r.sum(0) if R_ > 1 else r[0])
     y = torch.stack(res, -1).view([sizes[k] for k in batch + vfree + xfree + ks])
     order_out = batch + vfree + xfree + ks
@@ -781,6 +829,12 @@ def _single(t: torch.Tensor, s: list[int], out: list[int]) -> torch.Tensor:
 
 
 def _presum(t: torch.Tensor, s: list[int], keep: set) -> tuple[torch.Tensor, list[int]]:
+    """Sum the ids not in `keep` (size-1 ones are selected: a view, not a copy)."""
+    s = list(s)
+    for j in reversed(range(len(s))):
+        if s[j] not in keep and t.shape[j] == 1:
+            t = t.select(j, 0)
+            s.pop(j)
     extra = [j for j, k in enumerate(s) if k not in keep]
     if not extra:
         return t, s
@@ -855,6 +909,15 @@ def pair_contract(a: torch.Tensor, sa: list[int], b: torch.Tensor, sb: list[int]
             fq = moved + fq
             final = out
             out = prefix + fp + fq
+    broadcast = [k for k in prefix if not (k in A and k in B) and sizes[k] > 1]
+    if broadcast and _prod(sizes[k] for k in fp + fq) < 4096:
+        # tiny matrices batched over broadcast ids: regroup as one GEMM (shared ids batch,
+        # then each operand's free ids), permute after
+        final = final or out
+        prefix = [k for k in final if k in A and k in B]
+        fp = [k for k in final if k in A and k not in B]
+        fq = [k for k in final if k in B and k not in A]
+        out = prefix + fp + fq
     big, sbig = (a, sa) if a.numel() >= b.numel() else (b, sb)
     contract = [k for k in sa if k in B and k not in out]
     contract.sort(key=lambda k: -big.stride(sbig.index(k)))

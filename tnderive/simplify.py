@@ -142,9 +142,21 @@ def default_rules() -> list[Rule]:
     return out
 
 
+def optional_rules() -> list[Rule]:
+    """Opt-in rules (a family's ``OPTIONAL`` list, e.g. ``distribute``): not run by default."""
+    out: list[Rule] = []
+    for name in FAMILIES:
+        try:
+            module = import_module(f"tnderive.rules.{name}")
+        except ModuleNotFoundError:
+            continue
+        out.extend(getattr(module, "OPTIONAL", ()))
+    return out
+
+
 def rules_by_name(names: Iterable[str] | None = None) -> dict[str, Rule]:
-    """Default rules keyed by name (all of them, or only `names`; TNError for unknown ones)."""
-    table = {_name(r): r for r in default_rules()}
+    """Default and opt-in rules keyed by name (all, or only `names`; TNError for unknown)."""
+    table = {_name(r): r for r in default_rules() + optional_rules()}
     if names is None:
         return table
     out = {}

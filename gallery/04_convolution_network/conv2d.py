@@ -9,6 +9,7 @@ import torch
 class TNError(ValueError):
     """Bad input to the generated function: names the argument, axis or size."""
 
+
 _MISSING = object()
 
 
@@ -86,7 +87,10 @@ def conv2d(*_positional, W=_MISSING, x=_MISSING, **_unexpected):
         _dt = torch.get_default_dtype()
     t0 = _constant('pattern', (2, 1, 1, 1), (size_k1, ((size_i1 - size_k1) // (2)) + 2, size_i1), _dev, _dt)  # [k1,o1,i1]
     t1 = _constant('pattern', (2, 1, 1, 1), (size_k2, ((size_i2 - size_k2) // (2)) + 2, size_i2), _dev, _dt)  # [k2,o2,i2]
-    t2 = torch.einsum("neia,koa->neiko", x, t1)  # [n,e,i1,k2,o2]  2*e*i1*i2*k2*n*floor(i2/2 - k2/2) + 4*e*i1*i2*k2*n flops
-    t3 = torch.einsum("ceka,neiao->cknio", W, t2)  # [c,k1,n,i1,o2]  2*c*e*i1*k1*k2*n*floor(i2/2 - k2/2) + 4*c*e*i1*k1*k2*n flops
-    t4 = torch.einsum("koi,cknia->ncoa", t0, t3)  # [n,c,o1,o2]  2*c*i1*k1*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 4*c*i1*k1*n*floor(i1/2 - k1/2) + 4*c*i1*k1*n*floor(i2/2 - k2/2) + 8*c*i1*k1*n flops
+    t2 = torch.einsum("neia,koa->eikno", x, t1)  # [e,i1,k2,n,o2]  2*e*i1*i2*k2*n*floor(i2/2 - k2/2) + 4*e*i1*i2*k2*n flops
+    del t1
+    t3 = torch.einsum("ceka,eiano->kinco", W, t2)  # [k1,i1,n,c,o2]  2*c*e*i1*k1*k2*n*floor(i2/2 - k2/2) + 4*c*e*i1*k1*k2*n flops
+    del t2
+    t4 = torch.einsum("koi,kinca->ncoa", t0, t3)  # [n,c,o1,o2]  2*c*i1*k1*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 4*c*i1*k1*n*floor(i1/2 - k1/2) + 4*c*i1*k1*n*floor(i2/2 - k2/2) + 8*c*i1*k1*n flops
+    del t0, t3
     return t4

@@ -9,6 +9,7 @@ import torch
 class TNError(ValueError):
     """Bad input to the generated function: names the argument, axis or size."""
 
+
 _MISSING = object()
 
 
@@ -52,4 +53,5 @@ def bilinear_A_W(*_positional, x=_MISSING, z=_MISSING, **_unexpected):
     size_j = z.shape[1]
     t0 = torch.einsum("ni,nj->nij", x, z)  # [n,i,j]  i*j*n flops
     t1 = torch.einsum("nij,nab->ijab", t0, t0)  # [i,j,i_,j_]  2*i**2*j**2*n flops
+    del t0
     return t1

@@ -9,6 +9,7 @@ import torch
 class TNError(ValueError):
     """Bad input to the generated function: names the argument, axis or size."""
 
+
 _MISSING = object()
 
 
@@ -50,7 +51,9 @@ def low_rank_A_U(*_positional, V=_MISSING, x=_MISSING, **_unexpected):
     size_n = x.shape[0]
     if x.shape[1] != size_i:
         raise TNError(f"low_rank_A_U(): size mismatch for index 'i': x[i] has size {x.shape[1]} but V[i] has size {size_i}")
-    t0 = torch.einsum("ri,ni->rn", V, x)  # [r,n]  2*i*n*r flops
-    t1 = torch.einsum("ni,rn->ir", x, t0)  # [i_,r]  2*i*n*r flops
+    t0 = torch.einsum("ri,ni->nr", V, x)  # [n,r]  2*i*n*r flops
+    t1 = torch.einsum("ni,nr->ir", x, t0)  # [i_,r]  2*i*n*r flops
+    del t0
     t2 = torch.einsum("ri,ia->ar", V, t1)  # [r,r_]  2*i*r**2 flops
+    del t1
     return t2

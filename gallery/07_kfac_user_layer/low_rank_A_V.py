@@ -9,6 +9,7 @@ import torch
 class TNError(ValueError):
     """Bad input to the generated function: names the argument, axis or size."""
 
+
 _MISSING = object()
 
 

@@ -21,13 +21,11 @@ from dataclasses import dataclass, field
 from math import prod
 from typing import Callable, Sequence
 
-import sympy
 import torch
 
 from ..errors import TNError
 from ..ir import Constant, Delta, Expr, Product, Sum, Variable, size_symbol
-from ..patterns import (normalize_dilation, normalize_padding, normalize_stride, pattern_constant,
-                        structured_evaluate)
+from ..patterns import normalize_dilation, normalize_stride, pattern_constant, structured_evaluate
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,7 +62,7 @@ class Network:
     expr: Expr
     core: Expr
     prepare: Callable[..., dict]
-    finish: Callable[[torch.Tensor], torch.Tensor]
+    finish: Callable[..., torch.Tensor]  # (network output, bias or None) -> torch layout
     bias_name: str | None = None
     info: dict = field(default_factory=dict)
 
@@ -77,11 +75,16 @@ class Network:
         """`f(v, *tensors)`: the VJP of the layer w.r.t. variable `name` ("x" or "W"), derived
         with `tnderive.vjp` on the network (no hand-written formula), simplified once and
         evaluated with patterns as views. v and the result are in torch layout."""
+        cache = self.info.setdefault("vjp", {})
+        if name in cache:
+            return cache[name]
         from ..derive import vjp
         from ..simplify import simplify
         if name not in self.core.variables:
             raise TNError(f"vjp: {name!r} is not a variable of the network "
                           f"(variables: {list(self.core.variables)})")
+        if not all(n.is_Integer for n in self.core.shape):
+            raise TNError("vjp: build the network from concrete shapes (its output size is symbolic)")
         expr = simplify(vjp(self.core, name, "v"))
         out_shape = [int(n) for n in self.core.shape]
 
@@ -92,6 +95,7 @@ class Network:
             return out.reshape(tensors[_TORCH_POSITION[name]].shape)
 
         run.expr = expr  # type: ignore[attr-defined]
+        cache[name] = run
         return run
 
 
