@@ -21,6 +21,7 @@ to choose the order (the bound size, or a default for unbound symbols).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Mapping, Sequence
@@ -238,7 +239,9 @@ def _cached_path(operands, output, numeric_items, method):
                                            parallel=False)
     else:
         optimize = method
-    path, _ = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize=optimize)
+    with warnings.catch_warnings():  # cotengra warns when its optional kahypar is missing
+        warnings.simplefilter("ignore")
+        path, _ = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize=optimize)
     return tuple(tuple(p) for p in path)
 
 

@@ -134,7 +134,8 @@ class Program:
             lines.append(f"  product {k}: {len(p.operands)} operand(s) -> [{','.join(p.output)}] "
                          f"({p.method}): {p.flops} flops (naive {p.naive_flops})")
         fl, nv = self.flops_at(), self.naive_flops_at()
-        ratio = f", {nv / fl:.3g}x fewer than naive" if fl else ""
+        ratio = "" if not fl else ", same as naive" if nv == fl else \
+            f", {nv / fl:.3g}x fewer than naive" if nv > fl else f", {fl / nv:.3g}x naive"
         lines.append(f"  total: {self.flops} flops = {fl:,}{ratio}")
         lines.append(f"  naive: {self.naive_flops} flops = {nv:,}")
         lines.append(f"  largest intermediate: {self.largest_intermediate} = "

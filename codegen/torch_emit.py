@@ -31,6 +31,7 @@ from tnderive.ir import Constant, Delta, Expr, Func, Product, Sum, Variable, Zer
 from .program import Op, Program, Value
 
 INDENT = "    "
+MAX_DOC_EXPR = 3000  # characters of index notation quoted in a docstring
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -120,7 +121,10 @@ def _module_doc(program: Program, name: str, notation: str) -> str:
 
 def _doc_body(program: Program, notation: str) -> str:
     expr = program.expr
-    lines = ["Expression (index notation):", textwrap.indent(notation.strip(), INDENT), ""]
+    text = notation.strip()
+    if len(text) > MAX_DOC_EXPR:
+        text = text[:MAX_DOC_EXPR] + f" ... ({len(text) - MAX_DOC_EXPR} more characters)"
+    lines = ["Expression (index notation):", textwrap.indent(text, INDENT), ""]
     lines.append("Arguments (keyword tensors):")
     for v in expr.variables.values():
         lines.append(f"{INDENT}{v.name}: [{_dims(v.axes, v.axis_shape)}]")

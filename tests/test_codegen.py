@@ -303,6 +303,17 @@ def test_plan_large_network_uses_dp():
     assert cp.flops_at() <= cp.naive_flops_at()
 
 
+def test_plan_very_large_network_uses_cotengra():
+    pytest.importorskip("cotengra")
+    k = 32
+    labels = [f"x{j}" for j in range(k + 1)]
+    ops = [(labels[j], labels[j + 1]) for j in range(k)]
+    sizes = {l: size_symbol(l) for l in labels}
+    cp = plan_contraction(ops, (labels[0], labels[-1]), sizes, {l: 3 for l in labels})
+    assert cp.method == "cotengra"
+    assert cp.flops_at() <= cp.naive_flops_at()
+
+
 def test_specialisation_replans_per_size():
     sizes = {"a": 2, "b": 40, "c": 2, "d": 40}
     expr = Product((V("P", "ab"), V("Q", "bc"), V("R", "cd")), "ad")

@@ -408,3 +408,67 @@ def test_functional_autograd_and_memory_layouts(xs, ws, kw):
         assert torch.allclose(got, want, **TOL)
     for xin in (x.detach().to(memory_format=torch.channels_last), x.detach().transpose(2, 3)):
         assert torch.allclose(T.conv2d(xin, w.detach(), None, **kw), F.conv2d(xin, w.detach(), None, **kw), **TOL)
+
+
+@pytest.mark.parametrize("xs,ws,kw", [((1, 32, 30, 30), (32, 32, 3, 3), dict(stride=2, padding=1)),
+                                      ((2, 64, 31, 41), (64, 32, 3, 2), dict(stride=(2, 3), dilation=(1, 2),
+                                                                              padding=1, groups=2))])
+def test_strided_tap_paths_match_torch(monkeypatch, xs, ws, kw):
+    import tnderive.patterns as P
+    used = []
+    for name in ("_gather_taps", "_weight_taps"):
+        orig = getattr(P, name)
+
+        def spy(*args, _orig=orig, _name=name):
+            out = _orig(*args)
+            if out is not None:
+                used.append(_name)
+            return out
+        monkeypatch.setattr(P, name, spy)
+    x, w = torch.randn(*xs, requires_grad=True), torch.randn(*ws, requires_grad=True)
+    y = F.conv2d(x, w, **kw)
+    v = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), v)
+    assert torch.allclose(T.conv2d(x.detach(), w.detach(), **kw), y, **TOL)
+    net = conv_network(xs, ws, bias=False, **kw)
+    assert torch.allclose(net.vjp("x")(v, x.detach(), w.detach()), gx, **TOL)
+    assert torch.allclose(net.vjp("W")(v, x.detach(), w.detach()), gw, **TOL)
+    assert set(used) == {"_gather_taps", "_weight_taps"}
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2), st.integers(0, 2),
+       st.sampled_from([1, 2, 32]), st.sampled_from([(32, 32), (64, 64), (32, 1)]), st.integers(20, 36))
+def test_fast_paths_vs_torch(k, s, d, n, p, groups, channels, size):
+    """Channel counts and image sizes that take the per-tap paths, any hyperparameters."""
+    c_in, c_out = channels
+    groups = c_in if groups == 32 else groups
+    if c_out == 1:
+        c_out = c_in  # depthwise
+    if c_out % groups:
+        groups = 1
+    x = torch.randn(n, c_in, size, size + 3, requires_grad=True)
+    w = torch.randn(c_out, c_in // groups, k, k + 1 if k < 3 else k, requires_grad=True)
+    kw = dict(stride=s, padding=p, dilation=d, groups=groups)
+    y = F.conv2d(x, w, **kw)
+    v = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), v)
+    assert torch.allclose(T.conv2d(x.detach(), w.detach(), **kw), y, **TOL)
+    net = conv_network(tuple(x.shape), tuple(w.shape), bias=False, **kw)
+    assert torch.allclose(net.vjp("x")(v, x.detach(), w.detach()), gx, **TOL)
+    assert torch.allclose(net.vjp("W")(v, x.detach(), w.detach()), gw, **TOL)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases())
+def test_derived_vjps_vs_autograd(case):
+    """Network.vjp (tnderive.vjp + simplify + structured evaluation) for any hyperparameters."""
+    d = case["d"]
+    x, w = torch.randn(*case["x"], requires_grad=True), torch.randn(*case["w"], requires_grad=True)
+    kw = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"], groups=case["groups"])
+    y = TORCH_CONV[d](x, w, None, **kw)
+    v = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), v)
+    net = conv_network(case["x"], case["w"], bias=False, **kw)
+    assert torch.allclose(net.vjp("x")(v, x.detach(), w.detach()), gx, **TOL)
+    assert torch.allclose(net.vjp("W")(v, x.detach(), w.detach()), gw, **TOL)

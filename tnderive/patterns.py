@@ -549,8 +549,8 @@ def _apply_views(op: _Op, batch: list[_Struct]) -> None:
 
 class _Geometry:
     """Where the kernel taps of a pattern view read: the source tensor, the stride of every
-    non-kernel id in it, and the storage offset of each tap (a strided-view lowering could
-    re-lay the input out here, e.g. polyphase for strided patterns; measured no faster)."""
+    non-kernel id in it, and the storage offset of each tap (the place for a re-layout of the
+    input, e.g. polyphase for strided patterns, should one pay off)."""
 
     def __init__(self, X: _Op):
         t = X.t
@@ -572,32 +572,35 @@ def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     The output positions of the patterns are merged into one unit-stride axis by widening each
     inner output axis to the row length of the padded input (the extra columns are computed and
     cropped). Needs: the innermost output axis has stride 1 in memory (stride-1 convolution),
-    out = [prefix, W-only free ids, o ids in memory order]. Returns None when not applicable.
+    out = [prefix, W-only free ids, o ids in memory order]. Strided convolutions go to
+    `_gather_taps`. Returns None when not applicable or when one im2col GEMM is expected to
+    be faster (thin contractions, small images, non-overlapping windows).
     """
     import itertools
     xs = [o for o in ops if o.taps]
     if len(xs) != 1:
         return None
     X, Wo = _squeeze_lonely(xs[0], ops[1] if ops[0] is xs[0] else ops[0], out)
+    if not X.taps:
+        return None
     ks = [k for k, _ in X.taps]
     os_ = [o for _, o in X.taps]
     if any(k not in Wo.sub or k in out for k in ks) or any(o not in out or o in Wo.sub for o in os_):
         return None
     sizes = {k: int(n) for k, n in zip(X.sub, X.t.shape)}
     sizes.update({k: int(n) for k, n in zip(Wo.sub, Wo.t.shape)})
-    order = sorted(os_, key=lambda o: -X.t.stride(X.sub.index(o)))
-    if out[len(out) - len(order):] != order:
-        return None
     geo = _Geometry(X)
     t, gs = geo.src, geo.stride
     order = sorted(os_, key=lambda o: -gs[o])
-    if out[len(out) - len(order):] != order or gs[order[-1]] != 1:
+    if out[len(out) - len(order):] != order:
         return None
     widened = [sizes[o] for o in order]
+    widen_ok = gs[order[-1]] == 1
     for j in range(len(order) - 1, 0, -1):
         outer, inner = gs[order[j - 1]], gs[order[j]]
         if outer % inner or outer // inner < sizes[order[j]]:
-            return None
+            widen_ok = False
+            break
         widened[j] = outer // inner
     flat = _prod(widened)
     length = sum((sizes[o] - 1) * gs[o] for o in order) + 1
@@ -614,31 +617,30 @@ def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     if set(Wo.sub) != set(k for k in prefix if k in Wo.sub) | set(fw) | set(contract) | set(ks):
         return None
     B, M, E = _prod(sizes[k] for k in prefix), _prod(sizes[k] for k in fw), _prod(sizes[k] for k in contract)
-    if E > 1 and (length < 1024 or E < 32):  # one im2col GEMM beats many thin ones
-        return None
     if all(X.tapinfo.get(k, 1) >= sizes[k] for k in ks):
         return None  # non-overlapping windows (dense / down-sampling): im2col is a cheap view
+    positions = _prod(sizes[o] for o in order)
+    if E > 1 and E < 32:
+        return None  # thin contractions: one im2col GEMM is faster
+    if not widen_ok:  # strided: per-tap copies beat one big strided im2col copy
+        if E > 1 and positions >= 196:
+            return _gather_taps(X, Wo, geo, sizes, prefix, fw, contract, ks, order)
+        return None
+    if E > 1 and length < 1024:  # small stride-1 images: one im2col GEMM is faster
+        return None
     xsizes = [sizes[k] for k in prefix + contract] + [length]
     xstrides = [gs[k] for k in prefix + contract] + [1]
     try:
         t.as_strided(xsizes, xstrides, geo.offset(ks, (0,) * len(ks))).view(B, E, length)
     except RuntimeError:
         return None
-    # W permuted to [prefix (broadcast), fw, contract, ks] -> per tap [B, M, E]
-    wperm = [Wo.sub.index(k) for k in prefix + fw + contract + ks if k in Wo.sub]
-    wt = Wo.t.permute(wperm)
-    wshape = [sizes[k] if k in Wo.sub else 1 for k in prefix] + [sizes[k] for k in fw + contract + ks]
-    wt = wt.reshape(wshape).expand([sizes[k] for k in prefix + fw + contract + ks])
-    wt = wt.reshape(B, M, E, -1)
+    wt = _kernel_per_tap(Wo, sizes, prefix, fw, contract, ks)
     buf = t.new_empty([B, M, flat])
     acc = buf[:, :, :length]
     ksizes = [sizes[k] for k in ks]
     for n, tap in enumerate(itertools.product(*[range(s) for s in ksizes])):
         xt = t.as_strided(xsizes, xstrides, geo.offset(ks, tap)).view(B, E, length)
-        flat_tap = 0
-        for a, s in zip(tap, ksizes):
-            flat_tap = flat_tap * s + a
-        wtap = wt[:, :, :, flat_tap]
+        wtap = wt[:, :, :, n]  # taps enumerate row-major, as W's kernel axes flatten
         if E == 1:  # depthwise: a broadcast multiply-add beats tiny matmuls
             if n == 0:
                 torch.mul(wtap, xt, out=acc) if acc.is_contiguous() else acc.copy_(wtap * xt)
@@ -651,12 +653,39 @@ def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     return y[crop]
 
 
+def _kernel_per_tap(Wo: _Op, sizes: dict, prefix, fw, contract, ks) -> torch.Tensor:
+    """W permuted to [prefix (broadcast), fw, contract, ks] as [B, M, E, taps]."""
+    B, M, E = (_prod(sizes[k] for k in g) for g in (prefix, fw, contract))
+    wt = Wo.t.permute([Wo.sub.index(k) for k in prefix + fw + contract + ks if k in Wo.sub])
+    wshape = [sizes[k] if k in Wo.sub else 1 for k in prefix] + [sizes[k] for k in fw + contract + ks]
+    wt = wt.reshape(wshape).expand([sizes[k] for k in prefix + fw + contract + ks])
+    return wt.reshape(B, M, E, -1)
+
+
+def _gather_taps(X: _Op, Wo: _Op, geo: _Geometry, sizes: dict, prefix, fw, contract, ks,
+                 order) -> torch.Tensor:
+    """Strided (or non-mergeable) convolution: per kernel tap copy the tap's strided view
+    (output-sized, stays in cache) and accumulate one batched matmul into a contiguous output;
+    the same work as im2col + GEMM without the K-times larger im2col buffer."""
+    import itertools
+    B, M, E = (_prod(sizes[k] for k in g) for g in (prefix, fw, contract))
+    P = _prod(sizes[o] for o in order)
+    wt = _kernel_per_tap(Wo, sizes, prefix, fw, contract, ks)
+    xsizes = [sizes[k] for k in prefix + contract + order]
+    xstrides = [geo.stride[k] for k in prefix + contract + order]
+    y = geo.src.new_empty([B, M, P])
+    for n, tap in enumerate(itertools.product(*[range(sizes[k]) for k in ks])):
+        xt = geo.src.as_strided(xsizes, xstrides, geo.offset(ks, tap)).reshape(B, E, P)
+        y.baddbmm_(wt[:, :, :, n], xt, beta=0 if n == 0 else 1)
+    return y.view([sizes[k] for k in prefix + fw + order])
+
+
 def _flip_folds(ops: list[_Op], structs: list[_Struct], out: list[int]) -> bool:
     """Stride-1 scatters become gathers with a flipped kernel:
     Σ_{k,o} W[k]·v[o]·[i = o + D·k − P] = Σ_k' W[K−1−k']·v[o]·[o = i + D·k' − (D(K−1) − P)].
     Needs o and k each on exactly one (different) operand and P_left ≤ D·(K−1)."""
     changed = False
-    for j, s in enumerate(list(structs)):
+    for s in list(structs):
         if s.c.kind != "pattern" or s.c.params[0] != 1:
             continue
         k, o, i = s.sub
@@ -672,6 +701,10 @@ def _flip_folds(ops: list[_Op], structs: list[_Struct], out: list[int]) -> bool:
         if sum(o in t.sub or k in t.sub or i in t.sub for t in structs) != 1:
             continue
         w = ws[0]
+        shared = [x for x in w.sub if x in vs[0].sub and x not in out]
+        contracted = _prod(int(vs[0].t.shape[vs[0].sub.index(x)]) for x in shared)
+        if contracted >= 32 and _prod(t.shape[2] for t in structs if t.c.kind == "pattern") < 1024:
+            continue  # small image, real contraction: one GEMM + scatter-adds beat the gather
         w.t = w.t.flip(w.sub.index(k))
         params = (1, d * (K - 1) - pl, 0, d)
         dense = build_pattern(params, (K, I, O), s.dense.device, s.dense.dtype)
@@ -690,6 +723,8 @@ def _weight_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     if len(xs) != 1:
         return None
     X, V = _squeeze_lonely(xs[0], ops[1] if ops[0] is xs[0] else ops[0], out)
+    if not X.taps:
+        return None
     ks = [k for k, _ in X.taps]
     os_ = [o for _, o in X.taps]
     if any(k not in out or k in V.sub for k in ks) or any(o in out or o not in V.sub for o in os_):
@@ -697,15 +732,17 @@ def _weight_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     t = X.t
     pos = {k: j for j, k in enumerate(X.sub)}
     order = sorted(os_, key=lambda o: -t.stride(pos[o]))
-    if t.stride(pos[order[-1]]) != 1 or len(set(V.sub)) != len(V.sub) or len(set(X.sub)) != len(X.sub):
+    if len(set(V.sub)) != len(V.sub) or len(set(X.sub)) != len(X.sub):
         return None
     sizes = {k: int(n) for k, n in zip(X.sub, t.shape)}
     sizes.update({k: int(n) for k, n in zip(V.sub, V.t.shape)})
     widened = [sizes[o] for o in order]
+    widen_ok = t.stride(pos[order[-1]]) == 1
     for j in range(len(order) - 1, 0, -1):
         outer, inner = t.stride(pos[order[j - 1]]), t.stride(pos[order[j]])
         if outer % inner or outer // inner < sizes[order[j]]:
-            return None
+            widen_ok = False
+            break
         widened[j] = outer // inner
     length = sum((sizes[o] - 1) * t.stride(pos[o]) for o in order) + 1
     batch = [k for k in X.sub if k in V.sub and k in out]
@@ -716,6 +753,25 @@ def _weight_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
         return None
     R_, B_ = _prod(sizes[k] for k in red), _prod(sizes[k] for k in batch)
     Cv, E = _prod(sizes[k] for k in vfree), _prod(sizes[k] for k in xfree)
+    ksizes = [sizes[k] for k in ks]
+    kstrides = [t.stride(pos[k]) for k in ks]
+    if not widen_ok:  # strided: per-tap copies of the tap views, V copied once
+        if E < 32 or Cv < 32 or _prod(sizes[o] for o in order) < 196 \
+                or all(X.tapinfo.get(k, 1) >= sizes[k] for k in ks):
+            return None
+        P = _prod(sizes[o] for o in order)
+        v3 = V.t.permute([V.sub.index(k) for k in red + batch + vfree + order]).reshape(R_ * B_, Cv, P)
+        xsizes = [sizes[k] for k in red + batch + xfree + order]
+        xstrides = [t.stride(pos[k]) for k in red + batch + xfree + order]
+        taps = []
+        for tap in itertools.product(*[range(n) for n in ksizes]):
+            off = t.storage_offset() + sum(a * b for a, b in zip(tap, kstrides))
+            xt = t.as_strided(xsizes, xstrides, off).reshape(R_ * B_, E, P)
+            r = torch.bmm(v3, xt.transpose(1, 2)).view(R_, B_ * Cv * E)
+            taps.append(r.sum(0) if R_ > 1 else r[0])
+        y = torch.stack(taps, -1).view([sizes[k] for k in batch + vfree + xfree + ks])
+        order_out = batch + vfree + xfree + ks
+        return y.permute([order_out.index(k) for k in out])
     if Cv * E > 1 and length < 1024:  # small images: one im2col GEMM is faster
         return None
     xsizes = [sizes[k] for k in red + batch + xfree] + [length]
@@ -730,8 +786,6 @@ def _weight_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     vw = vp.new_zeros([sizes[k] for k in red + batch + vfree] + widened)
     vw[(Ellipsis,) + tuple(slice(0, sizes[o]) for o in order)] = vp
     v3 = vw.view(R_ * B_, Cv, _prod(widened))[:, :, :length]
-    ksizes = [sizes[k] for k in ks]
-    kstrides = [t.stride(pos[k]) for k in ks]
     res = []
     for tap in itertools.product(*[range(n) for n in ksizes]):
         off = base + sum(a * b for a, b in zip(tap, kstrides))
@@ -801,6 +855,8 @@ def contract_fast(operands: list[torch.Tensor], sublists: list[list[int]], out: 
         return torch.ones(())
     if len(operands) == 1:
         return _single(operands[0], list(sublists[0]), list(out))
+    if len(operands) == 2:
+        return pair_contract(operands[0], list(sublists[0]), operands[1], list(sublists[1]), list(out))
     path = plan_path([tuple(o.shape) for o in operands], sublists, out)
     ops, subs = list(operands), [list(s) for s in sublists]
     for a, b in path:
@@ -861,12 +917,14 @@ def _prod(xs) -> int:
 
 
 def _inner_score(t: torch.Tensor, s: list[int], group: list[int]) -> tuple:
-    """How cheap it is to copy t with `group` innermost: (stride of its last real dim, -size)."""
+    """How cheap it is to copy t with `group` innermost (lower is better): best a long
+    contiguous innermost run, else a long innermost dimension, then a small source stride."""
     real = [k for k in group if k in s and t.shape[s.index(k)] != 1]
     if not real:
-        return (float("inf"), 0)
+        return (2, 0, float("inf"))
     j = s.index(real[-1])
-    return (t.stride(j), -t.shape[j])
+    contiguous_run = t.stride(j) == 1 and t.shape[j] >= 16
+    return (0 if contiguous_run else 1, -t.shape[j], t.stride(j))
 
 
 def pair_contract(a: torch.Tensor, sa: list[int], b: torch.Tensor, sb: list[int],
@@ -910,7 +968,8 @@ def pair_contract(a: torch.Tensor, sa: list[int], b: torch.Tensor, sb: list[int]
             final = out
             out = prefix + fp + fq
     broadcast = [k for k in prefix if not (k in A and k in B) and sizes[k] > 1]
-    if broadcast and _prod(sizes[k] for k in fp + fq) < 4096:
+    mp, nq = _prod(sizes[k] for k in fp), _prod(sizes[k] for k in fq)
+    if broadcast and (mp * nq < 4096 or min(mp, nq) < 64):
         # tiny matrices batched over broadcast ids: regroup as one GEMM (shared ids batch,
         # then each operand's free ids), permute after
         final = final or out
