@@ -40,7 +40,7 @@ def codegen(expr: Expr, name: str = "f", sizes: Mapping[str, int] | None = None,
             default_size: int = DEFAULT_SIZE, method: str | None = None) -> str:
     """Source of a standalone module (imports only torch) defining `name(**tensors)` that
     computes `expr`; the contraction order is planned for `sizes` (else `default_size`)."""
-    return emit_module(lower(expr, sizes, default_size, method), name)
+    return emit_module(lower(expr, sizes, default_size, method), name, sizes=sizes)
 
 
 def compile(expr: Expr, name: str = "f", sizes: Mapping[str, int] | None = None,
@@ -68,12 +68,16 @@ class CompiledFunction:
         self.expr = expr
         self.name = name
         self.default_size = default_size
+        self.sizes = dict(sizes or {})
         self.plan = lower(expr, sizes, default_size)
-        self.source = emit_module(self.plan, name)
+        self.source = emit_module(self.plan, name, sizes=self.sizes)
         self._default = load(self.source, name)
         self._names = tuple(expr.variables)
         self._by_shapes: dict[tuple, object] = {}
         self._by_sizes: dict[tuple, tuple[object, Program, str]] = {}
+        # the binding planned above needs no re-planning when a call meets it
+        planned = tuple(sorted((str(k), int(v)) for k, v in self.plan.numeric.items()))
+        self._by_sizes[planned] = (self._default, self.plan, self.source)
 
     def __call__(self, *args, **tensors) -> torch.Tensor:
         if args:
@@ -91,7 +95,7 @@ class CompiledFunction:
     def _specialise(self, tensors):
         from tnderive.binding import bind
         try:
-            binding = bind(self.expr, tensors)
+            binding = bind(self.expr, tensors, self.sizes or None)
         except TNError:
             return self._default  # its own checks raise a clear error
         values = {str(k): v for k, v in binding.symbols.items()}
@@ -99,7 +103,7 @@ class CompiledFunction:
         hit = self._by_sizes.get(skey)
         if hit is None:
             program = lower(self.expr, values, self.default_size)
-            source = emit_module(program, self.name)
+            source = emit_module(program, self.name, sizes={**self.sizes, **values})
             hit = (load(source, self.name), program, source)
             self._by_sizes[skey] = hit
         return hit[0]

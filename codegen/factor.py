@@ -12,6 +12,8 @@ have the same free indices (so the inner sum is well formed). Pure function: a n
 """
 from __future__ import annotations
 
+import sympy
+
 from tnderive.ir import Expr, Func, Product, Sum, Zero
 
 
@@ -78,3 +80,112 @@ def _factor(s: Sum) -> Expr:
         inner_terms.append((coef, Product(rest, kept)))
     inner = Sum(inner_terms, inner_free)
     return Product(common + [inner], s.indices)
+
+
+# --------------------------------------------------------------------------------------------
+# large sums of products: expand into terms, hoist the factors that carry output indices
+# --------------------------------------------------------------------------------------------
+#
+#     Σ_k c_k · L_k · R_k   with L_k the factors carrying output indices ("legs")
+#   = Σ_groups  L · (Σ_{k in group} c_k · R_k)        terms grouped by identical legs L
+#
+# The remainders R_k are contracted term by term down to the few indices joining them to the
+# legs (their "ports"), summed, and the legs are contracted with that sum once. Identical
+# remainders and sub-contractions are shared by the lowering's common-subexpression pass.
+
+MAX_TERMS = 512
+
+
+def term_forms(expr: Expr, size=None, max_terms: int = MAX_TERMS) -> list[tuple[str, Expr]]:
+    """Alternative, equal forms of `expr` built from its expansion into monomials, for the
+    lowering to cost against the structural form: ("legs", monomials grouped by all their
+    output-carrying factors), ("legs:<indices>", grouped by the factors carrying the leading /
+    trailing output indices — for a Hessian block [p's axes, q's axes], one parameter's legs),
+    or ("terms", every monomial on its own) when no two monomials share their legs.
+
+    size: numeric value of a size expression; when given, the forms are sorted by the
+    entries their sums touch (Σ over groups of terms × inner-sum size, plus one output-sized
+    tensor per group), the cheapest first. [] when `expr` has no sum of products or would
+    expand to more than `max_terms` monomials."""
+    from .expand import count_terms, expand, has_sum
+    if not has_sum(expr) or count_terms(expr, max_terms + 1) > max_terms:
+        return []
+    monomials = expand(expr)
+    if not monomials:
+        return []
+    out = tuple(expr.indices)
+    groups: list[frozenset | None] = [None]
+    for k in range(1, len(out)):
+        groups += [frozenset(out[:k]), frozenset(out[k:])]
+    forms = []
+    for which in groups:
+        form = hoist_legs(monomials, out, which)
+        if form is not None:
+            label = "legs" if which is None else f"legs:{','.join(i for i in out if i in which)}"
+            forms.append((label, form))
+    if not forms:
+        forms = [("terms", monomial_sum(monomials, out))]
+    if size is not None:
+        forms.sort(key=lambda lf: _traffic(lf[1], size))
+    return forms
+
+
+def _traffic(form: Sum, size) -> int:
+    """Entries written by a form's sums: inner sums (terms × size) and the outer one."""
+    total = 0
+    for _, t in form.terms:
+        total += size(sympy.Mul(*t.shape))
+        inner = t.factors[-1] if isinstance(t, Product) and t.factors else None
+        if isinstance(inner, Sum):
+            total += len(inner.terms) * size(sympy.Mul(*inner.shape))
+    return total
+
+
+def monomial_sum(monomials, indices) -> Expr:
+    """Σ coef · Π factors as an expression (one product per monomial)."""
+    return Sum([(m.coef, Product(m.factors, indices)) for m in monomials], indices)
+
+
+def _split_legs(m, which: frozenset | None):
+    """(legs, rest, ports): the factors carrying an output index in `which` (all output
+    indices when None) renamed canonically, the other factors, and the indices joining them."""
+    from .expand import factor_indices, leaf_key, rename_leaf
+    out = set(m.indices)
+    sel = out if which is None else which
+    legs = sorted((f for f in m.factors if set(f.indices) & sel), key=lambda f: leaf_key(f, out))
+    rest = [f for f in m.factors if not (set(f.indices) & sel)]
+    rest_idx = set(factor_indices(rest))
+    ren: dict[str, str] = {}
+    for f in legs:                      # indices joining legs and rest: the ports
+        for i in f.indices:
+            if i not in out and i not in ren and i in rest_idx:
+                ren[i] = f"_c{len(ren)}"
+    inner: dict[str, str] = {}
+    for f in legs:                      # indices summed among the legs only
+        for i in f.indices:
+            if i not in out and i not in ren and i not in inner:
+                inner[i] = f"_l{len(inner)}"
+    legs_r = tuple(rename_leaf(f, {**ren, **inner}) for f in legs)
+    rest_r = tuple(rename_leaf(f, ren) for f in rest)
+    ports = tuple(ren.values()) + tuple(i for i in m.indices if i in rest_idx and i not in ren)
+    return legs_r, rest_r, ports
+
+
+def hoist_legs(monomials, indices, which: frozenset | None = None) -> Expr | None:
+    """Σ monomials with the leg factors pulled out of the sum: monomials whose legs agree
+    share one final contraction of the legs with the sum of their remainders. None when no
+    two monomials share their legs (the form is then the plain monomial sum)."""
+    groups: dict[tuple, list] = {}
+    for m in monomials:
+        legs, rest, ports = _split_legs(m, which)
+        groups.setdefault((legs, ports), []).append((m, rest))
+    if all(len(items) == 1 for items in groups.values()):
+        return None
+    terms = []
+    for (legs, ports), items in groups.items():
+        if len(items) == 1 or not ports or any(not rest for _, rest in items):
+            terms += [(m.coef, Product(m.factors, indices)) for m, _ in items]
+            continue
+        inner = Sum([(m.coef, Product(rest, ports)) for m, rest in items], ports)
+        terms.append((1, Product(legs + (inner,), indices)))
+    return Sum(terms, indices)

@@ -66,6 +66,7 @@ class ContractionPlan:
     numeric: dict[str, int]
     steps: list[Step]
     method: str
+    symbols: dict = field(default_factory=dict)  # size symbol -> planning value (all of them)
     naive_flops: sympy.Expr = field(init=False)
 
     def __post_init__(self):
@@ -86,7 +87,10 @@ class ContractionPlan:
     # --- numeric cost ---------------------------------------------------------------------
     @property
     def numeric_symbols(self) -> dict[sympy.Symbol, int]:
-        return _symbol_values(self.sizes, self.numeric)
+        """Planning values of the size symbols: those given (`symbols`, e.g. an input size
+        that only occurs inside a derived size such as a convolution's output), then those
+        implied by labels whose size is a bare symbol."""
+        return {**self.symbols, **_symbol_values(self.sizes, self.numeric)}
 
     def flops_at(self, values: Mapping | None = None) -> int:
         """FLOPs for size-symbol values (default: the planning sizes)."""
@@ -152,11 +156,14 @@ def naive_flops(operands: Sequence[Labels], output: Labels, sizes) -> sympy.Expr
 
 def plan_contraction(operands: Sequence[Labels], output: Labels,
                      sizes: Mapping[str, sympy.Expr], numeric: Mapping[str, int],
-                     method: str | None = None) -> ContractionPlan:
+                     method: str | None = None,
+                     symbols: Mapping[sympy.Symbol, int] | None = None) -> ContractionPlan:
     """The contraction plan of `operands` -> `output` (see the module docstring).
 
     method: None (automatic), or an opt_einsum optimizer name ('optimal', 'dp', 'greedy', ...).
+    symbols: planning values of size symbols that no label's size names alone.
     """
+    symbols = dict(symbols or {})
     operands = tuple(tuple(o) for o in operands)
     output = tuple(output)
     for o in operands:
@@ -174,16 +181,17 @@ def plan_contraction(operands: Sequence[Labels], output: Labels,
     live = list(enumerate(operands))
     path, used = _path(operands, output, numeric, method)
     candidates = [ContractionPlan(operands, output, sizes, numeric,
-                                  _steps(live, output, path, sizes, len(operands)), used)]
+                                  _steps(live, output, path, sizes, len(operands)), used, symbols)]
     reduced, pre = _pre_reductions(operands, output, sizes)
     if pre:  # sum indices that live on one operand only before pairing (e.g. a conv pattern's o)
         path2, used2 = _path(tuple(l for _, l in reduced), output, numeric, method)
         steps = pre + _steps(reduced, output, path2, sizes, len(operands) + len(pre))
         candidates.append(ContractionPlan(operands, output, sizes, numeric, steps,
-                                          used2 + "+pre-sum"))
+                                          used2 + "+pre-sum", symbols))
     if len(operands) > 1:
         naive = _steps(live, output, [tuple(range(len(operands)))], sizes, len(operands))
-        candidates.append(ContractionPlan(operands, output, sizes, numeric, naive, "naive"))
+        candidates.append(ContractionPlan(operands, output, sizes, numeric, naive, "naive",
+                                          symbols))
     # cheapest at the planning sizes; ties keep the earlier (pairwise) candidate
     return min(candidates, key=lambda p: (p.flops_at(), p.largest_at()))
 

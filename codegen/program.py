@@ -6,8 +6,9 @@ temporary whose dimensions carry index labels, plus the contraction plans of its
 * Sums first lose the factors all their terms share (`factor.factor_sums`).
 * Products are flattened (nested products are inlined with their bound indices renamed fresh,
   unless shared and not growing; one-term scaled sums become coefficients, applied to the
-  smallest operand), copy tensors are merged into index renames (union-find), `split` /
-  `window` constants become reshape / narrow views, and the remaining operands are contracted
+  smallest operand), copy tensors are merged into index renames (union-find), structured
+  constants (`split`, `window`, convolution `pattern`, and `pattern_sum` when strided) become
+  views of the tensor they read (`views`), and the remaining operands are contracted
   pairwise along `plan.plan_contraction`. A delta leg that only reaches the output becomes an
   `expand`; an output that really is diagonal stays *lazy* (`Value.ties`): later products absorb
   the ties as index merges, sums and zero-preserving functions keep them, and only a consumer
@@ -31,8 +32,9 @@ from tnderive.functions import X, Elementwise, IndexFunction
 from tnderive.ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name,
                          rename_free)
 
-from .factor import factor_sums
+from .factor import factor_sums, term_forms
 from .plan import DEFAULT_SIZE, ContractionPlan, plan_contraction, step_cost
+from .views import apply_views, select_views
 
 Labels = tuple[str, ...]
 
@@ -70,7 +72,9 @@ class Op:
 
     kinds: einsum, const (payload: kind, params), zeros, ones, elementwise (fn),
     softmax / logsumexp (dim), lincomb (coefficients), scale (coefficient), expand,
-    reshape, narrow (dim, offset), diag (input dim of each output dim)."""
+    reshape, narrow (dim, offset), diag (input dim of each output dim); views of structured
+    constants (`views`): pad ((dim, left, right), ...), unfold (dim, size, step),
+    slice (dim, step), unsqueeze (dim)."""
 
     kind: str
     out: str
@@ -91,6 +95,7 @@ class Program:
     numeric: dict[sympy.Symbol, int]               # planning values of size symbols
     plans: list[tuple[Product, ContractionPlan]] = field(default_factory=list)
     reused: int = 0                                 # ops saved by common-subexpression reuse
+    form: str = "structural"                        # which form of the expression was lowered
 
     @property
     def flops(self) -> sympy.Expr:
@@ -161,7 +166,45 @@ def lower(expr: Expr, sizes: Mapping[str, int] | None = None,
     factor: first pull factors shared by all terms of a sum out of it (`factor.factor_sums`)."""
     if not isinstance(expr, Expr):
         raise TNError(f"codegen expects an expression, got {type(expr).__name__}")
-    return _Lowering(expr, sizes or {}, default_size, method, factor).run()
+    best = _Lowering(expr, sizes or {}, default_size, method, factor).run()
+    if factor:  # a large sum of products: also cost its term-wise forms, keep the cheapest
+        best_cost = _cost(best)
+        size = lambda e: best.at(e)  # noqa: E731  (numeric value at the planning sizes)
+        for label, form in term_forms(expr, size)[:FORMS_TRIED]:
+            cand = _Lowering(expr, sizes or {}, default_size, method or "auto", factor,
+                             work=form).run()
+            cost = _cost(cand)
+            if cost < (best_cost[0] * 0.999, best_cost[1]):
+                best, best_cost = cand, cost
+                best.form = label
+    return best
+
+
+def _cost(program: "Program") -> tuple[float, int]:
+    """(estimated run cost, largest intermediate) at the planning sizes, for choosing a form:
+    planned FLOPs plus MEMORY_WEIGHT per tensor entry every op writes or sums (big strided
+    outer products and long sums of large tensors cost more than their FLOPs), plus a fixed
+    OP_OVERHEAD per op."""
+    at = {k: sympy.Integer(v) for k, v in program.numeric.items()}
+
+    def num(e) -> int:
+        e = sympy.sympify(e)
+        return int(e.xreplace(at)) if e.free_symbols else int(e)
+
+    flops = written = 0
+    largest = 0
+    for op in program.ops:
+        size = num(sympy.Mul(*op.shape))
+        flops += num(op.flops)
+        written += size * max(1, len(op.inputs) if op.kind == "lincomb" else 1)
+        if op.kind == "einsum":
+            largest = max(largest, size)
+    return flops + MEMORY_WEIGHT * written + OP_OVERHEAD * len(program.ops), largest
+
+
+FORMS_TRIED = 2         # term-wise forms lowered and costed (the best-ranked by traffic)
+MEMORY_WEIGHT = 16      # FLOP-equivalents per entry written (CPU memory bandwidth vs compute)
+OP_OVERHEAD = 20_000    # FLOP-equivalents per emitted torch call
 
 
 def planning_values(expr: Expr, sizes: Mapping[str, int], default_size: int) -> dict:
@@ -183,7 +226,7 @@ def planning_values(expr: Expr, sizes: Mapping[str, int], default_size: int) -> 
 
 class _Lowering:
     def __init__(self, expr: Expr, sizes: Mapping[str, int], default_size: int, method,
-                 factor: bool = True):
+                 factor: bool = True, work: Expr | None = None):
         self.expr = expr
         self.values = planning_values(expr, sizes, default_size)
         self.method = method
@@ -194,7 +237,7 @@ class _Lowering:
         self.reused = 0
         self._taken = set(expr.variables)
         self._counter = 0
-        self.work = factor_sums(expr) if factor else expr
+        self.work = work if work is not None else factor_sums(expr) if factor else expr
         self._labels = set(self.work.all_indices)
         self.parents = _parent_counts(self.work)
 
@@ -421,10 +464,13 @@ class _Lowering:
                             a, b = b, a
                         parent[b] = a
         plain = [f for f in factors if not isinstance(f, Delta)]
-        views = _view_constants(plain, find, set(find(i) for i in p.indices))
+        views = select_views(plain, find, set(find(i) for i in p.indices))
         values = [None if k in views else self.value(f) for k, f in enumerate(plain)]
-        for k, (target, const) in views.items():  # reshape / slice instead of a 0/1 tensor
-            values[target] = self._apply_view(values[target], const, find)
+        by_target: dict[int, list[Constant]] = {}
+        for target, const in views.values():  # views (reshape/slice/unfold), no 0/1 tensor
+            by_target.setdefault(target, []).append(const)
+        for target, consts in by_target.items():
+            values[target] = apply_views(self, values[target], consts, find)
         values = [v for v in values if v is not None]
         for v in values:  # a lazily diagonal factor brings its copy tensors along
             for x, r in v.ties:
@@ -463,28 +509,12 @@ class _Lowering:
             result = self._scale(result, sympy.sympify(coef))
         return result
 
-    def _apply_view(self, v: Value, const: Constant, find) -> Value:
-        """`split` R[i,a,b] as a reshape of dim i into (a, b); `window` W[k,s] as
-        narrow(s, offset, K) relabelled k."""
-        labels = tuple(find(i) for i in v.labels)
-        v = Value(v.name, labels, v.shape)
-        if const.kind == "split":
-            i, a, b = (find(x) for x in const.indices)
-            d = labels.index(i)
-            new = labels[:d] + (a, b) + labels[d + 1:]
-            shape = v.shape[:d] + (const.shape[1], const.shape[2]) + v.shape[d + 1:]
-            return self.emit("reshape", (v,), new, shape)
-        k, s_ = (find(x) for x in const.indices)
-        d = labels.index(s_)
-        new = labels[:d] + (k,) + labels[d + 1:]
-        shape = v.shape[:d] + (const.shape[0],) + v.shape[d + 1:]
-        return self.emit("narrow", (v,), new, shape, payload=(d, int(const.params[0])))
-
     def _contract(self, p: Product, operands: list[Value], output: Labels, sizes) -> Value:
         if not operands:
             return self.emit("ones", (), ())
         numeric = {i: self.numeric(sizes[i]) for v in operands for i in v.labels}
-        plan = plan_contraction([v.labels for v in operands], output, sizes, numeric, self.method)
+        plan = plan_contraction([v.labels for v in operands], output, sizes, numeric, self.method,
+                                symbols=self.values)
         self.plans.append((p, plan))
         live: dict[int, Value] = dict(enumerate(operands))
         last = operands[0]
@@ -498,32 +528,6 @@ class _Lowering:
         if len(inputs) == 1 and inputs[0].labels == output:
             return inputs[0]
         return self.emit("einsum", inputs, output, commutative=True)
-
-
-def _view_constants(factors: list[Expr], find, out: set[str]) -> dict[int, tuple[int, Constant]]:
-    """Split/window constants that can become a view of the one other factor carrying their
-    input leg: {constant position: (target position, constant)} (one view per target)."""
-    labels = [tuple(find(i) for i in f.indices) for f in factors]
-    views: dict[int, tuple[int, Constant]] = {}
-    targets: set[int] = set()
-    for k, f in enumerate(factors):
-        if not isinstance(f, Constant) or f.kind not in ("split", "window"):
-            continue
-        legs = labels[k]
-        if len(set(legs)) != len(legs):
-            continue
-        src, new = (legs[0], legs[1:]) if f.kind == "split" else (legs[1], legs[:1])
-        holders = [j for j, l in enumerate(labels) if j != k and src in l]
-        if src in out or len(holders) != 1 or holders[0] in targets or holders[0] in views:
-            continue
-        j = holders[0]
-        if isinstance(factors[j], Constant) and factors[j].kind in ("split", "window"):
-            continue
-        if labels[j].count(src) != 1 or any(x in labels[j] for x in new):
-            continue
-        views[k] = (j, f)
-        targets.add(j)
-    return views
 
 
 def _same_size(sizes, a: str, b: str) -> None:

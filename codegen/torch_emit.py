@@ -90,8 +90,13 @@ def py_shape(shape) -> str:
 # the module
 # --------------------------------------------------------------------------------------------
 
-def emit_module(program: Program, name: str = "f", notation: str | None = None) -> str:
-    """Source of a module defining function `name` that computes `program.expr`."""
+def emit_module(program: Program, name: str = "f", notation: str | None = None,
+                sizes: dict | None = None) -> str:
+    """Source of a module defining function `name` that computes `program.expr`.
+
+    sizes: symbol name -> int for size symbols that no argument's shape determines (e.g. the
+    input size I of a strided convolution's input VJP, whose only argument has the output size
+    floor((I + P - D(K-1) - 1)/S) + 1); they are fixed in the code and checked against it."""
     if not name.isidentifier() or keyword.iskeyword(name):
         raise TNError(f"codegen: function name {name!r} is not a python identifier")
     expr = program.expr
@@ -106,7 +111,7 @@ def emit_module(program: Program, name: str = "f", notation: str | None = None) 
              "", _ERROR_CLASS, "", "", "_MISSING = object()", ""]
     if kinds:
         parts += ["", _constant_support(kinds)]
-    parts += ["", _function(program, name, notation)]
+    parts += ["", _function(program, name, notation, sizes or {})]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -155,13 +160,13 @@ _ERROR_CLASS = '''class TNError(ValueError):
     """Bad input to the generated function: names the argument, axis or size."""'''
 
 
-def _function(program: Program, name: str, notation: str) -> str:
+def _function(program: Program, name: str, notation: str, sizes: dict) -> str:
     expr = program.expr
     variables = expr.variables
     names = list(variables)
     params = ", ".join(["*_positional"] + [f"{v}=_MISSING" for v in names] + ["**_unexpected"])
     body: list[str] = []
-    body += _argument_checks(program, name, names)
+    body += _argument_checks(program, name, names, sizes)
     needs_dev = any(op.kind in ("const", "zeros", "ones") for op in program.ops)
     if needs_dev:
         if names:
@@ -191,7 +196,7 @@ def _function(program: Program, name: str, notation: str) -> str:
         "\n".join(INDENT + l if l else "" for l in "\n".join(body).split("\n")) + "\n"
 
 
-def _argument_checks(program: Program, name: str, names: list[str]) -> list[str]:
+def _argument_checks(program: Program, name: str, names: list[str], sizes: dict) -> list[str]:
     expr = program.expr
     variables = expr.variables
     expected = ", ".join(names) if names else "no arguments"
@@ -255,6 +260,7 @@ def _argument_checks(program: Program, name: str, names: list[str]) -> list[str]
                 needed |= sympy.sympify(c).free_symbols
     for _, _, s in later:
         needed |= s.free_symbols
+    out += _derived_bindings(needed, bound, later, sizes)
     unbound = sorted(str(s) for s in needed if s not in bound)
     if unbound:
         raise TNError(f"codegen: size symbol(s) {unbound} are not determined by any argument's "
@@ -264,6 +270,43 @@ def _argument_checks(program: Program, name: str, names: list[str]) -> list[str]
                 f"{INDENT}raise TNError(f\"{name}(): size mismatch for {where}: expected {s} = "
                 f"{{{py_size(s)}}}, got {{{got}}}\")"]
     return out
+
+
+def _derived_bindings(needed: set, bound: dict, later: list, sizes: dict) -> list[str]:
+    """Lines binding size symbols that only occur inside derived argument sizes.
+
+    A symbol is solved from a derived size when that has one solution (e.g. O = I - K + 1
+    gives I = O + K - 1); otherwise (a floor with stride > 1 has several) it takes its value
+    from `sizes` and is fixed in the code. Every derived size is checked afterwards."""
+    lines: list[str] = []
+    for _, _, s in later:
+        needed |= s.free_symbols
+    shape_sym = sympy.Symbol("_shape_", integer=True, positive=True)
+    progress = True
+    while progress:
+        progress = False
+        for where, got, s in later:
+            unknown = [x for x in s.free_symbols if x not in bound]
+            if len(unknown) != 1 or s.has(sympy.floor, sympy.ceiling):
+                continue
+            (u,) = unknown
+            try:
+                sol = sympy.solve(sympy.Eq(s, shape_sym), u)
+            except (NotImplementedError, ValueError):
+                continue
+            if len(sol) != 1:
+                continue
+            code = py_size(sol[0]).replace(size_var(shape_sym), got)
+            lines.append(f"{size_var(u)} = {code}  # from {where} = {s}")
+            bound[u] = where
+            progress = True
+    by_name = {str(k): int(v) for k, v in sizes.items()}
+    for u in sorted(needed, key=str):
+        if u not in bound and str(u) in by_name:
+            lines.append(f"{size_var(u)} = {by_name[str(u)]}  # fixed at generation (sizes=), "
+                         f"no argument's shape determines it")
+            bound[u] = f"sizes[{str(u)!r}]"
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,9 +337,17 @@ def _op_line(op: Op) -> str:
         code = _lincomb(op)
     elif op.kind == "reshape":
         code = f"{op.inputs[0].name}.reshape{py_shape(op.shape)}"
+        split = [i for i in op.labels if i not in op.inputs[0].labels]
+        gone = [i for i in op.inputs[0].labels if i not in op.labels]
+        if len(gone) == 1 and split:
+            comment += f"  view: {gone[0]} split into ({', '.join(split)})"
     elif op.kind == "narrow":
         d, offset = op.payload
         code = f"{op.inputs[0].name}.narrow({d}, {offset}, {py_size(op.shape[d])})"
+        comment += f"  view: {op.inputs[0].labels[d]}[{offset}:{offset}+{op.shape[d]}]"
+    elif op.kind in ("pad", "unfold", "slice", "unsqueeze"):
+        code, note = _view_line(op)
+        comment += f"  {note}"
     elif op.kind == "expand":
         code = _expand(op)
     elif op.kind == "diag":
@@ -304,6 +355,33 @@ def _op_line(op: Op) -> str:
     else:
         raise TNError(f"codegen: unknown op {op.kind!r}")
     return f"{op.out} = {code}{comment}"
+
+
+def _view_line(op: Op) -> tuple[str, str]:
+    """(code, comment) of a view op that applies a structured constant (`codegen.views`)."""
+    (v,) = op.inputs
+    if op.kind == "pad":  # F.pad lists (left, right) from the last dim backwards
+        first = min(d for d, _, _ in op.payload)
+        pads = {d: (l, r) for d, l, r in op.payload}
+        flat = []
+        for d in reversed(range(first, len(v.labels))):
+            l, r = pads.get(d, (0, 0))
+            flat += [py_size(l), py_size(r)]
+        what = ", ".join(f"{v.labels[d]} by ({l}, {r})" for d, l, r in op.payload)
+        return (f"torch.nn.functional.pad({v.name}, ({', '.join(flat)}))",
+                f"zero padding of {what} (convolution padding)")
+    if op.kind == "unfold":
+        d, size, step = op.payload
+        return (f"{v.name}.unfold({d}, {py_size(size)}, {py_size(step)})",
+                f"view: windows of {v.labels[d]} (length {size}, step {step}): "
+                f"{op.labels[d]} = window start, {op.labels[-1]} = position in the window")
+    if op.kind == "slice":
+        d, step, why = op.payload
+        index = ":, " * d + f"::{py_size(step)}"
+        return (f"{v.name}[{index}]",
+                f"view ({why}): every {step}-th entry of {v.labels[d]} -> {op.labels[d]}")
+    d = op.payload
+    return (f"{v.name}.unsqueeze({d})", f"view: kernel index {op.labels[d]} of size 1")
 
 
 def _arrange(v: Value, labels) -> str:

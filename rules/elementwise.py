@@ -94,7 +94,7 @@ def hadamard_formula(f: sympy.Expr, g: sympy.Expr) -> sympy.Expr:
     """The formula of (f·g)(x): idempotent functions (step, Heaviside) give themselves."""
     if f == g and _is_idempotent(f):
         return f
-    return sympy.simplify(f * g)
+    return sympy.expand(f * g)  # canonical, and keeps tanh as tanh (cosh⁻⁴ would overflow)
 
 
 @rule(Product)

@@ -26,10 +26,10 @@ from test_codegen_cases import CASES, EXTRA_SIZES, SIZES, V, conv_expr as _conv_
 def test_generated_code_equals_evaluate(case):
     expr = CASES[case]
     tensors = random_inputs(expr)
-    if case == "scaled_symbolic":  # evaluate does not take symbolic coefficients (yet)
-        ref = evaluate(z, **tensors) / tensors["x"].shape[0]
-    else:
-        ref = evaluate(expr, **tensors)
+    ref = evaluate(expr, **tensors)
+    if case == "scaled_symbolic":  # the size symbol in the coefficient, by hand: z / n
+        by_hand = evaluate(z, **tensors) / tensors["x"].shape[0]
+        torch.testing.assert_close(ref, by_hand, rtol=1e-10, atol=1e-10)
     f = compile(expr, name="f")
     got = f(**tensors)
     assert tuple(got.shape) == tuple(ref.shape)
@@ -121,10 +121,21 @@ def test_module_runs_in_clean_interpreter(tmp_path):
 def test_pattern_constant_codegen():
     expr = _conv_expr()
     tensors = random_inputs(expr, {"c": 2, "h": 6})
-    src = codegen(expr, "f")
-    assert "def _pattern_build_pattern" in src and "_constant('pattern'" in src
+    src = codegen(expr, "f")  # the patterns read x: padded windows (views), no 0/1 tensor
+    assert ".unfold(2, 3, 1)" in src and "torch.nn.functional.pad(" in src
+    assert "_constant('pattern'" not in src
     f = compile(expr)
     torch.testing.assert_close(f(**tensors), evaluate(expr, **tensors), rtol=1e-10, atol=1e-10)
+    # a scatter (input leg free) still contracts the constant, built by its torch-only builder
+    from tnderive.patterns import pattern_constant
+    pat = pattern_constant(("k", "o", "h"), (3, size_symbol("h")), stride=2, padding=1)
+    v = Variable("v", ("n", "c", "o"), shape=(size_symbol("n"), size_symbol("c"), pat.shape[1]))
+    scatter = Product((V("w", ("c", "k")), v, pat), ("n", "c", "h"))
+    f = compile(scatter, sizes={"h": 7})  # h: not determined by v's size floor((h-1)/2)+1
+    assert "def _pattern_build_pattern" in f.source and "_constant('pattern'" in f.source
+    tensors = {"w": torch.randn(2, 3, dtype=torch.float64), "v": torch.randn(3, 2, 4, dtype=torch.float64)}
+    got = f(**tensors)
+    torch.testing.assert_close(got, evaluate(scatter, sizes={"h": 7}, **tensors), rtol=1e-10, atol=1e-10)
 
 
 def test_split_and_window_become_views():

@@ -365,16 +365,12 @@ def test_grad_of_conv_loss_matches_autograd():
 # the structured evaluation paths (per-tap matmuls, flipped scatters) at sizes that take them
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("xs,ws,kw", [
-    ((2, 32, 34, 34), (4, 32, 3, 3), dict(padding=1)),
-    ((1, 64, 33, 35), (6, 32, 3, 2), dict(padding=(2, 1), dilation=(2, 1), groups=2)),
-    ((2, 8, 40, 40), (8, 1, 3, 3), dict(padding=1, groups=8)),          # depthwise
-    ((1, 32, 36, 36), (4, 32, 2, 3), dict(padding="same", dilation=2)),
-])
-def test_tap_paths_match_torch(monkeypatch, xs, ws, kw):
+def _tap_paths_used(monkeypatch, names, xs, ws, kw) -> list[str]:
+    """Check conv2d and both vjps against torch, spying on the structured-evaluation helpers
+    `names` of tnderive.patterns; returns the names of those that took their fast path."""
     import tnderive.patterns as P
     used = []
-    for name in ("_conv_taps", "_weight_taps"):
+    for name in names:
         orig = getattr(P, name)
 
         def spy(*args, _orig=orig, _name=name):
@@ -391,6 +387,17 @@ def test_tap_paths_match_torch(monkeypatch, xs, ws, kw):
     net = conv_network(xs, ws, bias=False, **kw)
     assert torch.allclose(net.vjp("x")(v, x.detach(), w.detach()), gx, **TOL)
     assert torch.allclose(net.vjp("W")(v, x.detach(), w.detach()), gw, **TOL)
+    return used
+
+
+@pytest.mark.parametrize("xs,ws,kw", [
+    ((2, 32, 34, 34), (4, 32, 3, 3), dict(padding=1)),
+    ((1, 64, 33, 35), (6, 32, 3, 2), dict(padding=(2, 1), dilation=(2, 1), groups=2)),
+    ((2, 8, 40, 40), (8, 1, 3, 3), dict(padding=1, groups=8)),          # depthwise
+    ((1, 32, 36, 36), (4, 32, 2, 3), dict(padding="same", dilation=2)),
+])
+def test_tap_paths_match_torch(monkeypatch, xs, ws, kw):
+    used = _tap_paths_used(monkeypatch, ("_conv_taps", "_weight_taps"), xs, ws, kw)
     assert "_conv_taps" in used and "_weight_taps" in used
 
 
@@ -414,25 +421,7 @@ def test_functional_autograd_and_memory_layouts(xs, ws, kw):
                                       ((2, 64, 31, 41), (64, 32, 3, 2), dict(stride=(2, 3), dilation=(1, 2),
                                                                               padding=1, groups=2))])
 def test_strided_tap_paths_match_torch(monkeypatch, xs, ws, kw):
-    import tnderive.patterns as P
-    used = []
-    for name in ("_gather_taps", "_weight_taps"):
-        orig = getattr(P, name)
-
-        def spy(*args, _orig=orig, _name=name):
-            out = _orig(*args)
-            if out is not None:
-                used.append(_name)
-            return out
-        monkeypatch.setattr(P, name, spy)
-    x, w = torch.randn(*xs, requires_grad=True), torch.randn(*ws, requires_grad=True)
-    y = F.conv2d(x, w, **kw)
-    v = torch.randn_like(y)
-    gx, gw = torch.autograd.grad(y, (x, w), v)
-    assert torch.allclose(T.conv2d(x.detach(), w.detach(), **kw), y, **TOL)
-    net = conv_network(xs, ws, bias=False, **kw)
-    assert torch.allclose(net.vjp("x")(v, x.detach(), w.detach()), gx, **TOL)
-    assert torch.allclose(net.vjp("W")(v, x.detach(), w.detach()), gw, **TOL)
+    used = _tap_paths_used(monkeypatch, ("_gather_taps", "_weight_taps"), xs, ws, kw)
     assert set(used) == {"_gather_taps", "_weight_taps"}
 
 

@@ -121,25 +121,26 @@ def shared_linear_model(pooled: bool):
     return Product((W2, z), ["n", "s", "c"])
 
 
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_weight_sharing_expand_exact_without_pooling(reduction):
-    model = shared_linear_model(pooled=False)
+def _shared_ggn_and_kfacs(pooled: bool, reduction: str):
+    """(exact GGN, KFAC-expand, KFAC-reduce) of W1 in `shared_linear_model` under an MSE loss."""
+    model = shared_linear_model(pooled=pooled)
     loss = losses.mse(reduction)
     T = random_tensors(model, {"n": 3, "s": 4, "i": 3, "h": 4, "c": 2}, "mse")
     exact = dense_ggn(model, loss, ["W1"], T)
-    expand = kfac(model, "W1", "n", kind="expand", loss=loss).compute(**T).to_dense()
-    reduce = kfac(model, "W1", "n", kind="reduce", loss=loss).compute(**T).to_dense()
+    expand, reduce = (kfac(model, "W1", "n", kind=kind, loss=loss).compute(**T).to_dense()
+                      for kind in ("expand", "reduce"))
+    return exact, expand, reduce
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_weight_sharing_expand_exact_without_pooling(reduction):
+    exact, expand, reduce = _shared_ggn_and_kfacs(pooled=False, reduction=reduction)
     close(expand, exact)
     assert (reduce - exact).abs().max() > 1e-3
 
 
 def test_weight_sharing_reduce_exact_when_sum_pooled():
-    model = shared_linear_model(pooled=True)
-    loss = losses.mse("sum")
-    T = random_tensors(model, {"n": 3, "s": 4, "i": 3, "h": 4, "c": 2}, "mse")
-    exact = dense_ggn(model, loss, ["W1"], T)
-    reduce = kfac(model, "W1", "n", kind="reduce", loss=loss).compute(**T).to_dense()
-    expand = kfac(model, "W1", "n", kind="expand", loss=loss).compute(**T).to_dense()
+    exact, expand, reduce = _shared_ggn_and_kfacs(pooled=True, reduction="sum")
     close(reduce, exact)
     assert (expand - exact).abs().max() > 1e-3
 

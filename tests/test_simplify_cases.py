@@ -45,27 +45,9 @@ def tensors_for(expr: Expr, seed: int = 0, positive: bool = False) -> dict[str, 
     return out
 
 
-def numeric_coefficients(expr: Expr, values: dict) -> Expr:
-    """`expr` with size symbols in sum coefficients replaced by numbers (evaluate needs
-    numeric coefficients)."""
-    sub = {sympy.Symbol(k, integer=True, positive=True): sympy.Integer(n) for k, n in values.items()}
-
-    def go(e: Expr) -> Expr:
-        if isinstance(e, Sum):
-            return Sum(((sympy.sympify(c).xreplace(sub), go(t)) for c, t in e.terms), e.indices)
-        if isinstance(e, Product):
-            return Product(tuple(go(x) for x in e.factors), e.indices)
-        if isinstance(e, Func):
-            return Func(e.fn, go(e.arg), e.over)
-        return e
-
-    return go(expr)
-
-
 def value(expr: Expr, tensors: dict, sizes: dict | None = None) -> torch.Tensor:
-    """Evaluate with the tensors `expr` uses (sizes given for symbols no tensor binds)."""
-    if sizes:
-        expr = numeric_coefficients(expr, sizes)
+    """Evaluate with the tensors `expr` uses (sizes given for symbols no tensor binds, also
+    those in sum coefficients)."""
     used = {k: t for k, t in tensors.items() if k in expr.variables}
     return evaluate(expr, sizes=sizes, **used)
 

@@ -19,8 +19,9 @@ from .simplify import simplify
 from .verify import verify
 from .draw import draw, draw_steps
 from .codegen import codegen, compile, plan
+from .kfac import kfac
 
-# The names above that equal a submodule's name (simplify, verify, draw, codegen) are bound
+# The names above that equal a submodule's name (simplify, verify, draw, codegen, kfac) are bound
 # eagerly on purpose: importing a submodule later never rebinds a package attribute that is
 # already set, so `tnderive.simplify` stays the function.
 
@@ -35,15 +36,14 @@ _LAZY = {
     "isomorphic": "tnderive.canonical",
     "ggn": "tnderive.curvature",
     "hessian_split": "tnderive.curvature",
-    "kfac": "tnderive.kfac",
     "KronBlock": "tnderive.kronecker",
     "hessian_blocks": "tnderive.attention",
     "nn": "tnderive.nn",
 }
 
 __all__ = ["TNError", "elementwise", "evaluate", "parse", "grad", "hessian", "jvp", "vjp",
-           "derivative", "simplify", "verify", "draw", "draw_steps", "codegen", "compile", "plan", "Expr", "Variable", "Delta", "Constant", "Func",
-           "Product", "Sum", "Zero", *_LAZY]
+           "derivative", "simplify", "verify", "draw", "draw_steps", "codegen", "compile", "plan",
+           "kfac", "Expr", "Variable", "Delta", "Constant", "Func", "Product", "Sum", "Zero", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -5,6 +5,7 @@ A builder turns (params, numeric shape, device, dtype) into a tensor; results ar
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import torch
@@ -15,6 +16,28 @@ Builder = Callable[[tuple, tuple, torch.device, torch.dtype], torch.Tensor]
 
 _BUILDERS: dict[str, Builder] = {}
 _CACHE: dict[tuple, torch.Tensor] = {}
+
+#: kind -> module that registers it on import (so a constant evaluates, and generated code
+#: gets its source, even when nothing imported that module yet)
+KIND_MODULES: dict[str, str] = {
+    "pattern": "tnderive.patterns",
+    "pattern_sum": "tnderive.patterns",
+    "split": "tnderive.patterns",
+    "window": "tnderive.patterns",
+    "causal_mask": "tnderive.nn.attention",
+    "causal_tril": "tnderive.nn.attention",
+}
+
+
+def _registered(kind: str, table: dict):
+    """`table[kind]`, importing the module that registers `kind` first when it is missing
+    (None when it stays missing)."""
+    if kind not in table and kind in KIND_MODULES:
+        try:
+            importlib.import_module(KIND_MODULES[kind])
+        except ImportError:
+            pass
+    return table.get(kind)
 
 
 def register_constant(kind: str, builder: Builder) -> None:
@@ -28,10 +51,9 @@ def build_constant(kind: str, params: tuple, shape: tuple[int, ...], device, dty
     hit = _CACHE.get(key)
     if hit is not None:
         return hit
-    try:
-        builder = _BUILDERS[kind]
-    except KeyError:
-        raise TNError(f"unknown constant kind {kind!r}; known: {sorted(_BUILDERS)}") from None
+    builder = _registered(kind, _BUILDERS)
+    if builder is None:
+        raise TNError(f"unknown constant kind {kind!r}; known: {sorted(_BUILDERS)}")
     t = builder(params, tuple(shape), torch.device(device), dtype)
     if tuple(t.shape) != tuple(shape):
         raise TNError(f"constant {kind!r} builder returned shape {tuple(t.shape)}, expected {tuple(shape)}")
@@ -101,9 +123,4 @@ def register_constant_source(kind: str, source: str) -> None:
 
 def constant_source(kind: str) -> str | None:
     """Source of the builder of `kind` for generated code (None when none is registered)."""
-    if kind not in _SOURCES and kind in ("pattern", "pattern_sum", "split", "window"):
-        try:
-            import tnderive.patterns  # noqa: F401  (registers builders and their sources)
-        except ImportError:
-            pass
-    return _SOURCES.get(kind)
+    return _registered(kind, _SOURCES)

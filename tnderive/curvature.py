@@ -16,8 +16,9 @@ after the variable's declared axes, '_'-suffixed until unique. Expressions are s
 `tnderive.simplify` when that module is available (``simplify=False`` keeps the raw network).
 
 Helpers used by KFAC too: `substitute` (replace a variable by an expression), `numeric` (turn
-symbolic coefficients such as 1/N of a mean reduction into numbers for bound tensors),
-`evaluate` and `compile_expr` (compiled via `tnderive.compile` when available).
+symbolic coefficients such as 1/N of a mean reduction into numbers for bound tensors, for the
+code generator), `evaluate` (sizes bound from a context expression) and `compile_expr`
+(compiled via `tnderive.compile` when available).
 """
 from __future__ import annotations
 
@@ -30,12 +31,13 @@ from .binding import bind
 from .derive import derivative
 from .errors import TNError
 from .evaluate import evaluate as _evaluate
-from .ir import Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name, rename_free
+from .ir import (Delta, Expr, Product, Sum, Variable, Zero, fresh_name, fresh_names, map_children,
+                 rename_free, rewrite, size_symbol)
 from .losses import Loss, as_loss
 
 __all__ = ["ggn", "hessian_split", "loss_hessian_block", "ggn_diagonal", "hessian_diagonal",
-           "ggn_vector_product", "hessian_vector_product", "substitute", "numeric", "evaluate",
-           "compile_expr", "maybe_simplify"]
+           "ggn_vector_product", "hessian_vector_product", "substitute", "numeric",
+           "coefficients_at", "evaluate", "compile_expr", "maybe_simplify", "relevant_sizes"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,38 +58,18 @@ def maybe_simplify(expr: Expr, enabled: bool = True) -> Expr:
 def substitute(expr: Expr, name: str, replacement: Expr) -> Expr:
     """`expr` with every occurrence of variable `name` replaced by `replacement`, whose free
     indices play the role of the variable's axes (in declared order)."""
-    memo: dict[int, Expr] = {}
 
-    def go(e: Expr) -> Expr:
-        hit = memo.get(id(e))
-        if hit is not None:
-            return hit
-        if isinstance(e, Variable):
-            if e.name != name:
-                out = e
-            else:
-                if len(e.occurrence) != len(replacement.indices):
-                    raise TNError(f"substitute {name!r}: the replacement has indices "
-                                  f"{list(replacement.indices)}, the variable {list(e.occurrence)}")
-                if len(set(e.occurrence)) != len(e.occurrence):
-                    raise TNError(f"substitute {name!r}: repeated index in {list(e.occurrence)}")
-                out = _rename_to(replacement, e.occurrence)
-        elif isinstance(e, Product):
-            fs = tuple(go(f) for f in e.factors)
-            out = e if all(a is b for a, b in zip(fs, e.factors)) else Product(fs, e.indices)
-        elif isinstance(e, Sum):
-            ts = tuple(go(t) for _, t in e.terms)
-            out = e if all(a is b for a, (_, b) in zip(ts, e.terms)) else \
-                Sum(((c, t) for (c, _), t in zip(e.terms, ts)), e.indices)
-        elif isinstance(e, Func):
-            a = go(e.arg)
-            out = e if a is e.arg else Func(e.fn, a, e.over)
-        else:
-            out = e
-        memo[id(e)] = out
-        return out
+    def occurrence(e: Expr) -> Expr | None:
+        if not isinstance(e, Variable) or e.name != name:
+            return None
+        if len(e.occurrence) != len(replacement.indices):
+            raise TNError(f"substitute {name!r}: the replacement has indices "
+                          f"{list(replacement.indices)}, the variable {list(e.occurrence)}")
+        if len(set(e.occurrence)) != len(e.occurrence):
+            raise TNError(f"substitute {name!r}: repeated index in {list(e.occurrence)}")
+        return _rename_to(replacement, e.occurrence)
 
-    return go(expr)
+    return rewrite(expr, occurrence)
 
 
 def _rename_to(expr: Expr, names: Sequence[str]) -> Expr:
@@ -96,11 +78,8 @@ def _rename_to(expr: Expr, names: Sequence[str]) -> Expr:
     names = tuple(names)
     if names == expr.indices:
         return expr
-    taken = set(expr.all_indices) | set(names)
-    tmp = {}
-    for i in expr.indices:
-        tmp[i] = fresh_name(f"{i}_tmp", taken)
-        taken.add(tmp[i])
+    tmp = dict(zip(expr.indices, fresh_names((f"{i}_tmp" for i in expr.indices),
+                                             set(expr.all_indices) | set(names))))
     step = rename_free(expr, tmp)
     return rename_free(step, {tmp[i]: n for i, n in zip(expr.indices, names)})
 
@@ -108,38 +87,37 @@ def _rename_to(expr: Expr, names: Sequence[str]) -> Expr:
 def numeric(expr: Expr, tensors: Mapping[str, torch.Tensor],
             sizes: Mapping[str, int] | None = None) -> Expr:
     """`expr` with sympy coefficients that involve size symbols (1/N of a mean, √(2/N)…)
-    replaced by their numbers under the sizes the tensors bind."""
-    symbols = dict(bind(expr, {k: v for k, v in tensors.items() if k in expr.variables}, sizes).symbols)
-    values = {k: sympy.Integer(v) for k, v in symbols.items()}
+    replaced by their numbers under the sizes the tensors bind (TNError for a size they leave
+    unbound). The code generator plans numbers only; `tnderive.evaluate` takes such
+    coefficients as they are."""
+    used = {k: v for k, v in tensors.items() if k in expr.variables}
+    return coefficients_at(expr, bind(expr, used, sizes).symbols)
+
+
+def coefficients_at(expr: Expr, sizes: Mapping, strict: bool = True) -> Expr:
+    """`expr` with the size symbols in sum coefficients replaced by their values in `sizes`
+    (name or size symbol -> int); `strict`: TNError when a coefficient keeps a symbol that
+    `sizes` lacks."""
+    values = {size_symbol(k) if isinstance(k, str) else k: sympy.Integer(v) for k, v in sizes.items()}
+
+    def number(c: sympy.Expr) -> sympy.Expr:
+        if not c.free_symbols:
+            return c
+        out = sympy.nsimplify(c.xreplace(values))
+        if strict and out.free_symbols:
+            raise TNError(f"coefficient {c} has unbound sizes {sorted(map(str, out.free_symbols))}")
+        return out
+
     memo: dict[int, Expr] = {}
 
     def go(e: Expr) -> Expr:
         hit = memo.get(id(e))
-        if hit is not None:
-            return hit
-        if isinstance(e, Sum):
-            terms = []
-            changed = False
-            for c, t in e.terms:
-                t2 = go(t)
-                c2 = c
-                if c.free_symbols:
-                    c2 = sympy.nsimplify(c.xreplace(values))
-                    if c2.free_symbols:
-                        raise TNError(f"coefficient {c} has unbound sizes {sorted(map(str, c2.free_symbols))}")
-                changed |= (c2 is not c) or (t2 is not t)
-                terms.append((c2, t2))
-            out = Sum(terms, e.indices) if changed else e
-        elif isinstance(e, Product):
-            fs = tuple(go(f) for f in e.factors)
-            out = e if all(a is b for a, b in zip(fs, e.factors)) else Product(fs, e.indices)
-        elif isinstance(e, Func):
-            a = go(e.arg)
-            out = e if a is e.arg else Func(e.fn, a, e.over)
-        else:
-            out = e
-        memo[id(e)] = out
-        return out
+        if hit is None:
+            hit = map_children(e, go)
+            if isinstance(hit, Sum) and any(c.free_symbols for c, _ in hit.terms):
+                hit = Sum(((number(c), t) for c, t in hit.terms), hit.indices)
+            memo[id(e)] = hit
+        return hit
 
     return go(expr)
 
@@ -177,14 +155,12 @@ def _partial_symbols(context: Expr, tensors: Mapping[str, torch.Tensor]) -> dict
 
 def evaluate(expr: Expr, sizes: Mapping[str, int] | None = None, context: Expr | None = None,
              **tensors: torch.Tensor) -> torch.Tensor:
-    """`tnderive.evaluate` that also accepts symbolic coefficients (bound from the tensors),
-    ignores tensors that are not variables of `expr`, and binds sizes from `context` (e.g.
-    the model) when given."""
+    """`tnderive.evaluate` that ignores tensors that are not variables of `expr` and binds sizes
+    from `context` (e.g. the model) when given: a derived block may have lost the variables
+    whose shapes fix its sizes."""
     if context is not None:
         sizes = sizes_from(context, tensors, sizes)
     used = {k: v for k, v in tensors.items() if k in expr.variables}
-    if has_symbolic_coefficients(expr):
-        expr = numeric(expr, used, sizes)
     return _evaluate(expr, sizes, **used)
 
 
@@ -246,9 +222,8 @@ class CompiledExpr:
                     num = numeric(self.expr, used, sizes)
                 except TNError:
                     num = None
-                wanted = {str(x) for x in _size_symbols(self.expr)}
-                self._cache[key] = None if num is None else self._build(
-                    num, {k: v for k, v in sizes.items() if k in wanted})
+                self._cache[key] = None if num is None else \
+                    self._build(num, relevant_sizes(self.expr, sizes))
             fn = self._cache[key]
         if fn is not None:
             try:
@@ -259,10 +234,7 @@ class CompiledExpr:
         return evaluate(self.expr, sizes=self._relevant_sizes(), context=self.context, **tensors)
 
     def _relevant_sizes(self) -> dict | None:
-        if not self.sizes:
-            return None
-        wanted = {str(x) for x in _size_symbols(self.expr)}
-        return {k: v for k, v in self.sizes.items() if k in wanted} or None
+        return relevant_sizes(self.expr, self.sizes) or None
 
 
 def _size_symbols(expr: Expr) -> set:
@@ -271,6 +243,12 @@ def _size_symbols(expr: Expr) -> set:
         for n in node.shape:
             out |= sympy.sympify(n).free_symbols
     return out
+
+
+def relevant_sizes(expr: Expr, sizes: Mapping[str, int]) -> dict[str, int]:
+    """The entries of `sizes` (name -> int) that name size symbols of `expr`'s shapes."""
+    wanted = {str(x) for x in _size_symbols(expr)}
+    return {k: v for k, v in sizes.items() if k in wanted}
 
 
 def compile_expr(expr: Expr, name: str = "f", context: Expr | None = None,
@@ -292,12 +270,7 @@ def _var(expr: Expr, name: str) -> Variable:
 
 
 def _legs(var: Variable, taken: set) -> tuple[str, ...]:
-    out = []
-    for a in var.axes:
-        n = fresh_name(a, taken)
-        taken.add(n)
-        out.append(n)
-    return tuple(out)
+    return fresh_names(var.axes, taken)
 
 
 class _Pieces:
@@ -332,11 +305,8 @@ class _Pieces:
         return derivative(self.model, var.name, legs)
 
     def out_names(self, tag: str) -> dict:
-        out = {}
-        for i in self.model.indices:
-            out[i] = fresh_name(f"{i}{tag}", self.taken)
-            self.taken.add(out[i])
-        return out
+        idx = self.model.indices
+        return dict(zip(idx, fresh_names((f"{i}{tag}" for i in idx), self.taken)))
 
     def finish(self, expr: Expr) -> Expr:
         """Rename working legs to the result legs (a's axes, then b's)."""
@@ -407,13 +377,8 @@ def loss_hessian_block(model: Expr, loss, a: str, b: Optional[str] = None,
 def _diagonal(block: Expr, legs_a: Sequence[str], legs_b: Sequence[str]) -> Expr:
     """diag of a square block with index pairs (legs_a[k], legs_b[k]) -> indices legs_a."""
     sizes = block.sizes
-    taken = set(block.all_indices)
-    diag_names, deltas = [], []
-    for la, lb in zip(legs_a, legs_b):
-        d = fresh_name(la + "d", taken)
-        taken.add(d)
-        diag_names.append(d)
-        deltas.append(Delta((la, lb, d), sizes[la]))
+    diag_names = fresh_names((la + "d" for la in legs_a), set(block.all_indices))
+    deltas = [Delta((la, lb, d), sizes[la]) for la, lb, d in zip(legs_a, legs_b, diag_names)]
     out = Product((block, *deltas), diag_names)
     return _rename_to(out, legs_a)
 

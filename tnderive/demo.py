@@ -130,28 +130,9 @@ def sizes_for(expr, sizes: Mapping[str, int] | None) -> dict[str, int]:
 def bind_coefficients(expr, sizes: Mapping[str, int] | None):
     """`expr` with size symbols in sum coefficients (e.g. `2·n` of a summed loss Hessian)
     replaced by their values from `sizes`; the code generator plans numbers only."""
-    import sympy
+    from .curvature import coefficients_at
 
-    from .ir import Func, Product, Sum
-
-    values = {sympy.Symbol(k, integer=True, positive=True): sympy.Integer(v) for k, v in (sizes or {}).items()}
-    memo: dict = {}
-
-    def go(e):
-        if e in memo:
-            return memo[e]
-        out = e
-        if isinstance(e, Sum):
-            out = Sum([(sympy.nsimplify(c.xreplace(values)) if getattr(c, "free_symbols", None) else c, go(t))
-                       for c, t in e.terms], e.indices)
-        elif isinstance(e, Product):
-            out = Product(tuple(go(f) for f in e.factors), e.indices)
-        elif isinstance(e, Func):
-            out = Func(e.fn, go(e.arg), e.over)
-        memo[e] = out = e if out == e else out
-        return out
-
-    return go(expr) if values else expr
+    return coefficients_at(expr, sizes, strict=False) if sizes else expr
 
 
 def specialise_sizes(expr, sizes: Mapping[str, int] | None):
@@ -160,7 +141,7 @@ def specialise_sizes(expr, sizes: Mapping[str, int] | None):
     its value from `sizes`. Returns (expr, {name: value} substituted)."""
     import sympy
 
-    from .ir import Constant, Delta, Func, Product, Sum, Variable, Zero
+    from .ir import map_sizes
 
     bound = {s for v in expr.variables.values() for s in v.axis_shape if isinstance(s, sympy.Symbol)}
     used = size_symbols(expr)
@@ -173,31 +154,8 @@ def specialise_sizes(expr, sizes: Mapping[str, int] | None):
     def sz(x):
         return x.xreplace(values) if isinstance(x, sympy.Basic) else x
 
-    memo: dict = {}
-
-    def go(e):
-        if e in memo:
-            return memo[e]
-        if isinstance(e, Variable):
-            out = Variable(e.name, e.axes, e.occurrence, [sz(x) for x in e.axis_shape])
-        elif isinstance(e, Delta):
-            out = Delta(e.indices, sz(e.size))
-        elif isinstance(e, Constant):
-            out = Constant(e.kind, e.params, e.indices, [sz(x) for x in e.shape])
-        elif isinstance(e, Zero):
-            out = Zero(e.indices, [sz(x) for x in e.shape])
-        elif isinstance(e, Func):
-            out = Func(e.fn, go(e.arg), e.over)
-        elif isinstance(e, Product):
-            out = Product(tuple(go(f) for f in e.factors), e.indices)
-        elif isinstance(e, Sum):
-            out = Sum([(sz(c), go(t)) for c, t in e.terms], e.indices)
-        else:
-            out = e
-        memo[e] = out
-        return out
-
-    return go(expr), {str(k): int(v) for k, v in sorted(values.items(), key=lambda kv: str(kv[0]))}
+    substituted = {str(k): int(v) for k, v in sorted(values.items(), key=lambda kv: str(kv[0]))}
+    return map_sizes(expr, sz, coefficients=True), substituted
 
 
 def plan_cost(expr, sizes: Mapping[str, int] | None = None) -> Cost:

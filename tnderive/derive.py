@@ -22,7 +22,7 @@ from typing import Sequence
 from .errors import TNError
 from .functions import SOFTMAX, Elementwise, IndexFunction
 from .ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name,
-                 rename_free, scale)
+                 fresh_names, rename_free, scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,11 +44,7 @@ def hessian(expr: Expr, a: str, b: str | None = None) -> Expr:
     va, vb = _variable(expr, a), _variable(expr, b)
     legs_a = new_leg_names(expr, va)
     first = derivative(expr, a, legs_a)
-    taken = set(first.all_indices) | set(legs_a)
-    legs_b = []
-    for ax in vb.axes:
-        legs_b.append(fresh_name(ax, taken))
-        taken.add(legs_b[-1])
+    legs_b = fresh_names(vb.axes, set(first.all_indices) | set(legs_a))
     return derivative(first, b, legs_b, var=vb)
 
 
@@ -108,13 +104,7 @@ def derivative(expr: Expr, name: str, legs: Sequence[str], var: Variable | None 
 
 def new_leg_names(expr: Expr, var: Variable) -> tuple[str, ...]:
     """Names for derivative legs: the variable's axis names, '_'-suffixed until unique."""
-    taken = set(expr.all_indices)
-    legs = []
-    for a in var.axes:
-        n = fresh_name(a, taken)
-        taken.add(n)
-        legs.append(n)
-    return tuple(legs)
+    return fresh_names(var.axes, set(expr.all_indices))
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,8 +55,8 @@ class Elementwise:
 
     def derivative(self, order: int = 1) -> "Elementwise":
         """The `order`-th derivative, simplified by sympy, as a new Elementwise."""
-        d = sympy.simplify(sympy.diff(self.formula, X, order))
-        return Elementwise(self.name + "'" * order, d)
+        raw = sympy.diff(self.formula, X, order)
+        return Elementwise(self.name + "'" * order, _tidy(raw, self.formula))
 
     @property
     def is_zero(self) -> bool:
@@ -74,6 +74,13 @@ class Elementwise:
 
     def __str__(self) -> str:
         return self.name
+
+
+def _tidy(d: sympy.Expr, original: sympy.Expr) -> sympy.Expr:
+    """A canonical form of a derivative formula: sympy's expansion. It keeps the original's
+    functions (tanh' stays 1 − tanh², not cosh⁻², which overflows for large |x|) and makes
+    f'' and (f')' the same formula, so equal derivatives compare equal."""
+    return sympy.expand(d)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ Node kinds
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping, Sequence, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import sympy
 
@@ -450,6 +450,16 @@ def fresh_name(base: str, taken: Iterable[str]) -> str:
     return name
 
 
+def fresh_names(bases: Iterable[str], taken: set[str]) -> tuple[str, ...]:
+    """`fresh_name` of each base in turn; every new name is added to `taken` (so they also
+    differ from each other)."""
+    out = []
+    for base in bases:
+        out.append(fresh_name(base, taken))
+        taken.add(out[-1])
+    return tuple(out)
+
+
 def rename_free(expr: Expr, mapping: Mapping[str, str]) -> Expr:
     """Rename free indices per `mapping`; bound indices that would capture a new name are
     renamed fresh first (alpha-renaming)."""
@@ -517,3 +527,78 @@ def transpose(expr: Expr, indices: Sequence[str]) -> Expr:
         sizes = expr.sizes
         return Zero(indices, [sizes[i] for i in indices])
     return Product((expr,), indices)
+
+
+# --------------------------------------------------------------------------------------------
+# rebuilding trees (shared by simplify, curvature, kfac, notation, demo)
+# --------------------------------------------------------------------------------------------
+
+def map_children(expr: Expr, fn: Callable[[Expr], Expr]) -> Expr:
+    """`expr` rebuilt with `fn` applied to each child (a sum keeps its coefficients), or `expr`
+    itself when every child comes back as the same object. Leaves are returned unchanged."""
+    if isinstance(expr, Product):
+        factors = tuple(fn(f) for f in expr.factors)
+        if all(a is b for a, b in zip(factors, expr.factors)):
+            return expr
+        return Product(factors, expr.indices)
+    if isinstance(expr, Sum):
+        terms = tuple(fn(t) for _, t in expr.terms)
+        if all(a is b for a, (_, b) in zip(terms, expr.terms)):
+            return expr
+        return Sum(((c, t) for (c, _), t in zip(expr.terms, terms)), expr.indices)
+    if isinstance(expr, Func):
+        arg = fn(expr.arg)
+        return expr if arg is expr.arg else Func(expr.fn, arg, expr.over)
+    return expr
+
+
+def rewrite(expr: Expr, fn: Callable[[Expr], Optional[Expr]]) -> Expr:
+    """`expr` with every node for which `fn(node)` returns an expression replaced by it (top
+    down: a replaced node is not visited further); each distinct node object is visited once,
+    and unchanged sub-trees are kept as the same objects."""
+    memo: dict[int, Expr] = {}
+
+    def go(e: Expr) -> Expr:
+        hit = memo.get(id(e))
+        if hit is None:
+            new = fn(e)
+            hit = memo[id(e)] = map_children(e, go) if new is None else new
+        return hit
+
+    return go(expr)
+
+
+def replace(expr: Expr, old: Expr, new: Expr) -> Expr:
+    """`expr` with every occurrence of the sub-tree `old` replaced by `new` (structural)."""
+    return rewrite(expr, lambda e: new if e == old else None)
+
+
+def map_sizes(expr: Expr, fn: Callable[[Size], Size], coefficients: bool = False) -> Expr:
+    """`expr` with `fn` applied to every size (variables' axis sizes, delta sizes, shapes of
+    constants and zeros), and to the sums' coefficients too when `coefficients` is set."""
+    memo: dict[Expr, Expr] = {}
+
+    def go(e: Expr) -> Expr:
+        hit = memo.get(e)
+        if hit is not None:
+            return hit
+        if isinstance(e, Variable):
+            out: Expr = Variable(e.name, e.axes, e.occurrence, [fn(s) for s in e.axis_shape])
+        elif isinstance(e, Delta):
+            out = Delta(e.indices, fn(e.size))
+        elif isinstance(e, Constant):
+            out = Constant(e.kind, e.params, e.indices, [fn(s) for s in e.shape])
+        elif isinstance(e, Zero):
+            out = Zero(e.indices, [fn(s) for s in e.shape])
+        elif isinstance(e, Func):
+            out = Func(e.fn, go(e.arg), e.over)
+        elif isinstance(e, Product):
+            out = Product([go(f) for f in e.factors], e.indices)
+        elif isinstance(e, Sum):
+            out = Sum([(fn(c) if coefficients else c, go(t)) for c, t in e.terms], e.indices)
+        else:
+            raise TNError(f"map_sizes: unknown node {type(e).__name__}")
+        memo[e] = out
+        return out
+
+    return go(expr)

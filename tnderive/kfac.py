@@ -54,12 +54,13 @@ import torch
 
 from .derive import derivative
 from .errors import TNError
-from .ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name, rename_free,
-                 size_symbol)
+from .ir import (Constant, Delta, Expr, Product, Variable, Zero, fresh_name, fresh_names, rename_free,
+                 replace, size_symbol)
 from .kronecker import KronBlock, ParamLayout
 from .losses import Loss, as_loss
-from .curvature import (_rename_to, _size_symbols, compile_expr, evaluate, maybe_simplify, sizes_from,
+from .curvature import (_rename_to, compile_expr, maybe_simplify, relevant_sizes, sizes_from,
                         substitute)
+from .evaluate import evaluate
 
 KINDS = ("expand", "reduce")
 FISHERS = ("type-2", "mc", "empirical")
@@ -196,41 +197,13 @@ def split_layer(expr: Expr, weight: str, batch: str) -> LayerSplit:
     z = Product((W, *input_factors), z_indices)
     if output_factors:
         new_P = Product((*output_factors, z), P.indices)
-        new_expr = _replace(expr, P, new_P)
+        new_expr = replace(expr, P, new_P)
     else:
         if z_indices != P.indices:  # same index set, P's order
             z = Product((W, *input_factors), P.indices)
-        new_expr = _replace(expr, P, z) if z != P else expr
+        new_expr = replace(expr, P, z) if z != P else expr
     return LayerSplit(P, z, input_factors, output_factors, W, batch, positions, group_legs,
                       out_legs, in_legs, new_expr)
-
-
-def _replace(expr: Expr, old: Expr, new: Expr) -> Expr:
-    """`expr` with every occurrence of the sub-tree `old` replaced by `new`."""
-    memo: dict[int, Expr] = {}
-
-    def go(e: Expr) -> Expr:
-        if e == old:
-            return new
-        hit = memo.get(id(e))
-        if hit is not None:
-            return hit
-        if isinstance(e, Product):
-            fs = tuple(go(f) for f in e.factors)
-            out = e if all(a is b for a, b in zip(fs, e.factors)) else Product(fs, e.indices)
-        elif isinstance(e, Sum):
-            ts = tuple(go(t) for _, t in e.terms)
-            out = e if all(a is b for a, (_, b) in zip(ts, e.terms)) else \
-                Sum(((c, t) for (c, _), t in zip(e.terms, ts)), e.indices)
-        elif isinstance(e, Func):
-            a = go(e.arg)
-            out = e if a is e.arg else Func(e.fn, a, e.over)
-        else:
-            out = e
-        memo[id(e)] = out
-        return out
-
-    return go(expr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +295,7 @@ class KFACFactors:
 
     def _count(self, tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:
         sizes = self._sizes(tensors)
-        vals = {sympy.Symbol(k, integer=True, positive=True): sympy.Integer(v) for k, v in sizes.items()}
+        vals = _size_values(sizes)
         zs = self.split.z.sizes
 
         vec = dict(zip(self.vectors.indices, self.vectors.shape)) if self.vector_name else {}
@@ -360,9 +333,8 @@ class KFACFactors:
             sizes = self._counts.get(key)
             if sizes is None:
                 sizes = self._counts[key] = self._sizes(tensors)
-            wanted = {str(s) for s in _size_symbols(self.input_side_expr)}
-            return structured_evaluate(self.input_side_expr, sizes={k: v for k, v in sizes.items()
-                                                                    if k in wanted}, **used)
+            return structured_evaluate(self.input_side_expr,
+                                       sizes=relevant_sizes(self.input_side_expr, sizes), **used)
         return self._fn("input_side")(**tensors)
 
     def input_factor(self, **tensors: torch.Tensor) -> torch.Tensor:
@@ -404,7 +376,7 @@ class KFACFactors:
             B = B / self.mc_samples
         if self.loss is not None and self.fisher in ("mc", "empirical"):
             sizes = self._sizes(tensors)
-            vals = {sympy.Symbol(k, integer=True, positive=True): sympy.Integer(v) for k, v in sizes.items()}
+            vals = _size_values(sizes)
             sc = float(self.loss.scale(self.model).xreplace(vals))
             B = B / sc
         return B
@@ -466,7 +438,7 @@ class KFACFactors:
         if t is not None:
             return list(t.shape)
         sizes = self._sizes(tensors)
-        vals = {sympy.Symbol(k, integer=True, positive=True): sympy.Integer(v) for k, v in sizes.items()}
+        vals = _size_values(sizes)
         out = []
         for s in var.axis_shape:
             v = sympy.sympify(s).xreplace(vals)
@@ -474,6 +446,11 @@ class KFACFactors:
                 raise TNError(f"cannot determine the shape of {var.name!r}: pass its tensor")
             out.append(int(v))
         return out
+
+
+def _size_values(sizes: Mapping[str, int]) -> dict:
+    """{size symbol: sympy Integer} for `sizes` (name -> int), for `xreplace`."""
+    return {size_symbol(k): sympy.Integer(v) for k, v in sizes.items()}
 
 
 def _bias_occurrence(expr: Expr, name: str) -> tuple:
@@ -564,15 +541,9 @@ def _pullback(model: Expr, z: Product, V: Expr, col: str) -> Expr:
     if model == z:
         return _rename_to(V, (*z.indices, col)) if V.indices != (*z.indices, col) else V
     zname = fresh_name("Z", set(model.variables))
-    while zname in model.variables:
-        zname += "_"
     Zv = Variable(zname, z.indices, z.indices, z.shape)
-    mz = _replace(model, z, Zv)
-    taken = set(mz.all_indices) | set(V.all_indices) | {col}
-    legs = []
-    for i in z.indices:
-        legs.append(fresh_name(i, taken))
-        taken.add(legs[-1])
+    mz = replace(model, z, Zv)
+    legs = fresh_names(z.indices, set(mz.all_indices) | set(V.all_indices) | {col})
     J = derivative(mz, zname, legs)
     if isinstance(J, Zero):
         raise TNError("the expression does not depend on the layer output")
@@ -581,45 +552,24 @@ def _pullback(model: Expr, z: Product, V: Expr, col: str) -> Expr:
     return _rename_to(g, (*z.indices, col))
 
 
-def _input_side(s: LayerSplit, kind: str) -> tuple[Expr, Expr]:
+def _gram(X: Expr, groups: tuple, legs: tuple) -> Product:
+    """Σ X Xᵀ: `X` times a copy of itself with `legs` primed, indices [*groups, *legs, *legs']
+    (every other index of X is summed)."""
+    primed = fresh_names((i + "_" for i in legs), set(X.all_indices))
+    return Product((X, rename_free(X, dict(zip(legs, primed)))), (*groups, *legs, *primed))
+
+
+def _input_side(s: LayerSplit, kind: str) -> tuple[Expr, Expr, Expr]:
+    """(A = Σ X Xᵀ, Σ X for the joint bias block, X) of the layer's input side."""
     keep = (*s.group_legs, *s.in_legs)
     if kind == "expand":
         X = Product(s.input_factors, (s.batch, *s.positions, *keep))
     else:
         X = Product(s.input_factors, (s.batch, *keep))
-    taken = set(X.all_indices)
-    primed = {}
-    for i in s.in_legs:
-        primed[i] = fresh_name(i + "_", taken)
-        taken.add(primed[i])
-    X2 = rename_free(X, primed)
-    A = Product((X, X2), (*s.group_legs, *s.in_legs, *(primed[i] for i in s.in_legs)))
-    bias_in = Product((X,), keep)
-    return A, bias_in, X
+    return _gram(X, s.group_legs, s.in_legs), Product((X,), keep), X
 
 
 def _output_side(s: LayerSplit, gz: Expr, col: str, kind: str) -> Expr:
-    keep = (*s.group_legs, *s.out_legs)
-    if kind == "expand":
-        g = gz
-    else:
-        g = Product((gz,), (s.batch, *keep, col))
-    taken = set(g.all_indices)
-    primed = {}
-    for i in s.out_legs:
-        primed[i] = fresh_name(i + "_", taken)
-        taken.add(primed[i])
-    g2 = rename_free(g, primed)
-    return Product((g, g2), (*keep, *(primed[i] for i in s.out_legs)))
-
-
-# `tnderive.kfac` is both this module and the public function (lazy name in tnderive/__init__):
-# once the module is imported, the package attribute is the module, so make it callable.
-class _CallableModule(type(math)):
-    def __call__(self, *args, **kwargs):
-        return kfac(*args, **kwargs)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule
+    """B = Σ g gᵀ of the output-side vectors g backpropagated to the layer output."""
+    g = gz if kind == "expand" else Product((gz,), (s.batch, *s.group_legs, *s.out_legs, col))
+    return _gram(g, s.group_legs, s.out_legs)

@@ -17,7 +17,8 @@ MSELoss/BCEWithLogitsLoss average over every entry), 1/(numel(f)/C) for cross-en
 class index is not averaged). The Hessian is block-diagonal over every index except the class
 index ``d`` (the last index of f unless `class_index` names another), so S has one extra
 "column" index of the class size. Coefficients are sympy expressions in the size symbols; they
-become numbers when tensors are bound (see `tnderive.curvature.numeric`).
+become numbers when tensors are bound (`tnderive.evaluate` binds them; generated code gets
+them as numbers from `tnderive.curvature.numeric`).
 """
 from __future__ import annotations
 

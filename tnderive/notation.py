@@ -38,7 +38,7 @@ import sympy
 from .errors import TNError
 from .functions import LOGSUMEXP, SOFTMAX, X, Elementwise, get_elementwise, power
 from .ir import (ONE, Constant, Delta, Expr, Func, Product, Size, Sum, Variable, Zero,
-                 fresh_name, rename_free, size_symbol)
+                 fresh_name, map_sizes, rename_free, size_symbol)
 
 __all__ = ["parse", "unify_sizes", "broadcast", "parse_size"]
 
@@ -198,32 +198,7 @@ def unify_sizes(expr: Expr, sizes: Mapping[str, int] | None = None) -> Expr:
             s = t
         return s
 
-    memo: dict[Expr, Expr] = {}
-
-    def rebuild(e: Expr) -> Expr:
-        hit = memo.get(e)
-        if hit is not None:
-            return hit
-        if isinstance(e, Variable):
-            out = Variable(e.name, e.axes, e.occurrence, [final(s) for s in e.axis_shape])
-        elif isinstance(e, Delta):
-            out = Delta(e.indices, final(e.size))
-        elif isinstance(e, Constant):
-            out = Constant(e.kind, e.params, e.indices, [final(s) for s in e.shape])
-        elif isinstance(e, Zero):
-            out = Zero(e.indices, [final(s) for s in e.shape])
-        elif isinstance(e, Func):
-            out = Func(e.fn, rebuild(e.arg), e.over)
-        elif isinstance(e, Product):
-            out = Product([rebuild(f) for f in e.factors], e.indices)
-        elif isinstance(e, Sum):
-            out = Sum([(c, rebuild(t)) for c, t in e.terms], e.indices)
-        else:
-            raise TNError(f"unify_sizes: unknown node {type(e).__name__}")
-        memo[e] = out
-        return out
-
-    return rebuild(expr)
+    return map_sizes(expr, final)
 
 
 def _check_sizes(sizes) -> dict[str, sympy.Integer]:

@@ -504,47 +504,22 @@ def _gather_all(ops: list[_Op], structs: list[_Struct], out: list[int]) -> None:
 
 
 def _apply_views(op: _Op, batch: list[_Struct]) -> None:
-    """Replace op's source axes by the constants' new axes (one pad, one as_strided)."""
-    t = op.t
-    # padding for patterns (one F.pad for all of them)
-    pads = [(0, 0)] * t.dim()
+    """Replace op's source axes by the constants' new axes: the views of `tnderive.codegen.views`
+    (one pad, then unfold / reshape / narrow / slice), run on the tensor."""
+    from itertools import count
+
+    from .codegen.views import TensorViews
+    def name(k: int) -> str:  # integer ids as index names
+        return f"i{k}"
+
+    consts = [Constant(s.c.kind, s.c.params, tuple(map(name, s.sub)), s.shape) for s in batch]
+    fresh = count(max([*op.sub, *(k for s in batch for k in s.sub)]) + 1_000_000)
+    t, labels = TensorViews(lambda: name(next(fresh))).apply(op.t, [name(k) for k in op.sub], consts)
+    op.t, op.sub = t, [int(x[1:]) for x in labels]
     for s in batch:
         if s.c.kind == "pattern":
-            K, O, I = s.shape
-            st, d = s.c.params[0], s.c.params[3]
-            pl, _ = resolve_padding(s.c.params, K)
-            right = max(0, st * (O - 1) + d * (K - 1) - pl - (I - 1))
-            pads[op.sub.index(s.src)] = (pl, right)
-    if any(p != (0, 0) for p in pads):
-        first = min(j for j, p in enumerate(pads) if p != (0, 0))
-        flat: list[int] = []
-        for p in reversed(pads[first:]):
-            flat.extend(p)
-        t = torch.nn.functional.pad(t, flat)
-    sizes, strides = list(t.shape), list(t.stride())
-    offset = t.storage_offset()
-    new_sizes: list[list[int]] = [[n] for n in sizes]
-    new_strides: list[list[int]] = [[st] for st in strides]
-    new_sub: list[list[int]] = [[k] for k in op.sub]
-    for s in batch:
-        dim = op.sub.index(s.src)
-        st = strides[dim]
-        kind = s.c.kind
-        if kind == "pattern":
-            K, O, _ = s.shape
-            new_sizes[dim], new_strides[dim] = [K, O], [s.c.params[3] * st, s.c.params[0] * st]
             op.taps.append((s.sub[0], s.sub[1]))
             op.tapinfo[s.sub[0]] = s.c.params[0]
-        elif kind == "split":
-            _, A, B = s.shape
-            new_sizes[dim], new_strides[dim] = [A, B], [B * st, st]
-        else:  # window
-            K, _ = s.shape
-            new_sizes[dim], new_strides[dim] = [K], [st]
-            offset += s.c.params[0] * st
-        new_sub[dim] = s.new
-    op.t = t.as_strided([n for g in new_sizes for n in g], [x for g in new_strides for x in g], offset)
-    op.sub = [k for g in new_sub for k in g]
 
 
 class _Geometry:

@@ -23,7 +23,8 @@ from importlib import import_module
 from typing import Callable, Iterable, Sequence
 
 from .errors import TNError
-from .ir import Constant, Delta, Expr, Func, Product, Sum, Variable, Zero
+from .ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, map_children,
+                 replace)
 
 Rule = Callable[[Expr], "Expr | None"]
 
@@ -229,20 +230,7 @@ class Engine:
 
     def _children(self, expr: Expr) -> Expr:
         """`expr` rebuilt with simplified children (the same object when nothing changed)."""
-        if isinstance(expr, Product):
-            new = tuple(self.simp(f) for f in expr.factors)
-            if all(a is b for a, b in zip(new, expr.factors)):
-                return expr
-            return Product(new, expr.indices)
-        if isinstance(expr, Sum):
-            new = tuple(self.simp(e) for _, e in expr.terms)
-            if all(a is b for a, (_, b) in zip(new, expr.terms)):
-                return expr
-            return Sum(((c, e) for (c, _), e in zip(expr.terms, new)), expr.indices)
-        if isinstance(expr, Func):
-            arg = self.simp(expr.arg)
-            return expr if arg is expr.arg else Func(expr.fn, arg, expr.over)
-        return expr
+        return map_children(expr, self.simp)
 
     # -- trace ------------------------------------------------------------------------------
     def _record(self, name: str, before: Expr, after: Expr) -> None:
@@ -251,34 +239,6 @@ class Engine:
         if new_whole is not self.whole:
             self.steps.append(Step(name, self.whole, new_whole, before, after))
             self.whole = new_whole
-
-
-def replace(expr: Expr, old: Expr, new: Expr) -> Expr:
-    """`expr` with every occurrence of the sub-tree `old` replaced by `new` (structural)."""
-    memo: dict[int, Expr] = {}
-
-    def go(e: Expr) -> Expr:
-        if e == old:
-            return new
-        hit = memo.get(id(e))
-        if hit is not None:
-            return hit
-        if isinstance(e, Product):
-            fs = tuple(go(f) for f in e.factors)
-            out = e if all(a is b for a, b in zip(fs, e.factors)) else Product(fs, e.indices)
-        elif isinstance(e, Sum):
-            ts = tuple(go(t) for _, t in e.terms)
-            out = e if all(a is b for a, (_, b) in zip(ts, e.terms)) else \
-                Sum(((c, t) for (c, _), t in zip(e.terms, ts)), e.indices)
-        elif isinstance(e, Func):
-            a = go(e.arg)
-            out = e if a is e.arg else Func(e.fn, a, e.over)
-        else:
-            out = e
-        memo[id(e)] = out
-        return out
-
-    return go(expr)
 
 
 def simplify(expr: Expr, trace: bool = False, rules: Sequence[Rule] | Iterable[str] | None = None):
@@ -334,13 +294,3 @@ def count_terms(expr: Expr) -> int:
 
     return go(expr)
 
-
-class _CallableModule(type(sys)):
-    """`import tnderive.simplify` binds the submodule over the lazy public function
-    `tnderive.simplify`; making the module callable keeps `tnderive.simplify(expr)` working."""
-
-    def __call__(self, expr: Expr, trace: bool = False, rules=None):
-        return simplify(expr, trace=trace, rules=rules)
-
-
-sys.modules[__name__].__class__ = _CallableModule

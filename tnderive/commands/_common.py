@@ -1,4 +1,4 @@
-"""Helpers shared by the sub-commands: reading notation, parsing --sizes."""
+"""Helpers shared by the sub-commands: reading notation, parsing --sizes, --wrt."""
 from __future__ import annotations
 
 import os
@@ -38,3 +38,19 @@ def load_expression(text_or_path: str, sizes: str | None = None):
     from ..notation import parse
 
     return parse(read_source(text_or_path), sizes=parse_sizes(sizes) or None)
+
+
+def differentiate(expr, wrt: list[str]):
+    """The derivative of `expr` by each variable of `wrt` in turn (--wrt; new legs named after
+    the variable's axes); TNError naming a --wrt that is not a variable of `expr`."""
+    from ..derive import derivative, new_leg_names
+
+    for w in wrt:
+        if w not in expr.variables:
+            raise TNError(f"--wrt {w!r}: not a variable of the expression "
+                          f"(variables: {list(expr.variables)})")
+    result = expr
+    for w in wrt:
+        var = expr.variables[w]
+        result = derivative(result, w, new_leg_names(result, var), var=var)
+    return result

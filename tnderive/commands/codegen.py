@@ -5,7 +5,7 @@ import argparse
 import time
 
 from ..errors import TNError
-from ._common import parse_sizes, read_source
+from ._common import differentiate, load_expression, parse_sizes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,24 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args) -> int:
     from ..codegen import lower
     from ..codegen.torch_emit import emit_module
-    from ..notation import parse
 
     if args.default_size <= 0:
         raise TNError(f"--default-size must be positive, got {args.default_size}")
-    expr = parse(read_source(args.expression))
+    expr = load_expression(args.expression)  # --sizes only plans: the code stays size-generic
     t0 = time.perf_counter()
-    for w in args.wrt:
-        var = expr.variables.get(w)
-        if var is None:
-            raise TNError(f"--wrt {w!r}: not a variable of the expression "
-                          f"(variables: {list(expr.variables)})")
-    if args.wrt:
-        from ..derive import derivative, new_leg_names
-        result = expr
-        for w in args.wrt:
-            result = derivative(result, w, new_leg_names(result, expr.variables[w]),
-                                var=expr.variables[w])
-        expr = result
+    expr = differentiate(expr, args.wrt)
     if args.simplify:
         try:
             from ..simplify import simplify

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ._common import load_expression
+from ._common import differentiate, load_expression
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,17 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
-    from ..derive import derivative, new_leg_names
-
     expr = load_expression(args.expression, args.sizes)
     t0 = time.perf_counter()
-    result = expr
-    for w in args.wrt:
-        var = expr.variables.get(w)
-        if var is None:
-            from ..errors import TNError
-            raise TNError(f"--wrt {w!r}: not a variable of the expression (variables: {list(expr.variables)})")
-        result = derivative(result, w, new_leg_names(result, var), var=var)
+    result = differentiate(expr, args.wrt)
     steps = None
     if args.simplify or args.steps:
         from ..simplify import simplify

@@ -95,12 +95,14 @@ def _one_line(e) -> str:
 
 
 def _cost(e, sizes) -> str:
+    from ..curvature import relevant_sizes
+
     try:
         from ..codegen import plan
     except ImportError:
         return "cost: (code generator not installed)"
     try:
-        p = plan(e, _relevant(e, sizes) or None)
+        p = plan(e, relevant_sizes(e, sizes) or None)
     except TNError as err:
         return f"cost: unavailable ({err})"
     flops = sympy.factor(p.flops)
@@ -110,15 +112,6 @@ def _cost(e, sizes) -> str:
     return out
 
 
-def _relevant(expr, sizes) -> dict:
-    """The entries of --sizes that name size symbols of `expr`."""
-    names = set()
-    for node in expr.walk():
-        for n in node.shape:
-            names |= {str(x) for x in sympy.sympify(n).free_symbols}
-    return {k: v for k, v in sizes.items() if k in names}
-
-
 # --------------------------------------------------------------------------------------------
 # the standalone module
 # --------------------------------------------------------------------------------------------
@@ -126,9 +119,10 @@ def _relevant(expr, sizes) -> dict:
 def _generated(expr, name: str, sizes) -> str:
     """Generated module source for `expr`, wrapped in a factory so that several can share a file."""
     from ..codegen import codegen
+    from ..curvature import relevant_sizes
 
     try:
-        src = codegen(expr, name, sizes=_relevant(expr, sizes) or None)
+        src = codegen(expr, name, sizes=relevant_sizes(expr, sizes) or None)
     except TNError as err:
         raise TNError(f"cannot generate code for {name}: {err} (pass --sizes)") from None
     body = textwrap.indent(src, "    ")

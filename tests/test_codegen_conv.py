@@ -1,0 +1,139 @@
+"""Generated code on convolution networks: patterns applied as views (pad / unfold / reshape /
+slice), results equal to `evaluate` (dense patterns) and torch in float64, derived sizes
+bound from argument shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tnderive import evaluate
+from tnderive.codegen import codegen, compile
+from tnderive.errors import TNError
+from tnderive.nn.conv import conv_network
+from tnderive.derive import vjp
+from tnderive.ir import Product, Variable, size_symbol
+from tnderive.patterns import pattern_constant, pattern_sum_constant
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+# id: (x shape, w shape, stride, padding, dilation, groups)
+CONV_CASES = {
+    "1d": ((2, 3, 11), (4, 3, 3), 1, 1, 1, 1),
+    "1d_s2_d2": ((2, 3, 13), (4, 3, 3), 2, 2, 2, 1),
+    "1d_asym_pad": ((2, 3, 10), (2, 3, 4), 1, ((2, 1),), 1, 1),
+    "2d": ((2, 3, 7, 6), (4, 3, 3, 3), 1, 1, 1, 1),
+    "2d_s2": ((2, 4, 9, 8), (6, 4, 3, 3), 2, 1, 1, 1),
+    "2d_dil": ((2, 2, 9, 9), (3, 2, 3, 2), 1, (2, 1), 2, 1),
+    "2d_groups": ((2, 6, 7, 7), (4, 3, 3, 3), 1, 1, 1, 2),
+    "2d_depthwise_s2": ((2, 4, 9, 9), (4, 1, 3, 3), 2, 1, 1, 4),
+    "2d_dense": ((2, 3, 8, 9), (5, 3, 4, 3), (4, 3), 0, 1, 1),
+    "2d_dense_tail": ((2, 3, 10, 9), (5, 3, 4, 4), 4, 0, 1, 1),
+    "2d_down_1x1_s2": ((2, 4, 7, 8), (6, 4, 1, 1), 2, 0, 1, 1),
+    "2d_same": ((1, 2, 6, 7), (3, 2, 4, 3), 1, "same", 1, 1),
+    "3d": ((1, 2, 5, 6, 4), (3, 2, 3, 2, 2), (1, 2, 1), 1, 1, 1),
+    "3d_dense": ((1, 2, 4, 6, 4), (3, 2, 2, 2, 2), 2, 0, 1, 1),
+}
+
+
+def _network(case):
+    xs, ws, s, p, d, g = CONV_CASES[case]
+    net = conv_network(xs, ws, stride=s, padding=p, dilation=d, groups=g, bias=False)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(xs, generator=gen, dtype=torch.float64)
+    w = torch.randn(ws, generator=gen, dtype=torch.float64)
+    return net, x, w
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_conv_forward_generated_equals_evaluate_and_torch(case):
+    net, x, w = _network(case)
+    xs, ws, s, p, d, g = CONV_CASES[case]
+    inputs = net.prepare(x, w)
+    f = compile(net.core)
+    got = f(**inputs)
+    torch.testing.assert_close(got, evaluate(net.core, **inputs), **TOL)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
+    if p == ((2, 1),):  # asymmetric (left, right): pad by hand
+        ref = conv(F.pad(x, (2, 1)), w, stride=s, dilation=d, groups=g)
+    else:
+        ref = conv(x, w, stride=s, padding=p, dilation=d, groups=g)
+    torch.testing.assert_close(net.finish(got), ref, **TOL)
+    src = f.source
+    assert "_constant('pattern'" not in src  # every pattern is a view
+    assert "import" not in src.replace("import torch", "")
+
+
+@pytest.mark.parametrize("case", ["1d_s2_d2", "2d", "2d_s2", "2d_dense", "2d_down_1x1_s2", "3d"])
+@pytest.mark.parametrize("wrt", ["x", "W"])
+def test_conv_vjp_generated_equals_evaluate(case, wrt):
+    net, x, w = _network(case)
+    inputs = net.prepare(x, w)
+    expr = vjp(net.core, wrt, "v")
+    v = torch.randn([int(n) for n in net.core.shape], dtype=torch.float64)
+    tensors = {k: t for k, t in {**inputs, "v": v}.items() if k in expr.variables}
+    got = compile(expr)(**tensors)
+    torch.testing.assert_close(got, evaluate(expr, **tensors), **TOL)
+
+
+def test_view_kinds_in_source():
+    src = compile(conv_network((2, 3, 8, 8), (4, 3, 3, 3), stride=2, padding=1, dilation=2,
+                               bias=False).core).source
+    assert "torch.nn.functional.pad(x, (1, 1, 1, 1))" in src
+    assert ".unfold(3, 5, 2)" in src and "[:, :, :, :, :, ::2]" in src  # dilation slice
+    dense = compile(conv_network((2, 3, 8, 8), (4, 3, 4, 4), stride=4, bias=False).core).source
+    assert ".reshape(" in dense and ".unfold(" not in dense and "pad(" not in dense
+    down = compile(conv_network((2, 3, 8, 8), (4, 3, 1, 1), stride=2, bias=False).core).source
+    assert "[:, :, :, ::2]" in down and ".unsqueeze(" in down and ".unfold(" not in down
+
+
+def _kfac_reduce(stride, padding, K=1, I=9):
+    """Σ_o Π[k,o,i] x[n,c,i] (the KFAC-reduce input side, 1d) via pattern_sum."""
+    pat = pattern_constant(("k", "o", "i"), (K, I), stride=stride, padding=padding)
+    ps = pattern_sum_constant(pat)
+    x = Variable("x", ("n", "c", "i"), shape=(3, 2, I))
+    return Product((x, ps), ("n", "c", "k")), Product((x, pat), ("n", "c", "k"))
+
+
+@pytest.mark.parametrize("stride,padding,K,I", [(2, 0, 1, 9), (3, 0, 2, 10), (2, 0, 1, 8),
+                                                (1, 1, 3, 9), (2, 1, 3, 9)])
+def test_pattern_sum_strided_slice(stride, padding, K, I):
+    expr, ref_expr = _kfac_reduce(stride, padding, K, I)
+    x = torch.randn(3, 2, I, dtype=torch.float64)
+    f = compile(expr)
+    torch.testing.assert_close(f(x=x), evaluate(ref_expr, x=x), **TOL)
+    viewed = "_constant('pattern_sum'" not in f.source
+    assert viewed == (stride > K and padding == 0)
+
+
+def test_derived_sizes_bound_from_shapes():
+    # O = I - K + 1 (stride 1, no padding): I is solved from v's shape
+    pat = pattern_constant(("k", "o", "h"), (3, size_symbol("h")), stride=1, padding=0)
+    v = Variable("v", ("n", "o"), shape=(size_symbol("n"), pat.shape[1]))
+    scatter = Product((Variable("w", ("k",)), v, pat), ("n", "h"))
+    src = codegen(scatter, "g")
+    assert "size_h = v.shape[1] + 2" in src
+    f = compile(scatter)
+    w, vt = torch.randn(3, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    torch.testing.assert_close(f(w=w, v=vt), evaluate(scatter, sizes={"h": 7}, w=w, v=vt), **TOL)
+    # stride 2: O = floor((h - 1)/2) + 1 has two solutions; sizes= fixes h and it is checked
+    pat = pattern_constant(("k", "o", "h"), (3, size_symbol("h")), stride=2, padding=1)
+    v = Variable("v", ("n", "o"), shape=(size_symbol("n"), pat.shape[1]))
+    scatter = Product((Variable("w", ("k",)), v, pat), ("n", "h"))
+    with pytest.raises(TNError, match="'h'.*sizes="):
+        codegen(scatter, "g")
+    f = compile(scatter, sizes={"h": 7})
+    assert "size_h = 7" in f.source
+    vt = torch.randn(2, 4, dtype=torch.float64)
+    torch.testing.assert_close(f(w=w, v=vt), evaluate(scatter, sizes={"h": 7}, w=w, v=vt), **TOL)
+    with pytest.raises(TNError, match=r"v\[o\]"):
+        f(w=w, v=torch.randn(2, 5, dtype=torch.float64))
+
+
+def test_symbolic_conv_network_compiles():
+    net = conv_network(ndim=2, stride=2, padding=1, bias=False)
+    f = compile(net.core)
+    x = torch.randn(2, 1, 3, 9, 8, dtype=torch.float64)
+    w = torch.randn(1, 4, 3, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(f(x=x, W=w), evaluate(net.core, x=x, W=w), **TOL)
+    assert "_constant('pattern'" not in f.source
