@@ -5,7 +5,9 @@ One self-attention layer (softmax, one head, no W_O), squared loss (mean), CPU, 
 computed by
   * torch.func.hessian of the loss written in torch (the peer), and
   * tnderive: the block derived symbolically, split into Gauss-Newton + functional parts,
-    expanded, and emitted as pairwise torch.einsum code (`hessian_blocks(...)[WQ, WQ].total`).
+    simplified and compiled with `tnderive.compile` (`hessian_blocks(...)[WQ, WQ].total.program()`:
+    the sum is expanded into terms, the factors carrying output indices hoisted out of it,
+    each remainder contracted along its planned path, shared intermediates computed once).
 Every measurement runs in a fresh subprocess so its peak memory (ru_maxrss above the
 process's resident size before the computation) is its own. Times are medians over repeats.
 The symbolic FLOP count of every block (from the plan, sizes L, d, d_k kept symbolic) shows
@@ -65,7 +67,7 @@ def worker(method: str, L: int, repeats: int, threads: int = 2) -> dict:
         setup = time.perf_counter() - t0
 
         def run():
-            return prog(**{k: t[k] for k in prog.args})
+            return prog(**{k: t[k] for k in blocks["WQ", "WQ"].total.expr.variables})
     base = _rss_mb()
     times = []
     for _ in range(repeats):
@@ -116,7 +118,7 @@ def symbolic_costs() -> list[tuple]:
                 rows.append((f"{p}–{q}", name, 0, "0", "0"))
                 continue
             prog = part.program(plan_sizes=plan)
-            flops = sympy.expand(prog.flops.subs(sympy.Symbol("d_v", integer=True, positive=True),
+            flops = sympy.expand(prog.plan.flops.subs(sympy.Symbol("d_v", integer=True, positive=True),
                                                  sympy.Symbol("d", integer=True, positive=True)))
             terms = sympy.Add.make_args(flops)
             dom = max(terms, key=lambda m: float(m.xreplace(subs)))
@@ -169,8 +171,9 @@ def main() -> None:
         f"Q–Q block of one softmax self-attention layer, squared loss (mean), d = {D}, d_k = {DK}, "
         "float64, CPU, `torch.set_num_threads(T)`, each run in its own subprocess; time = median "
         f"over {args.repeats} repeats (1 for the peer at L ≥ 256); peak = ru_maxrss growth during "
-        "the runs. tnderive runs the generated code of the total block (Gauss-Newton + "
-        "functional parts, expanded, leg factors pulled out, pairwise einsum); symbolic "
+        "the runs. tnderive runs the code `tnderive.compile` generates for the total block "
+        "(Gauss-Newton + functional parts; the sum expanded into terms, the factors carrying "
+        "output indices hoisted out of it, shared intermediates computed once); symbolic "
         "derivation + code generation time is listed separately (one-off per layer shape). "
         f"Agreement with torch.func at L = 32: max relative difference {err:.1e}. "
         f"The 2-core machine was shared with other jobs (load average {load[0]:.1f} / {load[1]:.1f} "
@@ -208,7 +211,8 @@ def main() -> None:
         "tnderive's memory is dominated by block-sized ([d, d_k, d, d_k]) temporaries and does "
         "not grow with L; its planned cost per block is below.",
         "",
-        f"### Planned cost per block (multiply-adds, L, d, d_k symbolic; d_v = d; plan chosen at "
+        f"### Planned cost per block (FLOPs in opt_einsum's convention, L, d, d_k symbolic; "
+        f"d_v = d; plan chosen at "
         f"L = 256; computed in {t_costs:.1f} s)",
         "",
         "| block | part | terms | dominant term | full count |",

@@ -75,9 +75,8 @@ class CompiledFunction:
         self._names = tuple(expr.variables)
         self._by_shapes: dict[tuple, object] = {}
         self._by_sizes: dict[tuple, tuple[object, Program, str]] = {}
-        # the binding planned above needs no re-planning when a call meets it
-        planned = tuple(sorted((str(k), int(v)) for k, v in self.plan.numeric.items()))
-        self._by_sizes[planned] = (self._default, self.plan, self.source)
+        # a call whose sizes are the ones planned above needs no re-planning
+        self._planned = tuple(sorted((str(k), int(v)) for k, v in self.plan.numeric.items()))
 
     def __call__(self, *args, **tensors) -> torch.Tensor:
         if args:
@@ -100,6 +99,8 @@ class CompiledFunction:
             return self._default  # its own checks raise a clear error
         values = {str(k): v for k, v in binding.symbols.items()}
         skey = tuple(sorted(values.items()))
+        if skey == self._planned:
+            return self._default
         hit = self._by_sizes.get(skey)
         if hit is None:
             program = lower(self.expr, values, self.default_size)

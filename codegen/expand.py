@@ -128,6 +128,11 @@ def sizes_of(factors: Iterable[Expr]) -> dict[str, sympy.Expr]:
 def expand(expr: Expr) -> list[Monomial]:
     """Distribute every product over sums: `expr` = Σ monomials (function nodes stay leaves).
     Like terms (identical up to renaming summed indices) are merged."""
+    return list(_expand(expr))
+
+
+@lru_cache(maxsize=256)
+def _expand(expr: Expr) -> tuple[Monomial, ...]:
     fresh = _Fresh()
     memo: dict[Expr, list[Monomial]] = {}
 
@@ -167,7 +172,7 @@ def expand(expr: Expr) -> list[Monomial]:
         memo[e] = out
         return out
 
-    return merge_like(_merge_deltas(m) for m in go(expr))
+    return tuple(merge_like(_merge_deltas(m) for m in go(expr)))
 
 
 def _merge_deltas(m: Monomial) -> Monomial:

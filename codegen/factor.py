@@ -96,7 +96,8 @@ def _factor(s: Sum) -> Expr:
 MAX_TERMS = 512
 
 
-def term_forms(expr: Expr, size=None, max_terms: int = MAX_TERMS) -> list[tuple[str, Expr]]:
+def term_forms(expr: Expr, size=None, max_terms: int = MAX_TERMS,
+               limit: int | None = None) -> list[tuple[str, Expr]]:
     """Alternative, equal forms of `expr` built from its expansion into monomials, for the
     lowering to cost against the structural form: ("legs", monomials grouped by all their
     output-carrying factors), ("legs:<indices>", grouped by the factors carrying the leading /
@@ -104,9 +105,9 @@ def term_forms(expr: Expr, size=None, max_terms: int = MAX_TERMS) -> list[tuple[
     or ("terms", every monomial on its own) when no two monomials share their legs.
 
     size: numeric value of a size expression; when given, the forms are sorted by the
-    entries their sums touch (Σ over groups of terms × inner-sum size, plus one output-sized
-    tensor per group), the cheapest first. [] when `expr` has no sum of products or would
-    expand to more than `max_terms` monomials."""
+    entries their sums write (per group: its terms × the inner sum's size, plus one
+    output-sized tensor), the cheapest first, and only the first `limit` are built.
+    [] when `expr` has no sum of products or would expand to more than `max_terms` monomials."""
     from .expand import count_terms, expand, has_sum
     if not has_sum(expr) or count_terms(expr, max_terms + 1) > max_terms:
         return []
@@ -114,31 +115,21 @@ def term_forms(expr: Expr, size=None, max_terms: int = MAX_TERMS) -> list[tuple[
     if not monomials:
         return []
     out = tuple(expr.indices)
-    groups: list[frozenset | None] = [None]
+    choices: list[frozenset | None] = [None]
     for k in range(1, len(out)):
-        groups += [frozenset(out[:k]), frozenset(out[k:])]
-    forms = []
-    for which in groups:
-        form = hoist_legs(monomials, out, which)
-        if form is not None:
+        choices += [frozenset(out[:k]), frozenset(out[k:])]
+    found = []
+    for which in choices:
+        grouping = _grouping(monomials, which)
+        if any(len(items) > 1 for items in grouping.values()):
             label = "legs" if which is None else f"legs:{','.join(i for i in out if i in which)}"
-            forms.append((label, form))
+            found.append((label, grouping))
+    if size is not None:
+        found.sort(key=lambda lg: _traffic(lg[1], out, size))
+    forms = [(label, _build(grouping, out)) for label, grouping in found[:limit]]
     if not forms:
         forms = [("terms", monomial_sum(monomials, out))]
-    if size is not None:
-        forms.sort(key=lambda lf: _traffic(lf[1], size))
     return forms
-
-
-def _traffic(form: Sum, size) -> int:
-    """Entries written by a form's sums: inner sums (terms × size) and the outer one."""
-    total = 0
-    for _, t in form.terms:
-        total += size(sympy.Mul(*t.shape))
-        inner = t.factors[-1] if isinstance(t, Product) and t.factors else None
-        if isinstance(inner, Sum):
-            total += len(inner.terms) * size(sympy.Mul(*inner.shape))
-    return total
 
 
 def monomial_sum(monomials, indices) -> Expr:
@@ -146,46 +137,69 @@ def monomial_sum(monomials, indices) -> Expr:
     return Sum([(m.coef, Product(m.factors, indices)) for m in monomials], indices)
 
 
-def _split_legs(m, which: frozenset | None):
-    """(legs, rest, ports): the factors carrying an output index in `which` (all output
-    indices when None) renamed canonically, the other factors, and the indices joining them."""
-    from .expand import factor_indices, leaf_key, rename_leaf
-    out = set(m.indices)
-    sel = out if which is None else which
-    legs = sorted((f for f in m.factors if set(f.indices) & sel), key=lambda f: leaf_key(f, out))
-    rest = [f for f in m.factors if not (set(f.indices) & sel)]
-    rest_idx = set(factor_indices(rest))
-    ren: dict[str, str] = {}
-    for f in legs:                      # indices joining legs and rest: the ports
-        for i in f.indices:
-            if i not in out and i not in ren and i in rest_idx:
-                ren[i] = f"_c{len(ren)}"
-    inner: dict[str, str] = {}
-    for f in legs:                      # indices summed among the legs only
-        for i in f.indices:
-            if i not in out and i not in ren and i not in inner:
-                inner[i] = f"_l{len(inner)}"
-    legs_r = tuple(rename_leaf(f, {**ren, **inner}) for f in legs)
-    rest_r = tuple(rename_leaf(f, ren) for f in rest)
-    ports = tuple(ren.values()) + tuple(i for i in m.indices if i in rest_idx and i not in ren)
-    return legs_r, rest_r, ports
-
-
-def hoist_legs(monomials, indices, which: frozenset | None = None) -> Expr | None:
-    """Σ monomials with the leg factors pulled out of the sum: monomials whose legs agree
-    share one final contraction of the legs with the sum of their remainders. None when no
-    two monomials share their legs (the form is then the plain monomial sum)."""
+def _grouping(monomials, which: frozenset | None) -> dict:
+    """Monomials grouped by their legs (the factors carrying an output index in `which`; all
+    output indices when None), compared up to the names of summed indices:
+    {key: [(monomial, legs, rest, renaming, ports)]}. Nothing is renamed yet."""
+    from .expand import leaf_key
     groups: dict[tuple, list] = {}
     for m in monomials:
-        legs, rest, ports = _split_legs(m, which)
-        groups.setdefault((legs, ports), []).append((m, rest))
-    if all(len(items) == 1 for items in groups.values()):
-        return None
-    terms = []
-    for (legs, ports), items in groups.items():
-        if len(items) == 1 or not ports or any(not rest for _, rest in items):
-            terms += [(m.coef, Product(m.factors, indices)) for m, _ in items]
+        out = set(m.indices)
+        sel = out if which is None else which
+        keyed = sorted(((leaf_key(f, out), f) for f in m.factors if set(f.indices) & sel),
+                       key=lambda kf: kf[0])
+        legs = [f for _, f in keyed]
+        rest = [f for f in m.factors if not (set(f.indices) & sel)]
+        rest_idx = {i for f in rest for i in f.indices}
+        ren: dict[str, str] = {}
+        for f in legs:                  # indices joining legs and rest: the ports
+            for i in f.indices:
+                if i not in out and i not in ren and i in rest_idx:
+                    ren[i] = f"_c{len(ren)}"
+        inner: dict[str, str] = {}
+        for f in legs:                  # indices summed among the legs only
+            for i in f.indices:
+                if i not in out and i not in ren and i not in inner:
+                    inner[i] = f"_l{len(inner)}"
+        names = {**ren, **inner}
+        ports = tuple(ren.values()) + tuple(i for i in m.indices if i in rest_idx and i not in ren)
+        key = (tuple((k, tuple(names.get(i, i) for i in f.indices)) for k, f in keyed), ports)
+        groups.setdefault(key, []).append((m, legs, rest, names, ports))
+    return groups
+
+
+MEMORY_WEIGHT = 16      # FLOP-equivalents per tensor entry written (CPU bandwidth vs compute)
+
+
+def _traffic(grouping: dict, out, size) -> int:
+    """Entries the sums of a grouped form write, for ranking: per group one output-sized
+    tensor, and for a shared group its terms × the inner sum's size. (Adding the planned
+    cost of each group's final contraction ranks worse: it ignores the remainders' cost.)"""
+    total = 0
+    for items in grouping.values():
+        m, legs, rest, names, ports = items[0]
+        sizes = {i: n for f in m.factors for i, n in zip(f.indices, f.shape)}
+        out_size = size(sympy.Mul(*[sizes[i] for i in out]))
+        if len(items) == 1 or not ports or any(not it[2] for it in items):
+            total += len(items) * out_size
             continue
-        inner = Sum([(m.coef, Product(rest, ports)) for m, rest in items], ports)
-        terms.append((1, Product(legs + (inner,), indices)))
+        renamed = {names.get(i, i): n for i, n in sizes.items()}
+        total += out_size + len(items) * size(sympy.Mul(*[renamed[i] for i in ports]))
+    return total
+
+
+def _build(grouping: dict, indices) -> Expr:
+    """The grouped form: Σ_groups legs · (Σ_k c_k · rest_k), singletons as plain products."""
+    from .expand import rename_leaf
+    terms = []
+    for items in grouping.values():
+        if len(items) == 1 or not items[0][4] or any(not it[2] for it in items):
+            terms += [(m.coef, Product(m.factors, indices)) for m, *_ in items]
+            continue
+        m0, legs, _, names, ports = items[0]
+        legs_r = tuple(rename_leaf(f, names) for f in legs)
+        inner = Sum([(m.coef, Product([rename_leaf(f, {k: v for k, v in nm.items() if v in ports})
+                                       for f in rest], ports))
+                     for m, _, rest, nm, _ in items], ports)
+        terms.append((1, Product(legs_r + (inner,), indices)))
     return Sum(terms, indices)

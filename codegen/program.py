@@ -4,6 +4,12 @@
 temporary whose dimensions carry index labels, plus the contraction plans of its products.
 
 * Sums first lose the factors all their terms share (`factor.factor_sums`).
+* A large sum of products (a Hessian block) is also lowered term by term (`factor.term_forms`):
+  expanded into monomials, grouped by the factors carrying output indices (hoisted out of the
+  sum), each remainder contracted down to the indices joining it to those factors, summed,
+  and contracted with them once. `lower` costs the structural form and the best-ranked
+  term-wise forms (planned FLOPs plus memory traffic, `_cost`) and keeps the cheapest
+  (`Program.form`).
 * Products are flattened (nested products are inlined with their bound indices renamed fresh,
   unless shared and not growing; one-term scaled sums become coefficients, applied to the
   smallest operand), copy tensors are merged into index renames (union-find), structured
@@ -22,6 +28,7 @@ temporary whose dimensions carry index labels, plus the contraction plans of its
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -32,9 +39,11 @@ from tnderive.functions import X, Elementwise, IndexFunction
 from tnderive.ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name,
                          rename_free)
 
-from .factor import factor_sums, term_forms
+from .factor import MEMORY_WEIGHT, factor_sums, term_forms
 from .plan import DEFAULT_SIZE, ContractionPlan, plan_contraction, step_cost
-from .views import apply_views, select_views
+from .taps import conv_taps
+from .views import (apply_views, place_scatters, scatter_output, scatter_target, select_scatters,
+                    select_views)
 
 Labels = tuple[str, ...]
 
@@ -134,7 +143,7 @@ class Program:
         vals = ", ".join(f"{k}={v}" for k, v in sorted(self.numeric.items(), key=lambda kv: str(kv[0])))
         lines = [f"plan for sizes {vals or '(all numeric)'}: {len(self.products)} product(s), "
                  f"{sum(op.kind == 'einsum' for op in self.ops)} einsum line(s), "
-                 f"{self.reused} reused sub-expression(s)"]
+                 f"{self.reused} reused sub-expression(s), form: {self.form}"]
         for k, p in enumerate(self.products):
             lines.append(f"  product {k}: {len(p.operands)} operand(s) -> [{','.join(p.output)}] "
                          f"({p.method}): {p.flops} flops (naive {p.naive_flops})")
@@ -166,17 +175,23 @@ def lower(expr: Expr, sizes: Mapping[str, int] | None = None,
     factor: first pull factors shared by all terms of a sum out of it (`factor.factor_sums`)."""
     if not isinstance(expr, Expr):
         raise TNError(f"codegen expects an expression, got {type(expr).__name__}")
-    best = _Lowering(expr, sizes or {}, default_size, method, factor).run()
-    if factor:  # a large sum of products: also cost its term-wise forms, keep the cheapest
-        best_cost = _cost(best)
-        size = lambda e: best.at(e)  # noqa: E731  (numeric value at the planning sizes)
-        for label, form in term_forms(expr, size)[:FORMS_TRIED]:
-            cand = _Lowering(expr, sizes or {}, default_size, method or "auto", factor,
-                             work=form).run()
-            cost = _cost(cand)
-            if cost < (best_cost[0] * 0.999, best_cost[1]):
-                best, best_cost = cand, cost
-                best.form = label
+    collecting = gc.isenabled()
+    gc.disable()  # lowering allocates many small objects and frees none: skip the GC passes
+    try:
+        best = _Lowering(expr, sizes or {}, default_size, method, factor).run()
+        if factor:  # a large sum of products: also cost its term-wise forms, keep the cheapest
+            best_cost = _cost(best)
+            size = lambda e: best.at(e)  # noqa: E731  (numeric value at the planning sizes)
+            for label, form in term_forms(expr, size, limit=FORMS_TRIED):
+                cand = _Lowering(expr, sizes or {}, default_size, method or "auto", factor,
+                                 work=form).run()
+                cost = _cost(cand)
+                if cost < (best_cost[0] * 0.999, best_cost[1]):
+                    best, best_cost = cand, cost
+                    best.form = label
+    finally:
+        if collecting:
+            gc.enable()
     return best
 
 
@@ -202,8 +217,7 @@ def _cost(program: "Program") -> tuple[float, int]:
     return flops + MEMORY_WEIGHT * written + OP_OVERHEAD * len(program.ops), largest
 
 
-FORMS_TRIED = 2         # term-wise forms lowered and costed (the best-ranked by traffic)
-MEMORY_WEIGHT = 16      # FLOP-equivalents per entry written (CPU memory bandwidth vs compute)
+FORMS_TRIED = 3         # term-wise forms lowered and costed (the best-ranked by traffic)
 OP_OVERHEAD = 20_000    # FLOP-equivalents per emitted torch call
 
 
@@ -284,7 +298,7 @@ class _Lowering:
                 norm.setdefault(i, len(norm))
         for i in labels:
             norm.setdefault(i, len(norm))
-        sizes_key = tuple(str(sizes[i]) for i in sorted(norm, key=norm.get))
+        sizes_key = tuple(sizes[i] for i in sorted(norm, key=norm.get))  # sympy: hashable
         out_norm = tuple(norm[i] for i in labels)
         # an einsum may return its dims in any order: key it by the set of output indices
         out_key = tuple(sorted(out_norm)) if kind == "einsum" else out_norm
@@ -465,7 +479,9 @@ class _Lowering:
                         parent[b] = a
         plain = [f for f in factors if not isinstance(f, Delta)]
         views = select_views(plain, find, set(find(i) for i in p.indices))
-        values = [None if k in views else self.value(f) for k, f in enumerate(plain)]
+        scatters = select_scatters(plain, find, set(find(i) for i in p.indices), views)
+        values = [None if k in views or k in scatters else self.value(f)
+                  for k, f in enumerate(plain)]
         by_target: dict[int, list[Constant]] = {}
         for target, const in views.values():  # views (reshape/slice/unfold), no 0/1 tensor
             by_target.setdefault(target, []).append(const)
@@ -488,6 +504,7 @@ class _Lowering:
             operands.append(v)
         classes = tuple(dict.fromkeys(find(i) for i in p.indices))
         carried = {i for v in operands for i in v.labels}
+        carried |= {find(scatter_target(c)) for c in scatters.values()}  # placed afterwards
         core_out = tuple(c for c in classes if c in carried)
         on_factors = {find(i) for f in plain for i in f.indices}
         for r in {find(i) for i in sizes}:  # closed delta loop: its trace is its size
@@ -499,7 +516,14 @@ class _Lowering:
                     self.numeric(sympy.Mul(*[sizes[c] for c in classes])):
                 operands[k] = self._scale(operands[k], sympy.sympify(coef))
                 coef = 1
-        result = self._contract(p, operands, core_out, sizes)
+        if scatters:  # contract keeping (o, k), then place them into i (no 0/1 pattern)
+            inner = scatter_output(core_out, list(scatters.values()), find)
+            result = place_scatters(self, self._contract(p, operands, inner, sizes),
+                                    list(scatters.values()), find)
+        else:  # a stride-1 convolution: one matmul per kernel tap (`taps`), else einsums
+            result = conv_taps(self, operands, core_out)
+            if result is None:
+                result = self._contract(p, operands, core_out, sizes)
         if len(core_out) != len(classes):  # classes only delta legs bring to the output
             result = self.emit("expand", (result,), classes, tuple(sizes[c] for c in classes))
         if len(classes) != len(p.indices):  # an output index repeated through deltas: lazy

@@ -176,13 +176,14 @@ def _function(program: Program, name: str, notation: str, sizes: dict) -> str:
             body.append(f"{INDENT}_dt = torch.get_default_dtype()")
         else:
             body.append("_dev, _dt = torch.device('cpu'), torch.get_default_dtype()")
-    temps = {op.out for op in program.ops}
+    ops = _live_ops(program)
+    temps = {op.out for op in ops}
     last_use: dict[str, int] = {}
-    for k, op in enumerate(program.ops):
+    for k, op in enumerate(ops):
         for v in op.inputs:
             if v.name in temps:
                 last_use[v.name] = k
-    for k, op in enumerate(program.ops):
+    for k, op in enumerate(ops):
         body.append(_op_line(op))
         dead = sorted({v.name for v in op.inputs if last_use.get(v.name) == k}
                       - {program.result.name}, key=lambda n: int(n[1:]) if n[1:].isdigit() else 0)
@@ -194,6 +195,17 @@ def _function(program: Program, name: str, notation: str, sizes: dict) -> str:
     
     return f"def {name}({params}):\n{INDENT}{doc}\n" + \
         "\n".join(INDENT + l if l else "" for l in "\n".join(body).split("\n")) + "\n"
+
+
+def _live_ops(program: Program) -> list[Op]:
+    """The ops the result depends on (a view superseded by a kernel-tap op is dropped)."""
+    live = {program.result.name}
+    keep = []
+    for op in reversed(program.ops):
+        if op.out in live:
+            keep.append(op)
+            live |= {v.name for v in op.inputs}
+    return keep[::-1]
 
 
 def _argument_checks(program: Program, name: str, names: list[str], sizes: dict) -> list[str]:
@@ -341,6 +353,8 @@ def _op_line(op: Op) -> str:
         gone = [i for i in op.inputs[0].labels if i not in op.labels]
         if len(gone) == 1 and split:
             comment += f"  view: {gone[0]} split into ({', '.join(split)})"
+        elif split and len(gone) >= 2 * len(split):
+            comment += f"  place: ({', '.join(gone)}) merged into {', '.join(split)}"
     elif op.kind == "narrow":
         d, offset = op.payload
         code = f"{op.inputs[0].name}.narrow({d}, {offset}, {py_size(op.shape[d])})"
@@ -352,6 +366,9 @@ def _op_line(op: Op) -> str:
         code = _expand(op)
     elif op.kind == "diag":
         return _diag(op)
+    elif op.kind == "conv_taps":
+        from .taps import emit_lines
+        return emit_lines(op, py_size, py_shape)
     else:
         raise TNError(f"codegen: unknown op {op.kind!r}")
     return f"{op.out} = {code}{comment}"
@@ -361,15 +378,16 @@ def _view_line(op: Op) -> tuple[str, str]:
     """(code, comment) of a view op that applies a structured constant (`codegen.views`)."""
     (v,) = op.inputs
     if op.kind == "pad":  # F.pad lists (left, right) from the last dim backwards
-        first = min(d for d, _, _ in op.payload)
-        pads = {d: (l, r) for d, l, r in op.payload}
+        payload, why = op.payload
+        first = min(d for d, _, _ in payload)
+        pads = {d: (l, r) for d, l, r in payload}
         flat = []
         for d in reversed(range(first, len(v.labels))):
             l, r = pads.get(d, (0, 0))
             flat += [py_size(l), py_size(r)]
-        what = ", ".join(f"{v.labels[d]} by ({l}, {r})" for d, l, r in op.payload)
+        what = ", ".join(f"{v.labels[d]} by ({l}, {r})" for d, l, r in payload)
         return (f"torch.nn.functional.pad({v.name}, ({', '.join(flat)}))",
-                f"zero padding of {what} (convolution padding)")
+                f"zero padding of {what} ({why})")
     if op.kind == "unfold":
         d, size, step = op.payload
         return (f"{v.name}.unfold({d}, {py_size(size)}, {py_size(step)})",

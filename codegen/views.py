@@ -18,9 +18,16 @@ t is re-indexed instead.
 The einsum that consumes the view copies it at most once (as im2col would); everything before
 it is a view. `select_views` picks the constants; `apply_views` emits the view ops through the
 lowering's `emit` (kinds: pad, unfold, slice, unsqueeze, reshape, narrow, einsum for a sum).
+
+Scatters (the constant's input leg is an output, non-overlapping windows) are placements:
+`select_scatters` / `scatter_output` / `place_scatters` (see that section).
+
+`run_views` runs the same view ops eagerly on tensors (`tnderive.patterns.structured_evaluate`
+uses it), so the view logic exists once.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable
 
 import sympy
@@ -41,6 +48,7 @@ def source_and_new(kind: str, legs: tuple) -> tuple:
     return legs[1], legs[:1]  # pattern_sum [k, i]
 
 
+@lru_cache(maxsize=4096)
 def geometry(const: Constant) -> tuple:
     """(K, O, I, S, P_left, P_right, D) of a pattern / pattern_sum as sympy sizes."""
     s, pl, pr, d = const.params[:4]
@@ -61,12 +69,14 @@ def geometry(const: Constant) -> tuple:
     return K, O, I, sympy.Integer(s), pl, pr, sympy.Integer(d)
 
 
+@lru_cache(maxsize=4096)
 def _windows(c: Constant):
     """Number of windows `unfold` gives after padding (may exceed O for a hand-made pattern)."""
     K, _, I, S, pl, pr, D = geometry(c)
     return sympy.floor((I + pl + pr - D * (K - 1) - 1) / S) + 1
 
 
+@lru_cache(maxsize=4096)
 def viewable(const: Constant) -> bool:
     """Whether `const` can be applied as a view (and that is cheaper than contracting it)."""
     if const.kind in ("split", "window"):
@@ -129,15 +139,21 @@ def apply_views(low, v, consts: list[Constant], find: Callable):
             if (pl != 0 or pr != 0) and src in v.labels:
                 pads.append((src, pl, pr))
     v = _pad(low, v, pads)
+    base = v
     padded = {s for s, _, _ in pads}
+    srcs = []
     for c in consts:
         legs = tuple(find(x) for x in c.indices)
         src, _ = source_and_new(c.kind, legs)
+        srcs.append(src)
         if c.kind == "pattern" and src not in padded:  # a leg another view made: pad it now
             _, _, _, _, pl, pr, _ = geometry(c)
             if pl != 0 or pr != 0:
                 v = _pad(low, v, [(src, pl, pr)])
         v = _one(low, v, c, legs)
+    if all(s in base.labels for s in srcs):  # stride-1 windows: candidates for kernel taps
+        from .taps import record
+        record(low, v, base, consts, srcs)
     return v
 
 
@@ -150,9 +166,10 @@ def _pad(low, v, pads: list):
     shape = list(v.shape)
     for s, l, r in pads:
         shape[d_of[s]] = shape[d_of[s]] + l + r
-    return low.emit("pad", (v,), v.labels, tuple(shape), payload=payload)
+    return low.emit("pad", (v,), v.labels, tuple(shape), payload=(payload, "convolution padding"))
 
 
+@lru_cache(maxsize=4096)
 def _special(c: Constant) -> str | None:
     """'dense' (K = S, D = 1) or 'down' (K = 1) when the pattern has no padding."""
     K, O, _, S, pl, pr, D = geometry(c)
@@ -198,7 +215,7 @@ def _one(low, v, c: Constant, legs: tuple):
     span = D * (K - 1) + 1
     w = k if D == 1 else low.fresh_label(k)
     v = low.emit("unfold", (v,), labels[:d] + (o,) + labels[d + 1:] + (w,),
-                 shape[:d] + (O,) + shape[d + 1:] + (span,), payload=(d, span, S))
+                 shape[:d] + (_windows(c),) + shape[d + 1:] + (span,), payload=(d, span, S))
     if sympy.simplify(_windows(c) - O) != 0:  # more windows than the pattern's O
         v = low.emit("narrow", (v,), v.labels, v.shape[:d] + (O,) + v.shape[d + 1:],
                      payload=(d, 0))
@@ -211,6 +228,136 @@ def _one(low, v, c: Constant, legs: tuple):
 
 
 # --------------------------------------------------------------------------------------------
+# scatters: a pattern whose input leg is an output (input VJPs, transpose convolutions)
+# --------------------------------------------------------------------------------------------
+#
+# Σ_{k,o} R[.., o, k, ..] Π[k, o, i] with non-overlapping windows (S ≥ D·(K−1)+1: every i is
+# hit by at most one (o, k)) is a placement, not a contraction: contract the other factors
+# keeping (o, k) where i goes, then
+#   dilation   zero-insert k by D (unsqueeze, pad the new dim to D, reshape, narrow)
+#   stride     pad the window to S entries (zeros between windows)
+#   merge      reshape (o, s) into one axis of O·S positions
+#   shift      pad by (−P_left, I − O·S + P_left): crop the left padding, pad/crop to I
+# Dense patches (K = S) need only the reshape and a tail pad; 1×1 stride S only zeros.
+
+def select_scatters(factors: list[Expr], find: Callable, out: set, taken) -> dict[int, Constant]:
+    """Non-overlapping patterns whose input leg is a free output carried by nothing else:
+    {position: constant}."""
+    picked: dict[int, Constant] = {}
+    outs = set()
+    for n, f in enumerate(factors):
+        if n in taken or not isinstance(f, Constant) or f.kind not in ("pattern", "split"):
+            continue
+        if f.kind == "split":  # R[i, a, b]: a reshape of (a, b) into i
+            i, o, k = (find(x) for x in f.indices)
+        elif len(f.params) >= 4:
+            k, o, i = (find(x) for x in f.indices)
+        else:
+            continue
+        if len({k, o, i}) != 3 or i not in out or k in out or o in out or i in outs:
+            continue
+        others = [set(find(x) for x in g.indices) for m, g in enumerate(factors) if m != n]
+        if any(i in l for l in others) or not any(k in l for l in others) \
+                or not any(o in l for l in others):
+            continue
+        if f.kind == "pattern":
+            s, _, _, d = f.params[:4]
+            K = f.shape[0]
+            if sympy.simplify(s - d * (K - 1) - 1).is_nonnegative is not True or geometry(f) is None:
+                continue
+        picked[n] = f
+        outs.add(i)
+    return picked
+
+
+def scatter_target(c: Constant) -> str:
+    """The leg a scatter constant writes (i of Π[k, o, i], i of split[i, a, b])."""
+    return c.indices[0] if c.kind == "split" else c.indices[2]
+
+
+def scatter_output(output: tuple, scatters: list[Constant], find: Callable) -> tuple:
+    """The output of the contraction before placement: each scatter's i replaced by (o, k)
+    (a pattern) or (a, b) (a split)."""
+    repl = {}
+    for c in scatters:
+        legs = tuple(find(x) for x in c.indices)
+        if c.kind == "split":  # R[i, a, b]: (a, b) in place of i
+            repl[legs[0]] = legs[1:]
+        else:  # Π[k, o, i]: (o, k) in place of i
+            repl[legs[2]] = (legs[1], legs[0])
+    return tuple(x for i in output for x in repl.get(i, (i,)))
+
+
+def place_scatters(low, v, scatters: list[Constant], find: Callable):
+    """`v` with each scatter's adjacent (o, k) dims placed into its i axis (see above); the
+    stride pads, merges and shifts of all scatters are one op each (fewer copies)."""
+    splits = [c for c in scatters if c.kind == "split"]
+    scatters = [c for c in scatters if c.kind == "pattern"]
+    if splits:  # a split scatter is a reshape merging (a, b) into i
+        labels, shape = list(v.labels), list(v.shape)
+        for c in splits:
+            i, a, _ = (find(x) for x in c.indices)
+            d = labels.index(a)
+            labels[d:d + 2], shape[d:d + 2] = [i], [c.shape[0]]
+        v = low.emit("reshape", (v,), tuple(labels), tuple(shape))
+    if not scatters:
+        return v
+    geo = {}
+    for c in scatters:  # dilation first (rare): D − 1 zeros after every kernel tap
+        k, o, i = (find(x) for x in c.indices)
+        K, O, I, S, pl, _, D = geo[c] = geometry(c)
+        if D != 1 and K != 1:
+            d = v.labels.index(o)
+            z = low.fresh_label("z")
+            v = low.emit("unsqueeze", (v,), v.labels[:d + 2] + (z,) + v.labels[d + 2:],
+                         v.shape[:d + 2] + (1,) + v.shape[d + 2:], payload=d + 2)
+            v = _pad_dims(low, v, [(d + 2, 0, D - 1)], "dilation: zeros between kernel taps")
+            w = low.fresh_label(k)
+            v = low.emit("reshape", (v,), v.labels[:d + 1] + (w,) + v.labels[d + 3:],
+                         v.shape[:d + 1] + (K * D,) + v.shape[d + 3:])
+            v = low.emit("narrow", (v,), v.labels,
+                         v.shape[:d + 1] + (D * (K - 1) + 1,) + v.shape[d + 2:], payload=(d + 1, 0))
+    # stride: zeros up to the next window (the window dim follows its o dim)
+    pads = []
+    for c in scatters:
+        K, O, I, S, pl, _, D = geo[c]
+        gap = sympy.simplify(S - D * (K - 1) - 1)
+        if gap != 0:
+            pads.append((v.labels.index(find(c.indices[1])) + 1, 0, gap))
+    v = _pad_dims(low, v, pads, "stride: zeros between windows")
+    # merge every (o, window) pair into one axis of O·S positions
+    labels, shape, merged, shifts = list(v.labels), list(v.shape), {}, []
+    for c in scatters:
+        K, O, I, S, pl, _, D = geo[c]
+        i = find(c.indices[2])
+        d = labels.index(find(c.indices[1]))
+        right = sympy.simplify(I - O * S + pl)
+        m = low.fresh_label(i) if (pl != 0 or right != 0) else i
+        labels[d:d + 2], shape[d:d + 2] = [m], [O * S]
+        if m != i:
+            shifts.append((m, i, -pl, right))
+    v = low.emit("reshape", (v,), tuple(labels), tuple(shape))
+    # shift: crop the left padding, pad / crop to the input size
+    if shifts:
+        pads = [(v.labels.index(m), l, r) for m, _, l, r in shifts]
+        rename = {m: i for m, i, _, _ in shifts}
+        v = _pad_dims(low, v, pads, "crop the left padding, pad/crop to the input size",
+                      tuple(rename.get(x, x) for x in v.labels))
+    return v
+
+
+def _pad_dims(low, v, pads: list, why: str, labels=None):
+    """Zero padding (negative: cropping) of dims [(d, left, right), ...] as one op."""
+    if not pads:
+        return v
+    shape = list(v.shape)
+    for d, l, r in pads:
+        shape[d] = shape[d] + l + r
+    return low.emit("pad", (v,), labels or v.labels, tuple(shape),
+                    payload=(tuple(sorted(pads)), why))
+
+
+# --------------------------------------------------------------------------------------------
 # the same views run eagerly on tensors (used by `tnderive.patterns.structured_evaluate`)
 # --------------------------------------------------------------------------------------------
 
@@ -218,6 +365,7 @@ def run_view_op(kind: str, t, labels_in: tuple, labels: tuple, shape: tuple, pay
     """Execute one view op (as `torch_emit` writes it) on tensor `t`."""
     import torch
     if kind == "pad":
+        payload = payload[0]
         first = min(d for d, _, _ in payload)
         pads = {d: (int(l), int(r)) for d, l, r in payload}
         flat: list[int] = []
@@ -243,14 +391,12 @@ def run_view_op(kind: str, t, labels_in: tuple, labels: tuple, shape: tuple, pay
     raise ValueError(f"not a view op: {kind}")
 
 
-class TensorViews:
-    """A stand-in for the lowering (`emit`, `fresh_label`) that runs the view ops at once, so
-    `apply_views` also serves eager evaluation: `TensorViews(fresh).apply(t, labels, consts)`
-    returns the viewed tensor and its labels (constants with numeric shapes)."""
+class _Recorder:
+    """A stand-in for the lowering (`emit`, `fresh_label`) that records the view ops."""
 
     def __init__(self, fresh: Callable):
         self.fresh = fresh
-        self.tensors: dict[str, object] = {}
+        self.ops: list[tuple] = []
 
     def fresh_label(self, base):
         return self.fresh()
@@ -258,13 +404,26 @@ class TensorViews:
     def emit(self, kind, inputs, labels, shape=None, payload=None):
         from .program import Value
         (v,) = inputs
-        t = run_view_op(kind, self.tensors[v.name], v.labels, tuple(labels), shape, payload)
-        name = f"_{len(self.tensors)}"
-        self.tensors[name] = t
-        return Value(name, tuple(labels), tuple(t.shape))
+        if shape is None:  # a sum keeps the sizes of the remaining dims
+            shape = tuple(dict(zip(v.labels, v.shape))[i] for i in labels)
+        self.ops.append((kind, v.labels, tuple(labels), tuple(shape), payload))
+        return Value(f"_{len(self.ops)}", tuple(labels), tuple(shape))
 
-    def apply(self, t, labels: list, consts: list[Constant]):
-        from .program import Value
-        self.tensors["_in"] = t
-        v = apply_views(self, Value("_in", tuple(labels), tuple(t.shape)), consts, lambda i: i)
-        return self.tensors[v.name], list(v.labels)
+
+@lru_cache(maxsize=1024)
+def _recorded(labels: tuple, shape: tuple, consts: tuple, fresh: tuple):
+    from .program import Value
+    names = iter(fresh)
+    rec = _Recorder(lambda: next(names))
+    v = apply_views(rec, Value("_in", labels, shape), list(consts), lambda i: i)
+    return tuple(rec.ops), v.labels
+
+
+def run_views(t, labels: list, consts: list[Constant], fresh: tuple):
+    """Eager `apply_views`: tensor `t` (dims `labels`) with the constants (numeric shapes)
+    applied as the same view ops generated code runs. `fresh`: spare labels. The op list is
+    built once per (labels, shape, constants) and replayed. Returns (tensor, labels)."""
+    ops, out = _recorded(tuple(labels), tuple(int(n) for n in t.shape), tuple(consts), fresh)
+    for kind, lin, lout, shape, payload in ops:
+        t = run_view_op(kind, t, lin, lout, shape, payload)
+    return t, list(out)

@@ -22,6 +22,8 @@ CONV_CASES = {
     "1d": ((2, 3, 11), (4, 3, 3), 1, 1, 1, 1),
     "1d_s2_d2": ((2, 3, 13), (4, 3, 3), 2, 2, 2, 1),
     "1d_asym_pad": ((2, 3, 10), (2, 3, 4), 1, ((2, 1),), 1, 1),
+    "1d_sparse_taps": ((2, 3, 17), (4, 3, 2), 5, 1, 3, 1),
+    "1d_sparse_taps_tail": ((2, 3, 19), (4, 3, 2), 4, 2, 2, 1),
     "2d": ((2, 3, 7, 6), (4, 3, 3, 3), 1, 1, 1, 1),
     "2d_s2": ((2, 4, 9, 8), (6, 4, 3, 3), 2, 1, 1, 1),
     "2d_dil": ((2, 2, 9, 9), (3, 2, 3, 2), 1, (2, 1), 2, 1),
@@ -64,7 +66,11 @@ def test_conv_forward_generated_equals_evaluate_and_torch(case):
     assert "import" not in src.replace("import torch", "")
 
 
-@pytest.mark.parametrize("case", ["1d_s2_d2", "2d", "2d_s2", "2d_dense", "2d_down_1x1_s2", "3d"])
+SCATTER_AS_VIEWS = ("1d_sparse_taps", "1d_sparse_taps_tail", "2d_dense", "2d_dense_tail",
+                    "2d_down_1x1_s2", "3d_dense")
+
+
+@pytest.mark.parametrize("case", ["1d_s2_d2", "2d", "2d_s2", "3d", "2d_groups", *SCATTER_AS_VIEWS])
 @pytest.mark.parametrize("wrt", ["x", "W"])
 def test_conv_vjp_generated_equals_evaluate(case, wrt):
     net, x, w = _network(case)
@@ -72,8 +78,37 @@ def test_conv_vjp_generated_equals_evaluate(case, wrt):
     expr = vjp(net.core, wrt, "v")
     v = torch.randn([int(n) for n in net.core.shape], dtype=torch.float64)
     tensors = {k: t for k, t in {**inputs, "v": v}.items() if k in expr.variables}
-    got = compile(expr)(**tensors)
-    torch.testing.assert_close(got, evaluate(expr, **tensors), **TOL)
+    f = compile(expr)
+    torch.testing.assert_close(f(**tensors), evaluate(expr, **tensors), **TOL)
+    if wrt == "x":  # torch's input gradient
+        xg = x.clone().requires_grad_()
+        xs, ws, s, p, d, g = CONV_CASES[case]
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
+        y = conv(xg, w, stride=s, padding=p, dilation=d, groups=g)
+        (ref,) = torch.autograd.grad(y, xg, v.reshape(y.shape))
+        torch.testing.assert_close(f(**tensors).reshape(ref.shape), ref, **TOL)
+        # non-overlapping windows: the scatter is a placement (reshape / pad), no 0/1 pattern
+        assert ("_constant('pattern'" not in f.source) == (case in SCATTER_AS_VIEWS)
+
+
+@pytest.mark.parametrize("xs,ws,padding,dilation,groups", [
+    ((2, 32, 34, 33), (3, 32, 3, 3), 1, 1, 1),
+    ((1, 64, 36, 35), (4, 32, 3, 2), (2, 1), (2, 1), 2),
+    ((1, 32, 1100), (2, 32, 5), 0, 3, 1),
+    ((1, 32, 12, 11, 10), (2, 32, 2, 3, 2), 1, 1, 1),
+])
+def test_stride1_conv_as_kernel_taps(xs, ws, padding, dilation, groups):
+    """Wide stride-1 convolutions: one matmul per kernel tap on shifted flat views."""
+    net = conv_network(xs, ws, padding=padding, dilation=dilation, groups=groups, bias=False)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(xs, generator=gen, dtype=torch.float64)
+    w = torch.randn(ws, generator=gen, dtype=torch.float64)
+    f = compile(net.core)
+    assert ".baddbmm_(" in f.source and ".unfold(" not in f.source
+    got = net.finish(f(**net.prepare(x, w)))
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
+    ref = conv(x, w, padding=padding, dilation=dilation, groups=groups)
+    torch.testing.assert_close(got, ref, **TOL)
 
 
 def test_view_kinds_in_source():
@@ -104,6 +139,9 @@ def test_pattern_sum_strided_slice(stride, padding, K, I):
     torch.testing.assert_close(f(x=x), evaluate(ref_expr, x=x), **TOL)
     viewed = "_constant('pattern_sum'" not in f.source
     assert viewed == (stride > K and padding == 0)
+    # the eager evaluator applies the same views
+    from tnderive.patterns import structured_evaluate
+    torch.testing.assert_close(structured_evaluate(expr, x=x), evaluate(ref_expr, x=x), **TOL)
 
 
 def test_derived_sizes_bound_from_shapes():

@@ -351,11 +351,14 @@ class KFACFactors:
         gshape = tuple(X.shape[lead:lead + ng])
         ishape = tuple(X.shape[lead + ng:])
         G, Q = math.prod(gshape), math.prod(ishape)
-        Xm = X.reshape(n * s, G, Q)
         if G == 1:
-            Xf = Xm[:, 0, :]
-            A = (Xf.T @ Xf).unsqueeze(0)
+            # Q-major copy [Q, N·S]: an unfolded view's tap axes are innermost, so copying them
+            # outermost-first reads memory in order (faster than the [N·S, Q] copy)
+            order = tuple(range(lead + ng, X.dim())) + tuple(range(lead + ng))
+            XT = X.permute(order).reshape(Q, -1)
+            A = (XT @ XT.T).unsqueeze(0)
         else:
+            Xm = X.reshape(n * s, G, Q)
             A = torch.einsum("mgq,mgr->gqr", Xm, Xm)
         return (A / (n * s)).reshape(*gshape, *ishape, *ishape)
 

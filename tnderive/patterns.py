@@ -301,8 +301,9 @@ _register()
 #
 # `structured_evaluate(expr, **tensors)` evaluates like `tnderive.evaluate` but never contracts
 # a pattern/split/window constant densely when it can be applied as a view:
-#   gather  t[..., i, ...] · C[..., i]  (i summed, only on t)  -> t.as_strided(...) (pad first
-#           when a pattern has padding): im2col without copying, reshape, slice;
+#   gather  t[..., i, ...] · C[..., i]  (i summed, only on t)  -> the views of
+#           `tnderive.codegen.views` run eagerly (pad once, unfold / reshape / narrow / strided
+#           slice; a strided pattern_sum summed over o): im2col without copying;
 #   flip    a stride-1 scatter Σ_{k,o} W[k] v[o] Π[k,o,i] (i free) is a gather of v with the
 #           kernel flipped (transpose convolution = convolution);
 #   taps    a gathered pair shaped like a convolution (or its weight VJP) with a unit-stride
@@ -317,16 +318,57 @@ _register()
 from .evaluate import Evaluator, product_operands  # noqa: E402
 from .ir import Delta, Expr, Product, fresh_name  # noqa: E402
 
-_VIEW_KINDS = ("pattern", "split", "window")
+_VIEW_KINDS = ("pattern", "split", "window", "pattern_sum")  # pattern_sum: when strided
 
 
 def structured_evaluate(expr: Expr, sizes: Mapping[str, int] | None = None,
                         **tensors: torch.Tensor) -> torch.Tensor:
-    """Evaluate `expr` (dims follow `expr.indices`) with structured constants as views."""
+    """Evaluate `expr` (dims follow `expr.indices`) with structured constants as views.
+
+    Expressions whose patterns are all 1×1 down-sampling gathers run as cached generated code
+    (`tnderive.compile`, same views, less per-call overhead); everything else runs the eager
+    engine below, which is faster on overlapping windows (per-tap matmuls, no im2col copy),
+    depthwise layers and scatters (input VJPs)."""
     from .binding import bind
     if not isinstance(expr, Expr):
         raise TNError(f"evaluate expects an expression, got {type(expr).__name__}")
+    fn = _compiled(expr, tuple(sorted((sizes or {}).items())))
+    if fn is not None:
+        return fn(**tensors)
     return StructuredEvaluator(bind(expr, tensors, sizes)).run(expr)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(expr: Expr, sizes: tuple):
+    """Cached generated code for `expr` when it is the faster engine (see structured_evaluate),
+    else None."""
+    key = (expr, sizes)
+    if key in _COMPILED:
+        return _COMPILED[key]
+    fn = None
+    pats = [n for n in expr.walk() if isinstance(n, Constant) and n.kind in PATTERN_KINDS]
+    if pats and all(_down_sampling(c) for c in pats):
+        try:
+            from .codegen import compile as tn_compile
+            cand = tn_compile(expr, "structured", sizes=dict(sizes) or None)
+            if not any(op.kind == "const" for op in cand.plan.ops):  # every constant a view
+                fn = cand
+        except TNError:
+            fn = None
+    _COMPILED[key] = fn
+    return fn
+
+
+def _down_sampling(c: Constant) -> bool:
+    """A 1×1 pattern without padding (x[..., ::S]), or a reshape / slice constant."""
+    if c.kind in ("split", "window"):
+        return True
+    if c.kind != "pattern":
+        return False
+    s, pl, pr, _ = c.params[:4]
+    return c.shape[0] == 1 and pl == 0 and pr == 0
 
 
 def flatten_product(expr: Product) -> Product:
@@ -369,7 +411,7 @@ class _Struct:
 
     @property
     def source(self) -> int:  # the id the constant reads from a tensor
-        return {"pattern": 2, "split": 0, "window": 1}[self.c.kind]
+        return {"pattern": 2, "split": 0, "window": 1, "pattern_sum": 1}[self.c.kind]
 
     @property
     def src(self) -> int:
@@ -391,7 +433,8 @@ class StructuredEvaluator(Evaluator):
         structs: list[_Struct] = []
         for j, (t, sub) in enumerate(zip(operands, sublists)):
             f = others[j] if j < len(others) else None
-            if isinstance(f, Constant) and f.kind in _VIEW_KINDS and len(set(sub)) == len(sub):
+            if isinstance(f, Constant) and f.kind in _VIEW_KINDS and len(set(sub)) == len(sub) \
+                    and (f.kind != "pattern_sum" or _strided_sum(f, t.shape)):
                 structs.append(_Struct(f, sub, t))
             else:
                 ops.append(_Op(t, sub))
@@ -455,6 +498,12 @@ class StructuredEvaluator(Evaluator):
         return _fold(ops, folds, out)
 
 
+def _strided_sum(f: Constant, shape) -> bool:
+    """A pattern_sum worth applying as a view (S > K, no padding: `codegen.views.viewable`)."""
+    from .codegen.views import viewable
+    return viewable(Constant(f.kind, f.params, f.indices, tuple(int(n) for n in shape)))
+
+
 def _squeeze_lonely(a: _Op, b: _Op, out: list[int]) -> tuple[_Op, _Op]:
     """Copies of a, b without summed ids only one of them carries (size 1: a view)."""
     res = []
@@ -506,15 +555,15 @@ def _gather_all(ops: list[_Op], structs: list[_Struct], out: list[int]) -> None:
 def _apply_views(op: _Op, batch: list[_Struct]) -> None:
     """Replace op's source axes by the constants' new axes: the views of `tnderive.codegen.views`
     (one pad, then unfold / reshape / narrow / slice), run on the tensor."""
-    from itertools import count
+    from .codegen.views import run_views
 
-    from .codegen.views import TensorViews
     def name(k: int) -> str:  # integer ids as index names
         return f"i{k}"
 
     consts = [Constant(s.c.kind, s.c.params, tuple(map(name, s.sub)), s.shape) for s in batch]
-    fresh = count(max([*op.sub, *(k for s in batch for k in s.sub)]) + 1_000_000)
-    t, labels = TensorViews(lambda: name(next(fresh))).apply(op.t, [name(k) for k in op.sub], consts)
+    top = max([*op.sub, *(k for s in batch for k in s.sub)]) + 1_000_000
+    fresh = tuple(name(top + j) for j in range(2 * len(batch)))
+    t, labels = run_views(op.t, [name(k) for k in op.sub], consts, fresh)
     op.t, op.sub = t, [int(x[1:]) for x in labels]
     for s in batch:
         if s.c.kind == "pattern":

@@ -20,7 +20,7 @@ def functional_W1_W1(*_positional, W2=_MISSING, W1=_MISSING, x=_MISSING, b1=_MIS
         # vars: W1[j,i], b1[j]
         t1[n,j_] = W1[j_,i]*x[n,i] + b1[j_]
         t2[n,c] = W2[c,j]*tanh(W1[j,i]*x[n,i] + b1[j])
-        out[j,i,j_,i_] = (softmax(t2[n,c] + b2[c], c) - y[n,c])*W2[c,j_]*elementwise('-2*sinh(x)/cosh(x)**3', t1[n,j_])*x[n,i_]*x[n,i]*delta[j_,j]
+        out[j,i,j_,i_] = (softmax(t2[n,c] + b2[c], c) - y[n,c])*W2[c,j_]*elementwise('2*tanh(x)**3 - 2*tanh(x)', t1[n,j_])*x[n,i_]*x[n,i]*delta[j_,j]
 
     Arguments (keyword tensors):
         W2: [c, j]
@@ -107,7 +107,7 @@ def functional_W1_W1(*_positional, W2=_MISSING, W1=_MISSING, x=_MISSING, b1=_MIS
     del t6
     t8 = t7 - y  # [n,c]
     del t7
-    t9 = -2*torch.sinh(t2)/(torch.cosh(t2))**3  # [n,j_]  tanh''
+    t9 = 2*(torch.tanh(t2))**3 - 2*torch.tanh(t2)  # [n,j_]  tanh''
     del t2
     t10 = torch.einsum("nc,cj->nj", t8, W2)  # [n,j_]  2*c*j*n flops
     del t8

@@ -33,7 +33,7 @@ def ggn_W2_W2(*_positional, W1=_MISSING, x=_MISSING, b1=_MISSING, W2=_MISSING, b
         b2: [c]
     Returns: [c, j, c_=c, j_=j]
 
-    Contraction cost: 2*c**2*j**2*n + 2*c**2*j*n**2 + c**2*n + 2*c*j*n + 2*i*j*n flops (naive single einsum per product: 3*c**2*j**2*n**2 + c**2*n + 4*c*j*n + c*n + 2*c + 4*i*j*n + 2*j)
+    Contraction cost: 2*c**2*j**2*n + c**2*j*n + c**2*n + 3*c*j*n + 2*i*j*n flops (naive single einsum per product: 2*c**2*j**2*n + 2*c**2*j*n + 5*c*j*n + 2*c + 4*i*j*n + 2*j)
     Largest intermediate: c**2*j*n entries
     Contraction order planned for sizes c=3, i=4, j=3, n=5.
     """
@@ -85,27 +85,27 @@ def ggn_W2_W2(*_positional, W1=_MISSING, x=_MISSING, b1=_MISSING, W2=_MISSING, b
         raise TNError(f"ggn_W2_W2(): argument 'b2' has shape {tuple(b2.shape)}, expected rank 1 [c]")
     if b2.shape[0] != size_c:
         raise TNError(f"ggn_W2_W2(): size mismatch for index 'c': b2[c] has size {b2.shape[0]} but W2[c] has size {size_c}")
-    t0 = torch.einsum("ji,ni->nj", W1, x)  # [n1,j]  2*i*j*n flops
-    t1 = b1[None, :].expand(size_n, size_j)  # [n1,j]
-    t2 = t0 + t1  # [n1,j]
+    t0 = torch.einsum("ji,ai->aj", W1, x)  # [_c0,j_]  2*i*j*n flops
+    t1 = b1[None, :].expand(size_n, size_j)  # [_c0,j_]
+    t2 = t0 + t1  # [_c0,j_]
     del t0, t1
-    t3 = torch.tanh(t2)  # [n1,j]  tanh
+    t3 = torch.tanh(t2)  # [_c0,j_]  tanh
     del t2
-    t4 = torch.einsum("cj,nj->nc", W2, t3)  # [n1,c]  2*c*j*n flops
-    t5 = b2[None, :].expand(size_n, size_c)  # [n1,c]
-    t6 = t4 + t5  # [n1,c]
+    t4 = torch.einsum("cj,aj->ac", W2, t3)  # [_c0,c]  2*c*j*n flops
+    t5 = b2[None, :].expand(size_n, size_c)  # [_c0,c]
+    t6 = t4 + t5  # [_c0,c]
     del t4, t5
-    t7 = torch.softmax(t6, dim=1)  # [n1,c]
+    t7 = torch.softmax(t6, dim=1)  # [_c0,c]
     del t6
-    t8 = torch.einsum("nc,na->nca", t7, t7)  # [n1,c,c_]  c**2*n flops
-    t9 = t7[:, :, None, None] * torch.eye(size_n, device=t7.device, dtype=t7.dtype)[:, None, :, None] * torch.eye(size_c, device=t7.device, dtype=t7.dtype)[None, :, None, :]  # [n1,c,n2,c_]
+    t8 = torch.einsum("ac,aj->acj", t7, t3)  # [_c0,c,j]  c*j*n flops
+    t9 = torch.einsum("ac,ab->acb", t7, t7)  # [_c0,c,c_]  c**2*n flops
     del t7
-    t10 = t8[:, :, :, None] * torch.eye(size_n, device=t8.device, dtype=t8.dtype)[:, None, None, :]  # [n1,c,c_,n2]
+    t10 = torch.einsum("aj,acb->acjb", t3, t9)  # [_c0,c,j,c_]  c**2*j*n flops
+    del t9
+    t11 = t8[:, :, :, None] * torch.eye(size_c, device=t8.device, dtype=t8.dtype)[None, :, None, :]  # [_c0,c,j,c_]
     del t8
-    t11 = t9 - t10.permute(0, 1, 3, 2)  # [n1,c,n2,c_]
-    del t9, t10
-    t12 = torch.einsum("nj,ncab->acjb", t3, t11)  # [n2,c,j,c_]  2*c**2*j*n**2 flops
-    del t11
-    t13 = torch.einsum("nj,ncab->cabj", t3, t12)  # [c,j,c_,j_]  2*c**2*j**2*n flops
+    t12 = t11 - t10  # [_c0,c,j,c_]
+    del t10, t11
+    t13 = torch.einsum("aj,acbd->cbdj", t3, t12)  # [c,j,c_,j_]  2*c**2*j**2*n flops
     del t3, t12
     return t13

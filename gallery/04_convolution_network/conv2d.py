@@ -13,33 +13,6 @@ class TNError(ValueError):
 _MISSING = object()
 
 
-def _pattern_build_pattern(params, shape, device, dtype):
-    K, O, I = shape
-    s, pl, pr, d = params[:4]
-    if pl == 'same':
-        pl = d * (K - 1) // 2
-    k = torch.arange(K, device=device).view(K, 1, 1)
-    o = torch.arange(O, device=device).view(1, O, 1)
-    i = torch.arange(I, device=device).view(1, 1, I)
-    return (i == s * o + d * k - pl).to(dtype)
-
-
-_BUILDERS = {
-    'pattern': _pattern_build_pattern,
-}
-_CONSTANTS = {}
-
-
-def _constant(kind, params, shape, device, dtype):
-    """Structured constant `kind`, built once per (params, shape, device, dtype)."""
-    key = (kind, params, shape, str(device), dtype)
-    t = _CONSTANTS.get(key)
-    if t is None:
-        t = _BUILDERS[kind](params, shape, device, dtype)
-        _CONSTANTS[key] = t
-    return t
-
-
 def conv2d(*_positional, W=_MISSING, x=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
@@ -51,8 +24,8 @@ def conv2d(*_positional, W=_MISSING, x=_MISSING, **_unexpected):
         x: [n, e, i1, i2]
     Returns: [n, c, o1=floor(i1/2 - k1/2) + 2, o2=floor(i2/2 - k2/2) + 2]
 
-    Contraction cost: 2*c*e*i1*k1*k2*n*floor(i2/2 - k2/2) + 4*c*e*i1*k1*k2*n + 2*c*i1*k1*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 4*c*i1*k1*n*floor(i1/2 - k1/2) + 4*c*i1*k1*n*floor(i2/2 - k2/2) + 8*c*i1*k1*n + 2*e*i1*i2*k2*n*floor(i2/2 - k2/2) + 4*e*i1*i2*k2*n flops (naive single einsum per product: 4*c*e*i1*i2*k1*k2*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 8*c*e*i1*i2*k1*k2*n*floor(i1/2 - k1/2) + 8*c*e*i1*i2*k1*k2*n*floor(i2/2 - k2/2) + 16*c*e*i1*i2*k1*k2*n)
-    Largest intermediate: c*i1*k1*n*(floor(i2/2 - k2/2) + 2) entries
+    Contraction cost: 2*c*e*k1*k2*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 4*c*e*k1*k2*n*floor(i1/2 - k1/2) + 4*c*e*k1*k2*n*floor(i2/2 - k2/2) + 8*c*e*k1*k2*n flops (naive single einsum per product: 2*c*e*k1*k2*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 4*c*e*k1*k2*n*floor(i1/2 - k1/2) + 4*c*e*k1*k2*n*floor(i2/2 - k2/2) + 8*c*e*k1*k2*n)
+    Largest intermediate: c*n*(floor(i1/2 - k1/2) + 2)*(floor(i2/2 - k2/2) + 2) entries
     Contraction order planned for sizes c=3, e=2, i1=7, i2=6, k1=3, k2=3, n=2.
     """
     if _positional:
@@ -82,15 +55,11 @@ def conv2d(*_positional, W=_MISSING, x=_MISSING, **_unexpected):
         raise TNError(f"conv2d(): size mismatch for index 'e': x[e] has size {x.shape[1]} but W[e] has size {size_e}")
     size_i1 = x.shape[2]
     size_i2 = x.shape[3]
-    _dev, _dt = W.device, W.dtype
-    if not _dt.is_floating_point and not _dt.is_complex:
-        _dt = torch.get_default_dtype()
-    t0 = _constant('pattern', (2, 1, 1, 1), (size_k1, ((size_i1 - size_k1) // (2)) + 2, size_i1), _dev, _dt)  # [k1,o1,i1]
-    t1 = _constant('pattern', (2, 1, 1, 1), (size_k2, ((size_i2 - size_k2) // (2)) + 2, size_i2), _dev, _dt)  # [k2,o2,i2]
-    t2 = torch.einsum("neia,koa->eikno", x, t1)  # [e,i1,k2,n,o2]  2*e*i1*i2*k2*n*floor(i2/2 - k2/2) + 4*e*i1*i2*k2*n flops
+    t0 = torch.nn.functional.pad(x, (1, 1, 1, 1))  # [n,e,i1,i2]  zero padding of i1 by (1, 1), i2 by (1, 1) (convolution padding)
+    t1 = t0.unfold(2, size_k1, 2)  # [n,e,o1,i2,k1]  view: windows of i1 (length k1, step 2): o1 = window start, k1 = position in the window
+    del t0
+    t2 = t1.unfold(3, size_k2, 2)  # [n,e,o1,o2,k1,k2]  view: windows of i2 (length k2, step 2): o2 = window start, k2 = position in the window
     del t1
-    t3 = torch.einsum("ceka,eiano->kinco", W, t2)  # [k1,i1,n,c,o2]  2*c*e*i1*k1*k2*n*floor(i2/2 - k2/2) + 4*c*e*i1*k1*k2*n flops
+    t3 = torch.einsum("ceka,neobka->ncob", W, t2)  # [n,c,o1,o2]  2*c*e*k1*k2*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 4*c*e*k1*k2*n*floor(i1/2 - k1/2) + 4*c*e*k1*k2*n*floor(i2/2 - k2/2) + 8*c*e*k1*k2*n flops
     del t2
-    t4 = torch.einsum("koi,kinca->ncoa", t0, t3)  # [n,c,o1,o2]  2*c*i1*k1*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 4*c*i1*k1*n*floor(i1/2 - k1/2) + 4*c*i1*k1*n*floor(i2/2 - k2/2) + 8*c*i1*k1*n flops
-    del t0, t3
-    return t4
+    return t3

@@ -56,7 +56,7 @@ def dense_after(*_positional, W=_MISSING, x=_MISSING, **_unexpected):
         raise TNError(f"dense_after(): size mismatch for W[k]: expected 4 = {4}, got {W.shape[2]}")
     if x.shape[2] != 16:
         raise TNError(f"dense_after(): size mismatch for x[i]: expected 16 = {16}, got {x.shape[2]}")
-    t0 = x.reshape(size_n, size_e, 4, 4)  # [n,e,o,k]
+    t0 = x.reshape(size_n, size_e, 4, 4)  # [n,e,o,k]  view: i split into (o, k)
     t1 = torch.einsum("cek,neok->nco", W, t0)  # [n,c,o]  32*c*e*n flops
     del t0
     return t1

@@ -13,29 +13,6 @@ class TNError(ValueError):
 _MISSING = object()
 
 
-def _window_build_window(params, shape, device, dtype):
-    K, S = shape
-    k = torch.arange(K, device=device).view(K, 1)
-    s = torch.arange(S, device=device).view(1, S)
-    return (s == k + params[0]).to(dtype)
-
-
-_BUILDERS = {
-    'window': _window_build_window,
-}
-_CONSTANTS = {}
-
-
-def _constant(kind, params, shape, device, dtype):
-    """Structured constant `kind`, built once per (params, shape, device, dtype)."""
-    key = (kind, params, shape, str(device), dtype)
-    t = _CONSTANTS.get(key)
-    if t is None:
-        t = _BUILDERS[kind](params, shape, device, dtype)
-        _CONSTANTS[key] = t
-    return t
-
-
 def downsample_after(*_positional, W=_MISSING, x=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
@@ -48,7 +25,7 @@ def downsample_after(*_positional, W=_MISSING, x=_MISSING, **_unexpected):
         x: [n, e, i=12]
     Returns: [n, c, o=4]
 
-    Contraction cost: 24*c*e*n + 12*c*e flops (naive single einsum per product: 72*c*e*n)
+    Contraction cost: 16*c*e*n flops (naive single einsum per product: 16*c*e*n)
     Largest intermediate: 4*c*n entries
     Contraction order planned for sizes c=3, e=3, n=4.
     """
@@ -79,13 +56,9 @@ def downsample_after(*_positional, W=_MISSING, x=_MISSING, **_unexpected):
         raise TNError(f"downsample_after(): size mismatch for W[k]: expected 2 = {2}, got {W.shape[2]}")
     if x.shape[2] != 12:
         raise TNError(f"downsample_after(): size mismatch for x[i]: expected 12 = {12}, got {x.shape[2]}")
-    _dev, _dt = W.device, W.dtype
-    if not _dt.is_floating_point and not _dt.is_complex:
-        _dt = torch.get_default_dtype()
-    t0 = _constant('window', (0,), (2, 3), _dev, _dt)  # [k,s]
-    t1 = x.reshape(size_n, size_e, 4, 3)  # [n,e,o,s]
-    t2 = torch.einsum("cek,ks->esc", W, t0)  # [e,s,c]  12*c*e flops
+    t0 = x.reshape(size_n, size_e, 4, 3)  # [n,e,o,s]  view: i split into (o, s)
+    t1 = t0.narrow(3, 0, 2)  # [n,e,o,k]  view: s[0:0+2]
     del t0
-    t3 = torch.einsum("neos,esc->nco", t1, t2)  # [n,c,o]  24*c*e*n flops
-    del t1, t2
-    return t3
+    t2 = torch.einsum("cek,neok->nco", W, t1)  # [n,c,o]  16*c*e*n flops
+    del t1
+    return t2

@@ -13,33 +13,6 @@ class TNError(ValueError):
 _MISSING = object()
 
 
-def _pattern_build_pattern(params, shape, device, dtype):
-    K, O, I = shape
-    s, pl, pr, d = params[:4]
-    if pl == 'same':
-        pl = d * (K - 1) // 2
-    k = torch.arange(K, device=device).view(K, 1, 1)
-    o = torch.arange(O, device=device).view(1, O, 1)
-    i = torch.arange(I, device=device).view(1, 1, I)
-    return (i == s * o + d * k - pl).to(dtype)
-
-
-_BUILDERS = {
-    'pattern': _pattern_build_pattern,
-}
-_CONSTANTS = {}
-
-
-def _constant(kind, params, shape, device, dtype):
-    """Structured constant `kind`, built once per (params, shape, device, dtype)."""
-    key = (kind, params, shape, str(device), dtype)
-    t = _CONSTANTS.get(key)
-    if t is None:
-        t = _BUILDERS[kind](params, shape, device, dtype)
-        _CONSTANTS[key] = t
-    return t
-
-
 def A_expand(*_positional, x=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
@@ -51,8 +24,8 @@ def A_expand(*_positional, x=_MISSING, **_unexpected):
         x: [n=4, g=1, e=3, i1=8, i2=8]
     Returns: [g=1, e=3, k1=3, k2=3, e_=3, k1_=3, k2_=3]
 
-    Contraction cost: 471168 flops (naive single einsum per product: 4586471424)
-    Largest intermediate: 5184 entries
+    Contraction cost: 373248 flops (naive single einsum per product: 373248)
+    Largest intermediate: 729 entries
     """
     if _positional:
         raise TNError(f"A_expand() takes keyword tensor arguments only (x); "
@@ -76,15 +49,14 @@ def A_expand(*_positional, x=_MISSING, **_unexpected):
         raise TNError(f"A_expand(): size mismatch for x[i1]: expected 8 = {8}, got {x.shape[3]}")
     if x.shape[4] != 8:
         raise TNError(f"A_expand(): size mismatch for x[i2]: expected 8 = {8}, got {x.shape[4]}")
-    _dev, _dt = x.device, x.dtype
-    if not _dt.is_floating_point and not _dt.is_complex:
-        _dt = torch.get_default_dtype()
-    t0 = _constant('pattern', (1, 1, 1, 1), (3, 8, 8), _dev, _dt)  # [k1,o1,i1]
-    t1 = torch.einsum("ngeia,koi->naogek", x, t0)  # [n,i2,o1,g,e,k1]  36864 flops
-    t2 = torch.einsum("koi,aob->ibka", t0, t0)  # [i2,i2_,k2,k2_]  9216 flops
-    del t0
-    t3 = torch.einsum("niogek,naogbc->iagekbc", t1, t1)  # [i2,i2_,g,e,k1,e_,k1_]  331776 flops
+    t0 = torch.nn.functional.pad(x, (1, 1, 1, 1))  # [n,g,e,i1,i2]  zero padding of i1 by (1, 1), i2 by (1, 1) (convolution padding)
+    t1 = t0.unfold(3, 3, 1)  # [n,g,e,o1,i2,k1]  view: windows of i1 (length 3, step 1): o1 = window start, k1 = position in the window
+    t2 = t1.unfold(4, 3, 1)  # [n,g,e,o1,o2,k1,k2]  view: windows of i2 (length 3, step 1): o2 = window start, k2 = position in the window
     del t1
-    t4 = torch.einsum("iakb,iagecdf->geckdfb", t2, t3)  # [g,e,k1,k2,e_,k1_,k2_]  93312 flops
-    del t2, t3
-    return t4
+    t3 = t0.unfold(3, 3, 1)  # [n,g,e_,o1,i2_,k1_]  view: windows of i1_ (length 3, step 1): o1 = window start, k1_ = position in the window
+    del t0
+    t4 = t3.unfold(4, 3, 1)  # [n,g,e_,o1,o2,k1_,k2_]  view: windows of i2_ (length 3, step 1): o2 = window start, k2_ = position in the window
+    del t3
+    t5 = torch.einsum("ngeoakb,ngcoadf->gekbcdf", t2, t4)  # [g,e,k1,k2,e_,k1_,k2_]  373248 flops
+    del t2, t4
+    return t5

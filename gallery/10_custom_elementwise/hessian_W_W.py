@@ -21,7 +21,7 @@ def hessian_W_W(*_positional, V=_MISSING, W=_MISSING, x=_MISSING, y=_MISSING, **
         t1[n,j__] = W[j__,i]*x[n,i]
         t2[n,j_] = W[j_,i]*x[n,i]
         t3[n,j] = W[j,i]*x[n,i]
-        t[c,n,j_,i_,j__,i__] = V[c,j__]*elementwise('(x + exp(x) + 1)*exp(x)/(exp(2*x) + 2*exp(x) + 1)', t1[n,j__])*x[n,i__]*V[c,j_]*elementwise('(x + exp(x) + 1)*exp(x)/(exp(2*x) + 2*exp(x) + 1)', t2[n,j_])*x[n,i_] + (V[c,j]*swish(t3[n,j]) - y[n,c])*V[c,j__]*elementwise('(-x*exp(x) + x + 2*exp(x) + 2)*exp(x)/(exp(3*x) + 3*exp(2*x) + 3*exp(x) + 1)', t1[n,j__])*x[n,i__]*x[n,i_]*delta[j__,j_]
+        t[c,n,j_,i_,j__,i__] = V[c,j__]*elementwise('-x*exp(2*x)/(exp(2*x) + 2*exp(x) + 1) + x*exp(x)/(exp(x) + 1) + exp(x)/(exp(x) + 1)', t1[n,j__])*x[n,i__]*V[c,j_]*elementwise('-x*exp(2*x)/(exp(2*x) + 2*exp(x) + 1) + x*exp(x)/(exp(x) + 1) + exp(x)/(exp(x) + 1)', t2[n,j_])*x[n,i_] + (V[c,j]*swish(t3[n,j]) - y[n,c])*V[c,j__]*elementwise('2*x*exp(4*x)/(exp(4*x) + 4*exp(3*x) + 6*exp(2*x) + 4*exp(x) + 1) + 2*x*exp(3*x)/(exp(4*x) + 4*exp(3*x) + 6*exp(2*x) + 4*exp(x) + 1) - 3*x*exp(2*x)/(exp(2*x) + 2*exp(x) + 1) + x*exp(x)/(exp(x) + 1) - 2*exp(2*x)/(exp(2*x) + 2*exp(x) + 1) + 2*exp(x)/(exp(x) + 1)', t1[n,j__])*x[n,i__]*x[n,i_]*delta[j__,j_]
         out[j_,i_,j__,i__] = 2*sum(t[c,n,j_,i_,j__,i__], c, n)
 
     Arguments (keyword tensors):
@@ -78,7 +78,7 @@ def hessian_W_W(*_positional, V=_MISSING, W=_MISSING, x=_MISSING, y=_MISSING, **
     if y.shape[1] != size_c:
         raise TNError(f"hessian_W_W(): size mismatch for index 'c': y[c] has size {y.shape[1]} but V[c] has size {size_c}")
     t0 = torch.einsum("ji,ni->nj", W, x)  # [n,j__]  2*i*j*n flops
-    t1 = (t0 + torch.exp(t0) + 1)*torch.exp(t0)/(torch.exp(2*t0) + 2*torch.exp(t0) + 1)  # [n,j__]  swish'
+    t1 = -t0*torch.exp(2*t0)/(torch.exp(2*t0) + 2*torch.exp(t0) + 1) + t0*torch.exp(t0)/(torch.exp(t0) + 1) + torch.exp(t0)/(torch.exp(t0) + 1)  # [n,j__]  swish'
     t2 = torch.einsum("cj,nj->cnj", V, t1)  # [c,n,j_]  c*j*n flops
     t3 = torch.einsum("nj,cna->cnaj", t1, t2)  # [c,n,j_,j__]  c*j**2*n flops
     del t1, t2
@@ -87,7 +87,7 @@ def hessian_W_W(*_positional, V=_MISSING, W=_MISSING, x=_MISSING, y=_MISSING, **
     del t4
     t6 = t5 - y.permute(1, 0)  # [c,n]
     del t5
-    t7 = (-t0*torch.exp(t0) + t0 + 2*torch.exp(t0) + 2)*torch.exp(t0)/(torch.exp(3*t0) + 3*torch.exp(2*t0) + 3*torch.exp(t0) + 1)  # [n,j__]  swish''
+    t7 = 2*t0*torch.exp(4*t0)/(torch.exp(4*t0) + 4*torch.exp(3*t0) + 6*torch.exp(2*t0) + 4*torch.exp(t0) + 1) + 2*t0*torch.exp(3*t0)/(torch.exp(4*t0) + 4*torch.exp(3*t0) + 6*torch.exp(2*t0) + 4*torch.exp(t0) + 1) - 3*t0*torch.exp(2*t0)/(torch.exp(2*t0) + 2*torch.exp(t0) + 1) + t0*torch.exp(t0)/(torch.exp(t0) + 1) - 2*torch.exp(2*t0)/(torch.exp(2*t0) + 2*torch.exp(t0) + 1) + 2*torch.exp(t0)/(torch.exp(t0) + 1)  # [n,j__]  swish''
     del t0
     t8 = torch.einsum("cn,nj->cnj", t6, t7)  # [c,n,j__]  c*j*n flops
     del t6, t7

@@ -38,7 +38,8 @@ def run(args) -> int:
 
     if args.default_size <= 0:
         raise TNError(f"--default-size must be positive, got {args.default_size}")
-    expr = load_expression(args.expression)  # --sizes only plans: the code stays size-generic
+    # --sizes plans; it fixes in the code only symbols that no argument's shape determines
+    expr = load_expression(args.expression)
     t0 = time.perf_counter()
     expr = differentiate(expr, args.wrt)
     if args.simplify:
@@ -49,7 +50,7 @@ def run(args) -> int:
         if simplify is not None:
             expr = simplify(expr)
     program = lower(expr, parse_sizes(args.sizes), args.default_size)
-    source = emit_module(program, args.name)
+    source = emit_module(program, args.name, sizes=parse_sizes(args.sizes))
     elapsed = time.perf_counter() - t0
     print(f"# {args.name}({', '.join(expr.variables)}) -> [{', '.join(expr.indices)}]"
           f"{'  (d/d' + ' d/d'.join(args.wrt) + ')' if args.wrt else ''}, "

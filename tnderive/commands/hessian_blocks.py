@@ -103,7 +103,7 @@ def run(args) -> int:
     for (p, q), b in blocks.items():
         for name, part in b.parts().items():
             src = part.program(fn_name=f"{p}_{q}_{name}").source
-            code.append(src.split("\n", 1)[1].lstrip("\n"))
+            code.append(src[src.index("import torch\n") + len("import torch\n"):].strip("\n"))
     with open(os.path.join(args.output, "blocks.py"), "w", encoding="utf-8") as fh:
         fh.write("\n\n".join(code))
     with open(os.path.join(args.output, "report.md"), "w", encoding="utf-8") as fh:

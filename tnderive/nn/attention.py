@@ -27,7 +27,7 @@ from typing import Mapping
 import sympy
 import torch
 
-from ..constants import register_constant
+from ..constants import register_constant, register_constant_source
 from ..errors import TNError
 from ..functions import LOGSUMEXP, SOFTMAX
 from ..ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, as_size, scale)
@@ -54,6 +54,20 @@ def _build_tril(params: tuple, shape: tuple, device, dtype) -> torch.Tensor:
 
 register_constant(MASK_KIND, _build_mask)
 register_constant(TRIL_KIND, _build_tril)
+
+# torch-only builders for generated code (tnderive.compile / codegen)
+register_constant_source(MASK_KIND, """
+def build_causal_mask(params, shape, device, dtype):
+    q, k = shape
+    above = torch.ones(q, k, dtype=torch.bool, device=device).triu(1)
+    return torch.zeros(q, k, dtype=dtype, device=device).masked_fill(
+        above, -min(1e9, torch.finfo(dtype).max / 4))
+""")
+register_constant_source(TRIL_KIND, """
+def build_causal_tril(params, shape, device, dtype):
+    q, k = shape
+    return torch.ones(q, k, dtype=dtype, device=device).tril()
+""")
 
 OUTPUT = "F"  # name of the placeholder variable standing for the layer output
 

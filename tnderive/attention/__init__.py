@@ -1,0 +1,24 @@
+"""Transformer Hessian inspection: self-attention Hessian blocks, their structure, and code.
+
+Modules, one job each:
+    blocks     hessian_blocks(loss, params): every block, split into Gauss-Newton (outer) and
+               functional parts; each part compiles with `tnderive.compile`
+    structure  the structure of a part: zero-ness, terms, variable powers, X degree, slopes
+    scaling    block norms, σ-scaling slope fits, the assembled Hessian matrix
+    report     the structure table (rows, markdown)
+    plots      heatmap of the Hessian, diagrams of the block networks
+"""
+from __future__ import annotations
+
+from .blocks import (Block, BlockPart, HessianBlocks, hessian_blocks, structure_seconds,
+                     substitute)
+from .plots import draw_blocks, heatmap
+from .report import PART_LABEL, report_markdown, report_rows
+from .scaling import assemble, block_norms, fit_slopes
+from .structure import (DATA, Monomial, Structure, analyse, expand, monomial_degree,
+                        tree_degree)
+
+__all__ = ["Block", "BlockPart", "HessianBlocks", "hessian_blocks", "structure_seconds",
+           "substitute", "draw_blocks", "heatmap", "PART_LABEL", "report_markdown",
+           "report_rows", "assemble", "block_norms", "fit_slopes", "DATA", "Monomial",
+           "Structure", "analyse", "expand", "monomial_degree", "tree_degree"]

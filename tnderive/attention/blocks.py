@@ -1,0 +1,337 @@
+"""Hessian blocks of a self-attention loss, split into Gauss-Newton and functional parts.
+
+`hessian_blocks(model, params=("WQ", "WK", "WV"))` returns every block (p_i, p_j) as three
+expressions with indices [p_i's axes, p_j's axes] (torch.func.hessian layout):
+
+    outer       H_o = J_pᵀ (∂²ℓ/∂F²) J_q        J_p = ∂F/∂p (derivative of the layer output)
+    functional  H_f = Σ_f (∂ℓ/∂F)[f] · ∂²F[f]/∂p∂q
+    total       H   = ∂²ℓ/∂p∂q                  (derived directly; H = H_o + H_f)
+
+Each part carries its structure report (`BlockPart.structure`, see `structure.py`) and its
+generated code (`BlockPart.program()`: `tnderive.compile`, which lowers a large sum of
+products term by term with the output-carrying factors hoisted out of the sum).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from ..derive import derivative, var_names
+from ..errors import TNError
+from ..evaluate import evaluate
+from ..ir import Expr, Func, Product, Sum, Variable, Zero, fresh_name, rename_free
+from .structure import DATA, Monomial, Structure, analyse, expand
+
+
+def substitute(expr: Expr, name: str, replacement: Expr) -> Expr:
+    """`expr` with every occurrence of variable `name` replaced by `replacement`, whose free
+    indices (in order) stand for the variable's axes."""
+    memo: dict[Expr, Expr] = {}
+
+    def go(e: Expr) -> Expr:
+        if name not in var_names(e):
+            return e
+        hit = memo.get(e)
+        if hit is not None:
+            return hit
+        if isinstance(e, Variable):
+            if len(set(e.occurrence)) != len(e.occurrence):
+                raise TNError(f"cannot substitute {name!r}: occurrence {list(e.occurrence)} "
+                              f"takes a diagonal")
+            if len(e.occurrence) != len(replacement.indices):
+                raise TNError(f"cannot substitute {name!r}: it has {len(e.occurrence)} axes, the "
+                              f"replacement has indices {list(replacement.indices)}")
+            out = rename_free(replacement, dict(zip(replacement.indices, e.occurrence)))
+            if out.indices != e.occurrence:
+                out = Product((out,), e.occurrence)
+        elif isinstance(e, Sum):
+            out = Sum(((c, go(t)) for c, t in e.terms), e.indices)
+        elif isinstance(e, Product):
+            out = Product([go(f) for f in e.factors], e.indices)
+        elif isinstance(e, Func):
+            out = Func(e.fn, go(e.arg), e.over)
+        else:
+            out = e
+        memo[e] = out
+        return out
+
+    return go(expr)
+
+
+@dataclass
+class BlockPart:
+    """One part (outer / functional / total) of a Hessian block."""
+
+    kind: str
+    expr: Expr
+    softmax_order: int
+    second_T: bool
+    _monomials: list[Monomial] | None = None
+    _structure: Structure | None = None
+    _programs: dict = field(default_factory=dict)
+
+    @property
+    def is_zero(self) -> bool:
+        return isinstance(self.expr, Zero) or not self.monomials
+
+    @property
+    def monomials(self) -> list[Monomial]:
+        if self._monomials is None:
+            self._monomials = expand(self.expr)
+        return self._monomials
+
+    @property
+    def structure(self) -> Structure:
+        if self._structure is None:
+            self._structure = analyse(self.expr, self.monomials, self.softmax_order, self.second_T)
+        return self._structure
+
+    def program(self, fn_name: str = "block", plan_sizes: Mapping[str, int] | None = None):
+        """`tnderive.compile` of the part (cached per name and plan sizes): call it with the
+        part's variables as keyword tensors; `.source` holds the code, `.plan` the plan."""
+        key = (fn_name, tuple(sorted((plan_sizes or {}).items())))
+        if key not in self._programs:
+            from ..codegen import compile as compile_expr
+            sizes = _size_symbols(self.expr)
+            plan = {k: v for k, v in (plan_sizes or {}).items() if k in sizes} or None
+            self._programs[key] = compile_expr(self.expr, fn_name, sizes=plan)
+        return self._programs[key]
+
+    def evaluate(self, tensors: Mapping[str, torch.Tensor], fast: bool = True) -> torch.Tensor:
+        """Numeric value; `fast` runs the generated code, else `tnderive.evaluate`."""
+        used = {k: v for k, v in tensors.items() if k in self.expr.variables}
+        missing = [k for k in self.expr.variables if k not in used]
+        if missing:
+            raise TNError(f"block part {self.kind!r}: missing tensor {missing[0]!r}")
+        if fast or isinstance(self.expr, Zero):
+            out = self.program()(**used)
+            if not used:  # a zero part: the dtype of the given tensors
+                ref = next(iter(tensors.values()), None)
+                if ref is not None:
+                    out = out.to(dtype=ref.dtype, device=ref.device)
+            return out
+        return evaluate(self.expr, **used)
+
+
+def _size_symbols(expr: Expr) -> set[str]:
+    """Names of the size symbols of `expr`."""
+    names: set[str] = set()
+    for node in expr.walk():
+        for s in node.shape:
+            names |= {str(x) for x in getattr(s, "free_symbols", ())}
+        if isinstance(node, Variable):
+            for s in node.axis_shape:
+                names |= {str(x) for x in getattr(s, "free_symbols", ())}
+    return names
+
+
+@dataclass
+class Block:
+    """Hessian block (p, q): indices [p's axes, q's axes]."""
+
+    p: str
+    q: str
+    outer: BlockPart | None
+    functional: BlockPart | None
+    total: BlockPart
+    indices: tuple[str, ...]
+    shape: tuple
+
+    def parts(self) -> dict[str, BlockPart]:
+        out = {}
+        if self.outer is not None:
+            out["outer"] = self.outer
+        if self.functional is not None:
+            out["functional"] = self.functional
+        out["total"] = self.total
+        return out
+
+
+class HessianBlocks(dict):
+    """{(p, q): Block} in parameter order, with timing and the split's ingredients."""
+
+    params: tuple[str, ...]
+    seconds: dict
+    simplifier: str
+    model: object
+
+
+def _simplifier(choice) -> tuple[Callable[[Expr], Expr], str]:
+    if callable(choice):
+        return choice, getattr(choice, "__name__", "custom")
+    if not choice:
+        return (lambda e: e), "none"
+    try:
+        from .simplify import simplify as s
+    except ImportError:
+        return (lambda e: e), "none (tnderive.simplify missing)"
+    return s, "tnderive.simplify"
+
+
+def hessian_blocks(loss, params: Sequence[str] | None = None, include_X: bool = False,
+                   simplify=True, output: Expr | None = None, loss_of_output: Expr | None = None,
+                   output_name: str = "F", upper: bool = False) -> HessianBlocks:
+    """Every Hessian block of `loss` for `params` (default the model's W_Q, W_K, W_V; with
+    `include_X` also the data X), split into outer-product and functional parts.
+
+    loss: an `AttentionModel` (tnderive.nn.self_attention) or a scalar expression. For a plain
+          expression give `output` (the network output F) and `loss_of_output` (the loss written
+          on a placeholder variable `output_name` with F's indices) to get the split; without
+          them only the total blocks are derived.
+    simplify: True (tnderive.simplify when installed), False, or a callable.
+    upper: derive only blocks (p_i, p_j) with i ≤ j.
+    """
+    model = None
+    if hasattr(loss, "loss_of_output"):
+        model = loss
+        output, loss_of_output, output_name = model.output, model.loss_of_output, model.output_name
+        loss = model.loss
+        if params is None:
+            params = tuple(p for p in model.params if p != "WO")
+    if not isinstance(loss, Expr):
+        raise TNError(f"hessian_blocks expects an AttentionModel or an expression, got {type(loss).__name__}")
+    if loss.indices:
+        raise TNError(f"hessian_blocks needs a scalar loss; this one has free indices {list(loss.indices)}")
+    if params is None:
+        params = tuple(n for n in ("WQ", "WK", "WV") if n in loss.variables)
+    params = tuple(params)
+    if include_X and DATA not in params:
+        params = params + (DATA,)
+    variables = loss.variables
+    for p in params:
+        if p not in variables:
+            raise TNError(f"parameter {p!r} does not occur in the loss (variables: {list(variables)})")
+    split = output is not None and loss_of_output is not None
+    if split:
+        if output_name not in loss_of_output.variables:
+            raise TNError(f"loss_of_output does not use the placeholder {output_name!r}")
+        for p in params:
+            if p in var_names(loss_of_output):
+                raise TNError(f"parameter {p!r} enters the loss outside the output {output_name!r}; "
+                              f"the Gauss-Newton split needs it only inside the output")
+    simp, simp_name = _simplifier(simplify)
+    shp = {p: variables[p].axis_shape for p in params}
+    t0 = time.perf_counter()
+    taken = set(loss.all_indices)
+    if split:
+        taken |= set(output.all_indices) | set(loss_of_output.all_indices)
+    legs: dict[str, tuple[str, ...]] = {}
+    for p in params:
+        names = []
+        for a in variables[p].axes:
+            n = fresh_name(a, taken)
+            taken.add(n)
+            names.append(n)
+        legs[p] = tuple(names)
+    # a second set of legs for the diagonal blocks (p, p)
+    legs2: dict[str, tuple[str, ...]] = {}
+    for p in params:
+        names = []
+        for a in variables[p].axes:
+            n = fresh_name(a, taken)
+            taken.add(n)
+            names.append(n)
+        legs2[p] = tuple(names)
+    ingredients = {}
+    if split:
+        f1 = []
+        for i in output.indices:
+            n = fresh_name(i + "f", taken)
+            taken.add(n)
+            f1.append(n)
+        f2 = []
+        for i in output.indices:
+            n = fresh_name(i + "g", taken)
+            taken.add(n)
+            f2.append(n)
+        f1, f2 = tuple(f1), tuple(f2)
+        g_F = _deriv(loss_of_output, output_name, f1, output.shape)
+        h_F = _deriv(g_F, output_name, f2, output.shape)
+        g = substitute(g_F, output_name, output)
+        h = substitute(h_F, output_name, output)
+        ingredients = dict(grad_F=g, hess_F=h)
+        softmax_args = [n.arg for n in output.walk()
+                        if isinstance(n, Func) and getattr(n.fn, "name", "") == "softmax"]
+        # the scores T: the softmax argument, or the model's scores (linear attention)
+        score_nodes = softmax_args or ([model.scores] if model is not None else [])
+        in_T = {p: any(p in var_names(a) for a in score_nodes) for p in params}
+        has_softmax = bool(softmax_args)
+        J = {}
+        for p in params:
+            J[p] = _deriv(output, p, legs[p], variables[p].axis_shape)
+            J[p, 2] = _deriv(output, p, legs2[p], variables[p].axis_shape)
+    t_derive = time.perf_counter() - t0
+    out = HessianBlocks()
+    t_simp = 0.0
+    for i, p in enumerate(params):
+        for j, q in enumerate(params):
+            if upper and j < i:
+                continue
+            lp, lq = legs[p], (legs2[q] if q == p else legs[q])
+            t0 = time.perf_counter()
+            total = _deriv(_deriv(loss, p, lp, shp[p]), q, lq, shp[q])
+            outer = functional = None
+            if split:
+                Jp = rename_free(J[p], dict(zip(output.indices, f1)))
+                Jq = rename_free(J[q, 2] if q == p else J[q], dict(zip(output.indices, f2)))
+                if any(isinstance(x, Zero) for x in (Jp, Jq, h)):
+                    outer = Zero(lp + lq, total.shape)
+                else:
+                    outer = Product((Jp, h, Jq), lp + lq)
+                d2 = _deriv(J[p], q, lq, shp[q])
+                if isinstance(d2, Zero) or isinstance(g, Zero):
+                    functional = Zero(lp + lq, total.shape)
+                else:
+                    functional = Product((g, rename_free(d2, dict(zip(output.indices, f1)))), lp + lq)
+            t_derive += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            total = simp(total)
+            if split:
+                outer = simp(outer)
+                functional = simp(functional)
+            t_simp += time.perf_counter() - t0
+            if split:
+                sp, sq = in_T[p], in_T[q]
+                o1 = int((sp or sq) and has_softmax)
+                second_T = False
+                if sp and sq:
+                    for a in score_nodes:
+                        dT = _deriv(a, p, lp, shp[p])
+                        if q in var_names(dT) and not isinstance(_deriv(dT, q, lq, shp[q]), Zero):
+                            second_T = True
+                parts_o = BlockPart("outer", outer, o1, False)
+                parts_f = BlockPart("functional", functional,
+                                    2 if (sp and sq and has_softmax) else o1, second_T)
+                parts_t = BlockPart("total", total, max(parts_f.softmax_order, o1), second_T)
+            else:
+                parts_o = parts_f = None
+                parts_t = BlockPart("total", total, 0, False)
+            out[p, q] = Block(p, q, parts_o, parts_f, parts_t, lp + lq, tuple(total.shape))
+    out.params = params
+    out.seconds = {"derive": t_derive, "simplify": t_simp}
+    out.simplifier = simp_name
+    out.model = model
+    out.ingredients = ingredients
+    return out
+
+
+def _deriv(expr: Expr, name: str, legs: Sequence[str], shape: Sequence | None = None) -> Expr:
+    """derivative(), but the Zero tensor when `name` does not occur in `expr` (`shape`: the
+    variable's axis sizes, for the new legs)."""
+    if name in var_names(expr):
+        return derivative(expr, name, legs)
+    if shape is None:
+        raise TNError(f"variable {name!r} does not occur in the expression")
+    return Zero(tuple(expr.indices) + tuple(legs), tuple(expr.shape) + tuple(shape))
+
+
+def structure_seconds(blocks: HessianBlocks) -> float:
+    """Expand and analyse every part (timed; monomials are cached on the parts)."""
+    t0 = time.perf_counter()
+    for b in blocks.values():
+        for part in b.parts().values():
+            part.structure
+    return time.perf_counter() - t0

@@ -1,0 +1,70 @@
+"""Pictures of Hessian blocks: a heatmap of the assembled Hessian and a diagram per part."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from .blocks import HessianBlocks
+from .report import PART_LABEL, _short
+from .scaling import assemble
+
+
+def heatmap(blocks: HessianBlocks, tensors: Mapping[str, torch.Tensor], path: str,
+            part: str = "total", title: str | None = None) -> str | None:
+    """PNG heatmap of log10 |H| over all parameters with block boundaries and per-block
+    Frobenius norms. Returns the path, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    H, offs = assemble(blocks, tensors, part)
+    params = blocks.params
+    mag = torch.log10(H.abs() + 1e-300).clamp(min=float(torch.log10(H.abs().max() + 1e-300)) - 12)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(mag.numpy(), cmap="magma", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="log10 |H|")
+    for o in offs[1:-1]:
+        ax.axhline(o - 0.5, color="cyan", lw=1)
+        ax.axvline(o - 0.5, color="cyan", lw=1)
+    for i, p in enumerate(params):
+        for j, q in enumerate(params):
+            blk = H[offs[i]:offs[i + 1], offs[j]:offs[j + 1]]
+            ax.text((offs[j] + offs[j + 1]) / 2, (offs[i] + offs[i + 1]) / 2,
+                    f"{_short(p)}{_short(q)}\n{float(blk.norm()):.1e}", ha="center", va="center",
+                    color="white", fontsize=9,
+                    bbox=dict(facecolor="black", alpha=0.45, lw=0))
+    mids = [(offs[k] + offs[k + 1]) / 2 for k in range(len(params))]
+    ax.set_xticks(mids, [_short(p) for p in params])
+    ax.set_yticks(mids, [_short(p) for p in params])
+    ax.set_title(title or f"{PART_LABEL.get(part, part)} over ({', '.join(params)})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw_blocks(blocks: HessianBlocks, outdir: str, fmt: str = "svg",
+                parts: Sequence[str] = ("outer", "functional")) -> list[str]:
+    """A diagram per block part (tnderive.draw); [] when drawing is unavailable."""
+    try:
+        from ..draw import draw
+    except ImportError:
+        return []
+    import os
+    written = []
+    for (p, q), b in blocks.items():
+        for name in parts:
+            part = b.parts().get(name)
+            if part is None:
+                continue
+            path = os.path.join(outdir, f"{_short(p)}{_short(q)}_{name}.{fmt}")
+            try:
+                draw(part.expr, path, title=f"{PART_LABEL[name]} block ({p}, {q})")
+            except Exception as e:  # graphviz missing or an unsupported node: skip, say why
+                written.append(f"(not drawn: {path}: {e})")
+                continue
+            written.append(path)
+    return written
