@@ -23,6 +23,7 @@ import sympy
 from tnderive.errors import TNError
 from tnderive.functions import IndexFunction
 from tnderive.ir import Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, rename_free
+from tnderive.unionfind import delta_classes
 
 LEAVES = (Variable, Constant, Func, Delta)
 
@@ -180,31 +181,13 @@ def _merge_deltas(m: Monomial) -> Monomial:
     if not any(isinstance(f, Delta) for f in m.factors):
         return m
     sizes = sizes_of(m.factors)
-    parent = {i: i for i in sizes}
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    rest = []
-    for f in m.factors:
-        if isinstance(f, Delta):
-            r = find(f.indices[0])
-            for j in f.indices[1:]:
-                parent[find(j)] = r
-        else:
-            rest.append(f)
-    classes: dict[str, list[str]] = {}
-    for i in sizes:
-        classes.setdefault(find(i), []).append(i)
+    rest, classes = delta_classes(m.factors, sizes)
     out_set = set(m.indices)
     ren: dict[str, str] = {}
     keep: list[Expr] = []
     coef = m.coef
     used = set(factor_indices(rest))
-    for members in classes.values():
+    for members in classes:
         outs = [i for i in m.indices if i in members]
         rep = outs[0] if outs else members[0]
         for i in members:

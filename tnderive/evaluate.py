@@ -20,6 +20,7 @@ from .errors import TNError
 from .functions import Elementwise, IndexFunction
 from .ir import Constant, Delta, Expr, Func, Product, Sum, Variable, Zero
 from .torch_fns import apply_elementwise
+from .unionfind import delta_classes
 
 
 def evaluate(expr: Expr, sizes: Mapping[str, int] | None = None, **tensors: torch.Tensor) -> torch.Tensor:
@@ -133,30 +134,10 @@ def product_operands(expr: Product, ev: Evaluator):
                               f"{_describe(f)} has size {n}")
             sizes.setdefault(i, n)
             where.setdefault(i, _describe(f))
-    # union-find over indices joined by deltas
-    parent = {i: i for i in sizes}
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    others = []
-    for f in expr.factors:
-        if isinstance(f, Delta):
-            root = find(f.indices[0])
-            for j in f.indices[1:]:
-                parent[find(j)] = root
-        else:
-            others.append(f)
-    # choose representatives: prefer an output index so the result needs no expansion
-    classes: dict[str, list[str]] = {}
-    for i in sizes:
-        classes.setdefault(find(i), []).append(i)
+    others, classes = delta_classes(expr.factors, sizes)
     ids: dict[str, int] = {}
     names: list[str] = []
-    for root, members in classes.items():
+    for members in classes:
         k = len(names)
         names.append(members[0])
         for m in members:
@@ -167,7 +148,7 @@ def product_operands(expr: Product, ev: Evaluator):
         sublists.append([ids[i] for i in f.indices])
     out_ids = [ids[i] for i in expr.indices]
     extra = 1
-    for root, members in classes.items():
+    for members in classes:
         k = ids[members[0]]
         used = any(k in sl for sl in sublists) or k in out_ids
         if not used:  # a delta closed on itself: its trace = size

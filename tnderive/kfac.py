@@ -58,6 +58,7 @@ from .ir import (Constant, Delta, Expr, Product, Variable, Zero, fresh_name, fre
                  replace, size_symbol)
 from .kronecker import KronBlock, ParamLayout
 from .losses import Loss, as_loss
+from .unionfind import UnionFind
 from .curvature import (_rename_to, compile_expr, maybe_simplify, relevant_sizes, sizes_from,
                         substitute)
 from .evaluate import evaluate
@@ -146,26 +147,17 @@ def split_layer(expr: Expr, weight: str, batch: str) -> LayerSplit:
                       f"[{','.join(P.indices)}] holding {weight!r}")
     legs = set(W.occurrence)
     # connected components of the other factors (ignoring W's legs and the batch index)
-    parent = list(range(len(others)))
-
-    def find(k):
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
+    components = UnionFind(range(len(others)))
     owner: dict[str, int] = {}
     for k, f in enumerate(others):
         for i in f.indices:
             if i in legs or i == batch:
                 continue
             if i in owner:
-                parent[find(k)] = find(owner[i])
+                components.union(owner[i], k)
             else:
                 owner[i] = k
-    comps: dict[int, list[int]] = {}
-    for k in range(len(others)):
-        comps.setdefault(find(k), []).append(k)
+    comps = components.classes()
     free = set(P.indices)
     input_side, output_side = [], []
     for members in comps.values():

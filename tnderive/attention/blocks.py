@@ -22,7 +22,7 @@ import torch
 from ..derive import derivative, var_names
 from ..errors import TNError
 from ..evaluate import evaluate
-from ..ir import Expr, Func, Product, Sum, Variable, Zero, fresh_name, rename_free
+from ..ir import Expr, Func, Product, Sum, Variable, Zero, fresh_name, fresh_names, rename_free
 from .structure import DATA, Monomial, Structure, analyse, expand
 
 
@@ -218,23 +218,9 @@ def hessian_blocks(loss, params: Sequence[str] | None = None, include_X: bool = 
     taken = set(loss.all_indices)
     if split:
         taken |= set(output.all_indices) | set(loss_of_output.all_indices)
-    legs: dict[str, tuple[str, ...]] = {}
-    for p in params:
-        names = []
-        for a in variables[p].axes:
-            n = fresh_name(a, taken)
-            taken.add(n)
-            names.append(n)
-        legs[p] = tuple(names)
+    legs = {p: fresh_names(variables[p].axes, taken) for p in params}
     # a second set of legs for the diagonal blocks (p, p)
-    legs2: dict[str, tuple[str, ...]] = {}
-    for p in params:
-        names = []
-        for a in variables[p].axes:
-            n = fresh_name(a, taken)
-            taken.add(n)
-            names.append(n)
-        legs2[p] = tuple(names)
+    legs2 = {p: fresh_names(variables[p].axes, taken) for p in params}
     ingredients = {}
     if split:
         f1 = []

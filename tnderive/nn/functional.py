@@ -55,20 +55,21 @@ def convnd(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return net(input, weight)
 
 
-def _fixed(d: int, name: str):
-    def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def _fixed(d: int, name: str, general, what: str):
+    """`general` (convnd / conv_transposend) restricted to d spatial dims, named like torch's."""
+    def fixed(input, weight, bias=None, *args, **kwargs):
         _check(input, "input")
         if input.dim() != d + 2:
             raise TNError(f"{name} expects input [N, C, {d} spatial dims], got shape {tuple(input.shape)}")
-        return convnd(input, weight, bias, stride, padding, dilation, groups)
-    conv.__name__ = conv.__qualname__ = name
-    conv.__doc__ = f"{d}-d convolution, drop-in for torch.nn.functional.{name}."
-    return conv
+        return general(input, weight, bias, *args, **kwargs)
+    fixed.__name__ = fixed.__qualname__ = name
+    fixed.__doc__ = f"{d}-d {what}, drop-in for torch.nn.functional.{name}."
+    return fixed
 
 
-conv1d = _fixed(1, "conv1d")
-conv2d = _fixed(2, "conv2d")
-conv3d = _fixed(3, "conv3d")
+conv1d = _fixed(1, "conv1d", convnd, "convolution")
+conv2d = _fixed(2, "conv2d", convnd, "convolution")
+conv3d = _fixed(3, "conv3d", convnd, "convolution")
 
 
 @lru_cache(maxsize=512)
@@ -87,20 +88,9 @@ def conv_transposend(input, weight, bias=None, stride=1, padding=0, output_paddi
     return net(input, weight, bias) if bias is not None else net(input, weight)
 
 
-def _fixed_t(d: int, name: str):
-    def convt(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-        _check(input, "input")
-        if input.dim() != d + 2:
-            raise TNError(f"{name} expects input [N, C, {d} spatial dims], got shape {tuple(input.shape)}")
-        return conv_transposend(input, weight, bias, stride, padding, output_padding, groups, dilation)
-    convt.__name__ = convt.__qualname__ = name
-    convt.__doc__ = f"{d}-d transpose convolution, drop-in for torch.nn.functional.{name}."
-    return convt
-
-
-conv_transpose1d = _fixed_t(1, "conv_transpose1d")
-conv_transpose2d = _fixed_t(2, "conv_transpose2d")
-conv_transpose3d = _fixed_t(3, "conv_transpose3d")
+conv_transpose1d = _fixed(1, "conv_transpose1d", conv_transposend, "transpose convolution")
+conv_transpose2d = _fixed(2, "conv_transpose2d", conv_transposend, "transpose convolution")
+conv_transpose3d = _fixed(3, "conv_transpose3d", conv_transposend, "transpose convolution")
 
 
 @lru_cache(maxsize=512)
