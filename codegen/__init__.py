@@ -11,8 +11,6 @@ line program: deltas merged, products planned, common sub-expressions shared), `
 from __future__ import annotations
 
 import builtins
-import sys
-import types
 from typing import Mapping
 
 import torch
@@ -116,15 +114,3 @@ class CompiledFunction:
 
     def __repr__(self) -> str:
         return f"<compiled {self.name}({', '.join(self._names)}) -> [{','.join(self.expr.indices)}]>"
-
-
-class _CallableModule(types.ModuleType):
-    """`tnderive.codegen` is both this package and the public function `tnderive.codegen(expr,
-    name)`: importing the package makes it the attribute of `tnderive`, so the package itself
-    is callable and forwards to `codegen`."""
-
-    def __call__(self, expr: Expr, name: str = "f", **kwargs) -> str:
-        return codegen(expr, name, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
