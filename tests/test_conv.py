@@ -425,6 +425,29 @@ def test_strided_tap_paths_match_torch(monkeypatch, xs, ws, kw):
     assert set(used) == {"_gather_taps", "_weight_taps"}
 
 
+@pytest.mark.parametrize("xs,ws,kw", [((3, 3, 128, 128), (64, 3, 4, 4), dict(stride=4)),
+                                      ((3, 2, 320, 256), (64, 2, 16, 8), dict(stride=(16, 8)))])
+def test_dense_blocked_and_accumulated_paths_match_torch(monkeypatch, xs, ws, kw):
+    """Dense layers large enough for the per-image im2col copy (forward) and the matmuls
+    accumulated over the batch (weight VJP), both using the reused workspace."""
+    used = _tap_paths_used(monkeypatch, ("_blocked_matmul", "_accumulated_matmul"), xs, ws, kw)
+    assert set(used) == {"_blocked_matmul", "_accumulated_matmul"}
+
+
+def test_workspace_results_do_not_alias():
+    """Results computed through the workspace stay valid after later calls reuse it."""
+    x, w = torch.randn(3, 3, 128, 128), torch.randn(8, 3, 4, 4)
+    y1 = T.conv2d(x, w, stride=4)
+    y2 = T.conv2d(2 * x, w, stride=4)
+    assert torch.allclose(y1, F.conv2d(x, w, stride=4), **TOL)
+    assert torch.allclose(y2, 2 * y1, **TOL)
+    with torch.inference_mode():  # the workspace made here stays usable outside, and back
+        from tnderive.patterns import release_workspace
+        release_workspace()
+        y3 = T.conv2d(x, w, stride=4)
+    assert torch.allclose(T.conv2d(x, w, stride=4), y3, **TOL)
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2), st.integers(0, 2),
        st.sampled_from([1, 2, 32]), st.sampled_from([(32, 32), (64, 64), (32, 1)]), st.integers(20, 36))

@@ -45,14 +45,10 @@ __all__ = ["ggn", "hessian_split", "loss_hessian_block", "ggn_diagonal", "hessia
 # --------------------------------------------------------------------------------------------
 
 def maybe_simplify(expr: Expr, enabled: bool = True) -> Expr:
-    """`tnderive.simplify(expr)` when the simplifier is installed, else `expr` unchanged."""
-    if not enabled:
-        return expr
-    try:
-        from .simplify import simplify
-    except ImportError:
-        return expr
-    return simplify(expr)
+    """`tnderive.simplify(expr)`, or `expr` unchanged when `enabled` is False."""
+    from .simplify import simplify
+
+    return simplify(expr) if enabled else expr
 
 
 def substitute(expr: Expr, name: str, replacement: Expr) -> Expr:
@@ -165,13 +161,8 @@ def evaluate(expr: Expr, sizes: Mapping[str, int] | None = None, context: Expr |
 
 
 def _codegen_compile():
-    try:
-        from .codegen import compile as _compile  # type: ignore[attr-defined]
-    except ImportError:
-        try:
-            from tnderive.codegen import compile as _compile  # the codegen/ package
-        except ImportError:
-            return None
+    from .codegen import compile as _compile
+
     return _compile
 
 
@@ -196,8 +187,6 @@ class CompiledExpr:
         self._static = None if self.symbolic else self._build(expr, None)
 
     def _build(self, expr: Expr, sizes):
-        if self._compile is None:
-            return None
         try:
             fn = self._compile(expr, self.name, sizes=sizes) if sizes else self._compile(expr, self.name)
         except TNError:

@@ -79,14 +79,9 @@ def notation(expr) -> str:
 
 def count_terms(expr) -> int:
     """Number of additive terms (products of sums expanded); via tnderive.simplify."""
-    try:
-        from .simplify import count_terms as ct
-        return int(ct(expr))
-    except ImportError:
-        from .ir import Sum, Zero
-        if isinstance(expr, Zero):
-            return 0
-        return len(expr.terms) if isinstance(expr, Sum) else 1
+    from .simplify import count_terms as ct
+
+    return int(ct(expr))
 
 
 @dataclass

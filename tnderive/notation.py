@@ -721,10 +721,7 @@ class _Parser:
         return Constant(kind, params, idx, [parse_size(str(x)) for x in shape])
 
     def pattern(self, idx: tuple[str, ...], call: ast.Call | None, node: ast.AST) -> Expr:
-        try:
-            from . import patterns
-        except ImportError:
-            raise self.error(node, "pattern needs tnderive.patterns") from None
+        from . import patterns
         kwargs = {}
         if call is not None:
             if call.args:

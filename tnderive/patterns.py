@@ -22,6 +22,7 @@ Four structured constant kinds (all 0/1 tensors, built vectorised on the target 
 """
 from __future__ import annotations
 
+import threading
 from typing import Mapping, Sequence, Union
 
 import sympy
@@ -328,7 +329,8 @@ def structured_evaluate(expr: Expr, sizes: Mapping[str, int] | None = None,
     Expressions whose patterns are all 1×1 down-sampling gathers run as cached generated code
     (`tnderive.compile`, same views, less per-call overhead); everything else runs the eager
     engine below, which is faster on overlapping windows (per-tap matmuls, no im2col copy),
-    depthwise layers and scatters (input VJPs)."""
+    dense layers (im2col copies into a reused workspace, blocked per image), depthwise layers
+    and scatters (input VJPs)."""
     from .binding import bind
     if not isinstance(expr, Expr):
         raise TNError(f"evaluate expects an expression, got {type(expr).__name__}")
@@ -343,13 +345,14 @@ _COMPILED: dict = {}
 
 def _compiled(expr: Expr, sizes: tuple):
     """Cached generated code for `expr` when it is the faster engine (see structured_evaluate),
-    else None."""
+    else None. Reshape-only networks (dense layers' VJPs: split constants alone) stay eager,
+    where `pair_contract` blocks the im2col copy per image and accumulates over the batch."""
     key = (expr, sizes)
     if key in _COMPILED:
         return _COMPILED[key]
     fn = None
     pats = [n for n in expr.walk() if isinstance(n, Constant) and n.kind in PATTERN_KINDS]
-    if pats and all(_down_sampling(c) for c in pats):
+    if pats and all(_down_sampling(c) for c in pats) and not all(c.kind == "split" for c in pats):
         try:
             from .codegen import compile as tn_compile
             cand = tn_compile(expr, "structured", sizes=dict(sizes) or None)
@@ -924,13 +927,14 @@ def _presum(t: torch.Tensor, s: list[int], keep: set) -> tuple[torch.Tensor, lis
 def _grouped(t: torch.Tensor, s: list[int], groups: list[list[int]], sizes: dict) -> torch.Tensor | None:
     """t permuted to the concatenated groups and reshaped to one dim per group, as a view
     (None when that needs a copy). A group may name ids t lacks (size 1)."""
+    for g in groups:  # each group's dims must merge (checked here: a failed view is slow)
+        dims = [s.index(k) for k in g if k in s and t.shape[s.index(k)] != 1]
+        for i, j in zip(dims, dims[1:]):
+            if t.stride(i) != t.stride(j) * t.shape[j]:
+                return None
     perm = [s.index(k) for g in groups for k in g if k in s]
-    p = t.permute(perm)
     shape = [_prod(sizes[k] if k in s else 1 for k in g) for g in groups]
-    try:
-        return p.view(shape)
-    except RuntimeError:
-        return None
+    return t.permute(perm).view(shape)
 
 
 def _prod(xs) -> int:
@@ -942,13 +946,20 @@ def _prod(xs) -> int:
 
 def _inner_score(t: torch.Tensor, s: list[int], group: list[int]) -> tuple:
     """How cheap it is to copy t with `group` innermost (lower is better): best a long
-    contiguous innermost run, else a long innermost dimension, then a small source stride."""
+    contiguous innermost run (the group's trailing ids that are contiguous in memory, merged),
+    else a long innermost dimension, then a small source stride."""
     real = [k for k in group if k in s and t.shape[s.index(k)] != 1]
     if not real:
         return (2, 0, float("inf"))
     j = s.index(real[-1])
-    contiguous_run = t.stride(j) == 1 and t.shape[j] >= 16
-    return (0 if contiguous_run else 1, -t.shape[j], t.stride(j))
+    run, step = t.shape[j], t.stride(j) * t.shape[j]
+    for k in reversed(real[:-1]):
+        i = s.index(k)
+        if t.stride(j) != 1 or t.stride(i) != step:
+            break
+        run, step = run * t.shape[i], step * t.shape[i]
+    contiguous_run = t.stride(j) == 1 and run >= 16
+    return (0 if contiguous_run else 1, -run, t.stride(j))
 
 
 def pair_contract(a: torch.Tensor, sa: list[int], b: torch.Tensor, sb: list[int],
@@ -1009,34 +1020,177 @@ def pair_contract(a: torch.Tensor, sa: list[int], b: torch.Tensor, sb: list[int]
         y = _tap_loop(a, sa, b, sb, prefix, fp, contract, fq, sizes).reshape([sizes[k] for k in out])
         return y.permute([out.index(k) for k in final]) if final is not None else y
     pre = [[k] for k in prefix]
-    P = _grouped(a, sa, pre + [fp, contract], sizes)
+    P = _left_operand(a, sa, pre, fp, contract, sizes, copy=False)
     if P is None:
-        Pt = _grouped(a, sa, pre + [contract, fp], sizes)
-        if Pt is not None:
-            P = Pt.transpose(-1, -2)
-        elif _inner_score(a, sa, fp) < _inner_score(a, sa, contract):
-            P = _copy(a, sa, pre + [contract, fp], sizes).transpose(-1, -2)
-        else:
-            P = _copy(a, sa, pre + [fp, contract], sizes)
-    Q = _grouped(b, sb, pre + [contract, fq], sizes)
-    if Q is None:
-        Qt = _grouped(b, sb, pre + [fq, contract], sizes)
-        if Qt is not None:
-            Q = Qt.transpose(-1, -2)
-        elif _inner_score(b, sb, contract) < _inner_score(b, sb, fq):
-            Q = _copy(b, sb, pre + [fq, contract], sizes).transpose(-1, -2)
-        else:
-            Q = _copy(b, sb, pre + [contract, fq], sizes)
-    y = torch.matmul(P, Q).reshape([sizes[k] for k in out])
+        k0 = _accumulable(a, sa, b, pre, fp, contract, sizes)
+        if k0 is not None:
+            y = _accumulated_matmul(a, sa, b, sb, k0, pre, fp, contract, fq, sizes)
+            y = y.reshape([sizes[k] for k in out])
+            return y.permute([out.index(k) for k in final]) if final is not None else y
+        P = _left_operand(a, sa, pre, fp, contract, sizes, copy=True)
+    Q = _right_operand(b, sb, pre, contract, fq, sizes, copy=False)
+    if Q is None and _blocked(P, b, prefix, A, sizes):
+        y = _blocked_matmul(P, b, sb, prefix, contract, fq, sizes).reshape([sizes[k] for k in out])
+    else:
+        if Q is None:
+            Q = _right_operand(b, sb, pre, contract, fq, sizes, copy=True)
+        y = _matmul(P, Q).reshape([sizes[k] for k in out])
     if final is not None:
         y = y.permute([out.index(k) for k in final])
     return y
 
 
-def _copy(t, s, groups, sizes) -> torch.Tensor:
+def _matmul(P: torch.Tensor, Q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.matmul (into `out` if given), with batch dims that are 1 on both sides dropped
+    first: a single matrix product runs as a plain GEMM (the batched kernel is slower on CPU)."""
+    while P.dim() > 2 and Q.dim() > 2 and P.shape[0] == 1 and Q.shape[0] == 1:
+        P, Q = P[0], Q[0]
+        out = out[0] if out is not None else None
+    return torch.matmul(P, Q) if out is None else torch.matmul(P, Q, out=out)
+
+
+def _left_operand(a, sa, pre, fp, contract, sizes, copy: bool) -> torch.Tensor | None:
+    """a as the matmul's left operand [*pre, fp, contract]: a view, else (with `copy`) a
+    workspace copy in the cheaper memory order, else None."""
+    P = _grouped(a, sa, pre + [fp, contract], sizes)
+    if P is not None:
+        return P
+    Pt = _grouped(a, sa, pre + [contract, fp], sizes)
+    if Pt is not None:
+        return Pt.transpose(-1, -2)
+    if not copy:
+        return None
+    if _inner_score(a, sa, fp) < _inner_score(a, sa, contract):
+        return _copy(a, sa, pre + [contract, fp], sizes, slot=0).transpose(-1, -2)
+    return _copy(a, sa, pre + [fp, contract], sizes, slot=0)
+
+
+def _accumulable(a, sa, b, pre, fp, contract, sizes) -> int | None:
+    """The contracted id to loop over when a is not a matrix view only because of it (e.g. the
+    batch n of v[n, c, o] in a weight VJP, summed but outside c): then each slice a[k0 = i] is
+    a view and the matmuls accumulate into the (small) result, instead of copying a."""
+    if len(contract) < 2 or a.dtype != b.dtype or (torch.is_grad_enabled()
+                                                   and (a.requires_grad or b.requires_grad)):
+        return None
+    k0 = max(contract, key=lambda k: a.stride(sa.index(k)))
+    rest = [k for k in contract if k != k0]
+    if _prod(sizes[k] for k in rest) < 512:  # each matmul's contraction long enough
+        return None
+    j = sa.index(k0)
+    if _left_operand(a.select(j, 0), sa[:j] + sa[j + 1:], pre, fp, rest, sizes, copy=False) is None:
+        return None
+    return k0
+
+
+def _accumulated_matmul(a, sa, b, sb, k0, pre, fp, contract, fq, sizes) -> torch.Tensor:
+    """Σ_i matmul(a[k0 = i], b[k0 = i]) with the other contracted ids inside each matmul; b's
+    slices are copied (when needed) into the workspace, the products added in place."""
+    rest = [k for k in contract if k != k0]
+    ja, jb = sa.index(k0), sb.index(k0)
+    suba, subb = sa[:ja] + sa[ja + 1:], sb[:jb] + sb[jb + 1:]
+    y = None
+    for i in range(sizes[k0]):
+        Pi = _left_operand(a.select(ja, i), suba, pre, fp, rest, sizes, copy=True)
+        Qi = _right_operand(b.select(jb, i), subb, pre, rest, fq, sizes, copy=True)
+        if y is None:
+            y = _matmul(Pi, Qi)
+        elif y.dim() == 2 and Pi.dim() == 2 and Qi.dim() == 2:
+            y.addmm_(Pi, Qi)
+        else:
+            y += _matmul(Pi, Qi)
+    return y
+
+
+def _right_operand(b, sb, pre, contract, fq, sizes, copy: bool) -> torch.Tensor | None:
+    """b as the matmul's right operand [*pre, contract, fq]: a view, else (with `copy`) a
+    workspace copy in the cheaper memory order, else None."""
+    Q = _grouped(b, sb, pre + [contract, fq], sizes)
+    if Q is not None:
+        return Q
+    Qt = _grouped(b, sb, pre + [fq, contract], sizes)
+    if Qt is not None:
+        return Qt.transpose(-1, -2)
+    if not copy:
+        return None
+    if _inner_score(b, sb, contract) < _inner_score(b, sb, fq):
+        return _copy(b, sb, pre + [fq, contract], sizes, slot=1).transpose(-1, -2)
+    return _copy(b, sb, pre + [contract, fq], sizes, slot=1)
+
+
+_BLOCK_BYTES = 1 << 20  # copy the right operand per leading batch entry above this size
+
+
+def _blocked(P: torch.Tensor, b: torch.Tensor, prefix: list[int], A: set, sizes: dict) -> bool:
+    """Copy-and-multiply per entry of the leading batch id (P broadcast over it: a kernel
+    shared by all images) rather than copy all of b first: each slice's copy (im2col of one
+    image) stays in cache for its matmul."""
+    return bool(prefix) and prefix[0] not in A and sizes[prefix[0]] > 1 and P.dtype == b.dtype \
+        and b.numel() * b.element_size() > _BLOCK_BYTES \
+        and not ((P.requires_grad or b.requires_grad) and torch.is_grad_enabled())
+
+
+def _blocked_matmul(P, b, sb, prefix, contract, fq, sizes) -> torch.Tensor:
+    """matmul(P, b as [*prefix, contract, fq]) one prefix[0] entry at a time, each slice of b
+    copied into the workspace and multiplied straight into its slice of the result (the copy
+    layout is chosen once, by `_inner_score`, as in `_right_operand`)."""
+    lead, rest = prefix[0], prefix[1:]
+    j = sb.index(lead)
+    sub = sb[:j] + sb[j + 1:]
+    b0 = b.select(j, 0)
+    fq_inner = not _inner_score(b0, sub, contract) < _inner_score(b0, sub, fq)
+    groups = [[k] for k in rest] + ([contract, fq] if fq_inner else [fq, contract])
+    perm = [sub.index(k) for g in groups for k in g if k in sub]
+    shape = [_prod(sizes[k] if k in sub else 1 for k in g) for g in groups]
+    buf = _workspace(1, _prod(shape), b.dtype, b.device)
+    dst = buf.view([b0.shape[d] for d in perm])
+    Q = buf.view(shape) if fq_inner else buf.view(shape).transpose(-1, -2)
+    P1 = P[0]
+    y = P.new_empty([sizes[lead], *[sizes[k] for k in rest], P.shape[-2], _prod(sizes[k] for k in fq)])
+    ys = y
+    while P1.dim() > 2 and Q.dim() > 2 and P1.shape[0] == 1 and Q.shape[0] == 1:  # as _matmul
+        P1, Q, ys = P1[0], Q[0], ys.select(1, 0)
+    for i in range(sizes[lead]):
+        dst.copy_(b.select(j, i).permute(perm))
+        torch.matmul(P1, Q, out=ys[i])
+    return y
+
+
+def _copy(t, s, groups, sizes, slot: int | None = None) -> torch.Tensor:
+    """t permuted to the concatenated groups, copied, one dim per group. With a `slot` the copy
+    is a matmul operand that dies with the matmul: it goes into a reused workspace buffer
+    (`_workspace`) instead of fresh memory, unless autograd records t."""
     perm = [s.index(k) for g in groups for k in g if k in s]
     shape = [_prod(sizes[k] if k in s else 1 for k in g) for g in groups]
-    return t.permute(perm).reshape(shape)
+    p = t.permute(perm)
+    if slot is None or (t.requires_grad and torch.is_grad_enabled()):
+        return p.reshape(shape)
+    buf = _workspace(slot, t.numel(), t.dtype, t.device)
+    buf.view(p.shape).copy_(p)
+    return buf.view(shape)
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(slot: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of `numel` entries, reused across calls of this thread (one per slot, dtype
+    and device; grown on demand). Fresh memory for a large im2col copy costs page faults on
+    every call, often more than the copy itself; like a BLAS/oneDNN scratchpad, the operand
+    copies of `pair_contract` live here (each is consumed by the matmul before the next)."""
+    pool = getattr(_WORKSPACE, "pool", None)
+    if pool is None:
+        pool = _WORKSPACE.pool = {}
+    key = (slot, dtype, device)
+    buf = pool.get(key)
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            buf = pool[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def release_workspace() -> None:
+    """Free this thread's workspace buffers (they are kept at the largest size used)."""
+    _WORKSPACE.pool = {}
 
 
 def _tap_loop(a, sa, b, sb, prefix, fp, contract, fq, sizes) -> torch.Tensor:

@@ -23,6 +23,7 @@ from ..derive import derivative, var_names
 from ..errors import TNError
 from ..evaluate import evaluate
 from ..ir import Expr, Func, Product, Sum, Variable, Zero, fresh_name, fresh_names, rename_free
+from ..simplify import simplify as simplify_expr
 from .structure import DATA, Monomial, Structure, analyse, expand
 
 
@@ -164,11 +165,7 @@ def _simplifier(choice) -> tuple[Callable[[Expr], Expr], str]:
         return choice, getattr(choice, "__name__", "custom")
     if not choice:
         return (lambda e: e), "none"
-    try:
-        from .simplify import simplify as s
-    except ImportError:
-        return (lambda e: e), "none (tnderive.simplify missing)"
-    return s, "tnderive.simplify"
+    return simplify_expr, "tnderive.simplify"
 
 
 def hessian_blocks(loss, params: Sequence[str] | None = None, include_X: bool = False,
@@ -181,7 +178,7 @@ def hessian_blocks(loss, params: Sequence[str] | None = None, include_X: bool = 
           expression give `output` (the network output F) and `loss_of_output` (the loss written
           on a placeholder variable `output_name` with F's indices) to get the split; without
           them only the total blocks are derived.
-    simplify: True (tnderive.simplify when installed), False, or a callable.
+    simplify: True (tnderive.simplify), False, or a callable.
     upper: derive only blocks (p_i, p_j) with i ≤ j.
     """
     model = None

@@ -97,10 +97,7 @@ def _one_line(e) -> str:
 def _cost(e, sizes) -> str:
     from ..curvature import relevant_sizes
 
-    try:
-        from ..codegen import plan
-    except ImportError:
-        return "cost: (code generator not installed)"
+    from ..codegen import plan
     try:
         p = plan(e, relevant_sizes(e, sizes) or None)
     except TNError as err:
