@@ -6,7 +6,7 @@ The text is Python expression syntax (parsed with `ast`), one statement a line:
     y[n,o] = tanh(z[n,o] + b[o])
     loss = sum((y[n,o] - t[n,o])**2) / 2
 
-Semantics (see DESIGN.md and docs/readme/notation.md):
+Semantics (see DESIGN.md and the README section "Index notation"):
 
 * A chain `a*b*c/2` (numbers folded into one coefficient) is one product. It keeps an index
   that appears in the statement's target or anywhere in the statement outside the chain, and
