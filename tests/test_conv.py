@@ -434,6 +434,51 @@ def test_dense_blocked_and_accumulated_paths_match_torch(monkeypatch, xs, ws, kw
     assert set(used) == {"_blocked_matmul", "_accumulated_matmul"}
 
 
+@pytest.mark.parametrize("xs,ws,kw", [((2, 8, 40, 40), (8, 1, 3, 3), dict(padding=1, groups=8)),
+                                      ((2, 6, 41, 37), (12, 1, 3, 2), dict(stride=2, padding=1, groups=6)),
+                                      ((3, 4, 30, 30), (4, 1, 3, 3), dict(stride=(3, 2), groups=4))])
+@pytest.mark.parametrize("block_bytes", [1, 1 << 14, 1 << 30])
+def test_depthwise_row_blocks_match_torch(monkeypatch, xs, ws, kw, block_bytes):
+    """Depthwise (and channel-multiplier) convolutions, stride 1 and strided, as per-tap
+    multiply-adds over row blocks of every size: one row, a few rows, all rows."""
+    import tnderive.patterns as P
+    calls = []
+    orig = P._depthwise_accumulate
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return orig(*args)
+    monkeypatch.setattr(P, "_depthwise_accumulate", spy)
+    monkeypatch.setattr(P, "_DEPTHWISE_BLOCK_BYTES", block_bytes)
+    x, w = torch.randn(*xs), torch.randn(*ws)
+    assert torch.allclose(T.conv2d(x, w, **kw), F.conv2d(x, w, **kw), **TOL)
+    assert calls, "the depthwise path was not taken"
+    x32, w32 = x.float(), w.float()
+    assert torch.allclose(T.conv2d(x32, w32, **kw), F.conv2d(x32, w32, **kw), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side,flipped", [(14, False), (28, True)])
+def test_input_vjp_flip_or_scatter_matches_autograd(monkeypatch, side, flipped):
+    """Stride-1 input VJP with a real contraction: small images scatter-add the GEMM result
+    (col2im), larger ones flip the kernel and gather (transpose conv = conv); both exact."""
+    import tnderive.patterns as P
+    seen = []
+    orig = P._flip_folds
+
+    def spy(*args):
+        seen.append(orig(*args))
+        return seen[-1]
+    monkeypatch.setattr(P, "_flip_folds", spy)
+    xs, ws = (2, 40, side, side), (36, 40, 3, 3)
+    x, w = torch.randn(*xs, requires_grad=True), torch.randn(*ws)
+    y = F.conv2d(x, w, padding=1)
+    v = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, (x,), v)
+    got = conv_network(xs, ws, bias=False, padding=1).vjp("x")(v, x.detach(), w)
+    assert torch.allclose(got, gx, **TOL)
+    assert any(seen) == flipped
+
+
 def test_workspace_results_do_not_alias():
     """Results computed through the workspace stay valid after later calls reuse it."""
     x, w = torch.randn(3, 3, 128, 128), torch.randn(8, 3, 4, 4)

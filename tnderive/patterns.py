@@ -316,6 +316,7 @@ _register()
 # Pairs are contracted by `pair_contract`: one matmul whose result lands in output order.
 # Anything else falls back to dense contraction (always correct).
 
+from . import gemm  # noqa: E402
 from .evaluate import Evaluator, product_operands  # noqa: E402
 from .ir import Delta, Expr, Product, fresh_name  # noqa: E402
 
@@ -652,6 +653,15 @@ def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     if not widen_ok:  # strided: per-tap copies beat one big strided im2col copy
         if E > 1 and positions >= 196:
             return _gather_taps(X, Wo, geo, sizes, prefix, fw, contract, ks, order)
+        if E == 1:  # strided depthwise: multiply-adds on the taps' strided views
+            osz = [sizes[o] for o in order]
+            vs = [sizes[k] for k in prefix + contract] + osz
+            vst = [gs[k] for k in prefix + contract] + [gs[o] for o in order]
+            xts = [t.as_strided(vs, vst, geo.offset(ks, tap)).reshape(B, 1, *osz)
+                   for tap in itertools.product(*[range(sizes[k]) for k in ks])]
+            acc = t.new_empty([B, M, *osz])
+            _depthwise_accumulate(acc, xts, _kernel_per_tap(Wo, sizes, prefix, fw, contract, ks)[:, :, 0, :])
+            return acc.view([sizes[k] for k in prefix + fw] + osz)
         return None
     if E > 1 and length < 1024:  # small stride-1 images: one im2col GEMM is faster
         return None
@@ -665,19 +675,41 @@ def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     buf = t.new_empty([B, M, flat])
     acc = buf[:, :, :length]
     ksizes = [sizes[k] for k in ks]
-    for n, tap in enumerate(itertools.product(*[range(s) for s in ksizes])):
-        xt = t.as_strided(xsizes, xstrides, geo.offset(ks, tap)).view(B, E, length)
-        wtap = wt[:, :, :, n]  # taps enumerate row-major, as W's kernel axes flatten
-        if E == 1:  # depthwise: a broadcast multiply-add beats tiny matmuls
-            if n == 0:
-                torch.mul(wtap, xt, out=acc) if acc.is_contiguous() else acc.copy_(wtap * xt)
-            else:
-                acc.addcmul_(wtap, xt)
-        else:
-            acc.baddbmm_(wtap, xt, beta=0 if n == 0 else 1)
+    taps = list(itertools.product(*[range(s) for s in ksizes]))
+    if E == 1:  # depthwise: broadcast multiply-adds (beat tiny matmuls)
+        xts = [t.as_strided(xsizes, xstrides, geo.offset(ks, tap)).view(B, 1, length) for tap in taps]
+        _depthwise_accumulate(acc, xts, wt[:, :, 0, :])
+    else:
+        for n, tap in enumerate(taps):
+            xt = t.as_strided(xsizes, xstrides, geo.offset(ks, tap)).view(B, E, length)
+            acc.baddbmm_(wt[:, :, :, n], xt, beta=0 if n == 0 else 1)
     y = buf.view([sizes[k] for k in prefix + fw] + widened)
     crop = (slice(None),) * len(prefix + fw) + tuple(slice(0, sizes[o]) for o in order)
     return y[crop]
+
+
+_DEPTHWISE_BLOCK_BYTES = 8 << 20  # input + output bytes per row block: stays in cache over the taps
+
+
+def _depthwise_accumulate(acc: torch.Tensor, xts: list[torch.Tensor], w: torch.Tensor) -> None:
+    """acc[b, m, *pos] = Σ_tap w[b, m, tap] · xts[tap][b, 0, *pos], one block of rows b at a
+    time (the block's input rows and accumulator stay in cache across the taps). acc [B, M, *pos] may be
+    strided; w [B, M, taps]."""
+    B, M = acc.shape[:2]
+    row_bytes = (acc[0].numel() + abs(xts[0].stride(0))) * acc.element_size()  # output + input
+    step = max(1, _DEPTHWISE_BLOCK_BYTES // max(row_bytes, 1))
+    ones = (1,) * (acc.dim() - 2)
+    recording = torch.is_grad_enabled() and (w.requires_grad or any(x.requires_grad for x in xts))
+    for r0 in range(0, B, step):
+        a = acc[r0:r0 + step]
+        for n, xt in enumerate(xts):
+            x3, w3 = xt[r0:r0 + step], w[r0:r0 + step, :, n].reshape(-1, M, *ones)
+            if n > 0:
+                a.addcmul_(w3, x3)
+            elif recording:
+                a.copy_(w3 * x3)
+            else:
+                torch.mul(w3, x3, out=a)  # shapes match: written in place, even when strided
 
 
 def _kernel_per_tap(Wo: _Op, sizes: dict, prefix, fw, contract, ks) -> torch.Tensor:
@@ -707,6 +739,9 @@ def _gather_taps(X: _Op, Wo: _Op, geo: _Geometry, sizes: dict, prefix, fw, contr
     return y.view([sizes[k] for k in prefix + fw + order])
 
 
+_FLIP_MIN_IMAGE = 512  # input positions from which a flipped gather beats GEMM + scatter-adds
+
+
 def _flip_folds(ops: list[_Op], structs: list[_Struct], out: list[int]) -> bool:
     """Stride-1 scatters become gathers with a flipped kernel:
     Σ_{k,o} W[k]·v[o]·[i = o + D·k − P] = Σ_k' W[K−1−k']·v[o]·[o = i + D·k' − (D(K−1) − P)].
@@ -730,7 +765,7 @@ def _flip_folds(ops: list[_Op], structs: list[_Struct], out: list[int]) -> bool:
         w = ws[0]
         shared = [x for x in w.sub if x in vs[0].sub and x not in out]
         contracted = _prod(int(vs[0].t.shape[vs[0].sub.index(x)]) for x in shared)
-        if contracted >= 32 and _prod(t.shape[2] for t in structs if t.c.kind == "pattern") < 1024:
+        if contracted >= 32 and _prod(t.shape[2] for t in structs if t.c.kind == "pattern") < _FLIP_MIN_IMAGE:
             continue  # small image, real contraction: one GEMM + scatter-adds beat the gather
         w.t = w.t.flip(w.sub.index(k))
         params = (1, d * (K - 1) - pl, 0, d)
@@ -860,7 +895,11 @@ def _fold(ops: list[_Op], folds: list[_Struct], out: list[int]) -> torch.Tensor:
         pl, _ = resolve_padding(s.c.params, K)
         info.append((K, O, I, st, d, pl, max(pl + I, d * (K - 1) + st * (O - 1) + 1)))
     nrest = len(rest)
-    y = r.new_zeros(list(r.shape[:nrest]) + [x[6] for x in info])
+    # allocate y with its rest legs in r's memory order, so each tap's add streams through both
+    mem = sorted(range(nrest), key=lambda j: -r.stride(j))
+    shape = list(r.shape[:nrest])
+    y = r.new_zeros([shape[j] for j in mem] + [x[6] for x in info])
+    y = y.permute([mem.index(j) for j in range(nrest)] + list(range(nrest, y.dim())))
     head = (slice(None),) * nrest
     for taps in itertools.product(*[range(x[0]) for x in info]):
         ysl = tuple(slice(d * t, d * t + st * (O - 1) + 1, st)
@@ -1046,7 +1085,7 @@ def _matmul(P: torch.Tensor, Q: torch.Tensor, out: torch.Tensor | None = None) -
     while P.dim() > 2 and Q.dim() > 2 and P.shape[0] == 1 and Q.shape[0] == 1:
         P, Q = P[0], Q[0]
         out = out[0] if out is not None else None
-    return torch.matmul(P, Q) if out is None else torch.matmul(P, Q, out=out)
+    return gemm.matmul(P, Q, out)
 
 
 def _left_operand(a, sa, pre, fp, contract, sizes, copy: bool) -> torch.Tensor | None:
@@ -1151,7 +1190,7 @@ def _blocked_matmul(P, b, sb, prefix, contract, fq, sizes) -> torch.Tensor:
         P1, Q, ys = P1[0], Q[0], ys.select(1, 0)
     for i in range(sizes[lead]):
         dst.copy_(b.select(j, i).permute(perm))
-        torch.matmul(P1, Q, out=ys[i])
+        gemm.matmul(P1, Q, ys[i])
     return y
 
 
