@@ -143,7 +143,7 @@ def flat_network(expr, tensors, device, dtype):
     import opt_einsum
     from tnderive.constants import build_constant
     from tnderive.ir import Constant, Delta, Variable
-    from tnderive.patterns import flatten_product
+    from tnderive.structured import flatten_product
 
     flat = flatten_product(expr)
     letters: dict[str, str] = {}

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import tnderive  # noqa: E402
+from _steady import steady_allocator  # noqa: E402
 from tnderive.kfac import kfac  # noqa: E402
 from tnderive.nn.conv import conv_network  # noqa: E402
-from tnderive.patterns import structured_evaluate  # noqa: E402
+from tnderive.structured import structured_evaluate  # noqa: E402
 
 try:  # optional peer
     from einconv.expressions import convNd_kfac_reduce, convNd_kfc
@@ -230,7 +231,8 @@ def table(rows, args, device) -> str:
         f"Command: `python benchmarks/kfac.py --batch {args.batch} --repeats {args.repeats} "
         f"--device {args.device} --threads {args.threads}{' --quick' if args.quick else ''}`; "
         f"{device.type}, {args.dtype}, torch {torch.__version__}, {platform.machine()}, "
-        f"{torch.get_num_threads()} thread(s), a 2-core machine shared with other jobs (timings are noisy). "
+        f"{torch.get_num_threads()} thread(s), a 2-core machine shared with other jobs (timings are noisy); "
+        f"{getattr(args, 'allocator', 'allocator: default')} (benchmarks/_steady.py). "
         f"Median of {args.repeats} runs after one warm-up, the implementations' runs interleaved; "
         "peak = extra memory of one call "
         + ("(CUDA max_memory_allocated)." if device.type == "cuda" else
@@ -238,7 +240,7 @@ def table(rows, args, device) -> str:
         "tnderive = `tnderive.kfac(conv_network(...).expr, 'W', 'n', kind).input_factor(x=...)` with its default "
         "engine: reduce runs generated code (`tnderive.compile`, Π summed over its output index); expand evaluates the "
         "input side X with convolution constants as strided views, then one Gram matrix. generated = generated code "
-        "only (expand: X by `tnderive.compile`, then the Gram matrix); views = `tnderive.patterns.structured_evaluate` "
+        "only (expand: X by `tnderive.compile`, then the Gram matrix); views = `tnderive.structured.structured_evaluate` "
         "for both; "
         "unfold = `F.unfold` + Gram matrix (curvlinops/BackPACK); einconv = the peer's simplified "
         "einsum expressions. \"largest\" = tnderive's largest intermediate (entries) vs the im2col size.",
@@ -309,6 +311,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="four layers only")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args(argv)
+    args.allocator = steady_allocator()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

@@ -22,7 +22,7 @@ lowering's `emit` (kinds: pad, unfold, slice, unsqueeze, reshape, narrow, einsum
 Scatters (the constant's input leg is an output, non-overlapping windows) are placements:
 `select_scatters` / `scatter_output` / `place_scatters` (see that section).
 
-`run_views` runs the same view ops eagerly on tensors (`tnderive.patterns.structured_evaluate`
+`run_views` runs the same view ops eagerly on tensors (`tnderive.structured.structured_evaluate`
 uses it), so the view logic exists once.
 """
 from __future__ import annotations
@@ -358,7 +358,7 @@ def _pad_dims(low, v, pads: list, why: str, labels=None):
 
 
 # --------------------------------------------------------------------------------------------
-# the same views run eagerly on tensors (used by `tnderive.patterns.structured_evaluate`)
+# the same views run eagerly on tensors (used by `tnderive.structured.structured_evaluate`)
 # --------------------------------------------------------------------------------------------
 
 def run_view_op(kind: str, t, labels_in: tuple, labels: tuple, shape: tuple, payload):

@@ -140,7 +140,7 @@ def test_pattern_sum_strided_slice(stride, padding, K, I):
     viewed = "_constant('pattern_sum'" not in f.source
     assert viewed == (stride > K and padding == 0)
     # the eager evaluator applies the same views
-    from tnderive.patterns import structured_evaluate
+    from tnderive.structured import structured_evaluate
     torch.testing.assert_close(structured_evaluate(expr, x=x), evaluate(ref_expr, x=x), **TOL)
 
 

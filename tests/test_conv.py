@@ -15,8 +15,8 @@ from tnderive.constants import build_constant
 from tnderive.errors import TNError
 from tnderive.nn import functional as T
 from tnderive.nn.conv import conv_network
-from tnderive.patterns import (build_pattern, build_pattern_sum, pattern_constant,
-                               structured_evaluate)
+from tnderive.patterns import build_pattern, build_pattern_sum, pattern_constant
+from tnderive.structured import structured_evaluate
 
 TOL = dict(atol=1e-10, rtol=1e-10)
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -367,10 +367,12 @@ def test_grad_of_conv_loss_matches_autograd():
 
 def _tap_paths_used(monkeypatch, names, xs, ws, kw) -> list[str]:
     """Check conv2d and both vjps against torch, spying on the structured-evaluation helpers
-    `names` of tnderive.patterns; returns the names of those that took their fast path."""
-    import tnderive.patterns as P
+    `names` of tnderive.structured / tnderive.pairwise; returns the names of those that took their fast path."""
+    import tnderive.pairwise as PW
+    import tnderive.structured as S
     used = []
     for name in names:
+        P = S if hasattr(S, name) else PW  # the module whose functions call it
         orig = getattr(P, name)
 
         def spy(*args, _orig=orig, _name=name):
@@ -441,7 +443,7 @@ def test_dense_blocked_and_accumulated_paths_match_torch(monkeypatch, xs, ws, kw
 def test_depthwise_row_blocks_match_torch(monkeypatch, xs, ws, kw, block_bytes):
     """Depthwise (and channel-multiplier) convolutions, stride 1 and strided, as per-tap
     multiply-adds over row blocks of every size: one row, a few rows, all rows."""
-    import tnderive.patterns as P
+    import tnderive.structured as P
     calls = []
     orig = P._depthwise_accumulate
 
@@ -461,7 +463,7 @@ def test_depthwise_row_blocks_match_torch(monkeypatch, xs, ws, kw, block_bytes):
 def test_input_vjp_flip_or_scatter_matches_autograd(monkeypatch, side, flipped):
     """Stride-1 input VJP with a real contraction: small images scatter-add the GEMM result
     (col2im), larger ones flip the kernel and gather (transpose conv = conv); both exact."""
-    import tnderive.patterns as P
+    import tnderive.structured as P
     seen = []
     orig = P._flip_folds
 
@@ -487,7 +489,7 @@ def test_workspace_results_do_not_alias():
     assert torch.allclose(y1, F.conv2d(x, w, stride=4), **TOL)
     assert torch.allclose(y2, 2 * y1, **TOL)
     with torch.inference_mode():  # the workspace made here stays usable outside, and back
-        from tnderive.patterns import release_workspace
+        from tnderive.pairwise import release_workspace
         release_workspace()
         y3 = T.conv2d(x, w, stride=4)
     assert torch.allclose(T.conv2d(x, w, stride=4), y3, **TOL)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import tnderive
 from tnderive.ir import Constant, Delta, Product, Variable
 from tnderive.nn.conv import conv_network, unfold_network
-from tnderive.patterns import pattern_constant, split_constant, structured_evaluate, window_constant
+from tnderive.patterns import pattern_constant, split_constant, window_constant
+from tnderive.structured import structured_evaluate
 from tnderive.rules import conv as R
 
 TOL = dict(atol=1e-10, rtol=1e-10)

@@ -318,7 +318,7 @@ class KFACFactors:
     def input_side(self, **tensors: torch.Tensor) -> torch.Tensor:
         """X = the input side (W removed) evaluated: [batch, *positions, *groups, *in] (expand)."""
         if self.uses_views():
-            from .patterns import structured_evaluate
+            from .structured import structured_evaluate
             used = {k: v for k, v in tensors.items() if k in self.input_side_expr.variables}
             key = ("sizes",) + tuple(sorted((k, tuple(v.shape)) for k, v in tensors.items()
                                             if isinstance(v, torch.Tensor)))
@@ -471,7 +471,7 @@ def kfac(expr: Expr, weight: str = "W", batch: str = "n", kind: str = "expand",
              and bias as one block (input side augmented with a constant 1).
     engine:  how KFAC-expand evaluates the input side X before its Gram matrix: "generated"
              (tnderive.compile), "views" (convolution patterns / reshapes / slices as strided
-             views, `tnderive.patterns.structured_evaluate`) or "auto" (views when X holds such
+             views, `tnderive.structured.structured_evaluate`) or "auto" (views when X holds such
              constants). Reduce always runs generated code (Π summed over its output index).
     sizes:   sizes that no tensor passed to `compute` determines (e.g. a symbolic kernel size
              when the weight itself is not passed), name -> int.

@@ -25,7 +25,8 @@ import torch
 
 from ..errors import TNError
 from ..ir import Constant, Delta, Expr, Product, Sum, Variable, size_symbol
-from ..patterns import normalize_dilation, normalize_stride, pattern_constant, structured_evaluate
+from ..patterns import normalize_dilation, normalize_stride, pattern_constant
+from ..structured import structured_evaluate
 
 
 # --------------------------------------------------------------------------------------------

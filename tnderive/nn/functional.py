@@ -2,7 +2,7 @@
 
 Each call builds (once per shapes and hyperparameters, cached) the layer's network from
 `tnderive.nn.conv` and evaluates it with patterns applied as strided views
-(`tnderive.patterns.structured_evaluate`). Inputs and outputs are torch tensors in torch layout.
+(`tnderive.structured.structured_evaluate`). Inputs and outputs are torch tensors in torch layout.
 """
 from __future__ import annotations
 

@@ -1,0 +1,620 @@
+"""Structured evaluation: convolution constants applied as views, taps and scatter-adds.
+
+`structured_evaluate(expr, **tensors)` evaluates like `tnderive.evaluate` but never contracts
+a pattern/split/window constant (`tnderive.patterns`) densely when it can be applied as a view:
+
+  gather  t[..., i, ...] · C[..., i]  (i summed, only on t)  -> the views of
+          `tnderive.codegen.views` run eagerly (pad once, unfold / reshape / narrow / strided
+          slice; a strided pattern_sum summed over o): im2col without copying;
+  flip    a stride-1 scatter Σ_{k,o} W[k] v[o] Π[k,o,i] (i free) is a gather of v with the
+          kernel flipped (transpose convolution = convolution);
+  taps    a gathered pair shaped like a convolution (or its weight VJP) with a unit-stride
+          output axis: one in-place batched matmul per kernel tap on shifted flat views of
+          the padded input (no im2col copy at all); depthwise: per-tap multiply-adds;
+  scatter Π[k, o, i] with i a free index only on Π            -> contract the rest keeping
+          (k, o), then add each kernel tap into a strided slice of the output (col2im);
+  reshape split[i, a, b] with i a free output: compute (a, b), reshape.
+
+Pairs are contracted by `tnderive.pairwise.pair_contract` (one matmul whose result lands in
+output order). Anything else falls back to dense contraction (always correct).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .errors import TNError
+from .evaluate import Evaluator, product_operands
+from .ir import Constant, Delta, Expr, Product, fresh_name
+from .pairwise import size_product, contract_fast
+from .patterns import PATTERN_KINDS, build_pattern, resolve_padding
+
+_VIEW_KINDS = ("pattern", "split", "window", "pattern_sum")  # pattern_sum: when strided
+
+
+def structured_evaluate(expr: Expr, sizes: Mapping[str, int] | None = None,
+                        **tensors: torch.Tensor) -> torch.Tensor:
+    """Evaluate `expr` (dims follow `expr.indices`) with structured constants as views.
+
+    Expressions whose patterns are all 1×1 down-sampling gathers run as cached generated code
+    (`tnderive.compile`, same views, less per-call overhead); everything else runs the eager
+    engine below, which is faster on overlapping windows (per-tap matmuls, no im2col copy),
+    dense layers (im2col copies into a reused workspace, blocked per image), depthwise layers
+    and scatters (input VJPs)."""
+    from .binding import bind
+    if not isinstance(expr, Expr):
+        raise TNError(f"evaluate expects an expression, got {type(expr).__name__}")
+    fn = _compiled(expr, tuple(sorted((sizes or {}).items())))
+    if fn is not None:
+        return fn(**tensors)
+    return StructuredEvaluator(bind(expr, tensors, sizes)).run(expr)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(expr: Expr, sizes: tuple):
+    """Cached generated code for `expr` when it is the faster engine (see structured_evaluate),
+    else None. Reshape-only networks (dense layers' VJPs: split constants alone) stay eager,
+    where `pair_contract` blocks the im2col copy per image and accumulates over the batch."""
+    key = (expr, sizes)
+    if key in _COMPILED:
+        return _COMPILED[key]
+    fn = None
+    pats = [n for n in expr.walk() if isinstance(n, Constant) and n.kind in PATTERN_KINDS]
+    if pats and all(_down_sampling(c) for c in pats) and not all(c.kind == "split" for c in pats):
+        try:
+            from .codegen import compile as tn_compile
+            cand = tn_compile(expr, "structured", sizes=dict(sizes) or None)
+            if not any(op.kind == "const" for op in cand.plan.ops):  # every constant a view
+                fn = cand
+        except TNError:
+            fn = None
+    _COMPILED[key] = fn
+    return fn
+
+
+def _down_sampling(c: Constant) -> bool:
+    """A 1×1 pattern without padding (x[..., ::S]), or a reshape / slice constant."""
+    if c.kind in ("split", "window"):
+        return True
+    if c.kind != "pattern":
+        return False
+    s, pl, pr, _ = c.params[:4]
+    return c.shape[0] == 1 and pl == 0 and pr == 0
+
+
+def flatten_product(expr: Product) -> Product:
+    """Splice nested products into one (their summed indices renamed fresh)."""
+    if not any(isinstance(f, Product) for f in expr.factors):
+        return expr
+    taken = set(expr.all_indices)
+    factors: list[Expr] = []
+    for f in expr.factors:
+        if not isinstance(f, Product):
+            factors.append(f)
+            continue
+        f = flatten_product(f)
+        alpha = {}
+        for b in f.summed:
+            alpha[b] = fresh_name(b, taken)
+            taken.add(alpha[b])
+        for g in f.factors:
+            m = {k: v for k, v in alpha.items() if k in g.indices}
+            factors.append(g.rename(m) if m else g)
+    return Product(factors, expr.indices)
+
+
+class _Op:
+    """An operand during structured contraction: tensor + integer index ids."""
+    __slots__ = ("t", "sub", "taps", "tapinfo")
+
+    def __init__(self, t: torch.Tensor, sub: list[int]):
+        self.t, self.sub = t, list(sub)
+        self.taps: list[tuple[int, int]] = []  # (k, o) ids of patterns applied as views
+        self.tapinfo: dict[int, int] = {}  # k id -> the pattern's stride S
+
+
+class _Struct:
+    """A pending structured constant: its kind, params, ids and numeric shape."""
+    __slots__ = ("c", "sub", "shape", "dense")
+
+    def __init__(self, c: Constant, sub: list[int], dense: torch.Tensor):
+        self.c, self.sub, self.shape, self.dense = c, list(sub), tuple(dense.shape), dense
+
+    @property
+    def source(self) -> int:  # the id the constant reads from a tensor
+        return {"pattern": 2, "split": 0, "window": 1, "pattern_sum": 1}[self.c.kind]
+
+    @property
+    def src(self) -> int:
+        return self.sub[self.source]
+
+    @property
+    def new(self) -> list[int]:
+        return [k for j, k in enumerate(self.sub) if j != self.source]
+
+
+class StructuredEvaluator(Evaluator):
+    """`Evaluator` whose products apply pattern/split/window constants as views."""
+
+    def _product(self, expr: Product) -> torch.Tensor:
+        expr = flatten_product(expr)
+        operands, sublists, out, _ = product_operands(expr, self)
+        others = [f for f in expr.factors if not isinstance(f, Delta)]
+        ops: list[_Op] = []
+        structs: list[_Struct] = []
+        for j, (t, sub) in enumerate(zip(operands, sublists)):
+            f = others[j] if j < len(others) else None
+            if isinstance(f, Constant) and f.kind in _VIEW_KINDS and len(set(sub)) == len(sub) \
+                    and (f.kind != "pattern_sum" or _strided_sum(f, t.shape)):
+                structs.append(_Struct(f, sub, t))
+            else:
+                ops.append(_Op(t, sub))
+        if not structs:
+            return contract_fast(operands, sublists, out)
+        # output legs that only an all-ones vector carries: broadcast them at the end
+        ones = [op for op in ops if op.t.dim() == 1 and len(op.sub) == 1
+                and sum(op.sub[0] in o.sub for o in ops) == 1
+                and not any(op.sub[0] in st.sub for st in structs)
+                and op.sub[0] in out and _is_extra(op, operands, others)]
+        if ones:
+            for op in ones:
+                ops.remove(op)
+            inner = [k for k in out if not any(k == op.sub[0] for op in ones)]
+            y = self._structured(ops, structs, inner)
+            for j, k in enumerate(out):
+                if k not in inner:
+                    y = y.unsqueeze(j)
+            return y.expand([self._size_of_id(k, out, ones, y, j) for j, k in enumerate(out)])
+        return self._structured(ops, structs, out)
+
+    @staticmethod
+    def _size_of_id(k, out, ones, y, j) -> int:
+        for op in ones:
+            if op.sub[0] == k:
+                return int(op.t.shape[0])
+        return int(y.shape[j])
+
+    def _structured(self, ops: list[_Op], structs: list[_Struct], out: list[int]) -> torch.Tensor:
+        # a split whose merged leg is a free output carried by nothing else: compute with the
+        # (a, b) legs in its place and reshape at the end (the scatter of a dense pattern)
+        carried = {k for o in ops for k in o.sub}
+        for s in structs:
+            if s.c.kind != "split" or s.src not in out or s.src in carried:
+                continue
+            a, b = s.new
+            if a in out or b in out or a not in carried or b not in carried:
+                continue
+            if sum(bool(set(t.sub) & set(s.sub)) for t in structs) != 1:
+                continue
+            rest = [t for t in structs if t is not s]
+            j = out.index(s.src)
+            inner = out[:j] + [a, b] + out[j + 1:]
+            y = self._structured(ops, rest, inner)
+            return y.reshape(list(y.shape[:j]) + [-1] + list(y.shape[j + 2:]))
+        _gather_all(ops, structs, out)
+        if _flip_folds(ops, structs, out):
+            _gather_all(ops, structs, out)
+        folds = _fold_candidates(ops, structs, out)
+        for s in structs:  # not applicable as views: contract densely
+            if s not in folds:
+                ops.append(_Op(s.dense, s.sub))
+        if not folds:
+            if len(ops) == 2:
+                y = _conv_taps(ops, out)
+                if y is None:
+                    y = _weight_taps(ops, out)
+                if y is not None:
+                    return y
+            return contract_fast([o.t for o in ops], [o.sub for o in ops], out)
+        return _fold(ops, folds, out)
+
+
+def _strided_sum(f: Constant, shape) -> bool:
+    """A pattern_sum worth applying as a view (S > K, no padding: `codegen.views.viewable`)."""
+    from .codegen.views import viewable
+    return viewable(Constant(f.kind, f.params, f.indices, tuple(int(n) for n in shape)))
+
+
+def _squeeze_lonely(a: _Op, b: _Op, out: list[int]) -> tuple[_Op, _Op]:
+    """Copies of a, b without summed ids only one of them carries (size 1: a view)."""
+    res = []
+    for op, other in ((a, b), (b, a)):
+        t, sub = op.t, list(op.sub)
+        for k in [k for k in sub if k not in other.sub and k not in out]:
+            j = sub.index(k)
+            t = t.select(j, 0) if t.shape[j] == 1 else t.sum(j)
+            sub.pop(j)
+        new = _Op(t, sub)
+        new.taps = [(k, o) for k, o in op.taps if k in sub and o in sub]
+        new.tapinfo = op.tapinfo
+        res.append(new)
+    return res[0], res[1]
+
+
+def _is_extra(op: _Op, operands: list, others: list) -> bool:
+    """True when op's tensor is one the product added (not a factor of the expression)."""
+    return not any(op.t is operands[j] for j in range(len(others)))
+
+
+def _users(ops: list[_Op], structs: list[_Struct], idx: int) -> tuple[list[_Op], int]:
+    return [o for o in ops if idx in o.sub], sum(idx in s.sub for s in structs)
+
+
+def _gather_all(ops: list[_Op], structs: list[_Struct], out: list[int]) -> None:
+    """Apply every structured constant whose source index lives on exactly one tensor."""
+    changed = True
+    while changed:
+        changed = False
+        for op in ops:
+            batch = []
+            for s in structs:
+                if s.src in out or s.src not in op.sub or op.sub.count(s.src) != 1:
+                    continue
+                holders, nstruct = _users(ops, structs, s.src)
+                if len(holders) != 1 or nstruct != 1:
+                    continue
+                if any(n in op.sub for n in s.new) or any(n in t.new for t in batch for n in s.new):
+                    continue
+                batch.append(s)
+            if batch:
+                _apply_views(op, batch)
+                for s in batch:
+                    structs.remove(s)
+                changed = True
+
+
+def _apply_views(op: _Op, batch: list[_Struct]) -> None:
+    """Replace op's source axes by the constants' new axes: the views of `tnderive.codegen.views`
+    (one pad, then unfold / reshape / narrow / slice), run on the tensor."""
+    from .codegen.views import run_views
+
+    def name(k: int) -> str:  # integer ids as index names
+        return f"i{k}"
+
+    consts = [Constant(s.c.kind, s.c.params, tuple(map(name, s.sub)), s.shape) for s in batch]
+    top = max([*op.sub, *(k for s in batch for k in s.sub)]) + 1_000_000
+    fresh = tuple(name(top + j) for j in range(2 * len(batch)))
+    t, labels = run_views(op.t, [name(k) for k in op.sub], consts, fresh)
+    op.t, op.sub = t, [int(x[1:]) for x in labels]
+    for s in batch:
+        if s.c.kind == "pattern":
+            op.taps.append((s.sub[0], s.sub[1]))
+            op.tapinfo[s.sub[0]] = s.c.params[0]
+
+
+class _Geometry:
+    """Where the kernel taps of a pattern view read: the source tensor, the stride of every
+    non-kernel id in it, and the storage offset of each tap (the place for a re-layout of the
+    input, e.g. polyphase for strided patterns, should one pay off)."""
+
+    def __init__(self, X: _Op):
+        t = X.t
+        pos = {k: j for j, k in enumerate(X.sub)}
+        ks = [k for k, _ in X.taps]
+        self.src = t
+        self.stride = {k: t.stride(pos[k]) for k in X.sub if k not in ks}
+        self.base = t.storage_offset()
+        self.kstride = {k: t.stride(pos[k]) for k in ks}
+
+    def offset(self, ks: list[int], tap: tuple[int, ...]) -> int:
+        return self.base + sum(a * self.kstride[k] for k, a in zip(ks, tap))
+
+
+def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
+    """Convolution-shaped pair (a pattern view X and a kernel-carrying W) as one in-place
+    batched matmul per kernel tap on shifted flat views of X: no im2col copy.
+
+    The output positions of the patterns are merged into one unit-stride axis by widening each
+    inner output axis to the row length of the padded input (the extra columns are computed and
+    cropped). Needs: the innermost output axis has stride 1 in memory (stride-1 convolution),
+    out = [prefix, W-only free ids, o ids in memory order]. Strided convolutions go to
+    `_gather_taps`. Returns None when not applicable or when one im2col GEMM is expected to
+    be faster (thin contractions, small images, non-overlapping windows).
+    """
+    import itertools
+    xs = [o for o in ops if o.taps]
+    if len(xs) != 1:
+        return None
+    X, Wo = _squeeze_lonely(xs[0], ops[1] if ops[0] is xs[0] else ops[0], out)
+    if not X.taps:
+        return None
+    ks = [k for k, _ in X.taps]
+    os_ = [o for _, o in X.taps]
+    if any(k not in Wo.sub or k in out for k in ks) or any(o not in out or o in Wo.sub for o in os_):
+        return None
+    sizes = {k: int(n) for k, n in zip(X.sub, X.t.shape)}
+    sizes.update({k: int(n) for k, n in zip(Wo.sub, Wo.t.shape)})
+    geo = _Geometry(X)
+    t, gs = geo.src, geo.stride
+    order = sorted(os_, key=lambda o: -gs[o])
+    if out[len(out) - len(order):] != order:
+        return None
+    widened = [sizes[o] for o in order]
+    widen_ok = gs[order[-1]] == 1
+    for j in range(len(order) - 1, 0, -1):
+        outer, inner = gs[order[j - 1]], gs[order[j]]
+        if outer % inner or outer // inner < sizes[order[j]]:
+            widen_ok = False
+            break
+        widened[j] = outer // inner
+    flat = size_product(widened)
+    length = sum((sizes[o] - 1) * gs[o] for o in order) + 1
+    head = out[:len(out) - len(order)]
+    fw = []
+    while head and head[-1] in Wo.sub and head[-1] not in X.sub:
+        fw.insert(0, head.pop())
+    prefix = head
+    if any(k not in X.sub for k in prefix) or any(k in ks or k in os_ for k in prefix):
+        return None
+    contract = [k for k in X.sub if k in Wo.sub and k not in out and k not in ks]
+    if set(X.sub) != set(prefix) | set(contract) | set(ks) | set(os_):
+        return None
+    if set(Wo.sub) != set(k for k in prefix if k in Wo.sub) | set(fw) | set(contract) | set(ks):
+        return None
+    B, M, E = size_product(sizes[k] for k in prefix), size_product(sizes[k] for k in fw), size_product(sizes[k] for k in contract)
+    if all(X.tapinfo.get(k, 1) >= sizes[k] for k in ks):
+        return None  # non-overlapping windows (dense / down-sampling): im2col is a cheap view
+    positions = size_product(sizes[o] for o in order)
+    if E > 1 and E < 32:
+        return None  # thin contractions: one im2col GEMM is faster
+    if not widen_ok:  # strided: per-tap copies beat one big strided im2col copy
+        if E > 1 and positions >= 196:
+            return _gather_taps(X, Wo, geo, sizes, prefix, fw, contract, ks, order)
+        if E == 1:  # strided depthwise: multiply-adds on the taps' strided views
+            osz = [sizes[o] for o in order]
+            vs = [sizes[k] for k in prefix + contract] + osz
+            vst = [gs[k] for k in prefix + contract] + [gs[o] for o in order]
+            xts = [t.as_strided(vs, vst, geo.offset(ks, tap)).reshape(B, 1, *osz)
+                   for tap in itertools.product(*[range(sizes[k]) for k in ks])]
+            acc = t.new_empty([B, M, *osz])
+            _depthwise_accumulate(acc, xts, _kernel_per_tap(Wo, sizes, prefix, fw, contract, ks)[:, :, 0, :])
+            return acc.view([sizes[k] for k in prefix + fw] + osz)
+        return None
+    if E > 1 and length < 1024:  # small stride-1 images: one im2col GEMM is faster
+        return None
+    xsizes = [sizes[k] for k in prefix + contract] + [length]
+    xstrides = [gs[k] for k in prefix + contract] + [1]
+    try:
+        t.as_strided(xsizes, xstrides, geo.offset(ks, (0,) * len(ks))).view(B, E, length)
+    except RuntimeError:
+        return None
+    wt = _kernel_per_tap(Wo, sizes, prefix, fw, contract, ks)
+    buf = t.new_empty([B, M, flat])
+    acc = buf[:, :, :length]
+    ksizes = [sizes[k] for k in ks]
+    taps = list(itertools.product(*[range(s) for s in ksizes]))
+    if E == 1:  # depthwise: broadcast multiply-adds (beat tiny matmuls)
+        xts = [t.as_strided(xsizes, xstrides, geo.offset(ks, tap)).view(B, 1, length) for tap in taps]
+        _depthwise_accumulate(acc, xts, wt[:, :, 0, :])
+    else:
+        for n, tap in enumerate(taps):
+            xt = t.as_strided(xsizes, xstrides, geo.offset(ks, tap)).view(B, E, length)
+            acc.baddbmm_(wt[:, :, :, n], xt, beta=0 if n == 0 else 1)
+    y = buf.view([sizes[k] for k in prefix + fw] + widened)
+    crop = (slice(None),) * len(prefix + fw) + tuple(slice(0, sizes[o]) for o in order)
+    return y[crop]
+
+
+_DEPTHWISE_BLOCK_BYTES = 8 << 20  # input + output bytes per row block: stays in cache over the taps
+
+
+def _depthwise_accumulate(acc: torch.Tensor, xts: list[torch.Tensor], w: torch.Tensor) -> None:
+    """acc[b, m, *pos] = Σ_tap w[b, m, tap] · xts[tap][b, 0, *pos], one block of rows b at a
+    time (the block's input rows and accumulator stay in cache across the taps). acc [B, M, *pos] may be
+    strided; w [B, M, taps]."""
+    B, M = acc.shape[:2]
+    row_bytes = (acc[0].numel() + abs(xts[0].stride(0))) * acc.element_size()  # output + input
+    step = max(1, _DEPTHWISE_BLOCK_BYTES // max(row_bytes, 1))
+    ones = (1,) * (acc.dim() - 2)
+    recording = torch.is_grad_enabled() and (w.requires_grad or any(x.requires_grad for x in xts))
+    for r0 in range(0, B, step):
+        a = acc[r0:r0 + step]
+        for n, xt in enumerate(xts):
+            x3, w3 = xt[r0:r0 + step], w[r0:r0 + step, :, n].reshape(-1, M, *ones)
+            if n > 0:
+                a.addcmul_(w3, x3)
+            elif recording:
+                a.copy_(w3 * x3)
+            else:
+                torch.mul(w3, x3, out=a)  # shapes match: written in place, even when strided
+
+
+def _kernel_per_tap(Wo: _Op, sizes: dict, prefix, fw, contract, ks) -> torch.Tensor:
+    """W permuted to [prefix (broadcast), fw, contract, ks] as [B, M, E, taps]."""
+    B, M, E = (size_product(sizes[k] for k in g) for g in (prefix, fw, contract))
+    wt = Wo.t.permute([Wo.sub.index(k) for k in prefix + fw + contract + ks if k in Wo.sub])
+    wshape = [sizes[k] if k in Wo.sub else 1 for k in prefix] + [sizes[k] for k in fw + contract + ks]
+    wt = wt.reshape(wshape).expand([sizes[k] for k in prefix + fw + contract + ks])
+    return wt.reshape(B, M, E, -1)
+
+
+def _gather_taps(X: _Op, Wo: _Op, geo: _Geometry, sizes: dict, prefix, fw, contract, ks,
+                 order) -> torch.Tensor:
+    """Strided (or non-mergeable) convolution: per kernel tap copy the tap's strided view
+    (output-sized, stays in cache) and accumulate one batched matmul into a contiguous output;
+    the same work as im2col + GEMM without the K-times larger im2col buffer."""
+    import itertools
+    B, M, E = (size_product(sizes[k] for k in g) for g in (prefix, fw, contract))
+    P = size_product(sizes[o] for o in order)
+    wt = _kernel_per_tap(Wo, sizes, prefix, fw, contract, ks)
+    xsizes = [sizes[k] for k in prefix + contract + order]
+    xstrides = [geo.stride[k] for k in prefix + contract + order]
+    y = geo.src.new_empty([B, M, P])
+    for n, tap in enumerate(itertools.product(*[range(sizes[k]) for k in ks])):
+        xt = geo.src.as_strided(xsizes, xstrides, geo.offset(ks, tap)).reshape(B, E, P)
+        y.baddbmm_(wt[:, :, :, n], xt, beta=0 if n == 0 else 1)
+    return y.view([sizes[k] for k in prefix + fw + order])
+
+
+_FLIP_MIN_IMAGE = 512  # input positions from which a flipped gather beats GEMM + scatter-adds
+
+
+def _flip_folds(ops: list[_Op], structs: list[_Struct], out: list[int]) -> bool:
+    """Stride-1 scatters become gathers with a flipped kernel:
+    Σ_{k,o} W[k]·v[o]·[i = o + D·k − P] = Σ_k' W[K−1−k']·v[o]·[o = i + D·k' − (D(K−1) − P)].
+    Needs o and k each on exactly one (different) operand and P_left ≤ D·(K−1)."""
+    changed = False
+    for s in list(structs):
+        if s.c.kind != "pattern" or s.c.params[0] != 1:
+            continue
+        k, o, i = s.sub
+        K, O, I = s.shape
+        d = s.c.params[3]
+        pl, _ = resolve_padding(s.c.params, K)
+        if i not in out or k in out or o in out or pl > d * (K - 1):
+            continue
+        vs = [op for op in ops if o in op.sub]
+        ws = [op for op in ops if k in op.sub]
+        if len(vs) != 1 or len(ws) != 1 or vs[0] is ws[0] or any(i in op.sub for op in ops):
+            continue
+        if sum(o in t.sub or k in t.sub or i in t.sub for t in structs) != 1:
+            continue
+        w = ws[0]
+        shared = [x for x in w.sub if x in vs[0].sub and x not in out]
+        contracted = size_product(int(vs[0].t.shape[vs[0].sub.index(x)]) for x in shared)
+        if contracted >= 32 and size_product(t.shape[2] for t in structs if t.c.kind == "pattern") < _FLIP_MIN_IMAGE:
+            continue  # small image, real contraction: one GEMM + scatter-adds beat the gather
+        w.t = w.t.flip(w.sub.index(k))
+        params = (1, d * (K - 1) - pl, 0, d)
+        dense = build_pattern(params, (K, I, O), s.dense.device, s.dense.dtype)
+        flipped = _Struct(Constant("pattern", params, ("k", "i", "o"), (K, I, O)), [k, i, o], dense)
+        structs[structs.index(s)] = flipped
+        changed = True
+    return changed
+
+
+def _weight_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
+    """Weight-VJP-shaped pair: a pattern view X[.., k, o, ..] and V[.., o, ..] contracted over
+    the o's (and e.g. the batch), kernel legs k free: per kernel tap one batched matmul over
+    the widened flat output positions (V zero-padded to X's row length), no im2col copy."""
+    import itertools
+    xs = [o for o in ops if o.taps]
+    if len(xs) != 1:
+        return None
+    X, V = _squeeze_lonely(xs[0], ops[1] if ops[0] is xs[0] else ops[0], out)
+    if not X.taps:
+        return None
+    ks = [k for k, _ in X.taps]
+    os_ = [o for _, o in X.taps]
+    if any(k not in out or k in V.sub for k in ks) or any(o in out or o not in V.sub for o in os_):
+        return None
+    t = X.t
+    pos = {k: j for j, k in enumerate(X.sub)}
+    order = sorted(os_, key=lambda o: -t.stride(pos[o]))
+    if len(set(V.sub)) != len(V.sub) or len(set(X.sub)) != len(X.sub):
+        return None
+    sizes = {k: int(n) for k, n in zip(X.sub, t.shape)}
+    sizes.update({k: int(n) for k, n in zip(V.sub, V.t.shape)})
+    widened = [sizes[o] for o in order]
+    widen_ok = t.stride(pos[order[-1]]) == 1
+    for j in range(len(order) - 1, 0, -1):
+        outer, inner = t.stride(pos[order[j - 1]]), t.stride(pos[order[j]])
+        if outer % inner or outer // inner < sizes[order[j]]:
+            widen_ok = False
+            break
+        widened[j] = outer // inner
+    length = sum((sizes[o] - 1) * t.stride(pos[o]) for o in order) + 1
+    batch = [k for k in X.sub if k in V.sub and k in out]
+    red = [k for k in X.sub if k in V.sub and k not in out and k not in os_]
+    xfree = [k for k in X.sub if k not in V.sub and k not in ks and k not in os_]
+    vfree = [k for k in V.sub if k not in X.sub]
+    if any(k not in out for k in xfree + vfree) or set(out) != set(batch + vfree + xfree + ks):
+        return None
+    R_, B_ = size_product(sizes[k] for k in red), size_product(sizes[k] for k in batch)
+    Cv, E = size_product(sizes[k] for k in vfree), size_product(sizes[k] for k in xfree)
+    ksizes = [sizes[k] for k in ks]
+    kstrides = [t.stride(pos[k]) for k in ks]
+    if not widen_ok:  # strided: per-tap copies of the tap views, V copied once
+        if E < 32 or Cv < 32 or size_product(sizes[o] for o in order) < 196 \
+                or all(X.tapinfo.get(k, 1) >= sizes[k] for k in ks):
+            return None
+        P = size_product(sizes[o] for o in order)
+        v3 = V.t.permute([V.sub.index(k) for k in red + batch + vfree + order]).reshape(R_ * B_, Cv, P)
+        xsizes = [sizes[k] for k in red + batch + xfree + order]
+        xstrides = [t.stride(pos[k]) for k in red + batch + xfree + order]
+        taps = []
+        for tap in itertools.product(*[range(n) for n in ksizes]):
+            off = t.storage_offset() + sum(a * b for a, b in zip(tap, kstrides))
+            xt = t.as_strided(xsizes, xstrides, off).reshape(R_ * B_, E, P)
+            r = torch.bmm(v3, xt.transpose(1, 2)).view(R_, B_ * Cv * E)
+            taps.append(r.sum(0) if R_ > 1 else r[0])
+        y = torch.stack(taps, -1).view([sizes[k] for k in batch + vfree + xfree + ks])
+        order_out = batch + vfree + xfree + ks
+        return y.permute([order_out.index(k) for k in out])
+    if Cv * E > 1 and length < 1024:  # small images: one im2col GEMM is faster
+        return None
+    xsizes = [sizes[k] for k in red + batch + xfree] + [length]
+    xstrides = [t.stride(pos[k]) for k in red + batch + xfree] + [1]
+    base = t.storage_offset()
+    try:
+        t.as_strided(xsizes, xstrides, base).view(R_ * B_, E, length)
+    except RuntimeError:
+        return None
+    # V laid out [red, batch, vfree, widened o's] with zeros in the extra columns
+    vp = V.t.permute([V.sub.index(k) for k in red + batch + vfree + order])
+    vw = vp.new_zeros([sizes[k] for k in red + batch + vfree] + widened)
+    vw[(Ellipsis,) + tuple(slice(0, sizes[o]) for o in order)] = vp
+    v3 = vw.view(R_ * B_, Cv, size_product(widened))[:, :, :length]
+    res = []
+    for tap in itertools.product(*[range(n) for n in ksizes]):
+        off = base + sum(a * b for a, b in zip(tap, kstrides))
+        xt = t.as_strided(xsizes, xstrides, off).view(R_ * B_, E, length)
+        if Cv == 1 and E == 1 and length < 512:  # small depthwise: batched dot products
+            r = torch.linalg.vecdot(v3, xt).view(R_, B_)
+        else:
+            r = torch.bmm(v3, xt.transpose(1, 2)).view(R_, B_ * Cv * E)
+        res.append(r.sum(0) if R_ > 1 else r[0])
+    y = torch.stack(res, -1).view([sizes[k] for k in batch + vfree + xfree + ks])
+    order_out = batch + vfree + xfree + ks
+    return y.permute([order_out.index(k) for k in out])
+
+
+def _fold_candidates(ops: list[_Op], structs: list[_Struct], out: list[int]) -> list[_Struct]:
+    """Patterns whose input leg is free and carried by nothing else (col2im)."""
+    folds = []
+    used = {k for o in ops for k in o.sub}
+    for s in structs:
+        if s.c.kind != "pattern":
+            continue
+        k, o, i = s.sub
+        if i not in out or out.count(i) != 1 or i in used or k in out or o in out:
+            continue
+        if k not in used or o not in used:
+            continue
+        if any(t is not s and set(t.sub) & set(s.sub) for t in structs):
+            continue
+        folds.append(s)
+    return folds
+
+
+def _fold(ops: list[_Op], folds: list[_Struct], out: list[int]) -> torch.Tensor:
+    """Contract ops keeping every fold's (k, o) legs, then add each kernel tap into a strided
+    slice of the (padded) output: col2im without materialising Π."""
+    import itertools
+    fold_is = [s.sub[2] for s in folds]
+    rest = [k for k in out if k not in fold_is]
+    inner_out = rest + [s.sub[0] for s in folds] + [s.sub[1] for s in folds]
+    r = contract_fast([o.t for o in ops], [o.sub for o in ops], inner_out)
+    info = []  # per fold: (K, O, I, S, D, P_left, padded size)
+    for s in folds:
+        K, O, I = s.shape
+        st, d = s.c.params[0], s.c.params[3]
+        pl, _ = resolve_padding(s.c.params, K)
+        info.append((K, O, I, st, d, pl, max(pl + I, d * (K - 1) + st * (O - 1) + 1)))
+    nrest = len(rest)
+    # allocate y with its rest legs in r's memory order, so each tap's add streams through both
+    mem = sorted(range(nrest), key=lambda j: -r.stride(j))
+    shape = list(r.shape[:nrest])
+    y = r.new_zeros([shape[j] for j in mem] + [x[6] for x in info])
+    y = y.permute([mem.index(j) for j in range(nrest)] + list(range(nrest, y.dim())))
+    head = (slice(None),) * nrest
+    for taps in itertools.product(*[range(x[0]) for x in info]):
+        ysl = tuple(slice(d * t, d * t + st * (O - 1) + 1, st)
+                    for (K, O, I, st, d, pl, _), t in zip(info, taps))
+        y[head + ysl] += r[head + taps]
+    y = y[head + tuple(slice(pl, pl + I) for (K, O, I, st, d, pl, _) in info)]
+    order = rest + fold_is
+    return y.permute([order.index(k) for k in out])
