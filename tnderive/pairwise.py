@@ -187,20 +187,30 @@ def _matmul(P: torch.Tensor, Q: torch.Tensor, out: torch.Tensor | None = None) -
     return gemm.matmul(P, Q, out)
 
 
-def _left_operand(a, sa, pre, fp, contract, sizes, copy: bool) -> torch.Tensor | None:
-    """a as the matmul's left operand [*pre, fp, contract]: a view, else (with `copy`) a
-    workspace copy in the cheaper memory order, else None."""
-    P = _grouped(a, sa, pre + [fp, contract], sizes)
-    if P is not None:
-        return P
-    Pt = _grouped(a, sa, pre + [contract, fp], sizes)
-    if Pt is not None:
-        return Pt.transpose(-1, -2)
+def _matrix_operand(t, s, pre, rows, cols, sizes, copy: bool, slot: int) -> torch.Tensor | None:
+    """t as a matmul operand [*pre, rows, cols]: a view, else (with `copy`) a copy into
+    workspace `slot` in the cheaper memory order (returned transposed if need be), else None."""
+    M = _grouped(t, s, pre + [rows, cols], sizes)
+    if M is not None:
+        return M
+    Mt = _grouped(t, s, pre + [cols, rows], sizes)
+    if Mt is not None:
+        return Mt.transpose(-1, -2)
     if not copy:
         return None
-    if _inner_score(a, sa, fp) < _inner_score(a, sa, contract):
-        return _copy(a, sa, pre + [contract, fp], sizes, slot=0).transpose(-1, -2)
-    return _copy(a, sa, pre + [fp, contract], sizes, slot=0)
+    if _inner_score(t, s, rows) < _inner_score(t, s, cols):
+        return _copy(t, s, pre + [cols, rows], sizes, slot=slot).transpose(-1, -2)
+    return _copy(t, s, pre + [rows, cols], sizes, slot=slot)
+
+
+def _left_operand(a, sa, pre, fp, contract, sizes, copy: bool) -> torch.Tensor | None:
+    """a as the matmul's left operand [*pre, fp, contract] (workspace slot 0)."""
+    return _matrix_operand(a, sa, pre, fp, contract, sizes, copy, slot=0)
+
+
+def _right_operand(b, sb, pre, contract, fq, sizes, copy: bool) -> torch.Tensor | None:
+    """b as the matmul's right operand [*pre, contract, fq] (workspace slot 1)."""
+    return _matrix_operand(b, sb, pre, contract, fq, sizes, copy, slot=1)
 
 
 def _accumulable(a, sa, b, pre, fp, contract, sizes) -> int | None:
@@ -237,22 +247,6 @@ def _accumulated_matmul(a, sa, b, sb, k0, pre, fp, contract, fq, sizes) -> torch
         else:
             y += _matmul(Pi, Qi)
     return y
-
-
-def _right_operand(b, sb, pre, contract, fq, sizes, copy: bool) -> torch.Tensor | None:
-    """b as the matmul's right operand [*pre, contract, fq]: a view, else (with `copy`) a
-    workspace copy in the cheaper memory order, else None."""
-    Q = _grouped(b, sb, pre + [contract, fq], sizes)
-    if Q is not None:
-        return Q
-    Qt = _grouped(b, sb, pre + [fq, contract], sizes)
-    if Qt is not None:
-        return Qt.transpose(-1, -2)
-    if not copy:
-        return None
-    if _inner_score(b, sb, contract) < _inner_score(b, sb, fq):
-        return _copy(b, sb, pre + [fq, contract], sizes, slot=1).transpose(-1, -2)
-    return _copy(b, sb, pre + [contract, fq], sizes, slot=1)
 
 
 _BLOCK_BYTES = 1 << 20  # copy the right operand per leading batch entry above this size

@@ -20,6 +20,7 @@ output order). Anything else falls back to dense contraction (always correct).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Mapping
 
 import torch
@@ -303,6 +304,34 @@ class _Geometry:
         return self.base + sum(a * self.kstride[k] for k, a in zip(ks, tap))
 
 
+def _tap_pair(ops: list[_Op], out: list[int]):
+    """(X, other, kernel ids, output ids) when exactly one operand of the pair carries pattern
+    taps (size-1 legs only on one side squeezed away), else None."""
+    xs = [o for o in ops if o.taps]
+    if len(xs) != 1:
+        return None
+    X, other = _squeeze_lonely(xs[0], ops[1] if ops[0] is xs[0] else ops[0], out)
+    if not X.taps:
+        return None
+    return X, other, [k for k, _ in X.taps], [o for _, o in X.taps]
+
+
+def _widen(order: list[int], stride: dict, sizes: dict) -> tuple[list[int], bool, int]:
+    """Merge the output axes `order` (outer to inner) into one unit-stride flat axis: each inner
+    axis widened to the stride of the axis outside it. Returns (widened sizes, whether the
+    merge is possible, flat length spanned by the real positions)."""
+    widened = [sizes[o] for o in order]
+    ok = stride[order[-1]] == 1
+    for j in range(len(order) - 1, 0, -1):
+        outer, inner = stride[order[j - 1]], stride[order[j]]
+        if outer % inner or outer // inner < sizes[order[j]]:
+            ok = False
+            break
+        widened[j] = outer // inner
+    length = sum((sizes[o] - 1) * stride[o] for o in order) + 1
+    return widened, ok, length
+
+
 def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     """Convolution-shaped pair (a pattern view X and a kernel-carrying W) as one in-place
     batched matmul per kernel tap on shifted flat views of X: no im2col copy.
@@ -314,15 +343,10 @@ def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     `_gather_taps`. Returns None when not applicable or when one im2col GEMM is expected to
     be faster (thin contractions, small images, non-overlapping windows).
     """
-    import itertools
-    xs = [o for o in ops if o.taps]
-    if len(xs) != 1:
+    pair = _tap_pair(ops, out)
+    if pair is None:
         return None
-    X, Wo = _squeeze_lonely(xs[0], ops[1] if ops[0] is xs[0] else ops[0], out)
-    if not X.taps:
-        return None
-    ks = [k for k, _ in X.taps]
-    os_ = [o for _, o in X.taps]
+    X, Wo, ks, os_ = pair
     if any(k not in Wo.sub or k in out for k in ks) or any(o not in out or o in Wo.sub for o in os_):
         return None
     sizes = {k: int(n) for k, n in zip(X.sub, X.t.shape)}
@@ -332,16 +356,8 @@ def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     order = sorted(os_, key=lambda o: -gs[o])
     if out[len(out) - len(order):] != order:
         return None
-    widened = [sizes[o] for o in order]
-    widen_ok = gs[order[-1]] == 1
-    for j in range(len(order) - 1, 0, -1):
-        outer, inner = gs[order[j - 1]], gs[order[j]]
-        if outer % inner or outer // inner < sizes[order[j]]:
-            widen_ok = False
-            break
-        widened[j] = outer // inner
+    widened, widen_ok, length = _widen(order, gs, sizes)
     flat = size_product(widened)
-    length = sum((sizes[o] - 1) * gs[o] for o in order) + 1
     head = out[:len(out) - len(order)]
     fw = []
     while head and head[-1] in Wo.sub and head[-1] not in X.sub:
@@ -436,7 +452,6 @@ def _gather_taps(X: _Op, Wo: _Op, geo: _Geometry, sizes: dict, prefix, fw, contr
     """Strided (or non-mergeable) convolution: per kernel tap copy the tap's strided view
     (output-sized, stays in cache) and accumulate one batched matmul into a contiguous output;
     the same work as im2col + GEMM without the K-times larger im2col buffer."""
-    import itertools
     B, M, E = (size_product(sizes[k] for k in g) for g in (prefix, fw, contract))
     P = size_product(sizes[o] for o in order)
     wt = _kernel_per_tap(Wo, sizes, prefix, fw, contract, ks)
@@ -490,15 +505,10 @@ def _weight_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     """Weight-VJP-shaped pair: a pattern view X[.., k, o, ..] and V[.., o, ..] contracted over
     the o's (and e.g. the batch), kernel legs k free: per kernel tap one batched matmul over
     the widened flat output positions (V zero-padded to X's row length), no im2col copy."""
-    import itertools
-    xs = [o for o in ops if o.taps]
-    if len(xs) != 1:
+    pair = _tap_pair(ops, out)
+    if pair is None:
         return None
-    X, V = _squeeze_lonely(xs[0], ops[1] if ops[0] is xs[0] else ops[0], out)
-    if not X.taps:
-        return None
-    ks = [k for k, _ in X.taps]
-    os_ = [o for _, o in X.taps]
+    X, V, ks, os_ = pair
     if any(k not in out or k in V.sub for k in ks) or any(o in out or o not in V.sub for o in os_):
         return None
     t = X.t
@@ -508,15 +518,7 @@ def _weight_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
         return None
     sizes = {k: int(n) for k, n in zip(X.sub, t.shape)}
     sizes.update({k: int(n) for k, n in zip(V.sub, V.t.shape)})
-    widened = [sizes[o] for o in order]
-    widen_ok = t.stride(pos[order[-1]]) == 1
-    for j in range(len(order) - 1, 0, -1):
-        outer, inner = t.stride(pos[order[j - 1]]), t.stride(pos[order[j]])
-        if outer % inner or outer // inner < sizes[order[j]]:
-            widen_ok = False
-            break
-        widened[j] = outer // inner
-    length = sum((sizes[o] - 1) * t.stride(pos[o]) for o in order) + 1
+    widened, widen_ok, length = _widen(order, {o: t.stride(pos[o]) for o in order}, sizes)
     batch = [k for k in X.sub if k in V.sub and k in out]
     red = [k for k in X.sub if k in V.sub and k not in out and k not in os_]
     xfree = [k for k in X.sub if k not in V.sub and k not in ks and k not in os_]
@@ -593,7 +595,6 @@ def _fold_candidates(ops: list[_Op], structs: list[_Struct], out: list[int]) -> 
 def _fold(ops: list[_Op], folds: list[_Struct], out: list[int]) -> torch.Tensor:
     """Contract ops keeping every fold's (k, o) legs, then add each kernel tap into a strided
     slice of the (padded) output: col2im without materialising Π."""
-    import itertools
     fold_is = [s.sub[2] for s in folds]
     rest = [k for k in out if k not in fold_is]
     inner_out = rest + [s.sub[0] for s in folds] + [s.sub[1] for s in folds]
