@@ -481,6 +481,33 @@ def test_input_vjp_flip_or_scatter_matches_autograd(monkeypatch, side, flipped):
     assert any(seen) == flipped
 
 
+@pytest.mark.parametrize("xs,ws,kw", [((2, 6, 11, 11), (6, 1, 3, 3), dict(stride=2, padding=1, groups=6)),
+                                      ((1, 4, 17, 15), (4, 1, 3, 2), dict(stride=(2, 3), padding=(1, 0),
+                                                                           dilation=(1, 2), groups=4)),
+                                      ((2, 3, 12, 12), (3, 1, 4, 4), dict(stride=2, padding=1, groups=3))])
+@pytest.mark.parametrize("block_bytes", [1, 1 << 12, 1 << 30])
+def test_depthwise_strided_input_vjp_scatters_per_tap(monkeypatch, xs, ws, kw, block_bytes):
+    """A strided depthwise input VJP is a broadcast product W[g, k]·v[n, g, o] scattered by Π:
+    it multiply-adds each tap into its strided output slice (no K-times larger product), a
+    block of output rows at a time (one row, a few, all)."""
+    import tnderive.structured as P
+    monkeypatch.setattr(P, "_DEPTHWISE_BLOCK_BYTES", block_bytes)
+    calls = []
+    orig = P._fold_taps
+
+    def spy(*args):
+        calls.append(1)
+        return orig(*args)
+    monkeypatch.setattr(P, "_fold_taps", spy)
+    x, w = torch.randn(*xs, requires_grad=True), torch.randn(*ws)
+    y = F.conv2d(x, w, **kw)
+    v = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, (x,), v)
+    got = conv_network(xs, ws, bias=False, **kw).vjp("x")(v, x.detach(), w)
+    assert torch.allclose(got, gx, **TOL)
+    assert calls
+
+
 def test_workspace_results_do_not_alias():
     """Results computed through the workspace stay valid after later calls reuse it."""
     x, w = torch.randn(3, 3, 128, 128), torch.randn(8, 3, 4, 4)

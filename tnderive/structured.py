@@ -598,13 +598,10 @@ def _fold(ops: list[_Op], folds: list[_Struct], out: list[int]) -> torch.Tensor:
     fold_is = [s.sub[2] for s in folds]
     rest = [k for k in out if k not in fold_is]
     inner_out = rest + [s.sub[0] for s in folds] + [s.sub[1] for s in folds]
+    if _is_broadcast_product(ops, inner_out):  # e.g. depthwise: multiply-add per tap, no r
+        return _fold_taps(ops, folds, rest, inner_out, out)
     r = contract_fast([o.t for o in ops], [o.sub for o in ops], inner_out)
-    info = []  # per fold: (K, O, I, S, D, P_left, padded size)
-    for s in folds:
-        K, O, I = s.shape
-        st, d = s.c.params[0], s.c.params[3]
-        pl, _ = resolve_padding(s.c.params, K)
-        info.append((K, O, I, st, d, pl, max(pl + I, d * (K - 1) + st * (O - 1) + 1)))
+    info = _fold_info(folds)
     nrest = len(rest)
     # allocate y with its rest legs in r's memory order, so each tap's add streams through both
     mem = sorted(range(nrest), key=lambda j: -r.stride(j))
@@ -613,9 +610,91 @@ def _fold(ops: list[_Op], folds: list[_Struct], out: list[int]) -> torch.Tensor:
     y = y.permute([mem.index(j) for j in range(nrest)] + list(range(nrest, y.dim())))
     head = (slice(None),) * nrest
     for taps in itertools.product(*[range(x[0]) for x in info]):
-        ysl = tuple(slice(d * t, d * t + st * (O - 1) + 1, st)
-                    for (K, O, I, st, d, pl, _), t in zip(info, taps))
-        y[head + ysl] += r[head + taps]
-    y = y[head + tuple(slice(pl, pl + I) for (K, O, I, st, d, pl, _) in info)]
+        y[head + _tap_slices(info, taps)] += r[head + taps]
+    return _crop_fold(y, info, rest, fold_is, out)
+
+
+def _fold_info(folds: list[_Struct]) -> list[tuple]:
+    """Per fold: (K, O, I, stride, dilation, left padding, padded input size)."""
+    info = []
+    for s in folds:
+        K, O, I = s.shape
+        st, d = s.c.params[0], s.c.params[3]
+        pl, _ = resolve_padding(s.c.params, K)
+        info.append((K, O, I, st, d, pl, max(pl + I, d * (K - 1) + st * (O - 1) + 1)))
+    return info
+
+
+def _tap_slices(info: list[tuple], taps: tuple) -> tuple:
+    """The strided slices of the padded output that kernel tap `taps` adds into."""
+    return tuple(slice(d * t, d * t + st * (O - 1) + 1, st) for (K, O, I, st, d, pl, _), t in zip(info, taps))
+
+
+def _crop_fold(y: torch.Tensor, info: list[tuple], rest: list[int], fold_is: list[int],
+               out: list[int]) -> torch.Tensor:
+    """The padded col2im result cropped to the input and permuted to `out`."""
+    y = y[(slice(None),) * len(rest) + tuple(slice(pl, pl + I) for (K, O, I, st, d, pl, _) in info)]
     order = rest + fold_is
     return y.permute([order.index(k) for k in out])
+
+
+def _is_broadcast_product(ops: list[_Op], inner_out: list[int]) -> bool:
+    """No index of size > 1 is summed: the product of ops is a broadcast (outer) product."""
+    keep = set(inner_out)
+    return len(ops) >= 2 and all(
+        len(set(o.sub)) == len(o.sub) and all(k in keep or n == 1 for k, n in zip(o.sub, o.t.shape))
+        for o in ops)
+
+
+def _fold_taps(ops: list[_Op], folds: list[_Struct], rest: list[int], inner_out: list[int],
+               out: list[int]) -> torch.Tensor:
+    """col2im of a broadcast product (depthwise input VJP: W[g, k] · v[n, g, o]): per kernel
+    tap, multiply-add the operands' tap slices into the strided output slice, never building
+    the kernel-times-larger product."""
+    import functools
+    import operator
+    parts = []
+    for o in ops:  # each operand broadcast to inner_out's order (size 1 where it has no leg)
+        t = o.t[tuple(slice(None) if k in inner_out else 0 for k in o.sub)]  # summed legs: size 1
+        sub = [k for k in o.sub if k in inner_out]
+        present = [k for k in inner_out if k in sub]
+        t = t.permute([sub.index(k) for k in present])
+        parts.append(t.reshape([t.shape[present.index(k)] if k in sub else 1 for k in inner_out]))
+    nrest = len(rest)
+    info = _fold_info(folds)
+    rest_shape = [max(p.shape[j] for p in parts) for j in range(nrest)]
+    y = parts[0].new_zeros(rest_shape + [x[6] for x in info])
+    for block in _row_blocks(y, nrest):  # a cache-sized block of output rows over all taps
+        yb = y[block]
+        pb = [p[tuple(b if p.shape[j] > 1 else slice(None) for j, b in enumerate(block))]
+              for p in parts]
+        for taps in itertools.product(*[range(x[0]) for x in info]):
+            terms = [p[(slice(None),) * nrest + tuple(t if p.shape[nrest + j] > 1 else 0
+                                                      for j, t in enumerate(taps))] for p in pb]
+            dst = yb[(slice(None),) * nrest + _tap_slices(info, taps)]
+            if len(terms) == 2:
+                dst.addcmul_(terms[0], terms[1])
+            else:
+                dst += functools.reduce(operator.mul, terms)
+    return _crop_fold(y, info, rest, [s.sub[2] for s in folds], out)
+
+
+def _row_blocks(y: torch.Tensor, nrest: int) -> list[tuple]:
+    """Index tuples of slices over y's first nrest dims (dims kept) that cut y into blocks of
+    about _DEPTHWISE_BLOCK_BYTES / 2 (the whole of y when it fits)."""
+    budget = _DEPTHWISE_BLOCK_BYTES // 2
+    inner = y.element_size()
+    for n in y.shape[nrest:]:
+        inner *= n
+    j = nrest  # y[..., dims j.. whole] blocks: the first j dims are cut
+    while j > 0 and inner * y.shape[j - 1] <= budget:
+        j -= 1
+        inner *= y.shape[j]
+    if j == 0:
+        return [()]
+    step = max(1, budget // inner)
+    blocks = []
+    for idx in itertools.product(*[range(n) for n in y.shape[:j - 1]]):
+        for r0 in range(0, y.shape[j - 1], step):
+            blocks.append(tuple(slice(i, i + 1) for i in idx) + (slice(r0, r0 + step),))
+    return blocks
