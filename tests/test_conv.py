@@ -398,7 +398,10 @@ def _tap_paths_used(monkeypatch, names, xs, ws, kw) -> list[str]:
     ((2, 8, 40, 40), (8, 1, 3, 3), dict(padding=1, groups=8)),          # depthwise
     ((1, 32, 36, 36), (4, 32, 2, 3), dict(padding="same", dilation=2)),
 ])
-def test_tap_paths_match_torch(monkeypatch, xs, ws, kw):
+@pytest.mark.parametrize("block_bytes", [1, 1 << 30])  # one image per block / all at once
+def test_tap_paths_match_torch(monkeypatch, xs, ws, kw, block_bytes):
+    import tnderive.structured as S
+    monkeypatch.setattr(S, "_TAP_BLOCK_BYTES", block_bytes)
     used = _tap_paths_used(monkeypatch, ("_conv_taps", "_weight_taps"), xs, ws, kw)
     assert "_conv_taps" in used and "_weight_taps" in used
 

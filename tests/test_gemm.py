@@ -73,3 +73,76 @@ def test_switch_off_gives_torch_matmul():
         assert torch.equal(gemm.matmul(P, Q), torch.matmul(P, Q))
     finally:
         gemm.use_onednn(True)
+
+
+# --------------------------------------------------------------------------------------------
+# the oneDNN route inside convolution evaluation (float32; every GEMM size let through)
+# --------------------------------------------------------------------------------------------
+
+from contextlib import contextmanager  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from tnderive.nn import functional as T  # noqa: E402
+from tnderive.nn.conv import conv_network  # noqa: E402
+
+
+@contextmanager
+def _all_gemms_on_onednn():
+    """Let every eligible GEMM through (no size threshold) and count those that took it."""
+    taken = []
+    orig_min, orig_op = gemm.ONEDNN_MIN_WORK, torch.ops.mkldnn._linear_pointwise
+
+    def counting(*args):
+        taken.append(args[0].shape)
+        return orig_op(*args)
+    gemm.ONEDNN_MIN_WORK = 0
+    torch.ops.mkldnn._linear_pointwise = counting
+    try:
+        yield taken
+    finally:
+        gemm.ONEDNN_MIN_WORK = orig_min
+        torch.ops.mkldnn._linear_pointwise = orig_op
+
+
+def _conv_and_vjps_float32(xs, ws, kw):
+    """Forward, input VJP and weight VJP in float32 (tnderive) vs float64 (torch)."""
+    g = torch.Generator().manual_seed(sum(xs) + sum(ws))
+    x = torch.randn(*xs, generator=g, dtype=torch.float64)
+    w = torch.randn(*ws, generator=g, dtype=torch.float64)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = F.conv2d(xr, wr, **kw)
+    v = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    gx, gw = torch.autograd.grad(ref, (xr, wr), v)
+    x32, w32, v32 = x.float(), w.float(), v.float()
+    net = conv_network(xs, ws, bias=False, **kw)
+    for got, want in ((T.conv2d(x32, w32, **kw), ref), (net.vjp("x")(v32, x32, w32), gx),
+                      (net.vjp("W")(v32, x32, w32), gw)):
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert err < 1e-5, err
+
+
+@big
+def test_conv_gemms_take_onednn_and_match_torch():
+    """A 3×3 layer, a dense stem and a strided layer: forward and VJPs on the oneDNN route."""
+    with _all_gemms_on_onednn() as taken:
+        for xs, ws, kw in [((2, 16, 12, 12), (24, 16, 3, 3), dict(padding=1)),
+                           ((2, 3, 32, 32), (16, 3, 4, 4), dict(stride=4)),
+                           ((2, 8, 15, 15), (12, 8, 3, 3), dict(stride=2, padding=1))]:
+            _conv_and_vjps_float32(xs, ws, kw)
+    assert taken, "no GEMM took the oneDNN route"
+
+
+@big
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 3), st.integers(1, 8), st.integers(1, 8), st.integers(1, 3), st.integers(1, 3),
+       st.integers(0, 2), st.integers(1, 2), st.integers(5, 12), st.sampled_from([1, 2]))
+def test_random_convs_on_onednn_match_torch(n, c_in, c_out, k, s, p, dil, size, groups):
+    """Random hyperparameters, float32, every GEMM that can go to oneDNN does."""
+    c_in, c_out = c_in * groups, c_out * groups
+    size = max(size, dil * (k - 1) + 1)
+    with _all_gemms_on_onednn():
+        _conv_and_vjps_float32((n, c_in, size, size), (c_out, c_in // groups, k, k),
+                               dict(stride=s, padding=min(p, k // 2), dilation=dil, groups=groups))

@@ -405,15 +405,19 @@ def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     if E == 1:  # depthwise: broadcast multiply-adds (beat tiny matmuls)
         xts = [t.as_strided(xsizes, xstrides, geo.offset(ks, tap)).view(B, 1, length) for tap in taps]
         _depthwise_accumulate(acc, xts, wt[:, :, 0, :])
-    else:
-        for n, tap in enumerate(taps):
-            xt = t.as_strided(xsizes, xstrides, geo.offset(ks, tap)).view(B, E, length)
-            acc.baddbmm_(wt[:, :, :, n], xt, beta=0 if n == 0 else 1)
+    else:  # per block of images, all taps: the block's accumulator stays in cache
+        xts = [t.as_strided(xsizes, xstrides, geo.offset(ks, tap)).view(B, E, length) for tap in taps]
+        step = max(1, _TAP_BLOCK_BYTES // max(1, (M + E) * length * t.element_size()))
+        for b0 in range(0, B, step):
+            a = acc[b0:b0 + step]
+            for n, xt in enumerate(xts):
+                a.baddbmm_(wt[b0:b0 + step, :, :, n], xt[b0:b0 + step], beta=0 if n == 0 else 1)
     y = buf.view([sizes[k] for k in prefix + fw] + widened)
     crop = (slice(None),) * len(prefix + fw) + tuple(slice(0, sizes[o]) for o in order)
     return y[crop]
 
 
+_TAP_BLOCK_BYTES = 2 << 20  # images per block of the per-tap matmuls: (M + E)·length bytes each
 _DEPTHWISE_BLOCK_BYTES = 8 << 20  # input + output bytes per row block: stays in cache over the taps
 
 
