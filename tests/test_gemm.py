@@ -79,6 +79,7 @@ def test_switch_off_gives_torch_matmul():
 # the oneDNN route inside convolution evaluation (float32; every GEMM size let through)
 # --------------------------------------------------------------------------------------------
 
+import os  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
@@ -87,6 +88,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 from tnderive.nn import functional as T  # noqa: E402
 from tnderive.nn.conv import conv_network  # noqa: E402
+
+
+FUZZ_EXAMPLES = int(os.environ.get("TNDERIVE_FUZZ_EXAMPLES", 25))  # e.g. 400 for a longer fuzz
 
 
 @contextmanager
@@ -136,7 +140,7 @@ def test_conv_gemms_take_onednn_and_match_torch():
 
 
 @big
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(1, 3), st.integers(1, 8), st.integers(1, 8), st.integers(1, 3), st.integers(1, 3),
        st.integers(0, 2), st.integers(1, 2), st.integers(5, 12), st.sampled_from([1, 2]))
 def test_random_convs_on_onednn_match_torch(n, c_in, c_out, k, s, p, dil, size, groups):
