@@ -190,9 +190,9 @@ def _function(program: Program, name: str, notation: str, sizes: dict) -> str:
         if dead:  # free intermediates early: lower peak memory
             body.append(f"del {', '.join(dead)}")
     body.append("return " + _arrange(program.result, expr.indices))
-    doc = f'"""Compute the expression below from keyword tensors.\n\n' + \
+    doc = '"""Compute the expression below from keyword tensors.\n\n' + \
         textwrap.indent(_doc_body(program, notation), INDENT) + f'{INDENT}"""'
-    
+
     return f"def {name}({params}):\n{INDENT}{doc}\n" + \
         "\n".join(INDENT + l if l else "" for l in "\n".join(body).split("\n")) + "\n"
 

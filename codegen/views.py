@@ -326,7 +326,7 @@ def place_scatters(low, v, scatters: list[Constant], find: Callable):
             pads.append((v.labels.index(find(c.indices[1])) + 1, 0, gap))
     v = _pad_dims(low, v, pads, "stride: zeros between windows")
     # merge every (o, window) pair into one axis of O·S positions
-    labels, shape, merged, shifts = list(v.labels), list(v.shape), {}, []
+    labels, shape, shifts = list(v.labels), list(v.shape), []
     for c in scatters:
         K, O, I, S, pl, _, D = geo[c]
         i = find(c.indices[2])

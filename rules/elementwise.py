@@ -129,7 +129,7 @@ def distribute_to_merge(p: Product) -> Expr | None:
     for k, fk in enumerate(p.factors):
         if not _elementwise(fk):
             continue
-        a, legs = fk.arg, set(fk.indices)
+        legs = set(fk.indices)
         for j, s in enumerate(p.factors):
             if not isinstance(s, Sum) or len(s.terms) < 2 or not legs <= set(s.indices):
                 continue

@@ -10,7 +10,7 @@ import tnderive
 from tnderive.derive import derivative, grad, hessian, jvp, vjp
 from tnderive.functions import LOGSUMEXP, SOFTMAX, elementwise, get_elementwise, power, sigmoid
 from tnderive.ir import Delta, Func, Product, Sum, Variable, Zero, scale
-from tnderive.verify import random_tensors, reference_derivative, verify
+from tnderive.verify import random_tensors, verify
 
 TOL = 1e-9
 

@@ -180,7 +180,6 @@ def test_conv2d_factors_equal_unfold_definitions(case, kind):
     w = torch.randn(case["w"], generator=gen(1))
     G = case["groups"]
     inputs = net.prepare(x, w, torch.randn(case["w"][0], generator=gen(2)))
-    out_shape = [x.shape[0], G, case["w"][0] // G] + list(net.expr.shape[3:])
     O = [int(cv.evaluate(net.core, x=inputs["x"], W=inputs["W"]).shape[k]) for k in (3, 4)]
     g = torch.randn(x.shape[0], G, case["w"][0] // G, *O, 3, generator=gen(3))
     blocks = fac.compute(x=inputs["x"], W=inputs["W"], g=g)
@@ -220,7 +219,7 @@ def test_nd_conv_reduce_matches_unfold(ndim):
     A = kfac(net.expr, "W", "n", kind="reduce").input_factor(x=inputs["x"])
     # reference: the layer's Jacobian w.r.t. W contracted with ones over the positions
     conv = {1: F.conv1d, 3: F.conv3d}[ndim]
-    N, E = xs[0], xs[1]
+    N = xs[0]
 
     def summed_out(wt):  # Σ_positions of the conv output: linear in W, its Jacobian is Σ_pos X
         return conv(x, wt, padding=1).sum(tuple(range(2, 2 + ndim)))

@@ -20,7 +20,7 @@ from functools import lru_cache
 from typing import Sequence
 
 from .errors import TNError
-from .functions import SOFTMAX, Elementwise, IndexFunction
+from .functions import SOFTMAX, Elementwise
 from .ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name,
                  fresh_names, rename_free, scale)
 

@@ -17,7 +17,7 @@ import torch
 from .binding import Binding, bind
 from .constants import build_constant
 from .errors import TNError
-from .functions import Elementwise, IndexFunction
+from .functions import Elementwise
 from .ir import Constant, Delta, Expr, Func, Product, Sum, Variable, Zero
 from .torch_fns import apply_elementwise
 from .unionfind import delta_classes

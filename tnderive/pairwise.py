@@ -11,10 +11,11 @@ import threading
 import torch
 
 from . import gemm
+from .evaluate import plan_path
+
 
 def contract_fast(operands: list[torch.Tensor], sublists: list[list[int]], out: list[int]) -> torch.Tensor:
     """Like `tnderive.evaluate.contract`, with each pair contracted by `pair_contract`."""
-    from .evaluate import plan_path
     if not operands:
         return torch.ones(())
     if len(operands) == 1:

@@ -29,7 +29,7 @@ from . import gemm
 from .errors import TNError
 from .evaluate import Evaluator, product_operands
 from .ir import Constant, Delta, Expr, Product, fresh_name
-from .pairwise import size_product, contract_fast
+from .pairwise import contract_fast, size_product
 from .patterns import PATTERN_KINDS, build_pattern, resolve_padding
 
 _VIEW_KINDS = ("pattern", "split", "window", "pattern_sum")  # pattern_sum: when strided
@@ -41,9 +41,10 @@ def structured_evaluate(expr: Expr, sizes: Mapping[str, int] | None = None,
 
     Expressions whose patterns are all 1×1 down-sampling gathers run as cached generated code
     (`tnderive.compile`, same views, less per-call overhead); everything else runs the eager
-    engine below, which is faster on overlapping windows (per-tap matmuls, no im2col copy),
-    dense layers (im2col copies into a reused workspace, blocked per image), depthwise layers
-    and scatters (input VJPs)."""
+    engine below: per-tap matmuls on stride-1 windows (no im2col copy), one image's im2col
+    copy at a time in a reused workspace feeding one GEMM per image (dense layers; strided
+    layers and weight VJPs when oneDNN runs the GEMMs), per-tap multiply-adds for depthwise
+    layers, and scatter-adds or flipped gathers for input VJPs."""
     from .binding import bind
     if not isinstance(expr, Expr):
         raise TNError(f"evaluate expects an expression, got {type(expr).__name__}")
@@ -380,7 +381,7 @@ def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
         return None
     if set(Wo.sub) != set(k for k in prefix if k in Wo.sub) | set(fw) | set(contract) | set(ks):
         return None
-    B, M, E = size_product(sizes[k] for k in prefix), size_product(sizes[k] for k in fw), size_product(sizes[k] for k in contract)
+    B, M, E = (size_product(sizes[k] for k in g) for g in (prefix, fw, contract))
     if all(X.tapinfo.get(k, 1) >= sizes[k] for k in ks):
         return None  # non-overlapping windows (dense / down-sampling): im2col is a cheap view
     positions = size_product(sizes[o] for o in order)

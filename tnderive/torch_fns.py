@@ -11,7 +11,7 @@ from sympy.printing.pycode import PythonCodePrinter
 import torch
 
 from .errors import TNError
-from .functions import X, Elementwise, relu, sigmoid, step
+from .functions import X, Elementwise
 
 
 class TorchPrinter(PythonCodePrinter):

@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args) -> int:
     import torch
 
-    from ..attention import (block_norms, draw_blocks, fit_slopes, heatmap, hessian_blocks,
+    from ..attention import (draw_blocks, fit_slopes, heatmap, hessian_blocks,
                              report_markdown, report_rows, structure_seconds)
     from ..nn.attention import self_attention
 
@@ -90,7 +90,7 @@ def run(args) -> int:
     ]
     md = report_markdown(blocks, rows, "Self-attention Hessian blocks", notes)
     png = heatmap(blocks, tensors, os.path.join(args.output, "hessian.png"))
-    md += "\n" + (f"![Hessian heatmap](hessian.png)\n" if png else "(matplotlib missing: no heatmap)\n")
+    md += "\n" + ("![Hessian heatmap](hessian.png)\n" if png else "(matplotlib missing: no heatmap)\n")
     ddir = os.path.join(args.output, "diagrams")
     os.makedirs(ddir, exist_ok=True)
     drawn = draw_blocks(blocks, ddir)
