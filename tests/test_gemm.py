@@ -103,11 +103,13 @@ def _all_gemms_on_onednn():
         taken.append(args[0].shape)
         return orig_op(*args)
     gemm.ONEDNN_MIN_WORK = 0
+    gemm._EINSUM_PLANS.clear()  # plans depend on the threshold
     torch.ops.mkldnn._linear_pointwise = counting
     try:
         yield taken
     finally:
         gemm.ONEDNN_MIN_WORK = orig_min
+        gemm._EINSUM_PLANS.clear()
         torch.ops.mkldnn._linear_pointwise = orig_op
 
 
@@ -150,3 +152,89 @@ def test_random_convs_on_onednn_match_torch(n, c_in, c_out, k, s, p, dil, size, 
     with _all_gemms_on_onednn():
         _conv_and_vjps_float32((n, c_in, size, size), (c_out, c_in // groups, k, k),
                                dict(stride=s, padding=min(p, k // 2), dilation=dil, groups=groups))
+
+
+# --------------------------------------------------------------------------------------------
+# gemm.einsum: two-operand contractions laid out for oneDNN, else torch.einsum
+# --------------------------------------------------------------------------------------------
+
+@st.composite
+def pair_equations(draw):
+    """A batch-free two-operand equation over letters a-f, random sizes (some 1), shapes."""
+    letters = list("abcdef")
+    n_contract, n_free_a, n_free_b = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    chosen = draw(st.permutations(letters))[:n_contract + n_free_a + n_free_b]
+    con, fa, fb = chosen[:n_contract], chosen[n_contract:n_contract + n_free_a], chosen[n_contract + n_free_a:]
+    sa = "".join(draw(st.permutations(con + fa)))
+    sb = "".join(draw(st.permutations(con + fb)))
+    out = "".join(draw(st.permutations(fa + fb)))
+    sizes = {i: draw(st.sampled_from([1, 2, 3, 5, 8])) for i in chosen}
+    transpose_b = draw(st.booleans())
+    return f"{sa},{sb}->{out}", sizes, transpose_b
+
+
+@big
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pair_equations())
+def test_einsum_random_pairs_match_torch(case):
+    equation, sizes, transpose_b = case
+    (sa, sb), out = equation.split("->")[0].split(","), equation.split("->")[1]
+    g = torch.Generator().manual_seed(len(equation) + sum(sizes.values()))
+    a = _randn(*[sizes[i] for i in sa], g)
+    b = _randn(*[sizes[i] for i in reversed(sb)], g).permute(*reversed(range(len(sb)))) if transpose_b \
+        else _randn(*[sizes[i] for i in sb], g)
+    with _all_gemms_on_onednn():
+        got = gemm.einsum(equation, a, b)
+    want = torch.einsum(equation, a.double(), b.double())
+    assert got.shape == want.shape
+    assert (got.double() - want).abs().max() <= 1e-5 * (1 + want.abs().max())
+
+
+@pytest.mark.parametrize("equation,shapes,why", [
+    ("nij,njk->nik", [(2, 3, 4), (2, 4, 5)], "batch index n"),
+    ("ij,jk->ik", [(3, 4), (4, 5)], "float64"),
+    ("ij,jk->ik", [(3, 4), (4, 5)], "autograd"),
+    ("ijk,jl->il", [(3, 4, 2), (4, 5)], "k summed on one operand only"),
+    ("ij,jk", [(3, 4), (4, 5)], "implicit output"),
+])
+def test_einsum_falls_back_to_torch(equation, shapes, why):
+    g = torch.Generator().manual_seed(4)
+    dtype = torch.float64 if why == "float64" else torch.float32
+    a, b = (torch.randn(*s, generator=g, dtype=dtype) for s in shapes)
+    if why == "autograd":
+        a.requires_grad_()
+    with _all_gemms_on_onednn() as taken:
+        got = gemm.einsum(equation, a, b)
+    assert not taken, why
+    assert torch.equal(got, torch.einsum(equation, a, b))
+
+
+@big
+def test_downsampling_drop_in_runs_generated_code_on_onednn():
+    """The 1×1/2 shortcut runs generated code (`torch.einsum` in its text) whose einsum is
+    `gemm.einsum`: forward and both VJPs on oneDNN, equal to torch."""
+    from tnderive.structured import _compiled
+    xs, ws, kw = (2, 16, 12, 12), (24, 16, 1, 1), dict(stride=2)
+    net = conv_network(xs, ws, bias=False, **kw)
+    fn = _compiled(net.core, ())
+    assert fn is not None and "torch.einsum(" in fn.source
+    with _all_gemms_on_onednn() as taken:
+        _conv_and_vjps_float32(xs, ws, kw)
+    assert taken
+
+
+def test_compile_with_einsum_hook_keeps_source_and_calls_hook():
+    import tnderive
+    calls = []
+
+    def hook(eq, *ops):
+        calls.append(eq)
+        return torch.einsum(eq, *ops)
+    expr = tnderive.parse("out[i,k] = A[i,j]*B[j,k]")
+    plain, hooked = tnderive.compile(expr, "f"), tnderive.compile(expr, "f", einsum=hook)
+    assert plain.source == hooked.source
+    A, B = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    assert torch.allclose(hooked(A=A, B=B), A @ B)
+    assert calls
+    assert torch.allclose(hooked(A=torch.randn(2, 4, dtype=torch.float64), B=B).sum() * 0, torch.zeros(()))
+    assert len(calls) >= 2  # a re-planned specialisation is loaded with the hook too

@@ -6,6 +6,10 @@ behind torch's own CPU convolutions) instead of MKL's sgemm: 10-20 % faster on t
 im2col convolutions on AVX-512 machines (`python benchmarks/conv.py`). Everything else, and
 any case oneDNN cannot take, runs `torch.matmul`; results agree to float32 rounding.
 
+`einsum(equation, a, b)` is `torch.einsum` with the same routing for batch-free two-operand
+contractions, the GEMM laid out for oneDNN (planned once per equation, shapes and strides);
+the structured evaluator loads its generated code with it (`tnderive.compile(einsum=...)`).
+
 The oneDNN entry point is a private torch op (`torch.ops.mkldnn._linear_pointwise`); it is
 probed once, and `TNDERIVE_GEMM=torch` in the environment (or `use_onednn(False)`) turns it off.
 """
@@ -15,7 +19,7 @@ import os
 
 import torch
 
-__all__ = ["matmul", "use_onednn", "onednn_active"]
+__all__ = ["matmul", "einsum", "use_onednn", "onednn_active"]
 
 #: M·K·N below which MKL's GEMM wins (oneDNN's per-call setup dominates), measured on AVX-512.
 ONEDNN_MIN_WORK = 1 << 24
@@ -74,3 +78,91 @@ def matmul(P: torch.Tensor, Q: torch.Tensor, out: torch.Tensor | None = None) ->
             return y
         return out.copy_(y)
     return torch.matmul(P, Q) if out is None else torch.matmul(P, Q, out=out)
+
+
+# --------------------------------------------------------------------------------------------
+# two-operand einsum with its GEMM laid out for oneDNN (used by generated code in-process)
+# --------------------------------------------------------------------------------------------
+
+_EINSUM_PLANS: dict = {}  # (equation, shapes, strides, dtypes, device) -> layout or None
+_MAX_PLANS = 4096
+
+
+def einsum(equation, *operands: torch.Tensor) -> torch.Tensor:
+    """`torch.einsum(equation, a, b)`, except that a batch-free two-operand contraction whose
+    GEMM `matmul` would send to oneDNN runs as that GEMM, laid out for it: the operand with
+    more free entries becomes the row-major left matrix [free, contracted] (one copy, in its
+    own memory order) and the result comes back as a permuted view (channels-last for a 1×1
+    convolution). The layout is planned once per (equation, shapes, strides). Anything else
+    (other equations, small, float64, autograd) is exactly `torch.einsum`."""
+    if len(operands) != 2 or not isinstance(equation, str) or not _state["enabled"]:
+        return torch.einsum(equation, *operands)
+    a, b = operands
+    key = (equation, a.shape, a.stride(), b.shape, b.stride(), a.dtype, b.dtype, a.device.type)
+    plan = _EINSUM_PLANS.get(key, False)
+    if plan is False:
+        if len(_EINSUM_PLANS) >= _MAX_PLANS:
+            _EINSUM_PLANS.clear()
+        plan = _EINSUM_PLANS[key] = _plan_einsum(equation, a, b)
+    if plan is None or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+        return torch.einsum(equation, *operands)
+    swap, (ir, pr, sr), (ic, pc, sc), mid, perm, final = plan
+    r, c = (b, a) if swap else (a, b)
+    R = r[ir].permute(pr).reshape(sr)
+    C = c[ic].permute(pc).reshape(sc)
+    y = torch.ops.mkldnn._linear_pointwise(R, C.t(), None, "none", [], "")
+    return y.view(mid).permute(perm).reshape(final)
+
+
+def _plan_einsum(equation: str, a: torch.Tensor, b: torch.Tensor):
+    """The GEMM layout of `einsum` (see there), or None when torch.einsum should run."""
+    if "..." in equation or "->" not in equation or a.dtype != b.dtype or not _probe():
+        return None
+    if a.device.type != "cpu" or b.device.type != "cpu" or a.dtype not in _ONEDNN_DTYPES:
+        return None
+    lhs, out = equation.replace(" ", "").split("->")
+    subs = lhs.split(",")
+    if len(subs) != 2 or any(len(set(x)) != len(x) for x in (*subs, out)):
+        return None
+    if len(subs[0]) != a.dim() or len(subs[1]) != b.dim() or a.numel() == 0 or b.numel() == 0:
+        return None
+    if any(i not in subs[0] and i not in subs[1] for i in out):
+        return None
+    sizes: dict = {}
+    for sub, t in zip(subs, (a, b)):
+        for i, n in zip(sub, t.shape):
+            sizes[i] = max(sizes.get(i, 1), int(n))
+    sa, sb = ([i for i, n in zip(x, t.shape) if n != 1] for x, t in zip(subs, (a, b)))
+    if any(i in sb and i in out for i in sa):  # a batch index
+        return None
+    if any(i not in out and i not in other for x, other in ((sa, sb), (sb, sa)) for i in x):
+        return None  # summed on one operand only, or broadcast against size 1
+    contract = [i for i in sa if i in sb]
+    free = {0: [i for i in sa if i in out], 1: [i for i in sb if i in out]}
+    if not contract or not free[0] or not free[1]:
+        return None
+    row = 0 if _numel(free[0], sizes) >= _numel(free[1], sizes) else 1
+    (rt, rsub), (ct, csub) = ((a, subs[0]), (b, subs[1]))[::1 if row == 0 else -1]
+    rows = sorted(free[row], key=lambda i: -rt.stride(rsub.index(i)))  # copy streams in memory order
+    contract = sorted(contract, key=lambda i: -rt.stride(rsub.index(i)))
+    cols = free[1 - row]
+    if _numel(rows, sizes) * _numel(contract, sizes) * _numel(cols, sizes) < ONEDNN_MIN_WORK:
+        return None
+    kept = [i for i in out if sizes[i] != 1]
+    return (row == 1, _matrix_plan(rt, rsub, rows, contract, sizes),
+            _matrix_plan(ct, csub, contract, cols, sizes), [sizes[i] for i in rows + cols],
+            [(rows + cols).index(i) for i in kept], [sizes[i] for i in out])
+
+
+def _numel(ids: list[str], sizes: dict) -> int:
+    n = 1
+    for i in ids:
+        n *= sizes[i]
+    return n
+
+
+def _matrix_plan(t: torch.Tensor, sub: str, first: list[str], second: list[str], sizes: dict):
+    """(index dropping size-1 legs, permutation, [Π first, Π second]) that make t a matrix."""
+    live = [i for i, n in zip(sub, t.shape) if n != 1]
+    index = tuple(0 if n == 1 else slice(None) for n in t.shape)
+    return index, [live.index(i) for i in first + second], [_numel(first, sizes), _numel(second, sizes)]

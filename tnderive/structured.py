@@ -69,7 +69,7 @@ def _compiled(expr: Expr, sizes: tuple):
     if pats and all(_down_sampling(c) for c in pats) and not all(c.kind == "split" for c in pats):
         try:
             from .codegen import compile as tn_compile
-            cand = tn_compile(expr, "structured", sizes=dict(sizes) or None)
+            cand = tn_compile(expr, "structured", sizes=dict(sizes) or None, einsum=gemm.einsum)
             if not any(op.kind == "const" for op in cand.plan.ops):  # every constant a view
                 fn = cand
         except TNError:
