@@ -218,6 +218,8 @@ def test_downsampling_drop_in_runs_generated_code_on_onednn():
     net = conv_network(xs, ws, bias=False, **kw)
     fn = _compiled(net.core, ())
     assert fn is not None and "torch.einsum(" in fn.source
+    dense = conv_network((2, 3, 32, 32), (16, 3, 4, 4), bias=False, stride=4).core
+    assert _compiled(dense, (), True) is not None and _compiled(dense, (), False) is None
     with _all_gemms_on_onednn() as taken:
         _conv_and_vjps_float32(xs, ws, kw)
     assert taken
@@ -238,3 +240,16 @@ def test_compile_with_einsum_hook_keeps_source_and_calls_hook():
     assert calls
     assert torch.allclose(hooked(A=torch.randn(2, 4, dtype=torch.float64), B=B).sum() * 0, torch.zeros(()))
     assert len(calls) >= 2  # a re-planned specialisation is loaded with the hook too
+
+
+@pytest.mark.parametrize("case", ["4x4 patches", "odd offset", "float64 transpose", "contiguous", "grad"])
+def test_as_contiguous_moves_the_same_bits(case):
+    g = torch.Generator().manual_seed(5)
+    x = _randn(2, 3, 16, 16, g)
+    t = {"4x4 patches": lambda: x.view(2, 3, 4, 4, 4, 4).permute(0, 2, 4, 1, 3, 5),
+         "odd offset": lambda: x[:, :, ::2, 1:],
+         "float64 transpose": lambda: torch.randn(5, 7, 8, generator=g, dtype=torch.float64).transpose(0, 1),
+         "contiguous": lambda: x,
+         "grad": lambda: x.clone().requires_grad_().view(2, 3, 4, 4, 4, 4).permute(0, 2, 4, 1, 3, 5)}[case]()
+    got = gemm.as_contiguous(t)
+    assert got.is_contiguous() and torch.equal(got, t)

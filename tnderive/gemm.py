@@ -108,7 +108,7 @@ def einsum(equation, *operands: torch.Tensor) -> torch.Tensor:
         return torch.einsum(equation, *operands)
     swap, (ir, pr, sr), (ic, pc, sc), mid, perm, final = plan
     r, c = (b, a) if swap else (a, b)
-    R = r[ir].permute(pr).reshape(sr)
+    R = as_contiguous(r[ir].permute(pr)).view(sr)
     C = c[ic].permute(pc).reshape(sc)
     y = torch.ops.mkldnn._linear_pointwise(R, C.t(), None, "none", [], "")
     return y.view(mid).permute(perm).reshape(final)
@@ -166,3 +166,20 @@ def _matrix_plan(t: torch.Tensor, sub: str, first: list[str], second: list[str],
     live = [i for i, n in zip(sub, t.shape) if n != 1]
     index = tuple(0 if n == 1 else slice(None) for n in t.shape)
     return index, [live.index(i) for i in first + second], [_numel(first, sizes), _numel(second, sizes)]
+
+
+def as_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t.contiguous(), moving 16-byte runs as single elements when t's innermost dim is a
+    contiguous run of a multiple of 16 bytes (about 3× faster for the 4-float rows of a 4×4
+    patch copy: the copy kernel's cost is per element). Bits are moved, not converted."""
+    if t.is_contiguous():
+        return t
+    size = t.element_size()
+    ratio = 16 // size if 16 % size == 0 else 1
+    if ratio <= 1 or t.dtype.is_complex or t.dim() < 2 or t.stride(-1) != 1 or t.shape[-1] % ratio \
+            or t.storage_offset() % ratio or any(st % ratio for st in t.stride()[:-1]) \
+            or (t.requires_grad and torch.is_grad_enabled()):
+        return t.contiguous()
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    out.view(torch.complex128).copy_(t.view(torch.complex128))
+    return out

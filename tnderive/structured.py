@@ -39,16 +39,19 @@ def structured_evaluate(expr: Expr, sizes: Mapping[str, int] | None = None,
                         **tensors: torch.Tensor) -> torch.Tensor:
     """Evaluate `expr` (dims follow `expr.indices`) with structured constants as views.
 
-    Expressions whose patterns are all 1×1 down-sampling gathers run as cached generated code
-    (`tnderive.compile`, same views, less per-call overhead); everything else runs the eager
-    engine below: per-tap matmuls on stride-1 windows (no im2col copy), one image's im2col
-    copy at a time in a reused workspace feeding one GEMM per image (dense layers; strided
-    layers and weight VJPs when oneDNN runs the GEMMs), per-tap multiply-adds for depthwise
-    layers, and scatter-adds or flipped gathers for input VJPs."""
+    Expressions whose patterns all gather non-overlapping windows (1×1 down-sampling; dense
+    K = S patches when oneDNN runs the GEMMs) run as cached generated code (`tnderive.compile`,
+    same views, less per-call overhead, einsums laid out for oneDNN by `tnderive.gemm.einsum`);
+    everything else runs the eager engine below: per-tap matmuls on stride-1 windows (no
+    im2col copy), one image's im2col copy at a time in a reused workspace feeding one GEMM per
+    image (dense layers without oneDNN; strided layers and weight VJPs with it), per-tap
+    multiply-adds for depthwise layers, and scatter-adds or flipped gathers for input VJPs."""
     from .binding import bind
     if not isinstance(expr, Expr):
         raise TNError(f"evaluate expects an expression, got {type(expr).__name__}")
-    fn = _compiled(expr, tuple(sorted((sizes or {}).items())))
+    onednn = bool(tensors) and all(isinstance(t, torch.Tensor) and _im2col_gemm_wins(t)
+                                   for t in tensors.values())
+    fn = _compiled(expr, tuple(sorted((sizes or {}).items())), onednn)
     if fn is not None:
         return fn(**tensors)
     return StructuredEvaluator(bind(expr, tensors, sizes)).run(expr)
@@ -57,16 +60,18 @@ def structured_evaluate(expr: Expr, sizes: Mapping[str, int] | None = None,
 _COMPILED: dict = {}
 
 
-def _compiled(expr: Expr, sizes: tuple):
+def _compiled(expr: Expr, sizes: tuple, onednn: bool = False):
     """Cached generated code for `expr` when it is the faster engine (see structured_evaluate),
     else None. Reshape-only networks (dense layers' VJPs: split constants alone) stay eager,
-    where `pair_contract` blocks the im2col copy per image and accumulates over the batch."""
-    key = (expr, sizes)
+    where `pair_contract` blocks the im2col copy per image and accumulates over the batch;
+    dense (K = S) patterns go to generated code only when its GEMMs run on oneDNN (`onednn`:
+    CPU float32 inputs), else the eager per-image im2col is faster."""
+    key = (expr, sizes, onednn)
     if key in _COMPILED:
         return _COMPILED[key]
     fn = None
     pats = [n for n in expr.walk() if isinstance(n, Constant) and n.kind in PATTERN_KINDS]
-    if pats and all(_down_sampling(c) for c in pats) and not all(c.kind == "split" for c in pats):
+    if pats and all(_down_sampling(c) or (onednn and _non_overlapping(c)) for c in pats) and not all(c.kind == "split" for c in pats):
         try:
             from .codegen import compile as tn_compile
             cand = tn_compile(expr, "structured", sizes=dict(sizes) or None, einsum=gemm.einsum)
@@ -82,10 +87,18 @@ def _down_sampling(c: Constant) -> bool:
     """A 1×1 pattern without padding (x[..., ::S]), or a reshape / slice constant."""
     if c.kind in ("split", "window"):
         return True
+    return c.kind == "pattern" and c.shape[0] == 1 and c.params[1] == 0 and c.params[2] == 0
+
+
+def _non_overlapping(c: Constant) -> bool:
+    """A pattern whose windows do not overlap and need no padding (K ≤ S, D = 1: a reshape,
+    plus a strided slice when K < S), or a reshape / slice constant."""
+    if c.kind in ("split", "window"):
+        return True
     if c.kind != "pattern":
         return False
-    s, pl, pr, _ = c.params[:4]
-    return c.shape[0] == 1 and pl == 0 and pr == 0
+    s, pl, pr, d = c.params[:4]
+    return pl == 0 and pr == 0 and (c.shape[0] == 1 or (d == 1 and c.shape[0] <= s))
 
 
 def flatten_product(expr: Product) -> Product:
