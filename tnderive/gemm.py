@@ -110,6 +110,8 @@ def einsum(equation, *operands: torch.Tensor) -> torch.Tensor:
     r, c = (b, a) if swap else (a, b)
     R = as_contiguous(r[ir].permute(pr)).view(sr)
     C = c[ic].permute(pc).reshape(sc)
+    if 1 not in C.stride():  # oneDNN wants one unit-stride dim in the weight
+        C = C.contiguous()
     y = torch.ops.mkldnn._linear_pointwise(R, C.t(), None, "none", [], "")
     return y.view(mid).permute(perm).reshape(final)
 
@@ -142,7 +144,8 @@ def _plan_einsum(equation: str, a: torch.Tensor, b: torch.Tensor):
     if not contract or not free[0] or not free[1]:
         return None
     row = 0 if _numel(free[0], sizes) >= _numel(free[1], sizes) else 1
-    (rt, rsub), (ct, csub) = ((a, subs[0]), (b, subs[1]))[::1 if row == 0 else -1]
+    operands = [(a, subs[0]), (b, subs[1])]
+    (rt, rsub), (ct, csub) = operands[row], operands[1 - row]
     rows = sorted(free[row], key=lambda i: -rt.stride(rsub.index(i)))  # copy streams in memory order
     contract = sorted(contract, key=lambda i: -rt.stride(rsub.index(i)))
     cols = free[1 - row]
