@@ -6,6 +6,7 @@ contracted by `pair_contract`; matrix products go through `tnderive.gemm.matmul`
 """
 from __future__ import annotations
 
+import itertools
 import threading
 
 import torch
@@ -329,7 +330,6 @@ def release_workspace() -> None:
 def _tap_loop(a, sa, b, sb, prefix, fp, contract, fq, sizes) -> torch.Tensor:
     """Σ over a few contracted taps of a[..., tap] * b[..., tap, ...] without copying b
     (depthwise convolutions: M = 1, small kernel)."""
-    import itertools
     pa = a.permute([sa.index(k) for k in prefix + fp + contract if k in sa])  # fp: all size 1
     pa = pa.reshape([sizes[k] if k in sa else 1 for k in prefix] + [sizes[k] for k in contract])
     pb = b.permute([sb.index(k) for k in prefix + contract + fq if k in sb])

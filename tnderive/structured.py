@@ -20,12 +20,15 @@ output order). Anything else falls back to dense contraction (always correct).
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import operator
 from typing import Mapping
 
 import torch
 
 from . import gemm
+from .binding import bind
 from .errors import TNError
 from .evaluate import Evaluator, product_operands
 from .ir import Constant, Delta, Expr, Product, fresh_name
@@ -46,7 +49,6 @@ def structured_evaluate(expr: Expr, sizes: Mapping[str, int] | None = None,
     im2col copy), one image's im2col copy at a time in a reused workspace feeding one GEMM per
     image (dense layers without oneDNN; strided layers and weight VJPs with it), per-tap
     multiply-adds for depthwise layers, and scatter-adds or flipped gathers for input VJPs."""
-    from .binding import bind
     if not isinstance(expr, Expr):
         raise TNError(f"evaluate expects an expression, got {type(expr).__name__}")
     onednn = bool(tensors) and all(isinstance(t, torch.Tensor) and _im2col_gemm_wins(t)
@@ -681,8 +683,6 @@ def _fold_taps(ops: list[_Op], folds: list[_Struct], rest: list[int], inner_out:
     """col2im of a broadcast product (depthwise input VJP: W[g, k] · v[n, g, o]): per kernel
     tap, multiply-add the operands' tap slices into the strided output slice, never building
     the kernel-times-larger product."""
-    import functools
-    import operator
     parts = []
     for o in ops:  # each operand broadcast to inner_out's order (size 1 where it has no leg)
         t = o.t[tuple(slice(None) if k in inner_out else 0 for k in o.sub)]  # summed legs: size 1
