@@ -43,7 +43,7 @@ def test_onednn_route_matches_matmul(layout):
     _close(got, P, Q)
 
 
-@pytest.mark.parametrize("case", ["small", "float64", "grad", "P transposed", "batched Q"])
+@pytest.mark.parametrize("case", ["small", "float64", "grad", "P transposed", "batched Q", "overlapping Q"])
 def test_fallback_is_torch_matmul(case):
     g = torch.Generator().manual_seed(2)
     M, K, N = (8, 8, 8) if case == "small" else (384, 256, 200)
@@ -54,6 +54,8 @@ def test_fallback_is_torch_matmul(case):
         P = _randn(K, M, g).t()
     if case == "batched Q":
         P, Q = P.view(2, M // 2, K), torch.stack([Q, 2 * Q])
+    if case == "overlapping Q":  # an im2col window view: rows overlap (oneDNN rejects it)
+        Q = torch.randn(K + N, generator=g, dtype=dtype).as_strided((K, N), (1, 1))
     if case == "grad":
         P.requires_grad_()
     assert not gemm._onednn_fits(P, Q)
@@ -86,6 +88,7 @@ import torch.nn.functional as F  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from strategies import conv_cases  # noqa: E402
 from tnderive.nn import functional as T  # noqa: E402
 from tnderive.nn.conv import conv_network  # noqa: E402
 
@@ -253,3 +256,23 @@ def test_as_contiguous_moves_the_same_bits(case):
          "grad": lambda: x.clone().requires_grad_().view(2, 3, 4, 4, 4, 4).permute(0, 2, 4, 1, 3, 5)}[case]()
     got = gemm.as_contiguous(t)
     assert got.is_contiguous() and torch.equal(got, t)
+
+
+@big
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases())
+def test_random_nd_convs_float32_on_onednn_match_torch(case):
+    """conv1d/2d/3d with every hyperparameter (the float64 suite's strategy), in float32 with
+    every GEMM that can go to oneDNN sent there, against torch in float64."""
+    g = torch.Generator().manual_seed(sum(case["x"]) + sum(case["w"]))
+    x = torch.randn(*case["x"], generator=g)
+    w = torch.randn(*case["w"], generator=g)
+    b = torch.randn(case["w"][0], generator=g) if case["bias"] else None
+    kw = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
+              groups=case["groups"])
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[case["d"]]
+    ref = conv(x.double(), w.double(), None if b is None else b.double(), **kw)
+    with _all_gemms_on_onednn():
+        out = {1: T.conv1d, 2: T.conv2d, 3: T.conv3d}[case["d"]](x, w, b, **kw)
+    assert out.shape == ref.shape
+    assert (out.double() - ref).abs().max() <= 1e-5 * (1 + ref.abs().max())

@@ -65,9 +65,16 @@ def _onednn_fits(P: torch.Tensor, Q: torch.Tensor) -> bool:
     M = P.numel() // max(P.shape[-1], 1)
     if M * P.shape[-1] * Q.shape[1] < ONEDNN_MIN_WORK:
         return False
-    if P.stride(-1) != 1 or P.stride(-2) < P.shape[-1] or 1 not in Q.stride():
+    if P.stride(-1) != 1 or P.stride(-2) < P.shape[-1] or not _matrix_layout(Q):
         return False
     return P.dim() == 2 or P.is_contiguous()
+
+
+def _matrix_layout(t: torch.Tensor) -> bool:
+    """A 2-D tensor stored row- or column-major (a leading dimension, no overlapping rows:
+    an im2col window view, e.g. strides (1, 1), is not)."""
+    (r, c), (sr, sc) = t.shape, t.stride()
+    return (sc == 1 and (sr >= c or r == 1)) or (sr == 1 and (sc >= r or c == 1))
 
 
 def matmul(P: torch.Tensor, Q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,7 +117,7 @@ def einsum(equation, *operands: torch.Tensor) -> torch.Tensor:
     r, c = (b, a) if swap else (a, b)
     R = as_contiguous(r[ir].permute(pr)).view(sr)
     C = c[ic].permute(pc).reshape(sc)
-    if 1 not in C.stride():  # oneDNN wants one unit-stride dim in the weight
+    if not _matrix_layout(C):  # oneDNN wants a row- or column-major weight
         C = C.contiguous()
     y = torch.ops.mkldnn._linear_pointwise(R, C.t(), None, "none", [], "")
     return y.view(mid).permute(perm).reshape(final)
