@@ -433,7 +433,7 @@ def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
         _depthwise_accumulate(acc, xts, wt[:, :, 0, :])
     else:  # per block of images, all taps: the block's accumulator stays in cache
         xts = [t.as_strided(xsizes, xstrides, geo.offset(ks, tap)).view(B, E, length) for tap in taps]
-        step = max(1, _TAP_BLOCK_BYTES // max(1, (M + E) * length * t.element_size()))
+        step = max(1, _cache_budget(t, _TAP_BLOCK_BYTES) // max(1, (M + E) * length * t.element_size()))
         for b0 in range(0, B, step):
             a = acc[b0:b0 + step]
             for n, xt in enumerate(xts):
@@ -447,13 +447,19 @@ _TAP_BLOCK_BYTES = 2 << 20  # images per block of the per-tap matmuls: (M + E)·
 _DEPTHWISE_BLOCK_BYTES = 8 << 20  # input + output bytes per row block: stays in cache over the taps
 
 
+def _cache_budget(t: torch.Tensor, cpu_bytes: int) -> int:
+    """Bytes per block of a blocked loop: cache-sized on CPU; on other devices one block (more
+    kernel launches would buy nothing there)."""
+    return cpu_bytes if t.device.type == "cpu" else 1 << 62
+
+
 def _depthwise_accumulate(acc: torch.Tensor, xts: list[torch.Tensor], w: torch.Tensor) -> None:
     """acc[b, m, *pos] = Σ_tap w[b, m, tap] · xts[tap][b, 0, *pos], one block of rows b at a
     time (the block's input rows and accumulator stay in cache across the taps). acc [B, M, *pos] may be
     strided; w [B, M, taps]."""
     B, M = acc.shape[:2]
     row_bytes = (acc[0].numel() + abs(xts[0].stride(0))) * acc.element_size()  # output + input
-    step = max(1, _DEPTHWISE_BLOCK_BYTES // max(row_bytes, 1))
+    step = max(1, _cache_budget(acc, _DEPTHWISE_BLOCK_BYTES) // max(row_bytes, 1))
     ones = (1,) * (acc.dim() - 2)
     recording = torch.is_grad_enabled() and (w.requires_grad or any(x.requires_grad for x in xts))
     for r0 in range(0, B, step):
@@ -712,7 +718,7 @@ def _fold_taps(ops: list[_Op], folds: list[_Struct], rest: list[int], inner_out:
 def _row_blocks(y: torch.Tensor, nrest: int) -> list[tuple]:
     """Index tuples of slices over y's first nrest dims (dims kept) that cut y into blocks of
     about _DEPTHWISE_BLOCK_BYTES / 2 (the whole of y when it fits)."""
-    budget = _DEPTHWISE_BLOCK_BYTES // 2
+    budget = _cache_budget(y, _DEPTHWISE_BLOCK_BYTES) // 2
     inner = y.element_size()
     for n in y.shape[nrest:]:
         inner *= n
