@@ -118,12 +118,10 @@ def network_expr(net: Network, device, dtype):
 
 
 def kfac_reduce_expr(net: Network, device, dtype, gen):
-    """The KFAC-reduce input factor derived by tnderive.kfac (None if unavailable)."""
-    try:
-        from tnderive.kfac import kfac
-        from tnderive.nn.conv import conv_network
-    except ImportError:
-        return None
+    """The KFAC-reduce input factor derived by tnderive.kfac (None if the derivation fails)."""
+    from tnderive.kfac import kfac
+    from tnderive.nn.conv import conv_network
+
     N, C, H = net.sizes["n"], net.sizes["c"], net.sizes["i"]
     try:
         conv = conv_network((N, C, H, H), (C, C, 3, 3), stride=1, padding=1, bias=False)

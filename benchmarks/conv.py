@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from _results import keeps_peer_figures
 from _steady import steady_allocator
 from tnderive import gemm
 from tnderive.nn import functional as T
@@ -269,7 +270,8 @@ def main(argv=None) -> None:
     ])
     print()
     print(section)
-    if not args.no_write and not args.only:
+    if (not args.no_write and not args.only
+            and not keeps_peer_figures("conv", "einconv", einconv is not None, r"\| einconv ms \|")):
         write(section)
 
 

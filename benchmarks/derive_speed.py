@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from _results import kept_peer_line
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
 BLOCKS = [(a, b) for a in ("WQ", "WK", "WV") for b in ("WQ", "WK", "WV")]
@@ -34,23 +36,12 @@ NOTATION = """T[q,k] = X[q,d]*WQ[d,e]*WK[d2,e]*X[k,d2]/sqrt(2)
 A[q,k] = softmax(T[q,k], k)
 F[q,v] = A[q,k]*X[k,d3]*WV[d3,v]
 loss = sum((F[q,v] - Y[q,v])**2)"""
-QUOTED_PEER = "tensorgrad 0.3.0 ≈ 100 s for the W_Q–W_Q block here (figure quoted in issue 3)"
 
 
 def attention_loss():
-    """The benchmark network, parsed from notation (IR builder fallback)."""
+    """The benchmark network, parsed from notation."""
     import tnderive
-    try:
-        return tnderive.parse(NOTATION)
-    except (AttributeError, ImportError):
-        import sympy
-        from tnderive.functions import SOFTMAX, power
-        from tnderive.ir import Func, Product, Sum, Variable, scale
-        X = Variable("X", ("q", "d"))
-        WQ, WK, WV = Variable("WQ", ("d", "e")), Variable("WK", ("d2", "e")), Variable("WV", ("d3", "v"))
-        T = scale(Product((X, WQ, WK, X.with_indices(("k", "d2"))), ("q", "k")), 1 / sympy.sqrt(2))
-        F = Product((Func(SOFTMAX, T, "k"), X.with_indices(("k", "d3")), WV), ("q", "v"))
-        return Product((Func(power(2), Sum(((1, F), (-1, Variable("Y", ("q", "v")))))),), ())
+    return tnderive.parse(NOTATION)
 
 
 def clear_caches() -> None:
@@ -150,7 +141,7 @@ def main() -> None:
     for k, s in per_block.items():
         print(f"  {k:8s} {s * 1000:8.1f} ms  {runs[0]['terms'][k]} terms")
 
-    peer_line = QUOTED_PEER + " (not measured: tensorgrad not installed)"
+    peer_line = kept_peer_line("derive_speed", "tensorgrad")  # never a quoted placeholder
     if not args.no_peer:
         py = peer_python(args.peer_python)
         if py is not None:

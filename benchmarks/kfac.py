@@ -35,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import tnderive  # noqa: E402
+from _results import keeps_peer_figures  # noqa: E402
 from _steady import steady_allocator  # noqa: E402
 from tnderive.kfac import kfac  # noqa: E402
 from tnderive.nn.conv import conv_network  # noqa: E402
@@ -319,7 +320,9 @@ def main(argv=None) -> int:
     text = table(rows, args, device)
     print()
     print(text)
-    if not args.no_write:
+    # an einconv figure: a number in the einconv column (the 7th) of a table row
+    measured = r"^\|(?:[^|]*\|){6} *\d+\.\d+ *\|"
+    if not args.no_write and not keeps_peer_figures("kfac", "einconv", convNd_kfc is not None, measured):
         write_section(text)
     return 0
 

@@ -38,14 +38,17 @@ def plan(expr: Expr, sizes: Mapping[str, int] | None = None, default_size: int =
 def codegen(expr: Expr, name: str = "f", sizes: Mapping[str, int] | None = None,
             default_size: int = DEFAULT_SIZE, method: str | None = None) -> str:
     """Source of a standalone module (imports only torch) defining `name(**tensors)` that
-    computes `expr`; the contraction order is planned for `sizes` (else `default_size`)."""
+    computes `expr`; the contraction order is planned for `sizes` (else `default_size`).
+    The function takes the tensors of `expr.signature` as keywords (those `expr` uses are
+    required, the others bind sizes); `sizes` entries no argument determines are fixed."""
     return emit_module(lower(expr, sizes, default_size, method), name, sizes=sizes)
 
 
 def compile(expr: Expr, name: str = "f", sizes: Mapping[str, int] | None = None,
             default_size: int = DEFAULT_SIZE, einsum=None) -> "CompiledFunction":
-    """`expr` as a callable with keyword tensors (codegen + load). `.source`/`.plan` hold the
-    code and plan for `sizes`; each distinct size binding met in a call is re-planned once and
+    """`expr` as a callable with the keyword tensors of `expr.signature` (codegen + load; the
+    tensors of the expression it was derived from, unused ones binding sizes; `sizes` may
+    name any size symbol of the signature). `.source`/`.plan` hold the code and plan for `sizes`; each distinct size binding met in a call is re-planned once and
     cached (`.specialisations`). `einsum`: the function the loaded code calls for
     `torch.einsum` (default torch's own; `tnderive.gemm.einsum` sends its large CPU GEMMs to
     oneDNN); the source text is the same either way."""
@@ -55,12 +58,8 @@ def compile(expr: Expr, name: str = "f", sizes: Mapping[str, int] | None = None,
 def load(source: str, name: str, einsum=None):
     """Execute generated `source` and return its function `name` (errors: tnderive.TNError;
     `torch.einsum` calls go to `einsum` when given)."""
-    namespace: dict = {"__name__": f"tnderive_generated_{name}"}
-    exec(builtins.compile(source, f"<tnderive {name}>", "exec"), namespace)
-    namespace["TNError"] = TNError  # raise the library's error class when loaded in-process
-    if einsum is not None:
-        namespace["torch"] = _torch_with_einsum(einsum)
-    return namespace[name]
+    from .loading import load_source  # a module registered by name: torch.compile finds it
+    return load_source(source, name, einsum)
 
 
 def _torch_with_einsum(einsum) -> types.ModuleType:
@@ -85,24 +84,32 @@ class CompiledFunction:
         self.plan = lower(expr, sizes, default_size)
         self.source = emit_module(self.plan, name, sizes=self.sizes)
         self._default = load(self.source, name, einsum)
-        self._names = tuple(expr.variables)
+        self._names = tuple(expr.signature)
         self._by_shapes: dict[tuple, object] = {}
         self._by_sizes: dict[tuple, tuple[object, Program, str]] = {}
         # a call whose sizes are the ones planned above needs no re-planning
         self._planned = tuple(sorted((str(k), int(v)) for k, v in self.plan.numeric.items()))
 
     def __call__(self, *args, **tensors) -> torch.Tensor:
+        select = self._select
+        if torch.compiler.is_compiling():  # torch.compile runs the dispatch, traces the code
+            select = torch.compiler.disable(select)
+        return select(args, tensors)(*args, **tensors)
+
+    def _select(self, args, tensors):
+        """The generated function for these arguments' shapes (planned and loaded once per
+        size binding)."""
         if args:
-            return self._default(*args, **tensors)
+            return self._default
         try:
-            key = tuple(tuple(tensors[n].shape) for n in self._names)
-        except (KeyError, AttributeError):
-            return self._default(**tensors)  # raises the argument error
+            key = tuple(tuple(tensors[n].shape) if n in tensors else None for n in self._names)
+        except AttributeError:
+            return self._default  # raises the argument error
         fn = self._by_shapes.get(key)
         if fn is None:
             fn = self._specialise(tensors)
             self._by_shapes[key] = fn
-        return fn(**tensors)
+        return fn
 
     def _specialise(self, tensors):
         from tnderive.binding import bind

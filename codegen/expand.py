@@ -22,7 +22,8 @@ import sympy
 
 from tnderive.errors import TNError
 from tnderive.functions import IndexFunction
-from tnderive.ir import Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, rename_free
+from tnderive.ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name,
+                         rename_free)
 from tnderive.unionfind import delta_classes
 
 LEAVES = (Variable, Constant, Func, Delta)
@@ -199,8 +200,37 @@ def _merge_deltas(m: Monomial) -> Monomial:
             coef = coef * sizes[rep]         # a closed loop: Σ_i 1 = size
         elif outs and not (set(members) & used) and len(outs) == 1:
             keep.append(Delta((rep,), sizes[rep]))  # a free leg of ones
-    factors = tuple(rename_leaf(f, ren) for f in rest) + tuple(keep)
-    return Monomial(coef, factors, m.indices)
+    renamed, ties = _rename_apart(rest, ren, sizes, used | set(m.indices))
+    return Monomial(coef, renamed + tuple(keep) + ties, m.indices)
+
+
+def _rename_apart(factors, ren: dict[str, str], sizes, taken: set[str]):
+    """`factors` with indices renamed by `ren`, except that only a variable may have two of
+    its indices merged (taking its diagonal). A function node's merge would put the diagonal
+    inside the function (softmax of the diagonal instead of the diagonal of a softmax) or
+    repeat an index of its argument; a structured constant cannot repeat an index. Such a
+    leg keeps a fresh name and a copy tensor joins it to its class; the lowering then takes
+    the diagonal of the computed value. Returns (factors, those copy tensors)."""
+    taken = set(taken) | set(ren.values())
+    out: list[Expr] = []
+    ties: list[Expr] = []
+    for f in factors:
+        targets = [ren.get(i, i) for i in f.indices]
+        if isinstance(f, Variable) or len(set(targets)) == len(targets):
+            out.append(rename_leaf(f, ren))
+            continue
+        own: dict[str, str] = {}
+        seen: set[str] = set()
+        for i, t in zip(f.indices, targets):
+            if t in seen:
+                own[i] = fresh_name(i, taken)
+                taken.add(own[i])
+                ties.append(Delta((t, own[i]), sizes[i]))
+            else:
+                own[i] = t
+                seen.add(t)
+        out.append(rename_leaf(f, own))
+    return tuple(out), tuple(ties)
 
 
 def leaf_base(f: Expr) -> Expr:

@@ -223,18 +223,10 @@ OP_OVERHEAD = 20_000    # FLOP-equivalents per emitted torch call
 
 def planning_values(expr: Expr, sizes: Mapping[str, int], default_size: int) -> dict:
     """Value of every size symbol of `expr` for planning: bound ones, else the default."""
-    symbols: set[sympy.Symbol] = set()
-    for node in expr.walk():
-        for s in node.shape:
-            symbols |= s.free_symbols
-        if isinstance(node, Variable):
-            for s in node.axis_shape:
-                symbols |= s.free_symbols
-    by_name = {str(k): int(v) for k, v in sizes.items()}
-    unknown = [k for k in by_name if k not in {str(s) for s in symbols}]
-    if unknown:
-        raise TNError(f"sizes: {unknown[0]!r} is not a size symbol of the expression "
-                      f"(symbols: {sorted(str(s) for s in symbols)})")
+    from tnderive.binding import check_sizes, size_symbols
+
+    by_name = check_sizes(expr, expr.signature, sizes)  # any size symbol of the signature
+    symbols = size_symbols(expr) | {s for s in expr.signature.symbols() if str(s) in by_name}
     return {s: by_name.get(str(s), default_size) for s in symbols}
 
 

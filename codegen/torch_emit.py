@@ -12,7 +12,8 @@ tensor arguments that
    and FLOPs;
 4. returns the result with dimensions in the expression's index order.
 
-Constants and zeros are created on the device and dtype of the first argument.
+Arguments: `arguments` (the signature's tensors; device and dtype by torch's type promotion
+across them, constants and zeros are made there).
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import keyword
 import textwrap
 
 import sympy
-from sympy.printing.pycode import PythonCodePrinter
 
 from tnderive.errors import TNError
 from tnderive.ir import Constant, Delta, Expr, Func, Product, Sum, Variable, Zero
@@ -45,40 +45,114 @@ def size_var(sym: sympy.Symbol) -> str:
     return f"size_{name}"
 
 
-class SizePrinter(PythonCodePrinter):
-    """Integer size expressions as python (floor -> //, symbols -> size variables)."""
-
-    def _print_Symbol(self, expr):
-        return size_var(expr)
-
-    def _print_floor(self, expr):
-        num, den = sympy.fraction(sympy.together(expr.args[0]))
-        if den == 1:
-            return f"({self._print(num)})"
-        return f"(({self._print(num)}) // ({self._print(den)}))"
-
-    def _print_ceiling(self, expr):
-        num, den = sympy.fraction(sympy.together(expr.args[0]))
-        return f"(-((-({self._print(num)})) // ({self._print(den)})))"
-
-    def _print_Rational(self, expr):
-        return f"({expr.p} / {expr.q})"
+# precedence of emitted python: an operand binding less tightly than its context is wrapped
+_ADD, _MUL, _NEG, _POW, _ATOM = 1, 2, 3, 4, 5
 
 
 def py_size(e) -> str:
-    e = sympy.sympify(e)
-    if e.is_Integer:
-        return str(int(e))
-    return SizePrinter().doprint(e)
+    """Python source of a size or coefficient expression in the size variables; safe to use
+    as an operand anywhere (a compound expression comes parenthesised)."""
+    text, prec = _py(sympy.sympify(e))
+    return text if prec == _ATOM else f"({text})"
+
+
+def py_expr(e) -> str:
+    """Python source of a size expression standing alone (the right side of an assignment)."""
+    return _py(sympy.sympify(e))[0]
 
 
 def py_coef(c) -> str:
+    """Python source of a coefficient (a number as a float literal unless integer); an operand
+    anywhere, e.g. `f"{py_coef(c)} * t0"`."""
     c = sympy.sympify(c)
-    if c.is_Integer:
-        return str(int(c))
-    if c.is_number:
-        return repr(float(c))
+    if c.is_number and not c.is_Integer:
+        value = _real(c)
+        return repr(value) if value >= 0 else f"({value!r})"
     return py_size(c)
+
+
+def _real(c: sympy.Expr) -> float:
+    value = complex(c)
+    if value.imag:
+        raise TNError(f"codegen: coefficient {c} is not real")
+    return value.real
+
+
+def _py(e: sympy.Expr) -> tuple[str, int]:
+    """(python source, precedence) of a sympy size/coefficient expression."""
+    if e.is_Integer:
+        return str(int(e)), _ATOM if e >= 0 else _NEG
+    if e.is_Rational:
+        return f"{e.p} / {e.q}", _MUL
+    if e.is_Symbol:
+        return size_var(e), _ATOM
+    if e.is_number:
+        value = _real(e)
+        return repr(value), _ATOM if value >= 0 else _NEG
+    if e.is_Add:
+        return _py_add(e)
+    if e.is_Mul:
+        return _py_mul(e)
+    if e.is_Pow:
+        return _py_pow(e)
+    if isinstance(e, (sympy.floor, sympy.ceiling)):
+        return _py_round(e)
+    if isinstance(e, sympy.Mod):
+        return f"{_wrap(e.args[0], _POW)} % {_wrap(e.args[1], _POW)}", _MUL
+    if isinstance(e, (sympy.Max, sympy.Min, sympy.Abs)):
+        name = {sympy.Max: "max", sympy.Min: "min", sympy.Abs: "abs"}[type(e)]
+        return f"{name}({', '.join(_py(a)[0] for a in e.args)})", _ATOM
+    raise TNError(f"codegen: cannot write the size expression {e} as python "
+                  f"({type(e).__name__} is not supported)")
+
+
+def _wrap(e: sympy.Expr, at_least: int) -> str:
+    """Source of `e`, parenthesised unless it binds at least as tightly as `at_least`."""
+    text, prec = _py(e)
+    return text if prec >= at_least else f"({text})"
+
+
+def _py_add(e: sympy.Expr) -> tuple[str, int]:
+    out = ""
+    for k, term in enumerate(e.as_ordered_terms()):  # sympy's order: `n + 2`, `1 - n/5`
+        negative = term.could_extract_minus_sign()
+        body = _wrap(-term if negative else term, _MUL)
+        if k == 0:
+            out = f"-{_wrap(-term, _POW)}" if negative else body
+        else:
+            out += f" - {body}" if negative else f" + {body}"
+    return out, _ADD
+
+
+def _py_mul(e: sympy.Expr) -> tuple[str, int]:
+    coef, rest = e.as_coeff_Mul()
+    if coef == -1:
+        return f"-{_wrap(rest, _POW)}", _NEG
+    sign = "-" if coef.is_negative else ""
+    factors = [abs(coef)] if abs(coef) != 1 else []
+    factors += sympy.Mul.make_args(rest)
+    return sign + " * ".join(_wrap(f, _POW) for f in factors), _MUL
+
+
+def _py_pow(e: sympy.Expr) -> tuple[str, int]:
+    base, exp = e.args
+    if exp == -1:
+        return f"1 / {_wrap(base, _POW)}", _MUL
+    return f"{_wrap(base, _ATOM)} ** {_wrap(exp, _ATOM)}", _POW
+
+
+def _py_round(e: sympy.Expr) -> tuple[str, int]:
+    """floor(a/b) as a // b; ceiling as -(-a // b) (exact integer division of integer a, b;
+    an int() around it when a or b is not an integer, e.g. floor(sqrt(n)))."""
+    num, den = sympy.fraction(sympy.together(e.args[0]))
+    if den == 1 and num.is_integer:
+        return _py(num)
+    exact = num.is_integer and den.is_integer
+    if isinstance(e, sympy.floor):
+        text = f"{_wrap(num, _POW)} // {_wrap(den, _POW)}"
+        return (text, _MUL) if exact else (f"int({text})", _ATOM)
+    text = f"-{_wrap(num, _POW)} // {_wrap(den, _POW)}"
+    return (f"-({text})", _NEG) if exact else (f"-int({text})", _NEG)
 
 
 def py_shape(shape) -> str:
@@ -100,15 +174,16 @@ def emit_module(program: Program, name: str = "f", notation: str | None = None,
     if not name.isidentifier() or keyword.iskeyword(name):
         raise TNError(f"codegen: function name {name!r} is not a python identifier")
     expr = program.expr
-    variables = expr.variables
-    for v in variables:
+    for v in expr.signature:
         if keyword.iskeyword(v) or v in ("torch", "TNError") or v.startswith(("_", "size_")):
             raise TNError(f"codegen: variable name {v!r} cannot be an argument of generated code "
                           f"(python keyword, or clashes with its helpers: rename it)")
+    from .arguments import DEVICE_DTYPE_HELPER  # late: it imports py_size from here
+
     notation = notation if notation is not None else expression_text(expr)
     kinds = sorted({op.payload[0] for op in program.ops if op.kind == "const"})
     parts = [_module_doc(program, name, notation), "import torch", "",
-             "", _ERROR_CLASS, "", "", "_MISSING = object()", ""]
+             "", _ERROR_CLASS, "", "", "_MISSING = object()", "", "", DEVICE_DTYPE_HELPER, ""]
     if kinds:
         parts += ["", _constant_support(kinds)]
     parts += ["", _function(program, name, notation, sizes or {})]
@@ -131,9 +206,10 @@ def _doc_body(program: Program, notation: str) -> str:
         text = text[:MAX_DOC_EXPR] + f" ... ({len(text) - MAX_DOC_EXPR} more characters)"
     lines = ["Expression (index notation):", textwrap.indent(text, INDENT), ""]
     lines.append("Arguments (keyword tensors):")
-    for v in expr.variables.values():
-        lines.append(f"{INDENT}{v.name}: [{_dims(v.axes, v.axis_shape)}]")
-    if not expr.variables:
+    for v in expr.signature.values():
+        optional = "" if v.name in expr.variables else "  (optional: binds sizes only)"
+        lines.append(f"{INDENT}{v.name}: [{_dims(v.axes, v.axis_shape)}]{optional}")
+    if not expr.signature:
         lines.append(f"{INDENT}(none)")
     res = _dims(expr.indices, expr.shape)
     lines.append(f"Returns: [{res}]")
@@ -161,21 +237,11 @@ _ERROR_CLASS = '''class TNError(ValueError):
 
 
 def _function(program: Program, name: str, notation: str, sizes: dict) -> str:
+    from .arguments import argument_lines, parameters  # late: it imports py_size from here
+
     expr = program.expr
-    variables = expr.variables
-    names = list(variables)
-    params = ", ".join(["*_positional"] + [f"{v}=_MISSING" for v in names] + ["**_unexpected"])
-    body: list[str] = []
-    body += _argument_checks(program, name, names, sizes)
-    needs_dev = any(op.kind in ("const", "zeros", "ones") for op in program.ops)
-    if needs_dev:
-        if names:
-            first = names[0]
-            body.append(f"_dev, _dt = {first}.device, {first}.dtype")
-            body.append("if not _dt.is_floating_point and not _dt.is_complex:")
-            body.append(f"{INDENT}_dt = torch.get_default_dtype()")
-        else:
-            body.append("_dev, _dt = torch.device('cpu'), torch.get_default_dtype()")
+    params = parameters(program)
+    body: list[str] = argument_lines(program, name, sizes)
     ops = _live_ops(program)
     temps = {op.out for op in ops}
     last_use: dict[str, int] = {}
@@ -206,119 +272,6 @@ def _live_ops(program: Program) -> list[Op]:
             keep.append(op)
             live |= {v.name for v in op.inputs}
     return keep[::-1]
-
-
-def _argument_checks(program: Program, name: str, names: list[str], sizes: dict) -> list[str]:
-    expr = program.expr
-    variables = expr.variables
-    expected = ", ".join(names) if names else "no arguments"
-    out = [
-        "if _positional:",
-        f"{INDENT}raise TNError(f\"{name}() takes keyword tensor arguments only ({expected}); \"",
-        f"{INDENT}              f\"got {{len(_positional)}} positional argument(s)\")",
-        "if _unexpected:",
-        f"{INDENT}raise TNError(f\"{name}(): unexpected argument {{sorted(_unexpected)[0]!r}}; \"",
-        f"{INDENT}              \"expected {expected}\")",
-    ]
-    bound: dict[sympy.Symbol, str] = {}
-    later: list[tuple[str, str, sympy.Expr]] = []
-    for v in names:
-        var = variables[v]
-        dims = _dims(var.axes, var.axis_shape)
-        out += [
-            f"if {v} is _MISSING:",
-            f"{INDENT}raise TNError(\"{name}(): missing argument '{v}' (shape [{dims}])\")",
-            f"if not isinstance({v}, torch.Tensor):",
-            f"{INDENT}raise TNError(f\"{name}(): argument '{v}' is a {{type({v}).__name__}}, "
-            f"expected a torch.Tensor\")",
-            f"if {v}.dim() != {len(var.axes)}:",
-            f"{INDENT}raise TNError(f\"{name}(): argument '{v}' has shape {{tuple({v}.shape)}}, "
-            f"expected rank {len(var.axes)} [{dims}]\")",
-        ]
-        for k, (axis, s) in enumerate(zip(var.axes, var.axis_shape)):
-            where = f"{v}[{axis}]"
-            if isinstance(s, sympy.Symbol) and s not in bound:
-                out.append(f"{size_var(s)} = {v}.shape[{k}]")
-                bound[s] = where
-            elif isinstance(s, sympy.Symbol):
-                out += [f"if {v}.shape[{k}] != {size_var(s)}:",
-                        f"{INDENT}raise TNError(f\"{name}(): size mismatch for index '{s}': "
-                        f"{where} has size {{{v}.shape[{k}]}} but {bound[s]} has size "
-                        f"{{{size_var(s)}}}\")"]
-            else:
-                later.append((where, f"{v}.shape[{k}]", s))
-    # an occurrence with a repeated index (a diagonal) needs equal sizes on those axes
-    diagonal_checks = set()
-    for node in expr.walk():
-        if isinstance(node, Variable) and len(set(node.occurrence)) != len(node.occurrence):
-            first: dict[str, int] = {}
-            for k, i in enumerate(node.occurrence):
-                if i in first:
-                    diagonal_checks.add((node.name, first[i], k, tuple(node.occurrence)))
-                else:
-                    first[i] = k
-    for v, k1, k2, occ in sorted(diagonal_checks):
-        out += [f"if {v}.shape[{k1}] != {v}.shape[{k2}]:",
-                f"{INDENT}raise TNError(f\"{name}(): argument '{v}' is used as {v}[{','.join(occ)}] "
-                f"(a diagonal) but has shape {{tuple({v}.shape)}}\")"]
-    # every other size must follow from the bound symbols
-    needed: set[sympy.Symbol] = set()
-    for op in program.ops:
-        for s in op.shape:
-            needed |= sympy.sympify(s).free_symbols
-        if op.kind in ("scale", "lincomb"):
-            coefs = op.payload if op.kind == "lincomb" else (op.payload,)
-            for c in coefs:
-                needed |= sympy.sympify(c).free_symbols
-    for _, _, s in later:
-        needed |= s.free_symbols
-    out += _derived_bindings(needed, bound, later, sizes)
-    unbound = sorted(str(s) for s in needed if s not in bound)
-    if unbound:
-        raise TNError(f"codegen: size symbol(s) {unbound} are not determined by any argument's "
-                      f"shape; bind them with sizes={{...}}")
-    for where, got, s in later:
-        out += [f"if {got} != {py_size(s)}:",
-                f"{INDENT}raise TNError(f\"{name}(): size mismatch for {where}: expected {s} = "
-                f"{{{py_size(s)}}}, got {{{got}}}\")"]
-    return out
-
-
-def _derived_bindings(needed: set, bound: dict, later: list, sizes: dict) -> list[str]:
-    """Lines binding size symbols that only occur inside derived argument sizes.
-
-    A symbol is solved from a derived size when that has one solution (e.g. O = I - K + 1
-    gives I = O + K - 1); otherwise (a floor with stride > 1 has several) it takes its value
-    from `sizes` and is fixed in the code. Every derived size is checked afterwards."""
-    lines: list[str] = []
-    for _, _, s in later:
-        needed |= s.free_symbols
-    shape_sym = sympy.Symbol("_shape_", integer=True, positive=True)
-    progress = True
-    while progress:
-        progress = False
-        for where, got, s in later:
-            unknown = [x for x in s.free_symbols if x not in bound]
-            if len(unknown) != 1 or s.has(sympy.floor, sympy.ceiling):
-                continue
-            (u,) = unknown
-            try:
-                sol = sympy.solve(sympy.Eq(s, shape_sym), u)
-            except (NotImplementedError, ValueError):
-                continue
-            if len(sol) != 1:
-                continue
-            code = py_size(sol[0]).replace(size_var(shape_sym), got)
-            lines.append(f"{size_var(u)} = {code}  # from {where} = {s}")
-            bound[u] = where
-            progress = True
-    by_name = {str(k): int(v) for k, v in sizes.items()}
-    for u in sorted(needed, key=str):
-        if u not in bound and str(u) in by_name:
-            lines.append(f"{size_var(u)} = {by_name[str(u)]}  # fixed at generation (sizes=), "
-                         f"no argument's shape determines it")
-            bound[u] = f"sizes[{str(u)!r}]"
-    return lines
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ derives something, verifies it numerically, and writes its diagrams (SVG), gener
 a README.md into the folder `NN_name/` next to the script (or `outdir`).
 
     python -m gallery                 regenerate every example and gallery/README.md
-    python -m gallery --only 01 --fast --out /tmp/g
+    python -m gallery --only 01 --fast -o /tmp/g
     tnderive gallery                  the same from the command line tool
 
 Everything written is deterministic (fixed seeds, no timestamps), so regenerating leaves the
@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
+
+from tnderive import progress
+from tnderive.demo import warn_if_no_dot
 
 ROOT = Path(__file__).resolve().parent
 
@@ -65,11 +68,7 @@ def write_index(root: Path = ROOT, outroot: Path | None = None) -> Path:
            "| # | example | pictures | code |", "| --- | --- | --- | --- |"]
     sections = []
     for path in examples(root):
-        try:
-            module = load(path)
-        except Exception as e:  # a feature the example needs is missing: list it anyway
-            sys.modules.pop(f"tnderive_gallery_{path.stem}", None)
-            module = ModuleType(path.stem, f"{path.stem}\n\n(cannot be imported here: {type(e).__name__})")
+        module = load(path)
         title, text = _title_and_text(module)
         folder = outroot / path.stem
         pics = sorted(p.name for p in folder.glob("*.svg")) + sorted(p.name for p in folder.glob("*.png"))
@@ -100,6 +99,7 @@ def run(only: list[str] | None = None, fast: bool = False, outroot: Path | None 
     """Run the examples (all, or those whose name starts with / contains an `only` entry).
     Returns [(stem, Artifacts or the exception, seconds)]."""
     results = []
+    warn_if_no_dot()
     paths = examples()
     if only:
         paths = [p for p in paths if any(p.stem.startswith(o) or o in p.stem for o in only)]
@@ -109,7 +109,8 @@ def run(only: list[str] | None = None, fast: bool = False, outroot: Path | None 
         if not quiet:
             print(f"[{path.stem}]", flush=True)
         try:
-            art = load(path).main(outdir, fast=fast)
+            with progress.progress(f"  {path.stem}"):
+                art = load(path).main(outdir, fast=fast)
         except Exception as e:  # report and continue with the next example
             results.append((path.stem, e, time.perf_counter() - t0))
             if not quiet:
@@ -130,15 +131,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gallery", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return run_from_args(args)
+    with progress.setting(False if args.quiet else None):
+        return run_from_args(args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", action="append", metavar="NAME",
                         help="run only examples whose name starts with / contains NAME (repeatable)")
     parser.add_argument("--fast", action="store_true", help="small sizes (what the tests run)")
-    parser.add_argument("--out", metavar="DIR", help="write into DIR/<example>/ instead of gallery/")
+    parser.add_argument("-o", "--output", metavar="DIR",
+                        help="write into DIR/<example>/ instead of gallery/ (created as needed)")
+    parser.add_argument("--out", dest="output", help=argparse.SUPPRESS)  # the former name
     parser.add_argument("--list", action="store_true", help="list the examples and exit")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
 
 
 def run_from_args(args) -> int:
@@ -147,7 +152,7 @@ def run_from_args(args) -> int:
             print(f"{p.stem:32s} {getattr(load(p), 'TITLE', '')}")
         return 0
     t0 = time.perf_counter()
-    results = run(args.only, args.fast, Path(args.out) if args.out else None)
+    results = run(args.only, args.fast, Path(args.output) if args.output else None)
     failed = [s for s, a, _ in results if isinstance(a, Exception) or not a.ok]
     print(f"{len(results) - len(failed)}/{len(results)} examples ok in {time.perf_counter() - t0:.1f} s"
           + (f"; failed: {', '.join(failed)}" if failed else ""))

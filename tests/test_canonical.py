@@ -87,3 +87,55 @@ def test_like_term_groups():
     c = Product((v("A", "i", "j"), v("C", "j")), ("i",))
     assert like_term_groups([a, c, b, a]) == [[0, 2, 3], [1]]
     assert coarse_key(a) == coarse_key(b)
+
+
+# --- binding structure: which node binds which index is part of the graph ---------------------
+
+def _sum_over(e, *over):
+    """sum(e, *over) as the parser builds it: a one-factor product keeping the rest (sum(e):
+    keeping nothing)."""
+    return Product((e,), tuple(i for i in e.indices if over and i not in over))
+
+
+def test_which_sum_binds_an_index_matters():
+    """B1: sum(tanh(sum(W[i,k], k))) and sum(tanh(sum(W[i,k], i))) (i, k of one size) are
+    different numbers; only the binding of i and k tells them apart."""
+    W = v("W", "i", "k")
+    rows = _sum_over(f("tanh", _sum_over(W, "k")))
+    cols = _sum_over(f("tanh", _sum_over(W, "i")))
+    assert not isomorphic(rows, cols)
+    assert canonical_hash(rows) != canonical_hash(cols)
+    assert like_term_groups([rows, cols, rows]) == [[0, 2], [1]]
+    renamed = _sum_over(f("tanh", _sum_over(v("W", "m", "k"), "k")))  # rows, i renamed m
+    assert isomorphic(rows, renamed)
+
+
+def test_binding_by_contraction_and_logsumexp_matters():
+    W, b = v("W", "i", "k"), v("b", "k")
+    inner = Product((f("tanh", Product((W, b), ("i",))),), ())  # Σ_i tanh(Σ_k W b)
+    outer = Product((f("tanh", Product((W,), ("k",))), b), ())  # Σ_k tanh(Σ_i W) b
+    assert not isomorphic(inner, outer)
+    lse_k = _sum_over(Func(LOGSUMEXP, W, "k"))
+    lse_i = _sum_over(Func(LOGSUMEXP, W, "i"))
+    assert not isomorphic(lse_k, lse_i)
+    soft_k = Product((Func(SOFTMAX, W, "k"), v("C", "i", "k")), ())
+    soft_i = Product((Func(SOFTMAX, W, "i"), v("C", "i", "k")), ())
+    assert not isomorphic(soft_k, soft_i)
+
+
+def test_shadowed_names_bind_separately():
+    """The same bound name used by an inner and an outer product: two index nodes."""
+    A, B = v("A", "i"), v("B", "i")
+    shadow = Product((A, f("tanh", Product((B,), ()))), ())  # Σ_i A[i] · tanh(Σ_i B[i])
+    other = Product((A, f("tanh", Product((v("B", "k"),), ()))), ())
+    assert isomorphic(shadow, other)
+    assert not isomorphic(shadow, Product((v("B", "i"), f("tanh", Product((A,), ()))), ()))
+
+
+def test_transpose_is_transparent():
+    """A one-factor product that sums nothing only reorders: δ + δᵀ-wrapper → 2δ."""
+    dlt = d("i", "k")
+    wrapped = Product((d("k", "i"),), ("i", "k"))
+    assert isomorphic(dlt, wrapped) and coarse_key(dlt) == coarse_key(wrapped)
+    A = v("A", "i", "k")
+    assert not isomorphic(Product((A,), ("k", "i")), Product((v("A", "k", "i"),), ("k", "i")))

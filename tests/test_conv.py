@@ -543,3 +543,107 @@ def test_cache_blocking_only_on_cpu():
     from tnderive.structured import _cache_budget
     assert _cache_budget(torch.empty(1), 1234) == 1234
     assert _cache_budget(torch.empty(1, device="meta"), 1234) > 1 << 40
+
+
+# --------------------------------------------------------------------------------------------
+# issue 12: autograd through every drop-in (B6), empty batches (B7)
+# --------------------------------------------------------------------------------------------
+
+def _grads_match(ours, theirs, inputs) -> None:
+    """Same value, and the same gradients w.r.t. every input for one random cotangent."""
+    assert ours.shape == theirs.shape
+    assert torch.allclose(ours, theirs, **TOL)
+    v = torch.randn_like(theirs)
+    for got, want in zip(torch.autograd.grad(ours, inputs, v), torch.autograd.grad(theirs, inputs, v)):
+        assert torch.allclose(got, want, **TOL)
+
+
+def test_conv_transpose_with_a_1x1_kernel_and_padding_under_autograd():
+    """B6: one kernel tap covering the whole padded output was added in place into a leaf."""
+    w = torch.randn(2, 3, 1, 1, requires_grad=True)
+    x = torch.randn(1, 2, 5, 5, requires_grad=True)
+    _grads_match(T.conv_transpose2d(x, w, padding=1), F.conv_transpose2d(x, w, padding=1), (x, w))
+    b = torch.randn(3, requires_grad=True)
+    _grads_match(T.conv_transpose2d(x.detach(), w, b, padding=1),
+                 F.conv_transpose2d(x.detach(), w, b, padding=1), (w, b))
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_input_vjp_with_a_size_1_kernel_and_padding_under_autograd(d):
+    """B6: the derived input VJP (the same col2im) with grad-requiring v and W."""
+    xs, ws = (1, 2, *[4] * d), (3, 2, *[1] * d)
+    net = conv_network(xs, ws, padding=1, bias=False)
+    x = torch.randn(*xs)
+    w = torch.randn(*ws, requires_grad=True)
+    v = torch.randn(1, 3, *[6] * d, requires_grad=True)
+    got = net.vjp("x")(v, x, w)
+    xr = x.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(TORCH_CONV[d](xr, w, padding=1), xr, v, create_graph=True)
+    _grads_match(got, want, (v, w))
+
+
+@SETTINGS
+@given(convt_cases())
+def test_conv_transpose_gradients_vs_torch(case):
+    """Every transpose-convolution drop-in is differentiable like torch's, for any hyperparameters
+    (kernel sizes 1..3 with padding included)."""
+    d = case["d"]
+    x = torch.randn(*case["x"], requires_grad=True)
+    w = torch.randn(*case["w"], requires_grad=True)
+    b = torch.randn(case["w"][1] * case["groups"], requires_grad=True) if case["bias"] else None
+    kw = dict(stride=case["stride"], padding=case["padding"], output_padding=case["output_padding"],
+              groups=case["groups"], dilation=case["dilation"])
+    try:
+        ref = TORCH_CONVT[d](x, w, b, **kw)
+    except RuntimeError:
+        return
+    inputs = (x, w) + ((b,) if b is not None else ())
+    _grads_match(TN_CONVT[d](x, w, b, **kw), ref, inputs)
+
+
+@SETTINGS
+@given(conv_cases())
+def test_conv_gradients_vs_torch(case):
+    d = case["d"]
+    x = torch.randn(*case["x"], requires_grad=True)
+    w = torch.randn(*case["w"], requires_grad=True)
+    b = torch.randn(case["w"][0], requires_grad=True) if case["bias"] else None
+    kw = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
+              groups=case["groups"])
+    inputs = (x, w) + ((b,) if b is not None else ())
+    _grads_match(TN_CONV[d](x, w, b, **kw), TORCH_CONV[d](x, w, b, **kw), inputs)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_empty_batch_like_torch(d, transpose):
+    """B7: batch size 0 is accepted (torch does); shapes and gradients as torch's."""
+    x = torch.randn(0, 4, *[5] * d, requires_grad=True)
+    w = torch.randn(*((4, 3) if transpose else (3, 4)), *[2] * d, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    ours, theirs = (TN_CONVT, TORCH_CONVT) if transpose else (TN_CONV, TORCH_CONV)
+    got, want = ours[d](x, w, b, padding=1), theirs[d](x, w, b, padding=1)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    gots = torch.autograd.grad(got.sum(), (x, w, b))
+    wants = torch.autograd.grad(want.sum(), (x, w, b))
+    for g, r in zip(gots, wants):
+        assert g.shape == r.shape and torch.equal(g, r)
+    general = T.conv_transposend if transpose else T.convnd
+    assert general(x, w, b, padding=1).shape == want.shape
+
+
+def test_empty_batch_unfold_and_fold():
+    x = torch.randn(0, 3, 5, 5)
+    assert T.unfold(x, 2).shape == F.unfold(x, 2).shape
+    u = torch.randn(0, 12, 16)
+    assert T.fold(u, (5, 5), 2).shape == F.fold(u, (5, 5), 2).shape
+
+
+@pytest.mark.parametrize("k,p,s", [(1, 1, 1), (1, 2, 2), (2, 1, 1), (3, 2, 2)])
+def test_unfold_and_fold_gradients_vs_torch(k, p, s):
+    """B6's class for the other drop-ins: unfold / fold under autograd (1-tap kernels too)."""
+    x = torch.randn(2, 3, 6, 7, requires_grad=True)
+    _grads_match(T.unfold(x, k, padding=p, stride=s), F.unfold(x, k, padding=p, stride=s), (x,))
+    u = F.unfold(x, k, padding=p, stride=s).detach().requires_grad_(True)
+    _grads_match(T.fold(u, (6, 7), k, padding=p, stride=s),
+                 F.fold(u, (6, 7), k, padding=p, stride=s), (u,))

@@ -1,10 +1,20 @@
 """`tnderive demo`: every showcase item derives, draws, compiles and verifies (fast sizes)."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tnderive import demo
 from tnderive.cli import main
+from tnderive.draw import NO_DOT_WARNING, dot_available
+
+needs_dot = pytest.mark.skipif(not dot_available(),
+                               reason="needs Graphviz's dot program (apt-get install graphviz)")
 
 
 @pytest.fixture(scope="module")
@@ -13,6 +23,7 @@ def demo_run(tmp_path_factory):
     return out, demo.run_demo(out, fast=True)
 
 
+@needs_dot
 def test_every_item_ok(demo_run):
     out, outcomes = demo_run
     assert [o.key for o in outcomes] == [s.key for s in demo.SHOWCASES]
@@ -56,21 +67,47 @@ def test_cli_exit_codes(tmp_path, monkeypatch, capsys):
     def failing(art, fast):
         art.check("a check that fails", 1.0)
 
-    monkeypatch.setattr(demo, "SHOWCASES", [demo.Showcase("missing", "a missing feature", missing)])
-    assert main(["demo", "-o", str(tmp_path / "na")]) == 0
-    assert "unavailable" in capsys.readouterr().out
-    monkeypatch.setattr(demo, "SHOWCASES", [demo.Showcase("bad", "a failing check", failing)])
-    assert main(["demo", "-o", str(tmp_path / "bad")]) == 1
-    assert "FAILED" in capsys.readouterr().out
-
     def broken(art, fast):
-        from tnderive.derive import no_such_function  # noqa: F401  (an API change, not a missing feature)
+        from tnderive.derive import no_such_function  # noqa: F401
 
-    monkeypatch.setattr(demo, "SHOWCASES", [demo.Showcase("missing", "a missing feature", missing),
-                                            demo.Showcase("broken", "a broken item", broken)])
-    assert main(["demo", "-o", str(tmp_path / "broken")]) == 1
-    out = capsys.readouterr().out
-    assert "unavailable" in out and "error" in out
+    # a module of ours that cannot be imported is a failure, never "unavailable"
+    for key, run in (("missing", missing), ("bad", failing), ("broken", broken)):
+        monkeypatch.setattr(demo, "SHOWCASES", [demo.Showcase(key, f"item {key}", run)])
+        assert main(["demo", "-o", str(tmp_path / key)]) == 1, key
+        out = capsys.readouterr().out
+        assert ("FAILED" if key == "bad" else "error") in out and "unavailable" not in out
+    assert not hasattr(demo, "_missing_feature")
+
+
+def _path_without_dot(tmp_path: Path) -> str:
+    """PATH with every folder that holds `dot` replaced by a copy of its links, minus `dot`."""
+    folders = []
+    for k, folder in enumerate(os.environ.get("PATH", "").split(os.pathsep)):
+        if not folder or not (Path(folder) / "dot").exists():
+            folders.append(folder)
+            continue
+        shadow = tmp_path / f"bin{k}"
+        shadow.mkdir()
+        for entry in Path(folder).iterdir():
+            if entry.name != "dot" and not entry.name.startswith("dot"):
+                (shadow / entry.name).symlink_to(entry)
+        folders.append(str(shadow))
+    return os.pathsep.join(folders)
+
+
+def test_without_graphviz_the_demo_skips_diagrams(tmp_path):
+    """No `dot` on PATH: one warning line, every item ok, no diagrams, exit code 0."""
+    env = {**os.environ, "PATH": _path_without_dot(tmp_path)}
+    assert shutil.which("dot", path=env["PATH"]) is None
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "tnderive", "demo", "--fast", "--only", "mlp-hessian",
+                           "--only", "bilinear-kfac", "-o", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr.count(NO_DOT_WARNING) == 1, proc.stderr
+    assert "error" not in proc.stdout and "FAILED" not in proc.stdout
+    assert not list(out.rglob("*.svg"))
+    assert list(out.rglob("*.py")) and (out / "summary.md").is_file()
 
 
 def test_unknown_item_is_an_error(tmp_path):

@@ -7,12 +7,16 @@ from collections import namedtuple
 import pytest
 import sympy
 
-from tnderive.draw import draw, draw_steps, step_graphs, to_dot, to_svg
+from tnderive.draw import dot_available, draw, draw_steps, step_graphs, to_dot, to_svg
 from tnderive.errors import TNError
 from tnderive.functions import LOGSUMEXP, SOFTMAX, get_elementwise, power
 from tnderive.ir import Constant, Delta, Func, Product, Sum, Variable, Zero, scalar
 
 TANH = get_elementwise("tanh")
+
+#: tests that render (svg/png) need Graphviz's `dot`; DOT source (`to_dot`, .dot files) does not
+needs_dot = pytest.mark.skipif(not dot_available(),
+                               reason="needs Graphviz's dot program (apt-get install graphviz)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +241,8 @@ def test_constant_shows_kind_and_params():
 
 
 def test_convolution_pattern_labelled_with_hyperparameters():
-    patterns = pytest.importorskip("tnderive.patterns")
+    from tnderive import patterns
+
     pat = patterns.pattern_constant(("k", "o", "i"), {"k": 3, "i": 9}, stride=2, padding=1, dilation=1)
     d = dot(Product([Variable("X", ["n", "c", "i"]), pat, Variable("K", ["d", "c", "k"])],
                     ["n", "d", "o"]))
@@ -275,6 +280,7 @@ def test_sizes_on_edges():
         to_dot(x, show_sizes="sometimes")
 
 
+@needs_dot
 def test_twenty_node_network_renders_every_factor_once(tmp_path):
     mats = [Variable(f"M{k}", [f"a{k}", f"a{k + 1}"]) for k in range(12)]
     vecs = [Variable(f"v{k}", [f"a{2 * k}"]) for k in range(5)]
@@ -293,6 +299,7 @@ def test_twenty_node_network_renders_every_factor_once(tmp_path):
 # files, determinism, errors
 # --------------------------------------------------------------------------------------------
 
+@needs_dot
 def test_files_by_extension(tmp_path):
     e = Func(TANH, matmul())
     assert draw(e, tmp_path / "m.svg").endswith("m.svg")
@@ -305,6 +312,7 @@ def test_files_by_extension(tmp_path):
     assert (tmp_path / "m.GV").read_text().startswith("graph")
 
 
+@needs_dot
 def test_deterministic(tmp_path):
     def build():
         inner = Sum([(1, Product([W, X], ["n", "o"])), (2, Product([Variable("b", ["o"]), Delta(["n"], "n")], ["n", "o"]))])
@@ -332,6 +340,7 @@ def test_not_an_expression():
         to_dot("W[o,i]")
 
 
+@needs_dot
 def test_repr_svg():
     svg = matmul()._repr_svg_()
     assert "<svg" in svg and ">W<" in svg
@@ -351,6 +360,7 @@ def _trace():
     return [Step("flatten", e0, e1), Step("absorb_delta", e1, e2)]
 
 
+@needs_dot
 def test_steps_frames_and_captions(tmp_path):
     graphs = step_graphs(_trace())
     captions = [re.search(r'label="?([^"\]]*)"? labeljust', g.source).group(1) for g in graphs]
@@ -366,6 +376,7 @@ def test_steps_frames_and_captions(tmp_path):
     assert (tmp_path / "steps.dot").read_text().count("graph tnderive") == 2
 
 
+@needs_dot
 def test_steps_png_and_determinism(tmp_path):
     pytest.importorskip("PIL")
     draw_steps(_trace(), tmp_path / "s.png")
@@ -388,8 +399,9 @@ def test_steps_with_subterm_rewrites_and_pairs(tmp_path):
         draw_steps([], tmp_path / "x.svg")
 
 
+@needs_dot
 def test_steps_of_a_real_simplification(tmp_path):
-    simplify = pytest.importorskip("tnderive.simplify").simplify
+    from tnderive.simplify import simplify
     from tnderive.derive import hessian
 
     x = Variable("x", ["i"])
@@ -405,8 +417,8 @@ def test_steps_of_a_real_simplification(tmp_path):
 # command line
 # --------------------------------------------------------------------------------------------
 
+@needs_dot
 def test_cli_draw(tmp_path, capsys):
-    pytest.importorskip("tnderive.notation")
     from tnderive.cli import main
 
     out = tmp_path / "layer.svg"
@@ -422,6 +434,7 @@ def test_cli_draw(tmp_path, capsys):
     assert ".pdf" in capsys.readouterr().err
 
 
+@needs_dot
 def test_no_graphviz_warnings_for_nested_boxes(capfd):
     z, u = Variable("z", ["n", "k"]), Variable("u", ["n", "k"])
     exprs = [
@@ -437,7 +450,27 @@ def test_no_graphviz_warnings_for_nested_boxes(capfd):
 
 def test_missing_dot_program_is_a_tnerror(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
+    assert not dot_available()
     with pytest.raises(TNError, match="graphviz"):
         to_svg(matmul())
     draw(matmul(), tmp_path / "still.dot")  # DOT source needs no program
     assert (tmp_path / "still.dot").exists()
+
+
+def test_without_dot_notebooks_fall_back_to_text(monkeypatch, tmp_path):
+    """`_repr_svg_` returns None without `dot` (a notebook then shows `repr`), never raises."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    e = Func(TANH, matmul())
+    assert e._repr_svg_() is None
+    assert "tanh" in repr(e)
+
+
+def test_repr_is_the_notation_shortened():
+    from tnderive.ir import REPR_WIDTH
+
+    assert repr(matmul()) == "<Product [n,o]: out[n,o] = W[o,i]*x[n,i]>"
+    wide = Product([Variable(f"M{k}", [f"a{k}", f"a{k + 1}"]) for k in range(30)], ["a0"])
+    text = repr(wide)
+    assert text.startswith("<Product [a0]: ") and text.endswith("…>")
+    assert len(text) <= len("<Product [a0]: >") + REPR_WIDTH
+    assert "\n" not in repr(Sum([(1, matmul()), (2, Func(TANH, matmul()))]))

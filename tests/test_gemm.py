@@ -1,11 +1,44 @@
-"""tnderive.gemm: the oneDNN route for large CPU GEMMs agrees with torch.matmul, and every
-case it cannot take (small, float64, autograd, odd layouts) falls back to torch.matmul."""
+"""tnderive.gemm: the opt-in oneDNN route for large CPU GEMMs agrees with torch.matmul, every
+case it cannot take (small, float64, autograd, odd layouts) falls back to torch.matmul, it is
+off by default, and a torch without the private op keeps working."""
 import pytest
 import torch
 
 from tnderive import gemm
 
-big = pytest.mark.skipif(not gemm.onednn_active(), reason="oneDNN matmul not available")
+big = pytest.mark.skipif(not gemm._probe(), reason="oneDNN matmul not available")
+
+
+@pytest.fixture(autouse=True)
+def onednn_on():
+    """This module tests the oneDNN backend: switch it on (it is opt-in) and back off."""
+    before = gemm._state["enabled"]
+    gemm.use_onednn(True)
+    yield
+    gemm.use_onednn(before)
+
+
+@pytest.mark.parametrize("value,enabled", [(None, False), ("torch", False), ("", False),
+                                           ("onednn", True), ("oneDNN", True)])
+def test_backend_is_opt_in(monkeypatch, value, enabled):
+    if value is None:
+        monkeypatch.delenv("TNDERIVE_GEMM", raising=False)
+    else:
+        monkeypatch.setenv("TNDERIVE_GEMM", value)
+    assert gemm._enabled_by_environment() is enabled
+
+
+def test_torch_without_the_private_op_keeps_torch_matmul(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    P, Q = _randn(384, 256, g), _randn(256, 200, g)
+    monkeypatch.setattr(gemm, "_onednn_linear", lambda: None)
+    monkeypatch.setitem(gemm._state, "probed", None)
+    assert not gemm.onednn_active()
+    assert torch.equal(gemm.matmul(P, Q), torch.matmul(P, Q))
+    a, b = _randn(64, 512, g), _randn(512, 700, g)
+    assert torch.equal(gemm.einsum("ik,kj->ij", a, b), torch.einsum("ik,kj->ij", a, b))
+    gemm._EINSUM_PLANS.clear()
+    monkeypatch.setitem(gemm._state, "probed", None)  # re-probe with the real op afterwards
 
 
 def _randn(*shape_and_gen, dtype=torch.float32):
@@ -70,11 +103,8 @@ def test_switch_off_gives_torch_matmul():
     g = torch.Generator().manual_seed(3)
     P, Q = _randn(384, 256, g), _randn(256, 200, g)
     gemm.use_onednn(False)
-    try:
-        assert not gemm.onednn_active()
-        assert torch.equal(gemm.matmul(P, Q), torch.matmul(P, Q))
-    finally:
-        gemm.use_onednn(True)
+    assert not gemm.onednn_active()
+    assert torch.equal(gemm.matmul(P, Q), torch.matmul(P, Q))
 
 
 # --------------------------------------------------------------------------------------------

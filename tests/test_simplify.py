@@ -6,11 +6,12 @@ import time
 
 import pytest
 import sympy
+import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tnderive
 from tnderive.errors import TNError
-from tnderive.functions import SOFTMAX, Elementwise, X, get_elementwise, power
+from tnderive.functions import LOGSUMEXP, SOFTMAX, Elementwise, X, get_elementwise, power
 from tnderive.ir import ONE, Delta, Func, Product, Sum, Variable, Zero, scalar
 from tnderive.simplify import (Step, chain, count_terms, exhaust, fixpoint,
                                rule, simplify)
@@ -18,7 +19,7 @@ from tnderive.verify import random_tensors, reference_derivative, verify
 
 from test_simplify_cases import (SIZES, STEP, assert_same_value, attention_loss, d,
                                  linear_regression, mlp, quadratic_form, softmax_ce_log,
-                                 softmax_ce_logsumexp, v, value)
+                                 f, softmax_ce_logsumexp, v, value)
 
 TOL = 1e-9
 
@@ -293,3 +294,80 @@ def test_mlp_hessian_blocks_values(act, loss):
         ref = reference_derivative(e, [a, b], tensors)
         got = value(h, tensors, sizes)
         assert (got - ref).abs().max().item() <= TOL * max(ref.abs().max().item(), 1.0), (a, b)
+
+
+# --- binding structure: terms that differ only in which sum binds an index -------------------
+
+def test_b1_sums_binding_different_indices_are_not_merged():
+    e = tnderive.parse("loss = sum(tanh(sum(W[a,b], b))) + sum(tanh(sum(W[a,b], a)))")
+    W = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = torch.tanh(W.sum(1)).sum() + torch.tanh(W.sum(0)).sum()
+    out = simplify(e)
+    assert count_terms(out) == 2
+    for x in (e, out):
+        assert abs(tnderive.evaluate(x, W=W).item() - ref.item()) < 1e-12
+
+
+def test_hessian_of_delta_trace_merges_transposed_copy():
+    e = tnderive.parse("out = sum(x[k]*x[k]) + sum(b[o]*b[o])")
+    h = simplify(tnderive.hessian(e, "b", "b"))
+    assert count_terms(h) == 1
+    got = tnderive.evaluate(h, sizes={"o": 3})
+    assert torch.equal(got, 2 * torch.eye(3, dtype=got.dtype))
+
+
+NEST = ("i", "k", "m")  # all of size 2: only the binding structure tells terms apart
+NEST_FUNCS = ("tanh", "sigmoid", "exp")
+
+
+@st.composite
+def binding_template(draw, free: tuple[str, ...]) -> tuple:
+    """How a nested-sum term is built: W's index order, the group sizes bound innermost
+    first, how each group is bound (sum, contraction with b, logsumexp) and the function
+    applied after it (or None)."""
+    order = draw(st.permutations(NEST))
+    left, steps = 3 - len(free), []
+    while left:
+        size = draw(st.integers(1, left))
+        left -= size
+        steps.append((size, draw(st.sampled_from(["sum", "contract", "logsumexp"])),
+                      draw(st.sampled_from((None,) + NEST_FUNCS))))
+    return order, tuple(steps)
+
+
+def nested_sum_term(template: tuple, binding: list[str]):
+    """The term `template` describes, binding the indices in the order `binding`."""
+    order, steps = template
+    e, todo = v("W", *order), list(binding)
+    for size, how, fn_name in steps:
+        group, todo = todo[:size], todo[size:]
+        if how == "logsumexp":
+            e, group = Func(LOGSUMEXP, e, group[0]), group[1:]
+        elif how == "contract":
+            e = Product((e, v("b", group[0])), tuple(i for i in e.indices if i != group[0]))
+            group = group[1:]
+        if group:
+            e = Product((e,), tuple(i for i in e.indices if i not in group))
+        if fn_name:
+            e = f(fn_name, Sum(((sympy.Rational(1, 4), e),)))
+    return e
+
+
+@st.composite
+def nested_sums(draw):
+    """Terms of one template that differ only in which step binds which index (look-alikes
+    that must not merge), and sometimes a genuine repeat."""
+    free = tuple(draw(st.lists(st.sampled_from(NEST), unique=True, max_size=1)))
+    template = draw(binding_template(free))
+    bound = [i for i in NEST if i not in free]
+    terms = [(draw(st.sampled_from([1, -1, 2])),
+              nested_sum_term(template, draw(st.permutations(bound))))
+             for _ in range(draw(st.integers(2, 4)))]
+    return Sum(terms, free)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nested_sums())
+def test_random_nested_sums_keep_their_values(e):
+    out = simplify(e)
+    assert_same_value(e, out, tol=1e-10)

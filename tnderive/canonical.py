@@ -7,12 +7,19 @@ The graph of an expression (networkx, node and edge attribute ``label``):
   ``func:<formula or softmax/logsumexp>``, ``prod``, ``sum``, ``zero``;
 * one node per index: a free index of the whole expression is labelled by its name and size
   (``free:i:n``: names mean something outside), a summed index only by its size (``idx:n``:
-  bound names are arbitrary, so renaming them never changes the graph);
+  bound names are arbitrary, so renaming them never changes the graph) and by the node that
+  binds it (below), so ``sum(tanh(sum(W[a,b], b)))`` and ``sum(tanh(sum(W[a,b], a)))``
+  differ even when a and b have the same size;
 * edges: a variable/constant/zero to each index it carries, labelled with the axis
   position(s) (``ax(0,)``; a repeated index, i.e. a diagonal, is one edge ``ax(0, 1)``); a
   delta to its legs (``leg``: legs are interchangeable); a product to its factors
   (``factor``: unordered); a sum to its terms (``term:<coefficient>``); a function to its
-  argument (``arg``) and to the index it works over (``over``).
+  argument (``arg``) and to the index it works over (``over``);
+* binding edges: a product to each index it sums (``binds``), logsumexp to the index it
+  removes (``over``; softmax's ``over`` index stays free and is bound further out). Every
+  summed index hangs off exactly one binder, so which node binds which index is part of the
+  graph.
+* a one-factor product that sums nothing (a transpose) is its factor: indices count by name.
 
 Two expressions with isomorphic graphs (labels matched) are the same tensor, so like terms
 can be merged. The converse does not hold (rules normalise first). Isomorphism is not `==`:
@@ -98,12 +105,15 @@ class _Builder:
                     self.edge(n, inner[e.over], "over")
             self.edge(n, self.add(e.arg, inner), "arg")
             return n
+        if isinstance(e, Product) and len(e.factors) == 1 and not e.summed:
+            return self.add(e.factors[0], env)  # a transpose: the same tensor (names count)
         if isinstance(e, Product):
             n = self.node("prod")
             inner = {i: env[i] for i in e.indices}
             sizes = e.index_sizes()
             for b in e.summed:
                 inner[b] = self.node(f"idx:{_size(sizes[b])}")
+                self.edge(n, inner[b], "binds")
             for f in e.factors:
                 self.edge(n, self.add(f, inner), "factor")
             return n
@@ -167,6 +177,8 @@ def coarse_key(expr: Expr) -> int:
         return hash(("Z", len(expr.indices)))
     if isinstance(expr, Func):
         return hash(("F", expr.fn, coarse_key(expr.arg)))
+    if isinstance(expr, Product) and len(expr.factors) == 1 and not expr.summed:
+        return coarse_key(expr.factors[0])  # a transpose (see `to_graph`)
     if isinstance(expr, Product):
         return hash(("P", tuple(sorted(coarse_key(f) for f in expr.factors)), len(expr.indices)))
     if isinstance(expr, Sum):

@@ -5,6 +5,7 @@ import argparse
 import importlib
 import sys
 
+from . import __version__, progress
 from .errors import TNError
 from .commands import COMMANDS
 
@@ -16,16 +17,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "KFAC factors symbolically, draw them, and generate torch.einsum code.",
         epilog="Run 'tnderive COMMAND --help' for the options of one command. "
                "Expressions are index notation, e.g. \"z[n,o] = W[o,i]*x[n,i]\" or a file path.")
+    parser.add_argument("--version", action="version", version=f"tnderive {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"tnderive.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"tnderive.commands.{name}":
-                continue  # command not installed in this build
-            raise
+        module = importlib.import_module(f"tnderive.commands.{name}")
         module.register(sub)
     return parser
+
+
+def _path_error(e: OSError) -> str:
+    """One line for a file-system error: what went wrong, and with which path."""
+    where = f": {e.filename!r}" if e.filename else ""
+    return f"{e.strerror or type(e).__name__}{where}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,9 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with progress.setting(False if getattr(args, "quiet", False) else None):
+            return int(args.func(args) or 0)
     except TNError as e:
         print(f"tnderive: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a bad path given on the command line (missing, not a folder, ...)
+        print(f"tnderive: error: {_path_error(e)}", file=sys.stderr)
         return 2
 
 

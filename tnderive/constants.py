@@ -33,10 +33,7 @@ def _registered(kind: str, table: dict):
     """`table[kind]`, importing the module that registers `kind` first when it is missing
     (None when it stays missing)."""
     if kind not in table and kind in KIND_MODULES:
-        try:
-            importlib.import_module(KIND_MODULES[kind])
-        except ImportError:
-            pass
+        importlib.import_module(KIND_MODULES[kind])  # our own module: never optional
     return table.get(kind)
 
 

@@ -13,7 +13,9 @@ parameters `a`, `b` (variable names):
 
 Layout: a's axes then b's axes (as `torch.func.hessian(loss, argnums=(a, b))[a][b]`), each named
 after the variable's declared axes, '_'-suffixed until unique. Expressions are simplified with
-`tnderive.simplify` when that module is available (``simplify=False`` keeps the raw network).
+`tnderive.simplify` (``simplify=False`` keeps the raw network). Every block keeps the signature
+of the loss (the model's tensors and the target, `Expr.signature`): the tensors that evaluate
+the loss evaluate the block, even a constant one that uses none of them.
 
 Helpers used by KFAC too: `substitute` (replace a variable by an expression), `numeric` (turn
 symbolic coefficients such as 1/N of a mean reduction into numbers for bound tensors, for the
@@ -27,12 +29,12 @@ from typing import Mapping, Optional, Sequence
 import sympy
 import torch
 
-from .binding import bind
+from .binding import bind, size_symbols
 from .derive import derivative
 from .errors import TNError
 from .evaluate import evaluate as _evaluate
-from .ir import (Delta, Expr, Product, Sum, Variable, Zero, fresh_name, fresh_names, map_children,
-                 rename_free, rewrite, size_symbol)
+from .ir import (Delta, Expr, Product, Signature, Sum, Variable, Zero, fresh_name, fresh_names,
+                 map_children, rename_free, rewrite, size_symbol, with_signature)
 from .losses import Loss, as_loss
 
 __all__ = ["ggn", "hessian_split", "loss_hessian_block", "ggn_diagonal", "hessian_diagonal",
@@ -83,11 +85,11 @@ def _rename_to(expr: Expr, names: Sequence[str]) -> Expr:
 def numeric(expr: Expr, tensors: Mapping[str, torch.Tensor],
             sizes: Mapping[str, int] | None = None) -> Expr:
     """`expr` with sympy coefficients that involve size symbols (1/N of a mean, √(2/N)…)
-    replaced by their numbers under the sizes the tensors bind (TNError for a size they leave
-    unbound). The code generator plans numbers only; `tnderive.evaluate` takes such
-    coefficients as they are."""
-    used = {k: v for k, v in tensors.items() if k in expr.variables}
-    return coefficients_at(expr, bind(expr, used, sizes).symbols)
+    replaced by their numbers under the sizes the tensors of its signature bind (TNError for
+    a size they leave unbound). `tnderive.evaluate` and `compile` take such coefficients as
+    they are; this gives a program with numbers only."""
+    used = {k: v for k, v in tensors.items() if k in expr.signature}
+    return coefficients_at(expr, bind(expr, used, known_sizes(expr, sizes)).symbols)
 
 
 def coefficients_at(expr: Expr, sizes: Mapping, strict: bool = True) -> Expr:
@@ -115,11 +117,13 @@ def coefficients_at(expr: Expr, sizes: Mapping, strict: bool = True) -> Expr:
             memo[id(e)] = hit
         return hit
 
-    return go(expr)
+    return with_signature(go(expr), expr)
 
 
-def has_symbolic_coefficients(expr: Expr) -> bool:
-    return any(isinstance(e, Sum) and any(c.free_symbols for c, _ in e.terms) for e in expr.walk())
+def known_sizes(expr: Expr, sizes: Mapping[str, int] | None) -> dict[str, int]:
+    """The entries of `sizes` that name a size symbol of `expr` or of its signature."""
+    known = {str(s) for s in expr.signature.symbols() | size_symbols(expr)}
+    return {k: v for k, v in (sizes or {}).items() if k in known}
 
 
 def sizes_from(context: Expr, tensors: Mapping[str, torch.Tensor],
@@ -151,13 +155,12 @@ def _partial_symbols(context: Expr, tensors: Mapping[str, torch.Tensor]) -> dict
 
 def evaluate(expr: Expr, sizes: Mapping[str, int] | None = None, context: Expr | None = None,
              **tensors: torch.Tensor) -> torch.Tensor:
-    """`tnderive.evaluate` that ignores tensors that are not variables of `expr` and binds sizes
-    from `context` (e.g. the model) when given: a derived block may have lost the variables
-    whose shapes fix its sizes."""
+    """`tnderive.evaluate` that ignores tensors outside `expr.signature` and binds sizes from
+    `context` (e.g. the model) when given, for an expression built without its signature."""
     if context is not None:
         sizes = sizes_from(context, tensors, sizes)
-    used = {k: v for k, v in tensors.items() if k in expr.variables}
-    return _evaluate(expr, sizes, **used)
+    used = {k: v for k, v in tensors.items() if k in expr.signature}
+    return _evaluate(expr, known_sizes(expr, sizes) or None, **used)
 
 
 def _codegen_compile():
@@ -167,63 +170,38 @@ def _codegen_compile():
 
 
 class CompiledExpr:
-    """`expr` as a callable with keyword tensors (extra keywords are ignored).
+    """`expr` as a callable with keyword tensors (those outside its signature are ignored).
 
-    Generated code (`tnderive.compile`) when the code generator is installed; an expression
-    whose coefficients involve sizes (the 1/N of a mean) is compiled once per size binding
-    with those coefficients as numbers. Falls back to `evaluate` where code generation is not
-    possible (e.g. sizes that no argument determines); `context` (the model) binds them.
+    Generated code (`tnderive.compile`): the tensors of the signature bind every size, also
+    one that only a coefficient uses (the 1/N of a mean). `sizes` (name -> int) and `context`
+    (an expression whose tensors bind sizes, for an expression built without its signature)
+    bind the others; code is generated once per such binding.
     """
 
     def __init__(self, expr: Expr, name: str = "f", context: Expr | None = None,
                  sizes: Mapping[str, int] | None = None):
         self.expr, self.name, self.context = expr, name, context
         self.sizes = dict(sizes or {})
-        self.variables = set(expr.variables)
-        self.symbolic = has_symbolic_coefficients(expr)
+        self.signature = expr.signature
         self._compile = _codegen_compile()
-        self._cache: dict = {}
+        self._fns: dict = {}
         self._last = None
-        self._static = None if self.symbolic else self._build(expr, None)
-
-    def _build(self, expr: Expr, sizes):
-        try:
-            fn = self._compile(expr, self.name, sizes=sizes) if sizes else self._compile(expr, self.name)
-        except TNError:
-            return None
-        self._last = fn
-        return fn
 
     @property
     def source(self) -> Optional[str]:
-        """Source of the generated code (None before a symbolic expression's first call, or
-        when code generation was not possible)."""
+        """Source of the generated code last run (None before the first call)."""
         return getattr(self._last, "source", None)
 
     def __call__(self, **tensors: torch.Tensor) -> torch.Tensor:
-        used = {k: v for k, v in tensors.items() if k in self.variables}
-        fn = self._static
-        if self.symbolic:
-            sizes = sizes_from(self.context if self.context is not None else self.expr, tensors, self.sizes)
-            key = tuple(sorted(sizes.items()))
-            if key not in self._cache:
-                try:
-                    num = numeric(self.expr, used, sizes)
-                except TNError:
-                    num = None
-                self._cache[key] = None if num is None else \
-                    self._build(num, relevant_sizes(self.expr, sizes))
-            fn = self._cache[key]
-        if fn is not None:
-            try:
-                return fn(**used)
-            except TNError:
-                if self.context is None and not self.sizes:
-                    raise
-        return evaluate(self.expr, sizes=self._relevant_sizes(), context=self.context, **tensors)
-
-    def _relevant_sizes(self) -> dict | None:
-        return relevant_sizes(self.expr, self.sizes) or None
+        used = {k: v for k, v in tensors.items() if k in self.signature}
+        sizes = self.sizes if self.context is None else sizes_from(self.context, tensors, self.sizes)
+        sizes = known_sizes(self.expr, sizes)
+        key = tuple(sorted(sizes.items()))
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = self._compile(self.expr, self.name, sizes=sizes or None)
+        self._last = fn
+        return fn(**used)
 
 
 def _size_symbols(expr: Expr) -> set:
@@ -288,6 +266,8 @@ class _Pieces:
         self.wb = _legs(self.vb, set(taken))
         taken |= set(self.wb)
         self.taken = taken
+        #: the loss's signature: the model's tensors and the target
+        self.signature = model.signature.merged(Signature([self.loss.target_variable(model)]))
 
     def jac(self, which: str) -> Expr:
         var, legs = (self.va, self.wa) if which == "a" else (self.vb, self.wb)
@@ -298,8 +278,8 @@ class _Pieces:
         return dict(zip(idx, fresh_names((f"{i}{tag}" for i in idx), self.taken)))
 
     def finish(self, expr: Expr) -> Expr:
-        """Rename working legs to the result legs (a's axes, then b's)."""
-        return _rename_to(expr, self.legs_a + self.legs_b)
+        """Rename working legs to the result legs (a's axes, then b's); the loss's signature."""
+        return with_signature(_rename_to(expr, self.legs_a + self.legs_b), self.signature)
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,9 +370,9 @@ def _vector_product(block: Expr, model: Expr, a: str, b: str, vector: Optional[s
     vb = _var(model, b)
     na = len(_var(model, a).axes)
     legs_a, legs_b = block.indices[:na], block.indices[na:]
-    name = vector or fresh_name("v_" + b, set(model.variables))
-    if name in model.variables:
-        raise TNError(f"vector name {name!r} is already a model variable")
+    name = vector or fresh_name("v_" + b, set(block.signature))
+    if name in block.signature:
+        raise TNError(f"vector name {name!r} is already a tensor of the loss ({block.signature})")
     v = Variable(name, vb.axes, legs_b, vb.axis_shape)
     return Product((block, v), legs_a)
 

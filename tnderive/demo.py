@@ -12,8 +12,9 @@ definition for KFAC factors) and records what / terms / cost / max error / time:
     mlp-hessian   Hessian blocks of a 2-layer tanh MLP with softmax cross-entropy
     bilinear-kfac KFAC of a user-defined bilinear layer y = W[o,i,j] x[i] z[j] (= GGN for one datum)
 
-An item whose feature module is not installed is reported "unavailable" (not a failure); an
-item that raises or whose check exceeds the tolerance is a failure (non-zero exit code).
+An item that raises or whose check exceeds the tolerance is a failure (non-zero exit code).
+Without Graphviz's `dot` program the diagrams are skipped (one warning line) and everything
+else runs as usual.
 
 The helpers here (`Artifacts`, `notation`, `plan_cost`, `compare`) are shared with the
 gallery scripts (`gallery/`): they write files deterministically (no timestamps, sorted
@@ -29,10 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+from . import progress
+from .errors import TNError
+
 TOL = 1e-9
 
 __all__ = ["Artifacts", "Check", "Outcome", "SHOWCASES", "run_demo", "format_table",
-           "notation", "plan_cost", "compare", "count_terms"]
+           "notation", "plan_cost", "compare", "count_terms", "warn_if_no_dot"]
 
 
 # ============================================================================================
@@ -73,7 +77,7 @@ def notation(expr) -> str:
     """Index notation of `expr` (`str(expr)`), or a short note when it cannot be printed."""
     try:
         return str(expr)
-    except Exception as e:  # the printer may not know every constant kind
+    except TNError as e:  # the printer refuses what has no notation
         return f"# (not printable in index notation: {e})"
 
 
@@ -169,6 +173,7 @@ class Artifacts:
     """Files and checks of one example, written under `outdir` (created).
 
     diagram(expr, stem)  -> stem.svg        steps(steps, stem) -> stem.svg (a derivation trace)
+                         (both skipped, listed in `skipped`, without Graphviz's `dot`)
     code(expr, stem)     -> stem.py (standalone torch module), returns its `Cost`
     check(what, err)     records a numerical check; `verify(...)` runs tnderive.verify
     note(markdown)       appended to the example's README.md; `write_readme(...)` writes it
@@ -186,6 +191,7 @@ class Artifacts:
         self.notes: list[str] = []
         self.costs: list[Cost] = []
         self.terms: list[int] = []
+        self.skipped: list[str] = []                 # diagrams not drawn (no Graphviz `dot`)
 
     # ---- files ---------------------------------------------------------------------------------
     def path(self, name: str) -> Path:
@@ -194,11 +200,16 @@ class Artifacts:
     def _add(self, name: str) -> None:
         if name not in self.files:
             self.files.append(name)
+            progress.note(f"wrote {name}")
 
-    def diagram(self, expr, stem: str, caption: str | None = None, title: str | None = None) -> Path:
-        """Draw `expr` to `stem.svg`."""
-        from .draw import draw
+    def diagram(self, expr, stem: str, caption: str | None = None,
+                title: str | None = None) -> Path | None:
+        """Draw `expr` to `stem.svg` (None, nothing written, without Graphviz's `dot`)."""
+        from .draw import dot_available, draw
 
+        if not dot_available():
+            self.skipped.append(f"{stem}.svg")
+            return None
         path = self.path(f"{stem}.svg")
         draw(expr, str(path), title=title)
         _normalise_svg(path)
@@ -206,10 +217,14 @@ class Artifacts:
         self.images.append((path.name, caption or stem))
         return path
 
-    def steps(self, steps, stem: str, caption: str | None = None) -> Path:
-        """Draw a derivation trace (`simplify(..., trace=True)` steps) to `stem.svg`."""
-        from .draw import draw_steps
+    def steps(self, steps, stem: str, caption: str | None = None) -> Path | None:
+        """Draw a derivation trace (`simplify(..., trace=True)` steps) to `stem.svg` (None,
+        nothing written, without Graphviz's `dot`)."""
+        from .draw import dot_available, draw_steps
 
+        if not dot_available():
+            self.skipped.append(f"{stem}.svg")
+            return None
         path = self.path(f"{stem}.svg")
         draw_steps(steps, str(path))
         _normalise_svg(path)
@@ -222,7 +237,6 @@ class Artifacts:
         """Generated code for `expr` to `stem.py` (planned for `sizes`); returns the plan's cost."""
         from tnderive.codegen import codegen
 
-        from .errors import TNError
         from .ir import Zero
 
         if isinstance(expr, Zero):
@@ -249,10 +263,7 @@ class Artifacts:
         self._run_generated(expr, source, fn_name or stem, sizes, f"{stem}.py")
         self.codes.append((f"{stem}.py", caption or stem))
         self.terms.append(count_terms(expr))
-        try:
-            cost = plan_cost(expr, sizes)
-        except Exception:
-            return None
+        cost = plan_cost(expr, sizes)
         self.costs.append(cost)
         return cost
 
@@ -285,8 +296,9 @@ class Artifacts:
     def check(self, what: str, err: float, tol: float = TOL) -> Check:
         c = Check(what, float(err), tol)
         self.checks.append(c)
+        progress.note(f"checked {what}")
         if not self.quiet:
-            print(f"    {'ok    ' if c.ok else 'FAILED'} {what}: max rel err {c.max_rel_err:.1e}")
+            progress.echo(f"    {'ok    ' if c.ok else 'FAILED'} {what}: max rel err {c.max_rel_err:.1e}")
         return c
 
     def compare(self, what: str, got, ref, tol: float = TOL) -> Check:
@@ -339,6 +351,16 @@ class Artifacts:
         return self.text("README.md", "\n".join(out))
 
 
+def warn_if_no_dot(err=None) -> bool:
+    """Print the one-line warning (to stderr) when Graphviz's `dot` is missing; True if it is."""
+    from .draw import NO_DOT_WARNING, dot_available
+
+    if dot_available():
+        return False
+    print(NO_DOT_WARNING, file=err or sys.stderr, flush=True)
+    return True
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(str(h) for h in header) + " |",
              "| " + " | ".join("---" for _ in header) + " |"]
@@ -378,7 +400,7 @@ class Outcome:
 
     key: str
     what: str
-    status: str                      # "ok", "FAILED", "unavailable", "error"
+    status: str                      # "ok", "FAILED", "error"
     terms: int | None = None
     cost: str = ""
     max_err: float | None = None
@@ -583,26 +605,13 @@ SHOWCASES: list[Showcase] = [
 ]
 
 
-def _missing_feature(e: ImportError) -> str | None:
-    """Name of the tnderive feature module (or optional package) that is not installed, or
-    None when `e` is another import problem (e.g. a name missing from an existing module)."""
-    name = getattr(e, "name", None) or ""
-    if isinstance(e, ModuleNotFoundError) and (name.startswith("tnderive") or name == "matplotlib"):
-        return name
-    return None
-
-
 def run_item(item: Showcase, outdir: Path, fast: bool, quiet: bool = True) -> Outcome:
     """Run one item into `outdir/<key>/`; never raises (set TNDERIVE_DEMO_RAISE=1 to debug)."""
     art = Artifacts(outdir / item.key, item.what, quiet=quiet)
     t0 = time.perf_counter()
     try:
         item.run(art, fast)
-    except Exception as e:
-        missing = _missing_feature(e) if isinstance(e, ImportError) else None
-        if missing is not None:
-            return Outcome(item.key, item.what, "unavailable", seconds=time.perf_counter() - t0,
-                           note=f"missing {missing}")
+    except Exception as e:  # any failure of an item is reported in its row, the run goes on
         if os.environ.get("TNDERIVE_DEMO_RAISE"):
             raise
         return Outcome(item.key, item.what, "error", seconds=time.perf_counter() - t0,
@@ -658,14 +667,15 @@ def run_demo(outdir: str | os.PathLike = "tnderive-demo", fast: bool = False,
     items = [s for s in SHOWCASES if not only or s.key in only]
     unknown = sorted(set(only or ()) - {s.key for s in SHOWCASES})
     if unknown:
-        from .errors import TNError
         raise TNError(f"unknown showcase item(s) {unknown}; choose from {[s.key for s in SHOWCASES]}")
     t_all = time.perf_counter()
     print(f"tnderive demo: {len(items)} showcase results -> {outdir}/", file=out, flush=True)
+    warn_if_no_dot()
     outcomes = []
     for k, item in enumerate(items, 1):
         print(f"[{k}/{len(items)}] {item.what} ...", file=out, flush=True)
-        o = run_item(item, outdir, fast, quiet=not verbose)
+        with progress.progress(f"  {item.key}"):
+            o = run_item(item, outdir, fast, quiet=not verbose)
         extra = f" ({o.note})" if o.note else ""
         print(f"      {o.status} in {o.seconds:.1f} s{extra}", file=out, flush=True)
         outcomes.append(o)
@@ -674,7 +684,6 @@ def run_demo(outdir: str | os.PathLike = "tnderive-demo", fast: bool = False,
     print(format_table(outcomes), file=out)
     path = write_summary(outcomes, outdir, total)
     n_fail = sum(o.failed for o in outcomes)
-    n_na = sum(o.status == "unavailable" for o in outcomes)
-    print(f"\n{len(outcomes) - n_fail - n_na} ok, {n_fail} failed, {n_na} unavailable "
-          f"in {total:.1f} s; summary: {path}", file=out, flush=True)
+    print(f"\n{len(outcomes) - n_fail} ok, {n_fail} failed in {total:.1f} s; summary: {path}",
+          file=out, flush=True)
     return outcomes

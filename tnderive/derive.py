@@ -12,7 +12,8 @@ variable appended after `expr.indices` (legs given by name). `grad`, `hessian`, 
   * logsumexp: Σ_k softmax(z)[k] dz[k]
 
 The results are not simplified; call `tnderive.simplify`. Derivatives of shared sub-networks
-are memoised per (node, variable, legs).
+are memoised per (node, variable, legs). Every result keeps the signature of its source
+(`Expr.signature`): the tensors that evaluate `expr` evaluate its derivatives.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Sequence
 from .errors import TNError
 from .functions import SOFTMAX, Elementwise
 from .ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name,
-                 fresh_names, rename_free, scale)
+                 fresh_names, rename_free, scale, with_signature)
 
 
 # --------------------------------------------------------------------------------------------
@@ -34,7 +35,7 @@ def grad(expr: Expr, name: str) -> Expr:
     variable, named after its declared axes (suffixed with '_' until unique)."""
     var = _variable(expr, name)
     legs = new_leg_names(expr, var)
-    return derivative(expr, name, legs)
+    return derivative(expr, name, legs)  # keeps expr's signature
 
 
 def hessian(expr: Expr, a: str, b: str | None = None) -> Expr:
@@ -45,7 +46,7 @@ def hessian(expr: Expr, a: str, b: str | None = None) -> Expr:
     legs_a = new_leg_names(expr, va)
     first = derivative(expr, a, legs_a)
     legs_b = fresh_names(vb.axes, set(first.all_indices) | set(legs_a))
-    return derivative(first, b, legs_b, var=vb)
+    return derivative(first, b, legs_b, var=vb)  # `first` carries expr's signature
 
 
 def jvp(expr: Expr, name: str, tangent: str | None = None) -> Expr:
@@ -53,14 +54,15 @@ def jvp(expr: Expr, name: str, tangent: str | None = None) -> Expr:
     `d<name>`, same axes and sizes as W). Indices: `expr.indices`."""
     var = _variable(expr, name)
     tangent = tangent or _fresh_var_name("d" + name, expr)
-    if tangent in expr.variables:
-        raise TNError(f"tangent name {tangent!r} is already a variable of the expression")
+    if tangent in expr.signature:
+        raise TNError(f"tangent name {tangent!r} is already a tensor of the expression's "
+                      f"signature ({expr.signature})")
     legs = new_leg_names(expr, var)
     d = derivative(expr, name, legs)
     v = Variable(tangent, var.axes, legs, var.axis_shape)
     if isinstance(d, Zero):
-        return Zero(expr.indices, expr.shape)
-    return Product((d, v), expr.indices)
+        return with_signature(Zero(expr.indices, expr.shape), expr, v)
+    return with_signature(Product((d, v), expr.indices), expr)
 
 
 def vjp(expr: Expr, name: str, cotangent: str | None = None) -> Expr:
@@ -68,18 +70,16 @@ def vjp(expr: Expr, name: str, cotangent: str | None = None) -> Expr:
     of `expr.indices`). Indices: the variable's declared axes."""
     var = _variable(expr, name)
     cotangent = cotangent or _fresh_var_name("v", expr)
-    if cotangent in expr.variables:
-        raise TNError(f"cotangent name {cotangent!r} is already a variable of the expression")
+    if cotangent in expr.signature:
+        raise TNError(f"cotangent name {cotangent!r} is already a tensor of the expression's "
+                      f"signature ({expr.signature})")
     legs = new_leg_names(expr, var)
     d = derivative(expr, name, legs)
+    u = Variable(cotangent, expr.indices, expr.indices, expr.shape) if expr.indices else None
     if isinstance(d, Zero):
-        return Zero(var.axes, var.axis_shape)
-    if expr.indices:
-        u = Variable(cotangent, expr.indices, expr.indices, expr.shape)
-        out = Product((u, d), legs)
-    else:
-        out = d
-    return rename_free(out, dict(zip(legs, var.axes)))
+        return with_signature(Zero(var.axes, var.axis_shape), expr, *([u] if u else []))
+    out = Product((u, d), legs) if u is not None else d
+    return with_signature(rename_free(out, dict(zip(legs, var.axes))), expr)
 
 
 def derivative(expr: Expr, name: str, legs: Sequence[str], var: Variable | None = None) -> Expr:
@@ -98,8 +98,8 @@ def derivative(expr: Expr, name: str, legs: Sequence[str], var: Variable | None 
     d = _d(expr, name, legs, shapes)
     if d is None:
         sizes = dict(zip(expr.indices, expr.shape))
-        return Zero(expr.indices + legs, [sizes[i] for i in expr.indices] + list(shapes))
-    return d
+        d = Zero(expr.indices + legs, [sizes[i] for i in expr.indices] + list(shapes))
+    return with_signature(d, expr)
 
 
 def new_leg_names(expr: Expr, var: Variable) -> tuple[str, ...]:
@@ -221,13 +221,16 @@ def _variable(expr: Expr, name: str) -> Variable:
     if not isinstance(expr, Expr):
         raise TNError(f"expected an expression, got {type(expr).__name__}")
     vs = expr.variables
-    if name not in vs:
-        raise TNError(f"variable {name!r} does not occur in the expression (variables: {list(vs)})")
-    return vs[name]
+    if name in vs:
+        return vs[name]
+    sig = expr.signature
+    if name in sig:  # no longer used (derived expression): the derivative is zero
+        return sig[name]
+    raise TNError(f"variable {name!r} does not occur in the expression (signature: {sig})")
 
 
 def _fresh_var_name(base: str, expr: Expr) -> str:
-    taken = set(expr.variables)
+    taken = set(expr.signature)
     name = base
     k = 2
     while name in taken:

@@ -3,6 +3,7 @@
     draw(expr, path)          write a diagram; the format follows the extension (.svg/.png/.dot)
     to_dot(expr)              the diagram as a `graphviz.Graph` (undirected, `dot` layout)
     to_svg(expr)              SVG text (what `Expr._repr_svg_` shows in notebooks)
+    dot_available()           whether Graphviz's `dot` program is installed (.svg/.png need it)
     draw_steps(steps, path)   a derivation trace as a vertical sequence of captioned diagrams
 
 Picture conventions
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from html import escape
 from typing import Any, Iterable, Sequence
@@ -90,6 +92,27 @@ def to_dot(expr: Expr, title: str | None = None, show_sizes: bool | str = "auto"
 def to_svg(expr: Expr, title: str | None = None, show_sizes: bool | str = "auto") -> str:
     """SVG text of the diagram of `expr`."""
     return _render(to_dot(expr, title, show_sizes), "svg").decode("utf-8")
+
+
+def dot_available() -> bool:
+    """Whether Graphviz's `dot` program is on PATH (needed for .svg/.png, not for .dot files)."""
+    return shutil.which("dot") is not None
+
+
+#: the one line the demo and the gallery print when they skip their diagrams
+NO_DOT_WARNING = ("warning: Graphviz's 'dot' program is not installed: diagrams are skipped "
+                  "(install graphviz, e.g. apt-get install graphviz, to draw them)")
+
+
+def repr_svg(expr: Expr) -> str | None:
+    """SVG for notebooks (`Expr._repr_svg_`), or None without `dot` or when the expression
+    cannot be drawn, so that the notebook falls back to the text repr."""
+    if not dot_available():
+        return None
+    try:
+        return to_svg(expr)
+    except TNError:
+        return None
 
 
 def draw(expr: Expr, path: str | os.PathLike, title: str | None = None,

@@ -3,8 +3,13 @@
 `evaluate(expr, **tensors)` returns a tensor whose dims follow `expr.indices`. Products are
 contracted pairwise along an opt_einsum path with `torch.einsum` in sublist form (no
 52-letter limit). Copy tensors are not materialised: indices joined by a delta are merged
-(renamed) and only an output that really is diagonal is expanded at the end. Device and dtype
-follow the inputs. Evaluation is differentiable by torch autograd / torch.func.
+(renamed) and only an output that really is diagonal is expanded at the end.
+
+The tensors may be any of `expr.signature` (a derived expression accepts the tensors of its
+source; unused ones bind sizes). Device and dtype follow them, with torch's type promotion
+across all of them (inputs are cast to the common dtype; constants, deltas and numbers are
+made in it), so a result with no variables left is made in the inputs' dtype and device.
+Evaluation is differentiable by torch autograd / torch.func.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import opt_einsum
 import sympy
 import torch
 
-from .binding import Binding, bind
+from .binding import Binding, bind, unbound_message
 from .constants import build_constant
 from .errors import TNError
 from .functions import Elementwise
@@ -24,10 +29,14 @@ from .unionfind import delta_classes
 
 
 def evaluate(expr: Expr, sizes: Mapping[str, int] | None = None, **tensors: torch.Tensor) -> torch.Tensor:
-    """Evaluate `expr` on keyword tensors (one per variable). Dims follow `expr.indices`."""
+    """Evaluate `expr` on keyword tensors of its signature (every variable it uses; others of
+    the signature optional). `sizes` binds size symbols no tensor determines (name -> int).
+    Dims follow `expr.indices`; dtype: torch's promotion across the tensors."""
     if not isinstance(expr, Expr):
         raise TNError(f"evaluate expects an expression, got {type(expr).__name__}")
     binding = bind(expr, tensors, sizes)
+    from .memory import check_fits  # before anything is allocated: a clear error, not the allocator's
+    check_fits(expr, binding)
     return Evaluator(binding).run(expr)
 
 
@@ -40,9 +49,8 @@ class Evaluator:
 
     @property
     def _opts(self):
+        """device and dtype of constants: the binding's (default dtype / CPU without tensors)."""
         dtype = self.b.dtype if self.b.dtype is not None else torch.get_default_dtype()
-        if not dtype.is_floating_point and not dtype.is_complex:
-            dtype = torch.get_default_dtype()
         return dict(device=self.b.device or "cpu", dtype=dtype)
 
     def run(self, expr: Expr) -> torch.Tensor:
@@ -81,6 +89,8 @@ class Evaluator:
                 total = t if total is None else total + t
             return total
         if isinstance(expr, Product):
+            if not expr.factors:  # the number 1 (a constant term of a sum)
+                return torch.ones((), **self._opts)
             return self._product(expr)
         raise TNError(f"cannot evaluate node {type(expr).__name__}")
 
@@ -89,7 +99,8 @@ class Evaluator:
         if c.free_symbols:
             c = c.xreplace({s: sympy.Integer(n) for s, n in self.b.symbols.items()})
             if c.free_symbols:
-                raise TNError(f"coefficient {c} has unbound size symbols {sorted(map(str, c.free_symbols))}")
+                missing = map(str, c.free_symbols)
+                raise TNError(f"coefficient {c}: {unbound_message(missing, self.b.signature)}")
         return float(c)
 
     def shape_of(self, expr: Expr) -> tuple[int, ...]:

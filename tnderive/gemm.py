@@ -1,17 +1,20 @@
 """Matrix products on the fastest kernel torch exposes for them.
 
-`matmul(P, Q)` is `torch.matmul(P, Q)` for P [..., M, K] and Q [..., K, N]. On CPU, large
-float32/bfloat16 products with a shared 2-D right operand go to oneDNN's matmul (the kernel
-behind torch's own CPU convolutions) instead of MKL's sgemm: 10-20 % faster on the GEMMs of
-im2col convolutions on AVX-512 machines (`python benchmarks/conv.py`). Everything else, and
-any case oneDNN cannot take, runs `torch.matmul`; results agree to float32 rounding.
+`matmul(P, Q)` is `torch.matmul(P, Q)` for P [..., M, K] and Q [..., K, N]. With the opt-in
+oneDNN backend on, large CPU float32/bfloat16 products with a shared 2-D right operand go to
+oneDNN's matmul (the kernel behind torch's own CPU convolutions) instead of MKL's sgemm:
+10-20 % faster on the GEMMs of im2col convolutions on AVX-512 machines
+(`python benchmarks/conv.py --onednn`). Everything else, and any case oneDNN cannot take,
+runs `torch.matmul`; results agree to float32 rounding.
 
 `einsum(equation, a, b)` is `torch.einsum` with the same routing for batch-free two-operand
 contractions, the GEMM laid out for oneDNN (planned once per equation, shapes and strides);
 the structured evaluator loads its generated code with it (`tnderive.compile(einsum=...)`).
 
-The oneDNN entry point is a private torch op (`torch.ops.mkldnn._linear_pointwise`); it is
-probed once, and `TNDERIVE_GEMM=torch` in the environment (or `use_onednn(False)`) turns it off.
+The oneDNN entry point is a private torch op (`torch.ops.mkldnn._linear_pointwise`), so the
+backend is OFF by default: `TNDERIVE_GEMM=onednn` in the environment (or `use_onednn(True)`)
+turns it on. It is probed once; a torch build without the op (or one whose op misbehaves)
+silently keeps `torch.matmul`, so removing it from torch costs speed, never correctness.
 """
 from __future__ import annotations
 
@@ -25,11 +28,19 @@ __all__ = ["matmul", "einsum", "use_onednn", "onednn_active"]
 ONEDNN_MIN_WORK = 1 << 24
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-_state: dict = {"enabled": os.environ.get("TNDERIVE_GEMM", "").lower() != "torch", "probed": None}
+
+
+def _enabled_by_environment() -> bool:
+    """The opt-in switch: `TNDERIVE_GEMM=onednn`."""
+    return os.environ.get("TNDERIVE_GEMM", "").lower() == "onednn"
+
+
+_state: dict = {"enabled": _enabled_by_environment(), "probed": None}
 
 
 def use_onednn(enabled: bool) -> None:
-    """Route large CPU GEMMs to oneDNN (True, the default) or always to torch.matmul."""
+    """Route large CPU GEMMs to oneDNN (True; opt-in) or always to torch.matmul (False, the
+    default)."""
     _state["enabled"] = bool(enabled)
 
 
@@ -38,17 +49,22 @@ def onednn_active() -> bool:
     return _state["enabled"] and _probe()
 
 
+def _onednn_linear():
+    """torch's private oneDNN linear op, or None when this torch build lacks it."""
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
 def _probe() -> bool:
     if _state["probed"] is None:
         ok = False
+        op = _onednn_linear()
         try:
-            op = torch.ops.mkldnn._linear_pointwise
-            if torch.backends.mkldnn.is_available():
+            if op is not None and torch.backends.mkldnn.is_available():
                 f32 = torch.float32
                 a = torch.arange(6, dtype=f32).view(2, 3)
                 b = torch.arange(12, dtype=f32).view(3, 4)
                 ok = torch.equal(op(a, b.t(), None, "none", [], ""), a @ b)
-        except (AttributeError, RuntimeError):
+        except RuntimeError:
             ok = False
         _state["probed"] = ok
     return _state["probed"]
@@ -80,7 +96,7 @@ def _matrix_layout(t: torch.Tensor) -> bool:
 def matmul(P: torch.Tensor, Q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """P @ Q (into `out` if given), on oneDNN when it is the faster kernel (see module doc)."""
     if _state["enabled"] and _onednn_fits(P, Q) and _probe():
-        y = torch.ops.mkldnn._linear_pointwise(P, Q.t(), None, "none", [], "")
+        y = _onednn_linear()(P, Q.t(), None, "none", [], "")
         if out is None:
             return y
         return out.copy_(y)
@@ -119,7 +135,7 @@ def einsum(equation, *operands: torch.Tensor) -> torch.Tensor:
     C = c[ic].permute(pc).reshape(sc)
     if not _matrix_layout(C):  # oneDNN wants a row- or column-major weight
         C = C.contiguous()
-    y = torch.ops.mkldnn._linear_pointwise(R, C.t(), None, "none", [], "")
+    y = _onednn_linear()(R, C.t(), None, "none", [], "")
     return y.view(mid).permute(perm).reshape(final)
 
 

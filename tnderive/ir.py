@@ -21,6 +21,7 @@ Node kinds
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import sympy
@@ -62,7 +63,7 @@ def as_coef(c) -> sympy.Expr:
 class Expr:
     """Base class of all IR nodes."""
 
-    __slots__ = ("_hash", "_indices", "_shape", "_all")
+    __slots__ = ("_hash", "_indices", "_shape", "_all", "_sig")
 
     # --- to be provided by subclasses -------------------------------------------------------
     def _key(self) -> tuple:
@@ -146,6 +147,21 @@ class Expr:
         return out
 
     @property
+    def signature(self) -> "Signature":
+        """The tensors this expression is evaluated from: the signature of the expression it
+        was derived from (explicit, see `with_signature`; not part of equality or hash) merged
+        with the variables it uses, name -> declaration. Tensors of the signature bind sizes
+        even where the expression no longer uses them."""
+        decls: list[Variable] = []
+        for node in self.walk():
+            explicit = getattr(node, "_sig", None)
+            if explicit is not None:
+                decls.extend(explicit.values())
+            if isinstance(node, Variable):
+                decls.append(node.declaration)
+        return Signature(decls)
+
+    @property
     def all_indices(self) -> frozenset[str]:
         """Every index name used anywhere (free or bound), for picking fresh names."""
         try:
@@ -168,15 +184,36 @@ class Expr:
         return to_notation(self)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} [{','.join(self._indices)}]>"
+        """`<Product [n,o]: out[n,o] = W[o,i]*x[n,i]>`: the notation on one line, shortened."""
+        return _short_repr(self)
 
     def rename(self, mapping: Mapping[str, str]) -> "Expr":
         """Rename free indices (bound indices are untouched, renamed fresh if they would clash)."""
-        return rename_free(self, mapping)
+        return with_signature(rename_free(self, mapping), self)
 
-    def _repr_svg_(self) -> str:
-        from .draw import to_svg
-        return to_svg(self)
+    def _repr_svg_(self) -> str | None:
+        from .draw import repr_svg  # None without Graphviz: notebooks show the text repr
+        return repr_svg(self)
+
+
+REPR_WIDTH = 100        # characters of notation in `repr(expr)`
+REPR_MAX_NODES = 2000   # larger expressions are not printed by `repr` (it stays cheap)
+
+
+def _short_repr(expr: Expr) -> str:
+    """`repr` of an expression: its type, free indices and notation (statements joined by
+    `; `, cut to REPR_WIDTH characters). Never raises for a printable or unprintable node."""
+    head = f"{type(expr).__name__} [{','.join(expr.indices)}]"
+    if sum(1 for _ in itertools.islice(expr.walk(), REPR_MAX_NODES + 1)) > REPR_MAX_NODES:
+        return f"<{head}: more than {REPR_MAX_NODES} nodes>"
+    from .printer import to_notation  # late import: printer depends on ir
+    try:
+        text = "; ".join(to_notation(expr).splitlines())
+    except (TNError, RecursionError) as e:  # no notation for it, or nested too deeply
+        return f"<{head}: not printable: {type(e).__name__}>"
+    if len(text) > REPR_WIDTH:
+        text = text[:REPR_WIDTH - 1] + "…"
+    return f"<{head}: {text}>"
 
 
 def _check_names(indices: Sequence[str], what: str) -> tuple[str, ...]:
@@ -236,6 +273,16 @@ class Variable(Expr):
     def with_indices(self, indices: Sequence[str]) -> "Variable":
         """The same variable seen with other index names."""
         return Variable(self.name, self.axes, indices, self.axis_shape)
+
+    @property
+    def declaration(self) -> "Variable":
+        """The variable seen with its declared axes (its entry in a signature)."""
+        return self if self.occ == self.axes else Variable(self.name, self.axes, None, self.axis_shape)
+
+    def describe(self) -> str:
+        """`W[o,i]`, with sizes that differ from the axis name: `x[n,i=I+2]`."""
+        dims = ",".join(a if str(s) == a else f"{a}={s}" for a, s in zip(self.axes, self.axis_shape))
+        return f"{self.name}[{dims}]" if self.axes else self.name
 
 
 class Delta(Expr):
@@ -418,6 +465,95 @@ class Zero(Expr):
         return (self._indices, self._shape)
 
 
+# --------------------------------------------------------------------------------------------
+# signatures: the tensors an expression (and everything derived from it) is evaluated from
+# --------------------------------------------------------------------------------------------
+
+class Signature(Mapping[str, Variable]):
+    """Variable declarations by name, in order (first declaration of a name wins).
+
+    `expr.signature` of a derived expression is its source's: `evaluate`, `compile` and
+    `codegen` accept every tensor in it, and an unused one still binds sizes."""
+
+    __slots__ = ("_decls",)
+
+    def __init__(self, decls: Iterable[Variable] = ()):
+        out: dict[str, Variable] = {}
+        for d in decls:
+            out.setdefault(d.name, d.declaration)
+        self._decls = out
+
+    def __getitem__(self, name: str) -> Variable:
+        return self._decls[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decls)
+
+    def __len__(self) -> int:
+        return len(self._decls)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Signature) and tuple(self.items()) == tuple(other.items())
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.items()))
+
+    def __str__(self) -> str:
+        return ", ".join(d.describe() for d in self._decls.values()) or "(no tensors)"
+
+    def __repr__(self) -> str:
+        return f"Signature({self})"
+
+    def symbols(self) -> set[sympy.Symbol]:
+        """Every size symbol in the declared axis sizes."""
+        out: set[sympy.Symbol] = set()
+        for d in self._decls.values():
+            for s in d.axis_shape:
+                out |= s.free_symbols
+        return out
+
+    def merged(self, used: "Signature") -> "Signature":
+        """This signature followed by the names only `used` has; where both declare a name
+        differently, `used`'s declaration (the one an expression actually uses) wins."""
+        decls = [used[n] if n in used else d for n, d in self._decls.items()]
+        return Signature(decls + list(used.values()))
+
+
+def with_signature(expr: Expr, *sources: "Expr | Signature") -> Expr:
+    """`expr` carrying the signatures of `sources` (theirs first, then its own variables).
+
+    The signature is metadata: the result equals `expr` and has its hash; `expr` itself is
+    returned when nothing is added."""
+    own = expr.signature
+    merged = Signature()
+    for src in sources:
+        merged = merged.merged(src.signature if isinstance(src, Expr) else src)
+    merged = merged.merged(own)
+    if tuple(merged.items()) == tuple(own.items()):
+        return expr
+    return _attach(expr, merged)
+
+
+def _attach(expr: Expr, signature: Signature) -> Expr:
+    """A copy of the node `expr` (children shared) whose explicit signature is `signature`."""
+    out = object.__new__(type(expr))
+    for cls in type(expr).__mro__:
+        for slot in getattr(cls, "__slots__", ()):
+            if slot != "_sig" and hasattr(expr, slot):
+                object.__setattr__(out, slot, getattr(expr, slot))
+    object.__setattr__(out, "_sig", signature)
+    return out
+
+
+def _carry_signature(new: Expr, old: Expr) -> Expr:
+    """`new` (the same tensor as `old` with indices renamed or reordered) with `old`'s
+    explicit signature, if it has one."""
+    sig = getattr(old, "_sig", None)
+    if sig is None or new is old or getattr(new, "_sig", None) is not None:
+        return new
+    return _attach(new, sig)
+
+
 ONE = Product((), ())
 
 
@@ -470,6 +606,10 @@ def rename_free(expr: Expr, mapping: Mapping[str, str]) -> Expr:
 
 
 def _rename(expr: Expr, mapping: dict[str, str]) -> Expr:
+    return _carry_signature(_rename_node(expr, mapping), expr)
+
+
+def _rename_node(expr: Expr, mapping: dict[str, str]) -> Expr:
     if isinstance(expr, Variable):
         return expr.with_indices([mapping.get(i, i) for i in expr.occurrence])
     if isinstance(expr, Delta):
@@ -520,12 +660,12 @@ def transpose(expr: Expr, indices: Sequence[str]) -> Expr:
     if indices == expr.indices:
         return expr
     if isinstance(expr, Sum):
-        return Sum(expr.terms, indices)
+        return _carry_signature(Sum(expr.terms, indices), expr)
     if isinstance(expr, Product):
-        return Product(expr.factors, indices)
+        return _carry_signature(Product(expr.factors, indices), expr)
     if isinstance(expr, Zero):
         sizes = expr.sizes
-        return Zero(indices, [sizes[i] for i in indices])
+        return _carry_signature(Zero(indices, [sizes[i] for i in indices]), expr)
     return Product((expr,), indices)
 
 
@@ -601,4 +741,7 @@ def map_sizes(expr: Expr, fn: Callable[[Size], Size], coefficients: bool = False
         memo[e] = out
         return out
 
-    return go(expr)
+    out = go(expr)
+    declared = [Variable(d.name, d.axes, None, [fn(n) for n in d.axis_shape])
+                for d in expr.signature.values()]
+    return with_signature(out, Signature(declared))

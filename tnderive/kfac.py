@@ -41,7 +41,9 @@ unfolded input is never built. g[n, pos, grp, out, col] are vectors backpropagat
                type-2 factor.
 
 `input_expr`/`output_expr` are the unnormalised sums (expressions); `compute(**tensors)` applies
-the scaling and returns `KronBlock`s (`tnderive.kronecker`).
+the scaling and returns `KronBlock`s (`tnderive.kronecker`). The factor expressions keep the
+signature of the expression, its loss target and the vectors (`Expr.signature`): the tensors
+of the model evaluate every factor, in their dtype and on their device.
 """
 from __future__ import annotations
 
@@ -54,8 +56,8 @@ import torch
 
 from .derive import derivative
 from .errors import TNError
-from .ir import (Constant, Delta, Expr, Product, Variable, Zero, fresh_name, fresh_names, rename_free,
-                 replace, size_symbol)
+from .ir import (Constant, Delta, Expr, Product, Signature, Variable, Zero, fresh_name, fresh_names,
+                 rename_free, replace, size_symbol, with_signature)
 from .kronecker import KronBlock, ParamLayout
 from .losses import Loss, as_loss
 from .unionfind import UnionFind
@@ -256,8 +258,7 @@ class KFACFactors:
         if key not in self._fns:
             expr = {"input": self.input_expr, "output": self.output_expr,
                     "bias_input": self.bias_input_expr, "input_side": self.input_side_expr}[key]
-            self._fns[key] = compile_expr(expr, f"kfac_{key}_{self.weight}", context=self.model,
-                                          sizes=self.sizes)
+            self._fns[key] = compile_expr(expr, f"kfac_{key}_{self.weight}", sizes=self.sizes)
         return self._fns[key]
 
     @property
@@ -319,7 +320,7 @@ class KFACFactors:
         """X = the input side (W removed) evaluated: [batch, *positions, *groups, *in] (expand)."""
         if self.uses_views():
             from .structured import structured_evaluate
-            used = {k: v for k, v in tensors.items() if k in self.input_side_expr.variables}
+            used = {k: v for k, v in tensors.items() if k in self.input_side_expr.signature}
             key = ("sizes",) + tuple(sorted((k, tuple(v.shape)) for k, v in tensors.items()
                                             if isinstance(v, torch.Tensor)))
             sizes = self._counts.get(key)
@@ -514,10 +515,11 @@ def kfac(expr: Expr, weight: str = "W", batch: str = "n", kind: str = "expand",
         grad = lossobj.gradient(model)
         V = Product((grad, Delta((col,), 1)), (*model.indices, col))
     gz = _pullback(model, s.z, V, col)
-    # --- the factor networks ---
-    A, bias_in, X = _input_side(s, kind)
+    # --- the factor networks, each with the signature of the model, loss and vectors ---
+    source = _source_signature(expr, model, lossobj, V)
+    A, bias_in, X = (with_signature(e, source) for e in _input_side(s, kind))
     X = maybe_simplify(X, simplify)
-    B = _output_side(s, gz, col, kind)
+    B = with_signature(_output_side(s, gz, col, kind), source)
     A = maybe_simplify(A, simplify)
     B = maybe_simplify(B, simplify)
     if bias_in is not None:
@@ -525,6 +527,15 @@ def kfac(expr: Expr, weight: str = "W", batch: str = "n", kind: str = "expand",
     return KFACFactors(s, kind, fisher, lossobj, A, B, V, gz, bias, joint,
                        bias_in if joint else None, vector_name, mc_samples, X, engine,
                        dict(sizes or {}))
+
+
+def _source_signature(expr: Expr, model: Expr, loss: Optional[Loss], vectors: Expr) -> Signature:
+    """The tensors every factor accepts: the expression's, the loss target's and the vectors'
+    (`Expr.signature`; a factor that no longer uses one still takes it, to bind sizes)."""
+    out = expr.signature.merged(vectors.signature)
+    if loss is not None:
+        out = out.merged(Signature([loss.target_variable(model)]))
+    return out
 
 
 def _col_size():

@@ -125,6 +125,15 @@ class ParamLayout:
         return w, flat[nw:].reshape(*self.bias_shape, *extra)
 
 
+def promoted(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in their common dtype (torch's type promotion): a float32 block applied to a
+    float64 vector computes in float64."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 class _KronBase:
     layout: ParamLayout
 
@@ -203,7 +212,8 @@ class KronBlock(_KronBase):
 
     def _apply_matrix(self, m: torch.Tensor) -> torch.Tensor:
         # (B ⊗ A) vec(M), row-major: B M Aᵀ per group (extra trailing dims carried along)
-        return torch.einsum("gpr,grs...,gqs->gpq...", self.B, m, self.A)
+        B, m, A = promoted(self.B, m, self.A)
+        return torch.einsum("gpr,grs...,gqs->gpq...", B, m, A)
 
     def trace(self) -> torch.Tensor:
         """tr(B ⊗ A) = Σ_g tr(B_g) tr(A_g)."""
@@ -252,10 +262,11 @@ class KronInverse(_KronBase):
         return self._device
 
     def _apply_matrix(self, m: torch.Tensor) -> torch.Tensor:
-        t = torch.einsum("grp,grs...,gsq->gpq...", self.UB, m, self.UA)
+        UB, m, UA, denom = promoted(self.UB, m, self.UA, self.denom)
+        t = torch.einsum("grp,grs...,gsq->gpq...", UB, m, UA)
         extra = t.dim() - 3
-        t = t / self.denom.reshape(*self.denom.shape, *([1] * extra))
-        return torch.einsum("gpr,grs...,gqs->gpq...", self.UB, t, self.UA)
+        t = t / denom.reshape(*denom.shape, *([1] * extra))
+        return torch.einsum("gpr,grs...,gqs->gpq...", UB, t, UA)
 
     def logdet(self) -> torch.Tensor:
         """log det of the inverse, i.e. −log det(B ⊗ A + λI)."""

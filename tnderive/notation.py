@@ -9,8 +9,15 @@ The text is Python expression syntax (parsed with `ast`), one statement a line:
 Semantics (see DESIGN.md and the README section "Index notation"):
 
 * A chain `a*b*c/2` (numbers folded into one coefficient) is one product. It keeps an index
-  that appears in the statement's target or anywhere in the statement outside the chain, and
-  sums the others. A chain with a single tensor factor is not a product (just a scaling).
+  that appears in the statement's target or is free somewhere in the statement outside the
+  chain, and sums the others. A chain with a single tensor factor is not a product (just a
+  scaling). Scopes: an index is not free inside a `sum(...)` that sums it (`sum(e)` binds all
+  of e's indices, `sum(e, i)` binds i, `sum(e, keep=K)` all but K) nor inside the
+  `logsumexp(e, k)` that sums k, so it keeps indices only of products inside that call
+  (`_Scopes`).
+* Numbers: finite real sympy numbers (else a TNError naming the text); `size(k)` is the size
+  of index k in the statement (of the axis named k when no index k is written there), and
+  `floor ceiling max min` apply to numbers and sizes.
 * `+`/`-` chains are one `Sum`; every term has the same free index set, except scalar terms,
   which broadcast (a scalar `s` over indices I is `Product((s, δ[i] for i in I), I)`).
 * Index order of a product or sum: the target's indices first (target order), then the rest
@@ -30,13 +37,15 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 from collections import Counter
-from typing import Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import sympy
 
 from .errors import TNError
-from .functions import LOGSUMEXP, SOFTMAX, X, Elementwise, get_elementwise, power
+from .functions import (LOGSUMEXP, SOFTMAX, X, Elementwise, get_elementwise, power, relu,
+                        sigmoid, step)
 from .ir import (ONE, Constant, Delta, Expr, Func, Product, Size, Sum, Variable, Zero,
                  fresh_name, map_sizes, rename_free, size_symbol)
 
@@ -44,6 +53,12 @@ __all__ = ["parse", "unify_sizes", "broadcast", "parse_size"]
 
 RESERVED = ("delta", "pattern", "constant")
 INDEX_FUNCTIONS = {"softmax": SOFTMAX, "logsumexp": LOGSUMEXP}
+# functions of numbers only (coefficients with sizes, e.g. a convolution's output size)
+NUMBER_FUNCTIONS: dict[str, Callable] = {"floor": sympy.floor, "ceiling": sympy.ceiling,
+                                         "max": sympy.Max, "min": sympy.Min}
+# exact forms of the sympy functions behind relu/sigmoid/step, applied to numbers
+_NUMERIC_FORMS = {relu: lambda a: sympy.Max(a, 0), sigmoid: lambda a: 1 / (1 + sympy.exp(-a)),
+                  step: lambda a: sympy.Piecewise((1, a > 0), (0, True))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,14 +163,18 @@ class _Classes:
         return out
 
 
-def unify_sizes(expr: Expr, sizes: Mapping[str, int] | None = None) -> Expr:
+def unify_sizes(expr: Expr, sizes: Mapping[str, int] | None = None,
+                links: Iterable[tuple[Size, Size, str]] = ()) -> Expr:
     """Make `expr` size-consistent: sizes joined by an index (in a product, a sum, a diagonal)
     are unified, `sizes` (index name -> int) are applied to every index of that name, and all
-    variables, deltas, constants and zeros are rebuilt with the chosen sizes.
+    variables, deltas, constants, zeros and the sums' coefficients are rebuilt with the chosen
+    sizes. `links` are extra equalities (placeholder, size, index name), e.g. a `size(k)`
+    coefficient tied to index k's size; a placeholder is never chosen as the representative.
 
     TNError naming the index when two different ints meet.
     """
     sizes = _check_sizes(sizes)
+    links = list(links)
     uf = _Classes()
     nodes = list(expr.walk())
     for v in expr.variables.values():  # variables' symbols first: they win ties
@@ -186,19 +205,40 @@ def unify_sizes(expr: Expr, sizes: Mapping[str, int] | None = None) -> Expr:
                         uf.union(seen[i], s, i)
                     else:
                         seen[i] = s
+    for placeholder, size, index in links:
+        uf.add(size)
+        uf.add(placeholder)
+        uf.union(size, placeholder, index)
     mapping = uf.representatives()
     if not mapping:
         return expr
 
     def final(s: Size) -> Size:
         for _ in range(8):
-            t = s.xreplace(mapping)
+            t = _replace_symbols(s, mapping)
             if t == s:
                 break
             s = t
         return s
 
-    return map_sizes(expr, final)
+    return map_sizes(expr, final, coefficients=True)
+
+
+def _replace_symbols(e: sympy.Expr, mapping: Mapping) -> sympy.Expr:
+    """`e.xreplace(mapping)` that keeps a number times a sum unexpanded (see `_times`)."""
+    if e in mapping:
+        return mapping[e]
+    if not e.args:
+        return e
+    args = [_replace_symbols(a, mapping) for a in e.args]
+    if all(a is b for a, b in zip(args, e.args)):
+        return e
+    if e.is_Mul:
+        out = sympy.Integer(1)
+        for a in args:
+            out = _times(out, a)
+        return out
+    return e.func(*args)
 
 
 def _check_sizes(sizes) -> dict[str, sympy.Integer]:
@@ -245,6 +285,88 @@ def _split_top(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
+def _call_name(node: ast.AST) -> str | None:
+    """The name of the function a call `f(...)` calls, else None."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        return node.func.id
+    return None
+
+
+def _names(nodes: Iterable[ast.AST]) -> list[str]:
+    return [n.id for n in nodes if isinstance(n, ast.Name)]
+
+
+def _subscript_items(node: ast.AST) -> list[ast.AST]:
+    return list(node.elts) if isinstance(node, ast.Tuple) else [node]
+
+
+class _Scopes:
+    """Which index occurrences of one statement a product sees (the keep rule's "outside").
+
+    An occurrence is an index name written in a subscript or as an index argument of `sum`,
+    `softmax` or `logsumexp`. A call binds some names: `sum(e)` every index written in e,
+    `sum(e, i, j)` i and j, `sum(e, keep=(k,))` all but k, `logsumexp(e, k)` k. An occurrence
+    is seen by a product iff every call that binds its name and encloses it also encloses the
+    product. The statement's target counts as an occurrence seen everywhere.
+    """
+
+    def __init__(self, rhs: ast.AST):
+        self.chain: dict[int, tuple[int, ...]] = {}  # node id -> binder calls around it
+        self.bound: dict[int | None, Counter] = {}   # binder id (None: statement) -> its names
+        self.free: dict[int, list[str]] = {}         # node id -> occurrences free in it
+        self.bound[None] = Counter(self._scan(rhs, ()))
+
+    def add_target(self, target: Sequence[str]) -> None:
+        self.bound[None] += Counter(target)
+
+    def free_list(self, node: ast.AST) -> list[str]:
+        """Occurrences inside `node` that no call inside it binds, in source order."""
+        return self.free[id(node)]
+
+    def outside(self, node: ast.AST) -> Counter:
+        """Occurrences outside `node` that a product at `node` sees."""
+        seen = Counter(self.bound[None])
+        for binder in self.chain[id(node)]:
+            seen += self.bound[binder]
+        return seen - Counter(self.free[id(node)])
+
+    def _scan(self, node: ast.AST, chain: tuple[int, ...]) -> list[str]:
+        self.chain[id(node)] = chain
+        children, own, binds = _scope_parts(node)
+        inner = chain + (id(node),) if binds is not None else chain
+        free: list[str] = []
+        for child in children:
+            free += self._scan(child, inner)
+        free += own
+        if binds is not None:
+            self.bound[id(node)] = Counter(i for i in free if binds(i))
+            free = [i for i in free if not binds(i)]
+        self.free[id(node)] = free
+        return free
+
+
+def _scope_parts(node: ast.AST) -> tuple[list[ast.AST], list[str], Callable[[str], bool] | None]:
+    """(children to scan, index names `node` itself writes, which names it binds or None)."""
+    if isinstance(node, ast.Subscript):
+        return [node.value], _names(_subscript_items(node.slice)), None
+    name = _call_name(node)
+    if name in ("sum", "softmax", "logsumexp") and node.args:
+        listed = _names(node.args[1:])
+        keep = [i for kw in node.keywords for i in _names(_subscript_items(kw.value))]
+        if name == "softmax":
+            binds = None
+        elif name == "logsumexp" or (listed and not keep):
+            binds = frozenset(listed).__contains__
+        elif keep:
+            binds = lambda i, kept=frozenset(keep): i not in kept  # noqa: E731
+        else:
+            binds = lambda i: True  # noqa: E731
+        return [node.args[0]], listed + keep, binds
+    if name == "size" or isinstance(node, ast.Name):  # size(k) names a size, not an index
+        return [], [], None
+    return list(ast.iter_child_nodes(node)), [], None
+
+
 class _Parser:
     def __init__(self, text: str, sizes):
         self.text = text
@@ -253,25 +375,40 @@ class _Parser:
         self.decls: dict[str, tuple[tuple[str, ...], tuple[Size, ...] | None]] = {}
         self.defs: dict[str, tuple[tuple[str, ...], Expr]] = {}
         self._numbers: dict[int, object] = {}
-        self._shown: dict[int, list[str]] = {}
+        self.links: list[tuple[Size, Size, str]] = []  # size(k) placeholders and k's sizes
 
     # ---- driver --------------------------------------------------------------------------
     def run(self) -> Expr:
         self._read_header()
-        try:
-            tree = ast.parse(self.text, mode="exec")
-        except SyntaxError as e:
-            line = self.lines[e.lineno - 1] if e.lineno and e.lineno <= len(self.lines) else ""
-            caret = " " * max((e.offset or 1) - 1, 0) + "^"
-            raise TNError(f"syntax error at line {e.lineno}, column {e.offset}: {e.msg}\n"
-                          f"    {line}\n    {caret}") from None
+        tree = self.syntax_tree()
         if not tree.body:
             raise TNError("empty program: expected at least one statement like 'y[i] = x[i]'")
         result = None
         for st in tree.body:
             result = self.statement(st)
         sizes = {k: int(v) for k, v in self.sizes.items()}
-        return unify_sizes(result, sizes)
+        return unify_sizes(result, sizes, self.links)
+
+    def syntax_tree(self) -> ast.Module:
+        """`ast.parse` of the text; Python's syntax errors and warnings (e.g. "invalid decimal
+        literal") become TNErrors with line, column and a caret (warnings stay local)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                tree = ast.parse(self.text, mode="exec")
+            except SyntaxError as e:
+                raise self.located("syntax error", e.msg, e.lineno, e.offset) from None
+        for w in caught:
+            raise self.located("syntax problem", str(w.message), w.lineno, None)
+        return tree
+
+    def located(self, what: str, message: str, line: int | None, column: int | None) -> TNError:
+        """TNError "what at line L, column C: message" showing the line (and a caret)."""
+        if not line or line > len(self.lines):
+            return TNError(f"{what}: {message}")
+        where = f"line {line}" + (f", column {column}" if column else "")
+        caret = f"\n    {' ' * (column - 1)}^" if column else ""
+        return TNError(f"{what} at {where}: {message}\n    {self.lines[line - 1]}{caret}")
 
     def _read_header(self) -> None:
         for lineno, line in enumerate(self.lines, 1):
@@ -328,13 +465,17 @@ class _Parser:
         else:
             raise self.error(st, f"unsupported statement {type(st).__name__}: expected "
                                  f"'y[i,j] = expression' or an expression")
-        shown = self.shown(rhs)
-        if target is None:  # bare expression: keep the indices that appear once (einsum style)
-            counts = Counter(shown)
-            target = tuple(dict.fromkeys(i for i in shown if counts[i] == 1))
+        self.scopes = _Scopes(rhs)
+        if target is None:  # bare expression: keep the free indices written once (einsum style)
+            free = self.scopes.free_list(rhs)
+            counts = Counter(free)
+            target = tuple(dict.fromkeys(i for i in free if counts[i] == 1))
         self.target_indices = target
-        self.total = Counter(shown) + Counter(target)
+        self.scopes.add_target(target)
+        self.size_refs: dict[sympy.Symbol, str] = {}
+        self.index_sizes: dict[str, list[Size]] = {}
         e = self.expr(rhs)
+        self._link_size_refs()
         missing = [i for i in target if i not in e.indices]
         if missing:
             raise self.error(st, f"target index {missing[0]!r} of {name or 'the result'} does not "
@@ -371,33 +512,6 @@ class _Parser:
             out.append(it.id)
         return tuple(out)
 
-    # ---- indices shown in the source (for the keep rule) -------------------------------------
-    def shown(self, node: ast.AST) -> list[str]:
-        """Index names written inside `node`, with multiplicity, in source order."""
-        key = id(node)
-        hit = self._shown.get(key)
-        if hit is not None:
-            return hit
-        out: list[str] = []
-        if isinstance(node, ast.Subscript):
-            out += self.shown(node.value)
-            items = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
-            out += [it.id for it in items if isinstance(it, ast.Name)]
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
-                and node.func.id in ("softmax", "logsumexp", "sum") and node.args:
-            out += self.shown(node.args[0])
-            out += [a.id for a in node.args[1:] if isinstance(a, ast.Name)]
-            for kw in node.keywords:
-                items = kw.value.elts if isinstance(kw.value, ast.Tuple) else [kw.value]
-                out += [a.id for a in items if isinstance(a, ast.Name)]
-        elif isinstance(node, ast.Name):
-            pass
-        else:
-            for child in ast.iter_child_nodes(node):
-                out += self.shown(child)
-        self._shown[key] = out
-        return out
-
     # ---- numbers ---------------------------------------------------------------------------
     def number(self, node: ast.AST):
         """The sympy number `node` denotes, or None if it involves tensors."""
@@ -405,8 +519,47 @@ class _Parser:
         if key in self._numbers:
             return self._numbers[key]
         v = self._number(node)
+        if v is not None:
+            v = self.real_number(node, v)
         self._numbers[key] = v
         return v
+
+    def real_number(self, node: ast.AST, v: sympy.Expr) -> sympy.Expr:
+        """`v` with relu/sigmoid/step of numbers written out; TNError naming the text when it
+        is not a finite real number (`0**(-1)`, `log(0)`, `(-1)**(1/2)`, `1e400`)."""
+        v = sympy.sympify(v)
+        for fn, form in _NUMERIC_FORMS.items():
+            if v.has(fn):
+                v = v.replace(fn, form)
+        problem = _number_problem(v)
+        if problem:
+            raise self.error(node, f"the number {self.source(node)!r} is {problem}; numbers in "
+                                   f"notation must be finite and real")
+        return v
+
+    def source(self, node: ast.AST) -> str:
+        """The text of `node` as written."""
+        return ast.get_source_segment(self.text, node) or ast.unparse(node)
+
+    def size_ref(self, node: ast.Call) -> sympy.Symbol:
+        """`size(k)`: the size of index k in this statement, as a placeholder symbol that
+        `unify_sizes` replaces (see `_link_size_refs`)."""
+        if len(node.args) != 1 or node.keywords or not isinstance(node.args[0], ast.Name):
+            raise self.error(node, f"size takes one index name, as in size(n), not "
+                                   f"{self.source(node)!r}")
+        placeholder = sympy.Dummy(f"size_{node.args[0].id}", integer=True, positive=True)
+        self.size_refs[placeholder] = node.args[0].id
+        return placeholder
+
+    def _link_size_refs(self) -> None:
+        """Tie each `size(k)` of the statement just read to every size of index k written in
+        it; when no k is written there, to `sizes[k]` or else the size symbol k."""
+        for placeholder, k in self.size_refs.items():
+            found = self.index_sizes.get(k)
+            if found:
+                self.links += [(placeholder, s, k) for s in found]
+            else:
+                self.links.append((placeholder, self.sizes.get(k, size_symbol(k)), k))
 
     def _number(self, node):
         if isinstance(node, ast.Constant):
@@ -416,16 +569,23 @@ class _Parser:
                 else sympy.nsimplify(node.value, rational=True)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             v = self.number(node.operand)
-            return None if v is None else (-v if isinstance(node.op, ast.USub) else v)
+            return None if v is None else (_times(-1, v) if isinstance(node.op, ast.USub) else v)
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)):
             a, b = self.number(node.left), self.number(node.right)
             if a is None or b is None:
                 return None
             if isinstance(node.op, ast.Div) and b == 0:
                 raise self.error(node, "division by zero")
-            op = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
-                  ast.Div: lambda: a / b, ast.Pow: lambda: a ** b}[type(node.op)]
-            return sympy.nsimplify(op())
+            op = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: _times(a, b),
+                  ast.Div: lambda: _times(a, 1 / b), ast.Pow: lambda: a ** b}[type(node.op)]
+            v = op()
+            return v if v.free_symbols else sympy.nsimplify(v)
+        name = _call_name(node)
+        if name == "size":
+            return self.size_ref(node)
+        if name in NUMBER_FUNCTIONS and node.args and not node.keywords:
+            args = [self.number(a) for a in node.args]
+            return None if any(a is None for a in args) else NUMBER_FUNCTIONS[name](*args)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and len(node.args) == 1 \
                 and not node.keywords and node.func.id not in INDEX_FUNCTIONS \
                 and node.func.id not in ("sum", "elementwise") + RESERVED:
@@ -473,7 +633,7 @@ class _Parser:
             nonlocal coef
             v = self.number(n)
             if v is not None:
-                coef = coef * v
+                coef = _times(coef, v)
             elif isinstance(n, ast.BinOp) and isinstance(n.op, ast.Mult):
                 flatten(n.left)
                 flatten(n.right)
@@ -485,10 +645,10 @@ class _Parser:
                                               f"{ast.unparse(n.right)!r}")
                 if d == 0:
                     raise self.error(n.right, "division by zero")
-                coef = coef / d
+                coef = _times(coef, 1 / d)
             elif isinstance(n, ast.UnaryOp) and isinstance(n.op, (ast.USub, ast.UAdd)):
                 if isinstance(n.op, ast.USub):
-                    coef = -coef
+                    coef = _times(-1, coef)
                 flatten(n.operand)
             else:
                 factor_nodes.append(n)
@@ -517,9 +677,10 @@ class _Parser:
         return tuple([i for i in target if i in indices] + [i for i in indices if i not in target])
 
     def kept(self, node: ast.AST, factors: list[Expr]) -> tuple[str, ...]:
-        """The keep rule: a factor index is kept iff it is in the target or appears in the
-        statement outside this chain. Order: target order, then first appearance."""
-        outside = self.total - Counter(self.shown(node))
+        """The keep rule: a factor index is kept iff it is in the target or free somewhere in
+        the statement outside this chain (an index a `sum(...)` binds is free only inside it).
+        Order: target order, then first appearance."""
+        outside = self.scopes.outside(node)
         target = self.target_indices
         seen = list(dict.fromkeys(i for f in factors for i in f.indices))
         keep = [i for i in seen if i in target or outside[i] > 0]
@@ -540,10 +701,10 @@ class _Parser:
         for sign, leaf in leaves:
             v = self.number(leaf)
             if v is not None:
-                parts.append((sign * v, None, leaf))
+                parts.append((_times(sign, v), None, leaf))
             elif _is_mult(leaf):
                 c, core = self.mult_chain(leaf)
-                parts.append((sign * c, core, leaf))
+                parts.append((_times(sign, c), core, leaf))
             else:
                 parts.append((sympy.Integer(sign), self.expr(leaf), leaf))
         full: set[str] = set()
@@ -579,12 +740,21 @@ class _Parser:
 
     def power(self, node: ast.BinOp) -> Expr:
         p = self.number(node.right)
-        if p is None:
+        if p is None or p.free_symbols:
             raise self.error(node.right, f"'**' needs a number exponent, not {ast.unparse(node.right)!r}")
         return Func(power(p), self.expr(node.left))
 
     # ---- atoms -------------------------------------------------------------------------------
     def atom(self, node: ast.AST) -> Expr:
+        """A tensor, defined name, constant or call; the sizes of the indices written in a
+        subscript are noted for `size(k)`."""
+        out = self._atom(node)
+        if isinstance(node, ast.Subscript):
+            for i, s in zip(out.indices, out.shape):
+                self.index_sizes.setdefault(i, []).append(s)
+        return out
+
+    def _atom(self, node: ast.AST) -> Expr:
         if isinstance(node, ast.Name):
             return self.reference(node.id, (), node)
         if isinstance(node, ast.Subscript):
@@ -755,6 +925,34 @@ def formula_function(formula: str) -> Elementwise:
     if extra:
         raise TNError(f"formula {formula!r} may only use x, found {sorted(map(str, extra))}")
     return Elementwise(formula, f)
+
+
+def _times(a, b) -> sympy.Expr:
+    """a·b for numbers. A number times a sum with sizes stays as written, `2*(size(n) + 1)`
+    (sympy would expand it): it is the form simplify gives coefficients, so they print and
+    parse back unchanged."""
+    a, b = sympy.sympify(a), sympy.sympify(b)
+    if a.is_Add and b.is_Rational:
+        a, b = b, a
+    if a.is_Rational and a != 1 and b.is_Add and b.free_symbols:
+        return sympy.Mul(a, b, evaluate=False)
+    return a * b
+
+
+def _number_problem(v: sympy.Expr) -> str:
+    """Why the number `v` is not finite and real ("" if it is; sizes in it are positive ints)."""
+    if v.has(sympy.nan):
+        return "undefined"
+    if v.has(sympy.zoo, sympy.oo, sympy.S.NegativeInfinity) or v.is_finite is False:
+        return "infinite"
+    if v.is_extended_real is False:
+        return f"complex ({v})"
+    if v.free_symbols:
+        return ""
+    n = v.evalf()
+    if n.is_real and n.is_finite:
+        return ""
+    return f"not a finite real number ({v})"
 
 
 def _is_mult(node: ast.AST) -> bool:

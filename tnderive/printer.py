@@ -13,13 +13,20 @@ expression the parser or the builder makes (and for most others). How:
   delta whose size would not be recovered is written `delta(n)[i,j]`.
 * Elementwise functions print by their registered name (found by formula), powers as `**`,
   anything else as `elementwise("formula in x", e)`.
+* Scoping follows the parser (`notation._Scopes`): an index a `sum(...)` or `logsumexp`
+  binds is seen only by the products inside that call, so a product that needs an index seen
+  from outside such a call is hoisted.
+* Coefficients are written in the parser's number grammar: a size symbol k as `size(k)`,
+  e as `exp(1)`; `2*(size(n) + 1)` stays factored, as simplify writes it.
 """
 from __future__ import annotations
 
 import ast
 from collections import Counter
+from dataclasses import dataclass, field
 
 import sympy
+from sympy.printing.str import StrPrinter
 
 from .errors import TNError
 from .functions import Elementwise, IndexFunction, X, registered_elementwise
@@ -27,7 +34,8 @@ from .ir import ONE, Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, 
 
 __all__ = ["to_notation"]
 
-_KEYWORDS = {"delta", "pattern", "constant", "sum", "softmax", "logsumexp", "elementwise"}
+_KEYWORDS = {"delta", "pattern", "constant", "sum", "softmax", "logsumexp", "elementwise", "size",
+             "floor", "ceiling", "max", "min"}
 
 
 def to_notation(expr: Expr, name: str = "out") -> str:
@@ -39,7 +47,7 @@ def to_notation(expr: Expr, name: str = "out") -> str:
     try:
         if parse(text) == expr:
             return text
-    except Exception:  # a best-effort check: fall back to the explicit spelling
+    except TNError:  # a best-effort check: fall back to the explicit spelling
         pass
     return _Printer(expr, explicit=True).program(name)
 
@@ -94,7 +102,8 @@ class _Printer:
             r = _Render(self, target, hoist)
             text, shown = r.top(node)
             total = Counter(shown) + Counter(target)
-            bad = {p for p, inside in r.products if not _keeps_right(p, inside, total, target)}
+            bad = {rec.product for rec in r.products
+                   if not _keeps_right(rec.product, r.outside(rec, total), target)}
             if not bad - hoist:
                 break
             hoist |= bad
@@ -141,6 +150,8 @@ def _first_occurrences(node: ast.AST, first: dict) -> None:
         return
     if isinstance(node, ast.Call):
         fname = getattr(node.func, "id", "")
+        if fname == "size":  # size(k) names an index's size, not a variable
+            return
         args = node.args[:1] if fname in ("softmax", "logsumexp", "sum") else \
             node.args[1:] if fname == "elementwise" else node.args
         for a in args:
@@ -155,9 +166,9 @@ def _size_text(s) -> str:
     return str(s)
 
 
-def _keeps_right(p: Product, inside: Counter, total: Counter, target) -> bool:
-    """Would the parser's keep rule give product `p` exactly its free indices (and order)?"""
-    outside = total - inside
+def _keeps_right(p: Product, outside: Counter, target) -> bool:
+    """Would the parser's keep rule give product `p` exactly its free indices (and order),
+    given the occurrences `outside` it that it sees?"""
     tset = set(target)
     seen = list(dict.fromkeys(i for f in p.factors for i in f.indices))
     keep = [i for i in seen if i in tset or outside[i] > 0]
@@ -181,7 +192,15 @@ def _coef_text(c, core: str) -> str:
         if p == -1:
             return f"-{core}/{q}"
         return f"{p}*{core}/{q}"
-    return f"({c})*{core}"
+    return f"({_SizeNotation().doprint(c)})*{core}"
+
+
+def _negative(c) -> bool:
+    """Write c as `- (−c)`? Only when the parser's `-` gives c back exactly (−(n + 1) is
+    not −n − 1 to sympy)."""
+    from .notation import _times
+    c = sympy.sympify(c)
+    return c.could_extract_minus_sign() and _times(-1, -c) == c
 
 
 def _number_text(c) -> str:
@@ -190,7 +209,24 @@ def _number_text(c) -> str:
         return str(c)
     if c.is_Rational:
         return f"{c.p}/{c.q}"
-    return f"({c})"
+    return f"({_SizeNotation().doprint(c)})"
+
+
+class _SizeNotation(StrPrinter):
+    """A number the way the parser reads numbers: a size symbol k as `size(k)`, e as exp(1),
+    `floor ceiling max min` in lower case (`notation.NUMBER_FUNCTIONS`)."""
+
+    def _print_Symbol(self, expr) -> str:
+        return f"size({expr.name})"
+
+    def _print_Exp1(self, expr) -> str:
+        return "exp(1)"
+
+    def _print_Max(self, expr) -> str:
+        return f"max({', '.join(self._print(a) for a in expr.args)})"
+
+    def _print_Min(self, expr) -> str:
+        return f"min({', '.join(self._print(a) for a in expr.args)})"
 
 
 def _is_leg(e: Expr) -> bool:
@@ -207,16 +243,45 @@ def _function_name(fn: Elementwise) -> str | None:
     return None
 
 
+@dataclass
+class _Inline:
+    """A product written inline: its free index occurrences in the text and the binding
+    calls (`sum`, `logsumexp`, by number) written around it."""
+
+    product: Product
+    inside: Counter
+    binders: list[int] = field(default_factory=list)
+
+
 class _Render:
     """Renders one statement's right side with a given set of hoisted nodes, recording every
-    inline product (with the indices written inside it) for the keep-rule check."""
+    inline product for the keep-rule check. Each rendering returns (text, the index
+    occurrences free in it); a binding call keeps the occurrences it binds in `bound`, where
+    only the products inside it see them (the parser's scoping, `notation._Scopes`)."""
 
     def __init__(self, printer: _Printer, target, hoist: set[Expr]):
         self.p = printer
         self.target = tuple(target)
         self.hoist = hoist
-        self.products: list[tuple[Product, Counter]] = []
+        self.products: list[_Inline] = []
+        self.bound: list[Counter] = []
         self.refs: set[str] = set()
+
+    def outside(self, rec: _Inline, total: Counter) -> Counter:
+        """Occurrences outside an inline product that it sees (`total`: the statement's
+        free occurrences and target)."""
+        seen = Counter(total)
+        for b in rec.binders:
+            seen += self.bound[b]
+        return seen - rec.inside
+
+    def bind(self, start: int, occurrences: list[str], binds) -> list[str]:
+        """Close a binding call whose argument rendered the products from `start` on and
+        wrote `occurrences`: those it `binds` go to its scope; the rest are returned."""
+        self.bound.append(Counter(i for i in occurrences if binds(i)))
+        for rec in self.products[start:]:
+            rec.binders.append(len(self.bound) - 1)
+        return [i for i in occurrences if not binds(i)]
 
     # ---- positions ---------------------------------------------------------------------------
     def top(self, node: Expr):
@@ -304,7 +369,7 @@ class _Render:
             t, s = self.factor(f)
             texts.append(t)
             shown += s
-        self.products.append((node, Counter(shown)))
+        self.products.append(_Inline(node, Counter(shown)))
         return "*".join(texts), shown
 
     def sum_call(self, node: Product, allow_keep: bool = True):
@@ -314,13 +379,17 @@ class _Render:
         plain = not node.indices or (summed and tuple(i for i in f.indices if i in node.indices) == node.indices)
         if not plain and not allow_keep:
             return None
+        start = len(self.products)
         text, shown = self.expr(f)
         if not plain:
             keep = node.indices[0] if len(node.indices) == 1 else f"({', '.join(node.indices)})"
-            return f"sum({text}, keep={keep})", shown + list(node.indices)
+            kept = set(node.indices)
+            free = self.bind(start, shown + list(node.indices), lambda i: i not in kept)
+            return f"sum({text}, keep={keep})", free
         if node.indices:
-            return f"sum({text}, {', '.join(summed)})", shown + summed
-        return f"sum({text})", shown
+            over = set(summed)
+            return f"sum({text}, {', '.join(summed)})", self.bind(start, shown + summed, over.__contains__)
+        return f"sum({text})", self.bind(start, shown, lambda i: True)
 
     def sum_order_ok(self, node: Sum) -> bool:
         first = next((e for _, e in node.terms if e.indices and not self.is_broadcast(e, node)), None)
@@ -366,7 +435,7 @@ class _Render:
             else:
                 core, s = self.add_term_core(e)
             shown += s
-            neg = sympy.sympify(c).could_extract_minus_sign()
+            neg = _negative(c)
             mag = -c if neg else c
             if core is None:
                 t = _number_text(mag)
@@ -417,8 +486,12 @@ class _Render:
     def func(self, f: Func):
         fn = f.fn
         if isinstance(fn, IndexFunction):
+            start = len(self.products)
             text, shown = self.expr(f.arg)
-            return f"{fn.name}({text}, {f.over})", shown + [f.over]
+            shown = shown + [f.over]
+            if fn.removes_index:  # logsumexp binds its index, like sum
+                shown = self.bind(start, shown, lambda i: i == f.over)
+            return f"{fn.name}({text}, {f.over})", shown
         name = _function_name(fn)
         if name is not None:
             text, shown = self.expr(f.arg)

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Sequence
 
 from .errors import TNError
 from .ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, map_children,
-                 replace)
+                 replace, with_signature)
 
 Rule = Callable[[Expr], "Expr | None"]
 
@@ -245,7 +245,8 @@ def simplify(expr: Expr, trace: bool = False, rules: Sequence[Rule] | Iterable[s
     """Simplify `expr` with the rewrite rules (default: every family in ``FAMILIES``).
 
     rules: rule functions, or rule names (see `rules_by_name`), or None for the defaults.
-    Returns the simplified expression (same free indices, same order), or with ``trace=True``
+    Returns the simplified expression (same free indices, same order, same signature), or
+    with ``trace=True``
     a pair ``(expr, steps)`` where steps is a list of `Step` (whole expression before/after).
     """
     if not isinstance(expr, Expr):
@@ -268,6 +269,7 @@ def simplify(expr: Expr, trace: bool = False, rules: Sequence[Rule] | Iterable[s
     if out.indices != expr.indices:  # rules keep the index set; restore the output order
         from .ir import transpose
         out = transpose(out, expr.indices)
+    out = with_signature(out, expr)  # a rule may drop a variable; its tensor still binds sizes
     return (out, engine.steps) if trace else out
 
 

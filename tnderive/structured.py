@@ -648,7 +648,9 @@ def _fold(ops: list[_Op], folds: list[_Struct], out: list[int]) -> torch.Tensor:
     y = y.permute([mem.index(j) for j in range(nrest)] + list(range(nrest, y.dim())))
     head = (slice(None),) * nrest
     for taps in itertools.product(*[range(x[0]) for x in info]):
-        y[head + _tap_slices(info, taps)] += r[head + taps]
+        # add into the view (no `y[...] += ...`: its __setitem__ copies back into y, which
+        # autograd refuses when one tap's slice is all of a permuted y, e.g. a 1x1 kernel)
+        y[head + _tap_slices(info, taps)].add_(r[head + taps])
     return _crop_fold(y, info, rest, fold_is, out)
 
 

@@ -48,12 +48,14 @@ def heatmap(blocks: HessianBlocks, tensors: Mapping[str, torch.Tensor], path: st
 
 def draw_blocks(blocks: HessianBlocks, outdir: str, fmt: str = "svg",
                 parts: Sequence[str] = ("outer", "functional")) -> list[str]:
-    """A diagram per block part (tnderive.draw); [] when drawing is unavailable."""
-    try:
-        from ..draw import draw
-    except ImportError:
-        return []
+    """A diagram per block part (tnderive.draw); [] without Graphviz's `dot` program."""
     import os
+
+    from ..draw import dot_available, draw
+    from ..errors import TNError
+
+    if not dot_available():
+        return []
     written = []
     for (p, q), b in blocks.items():
         for name in parts:
@@ -63,7 +65,7 @@ def draw_blocks(blocks: HessianBlocks, outdir: str, fmt: str = "svg",
             path = os.path.join(outdir, f"{_short(p)}{_short(q)}_{name}.{fmt}")
             try:
                 draw(part.expr, path, title=f"{PART_LABEL[name]} block ({p}, {q})")
-            except Exception as e:  # graphviz missing or an unsupported node: skip, say why
+            except TNError as e:  # graphviz failed or an unsupported node: skip, say why
                 written.append(f"(not drawn: {path}: {e})")
                 continue
             written.append(path)

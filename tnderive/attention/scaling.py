@@ -6,6 +6,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ..progress import progress
 from .blocks import HessianBlocks
 from .structure import DATA
 
@@ -20,25 +21,33 @@ def fit_slopes(blocks: HessianBlocks, tensors: Mapping[str, torch.Tensor],
                sigmas: Sequence[float] = (1e-3, 1.78e-3, 3.16e-3, 5.62e-3, 1e-2),
                data: str = DATA) -> dict:
     """Least-squares log-log slope of each part's norm when `data` is scaled by σ.
-    Returns {(p, q): {part: slope or None (zero)}}."""
+    Returns {(p, q): {part: slope or None (zero)}}. Shows progress (tnderive.progress)."""
     logs = torch.log(torch.tensor(list(sigmas), dtype=torch.float64))
+    todo = sum(not part.is_zero for b in blocks.values() for part in b.parts().values())
     out = {}
-    for key, b in blocks.items():
-        row = {}
-        for name, part in b.parts().items():
-            if part.is_zero:
-                row[name] = None
-                continue
-            norms = []
-            for s in sigmas:
-                t = dict(tensors)
-                t[data] = tensors[data] * s
-                norms.append(float(part.evaluate(t).norm()))
-            y = torch.log(torch.tensor(norms, dtype=torch.float64))
-            xm, ym = logs.mean(), y.mean()
-            row[name] = float(((logs - xm) * (y - ym)).sum() / ((logs - xm) ** 2).sum())
-        out[key] = row
+    with progress("σ-fit", total=todo * len(sigmas)) as bar:
+        for key, b in blocks.items():
+            row = {}
+            for name, part in b.parts().items():
+                if part.is_zero:
+                    row[name] = None
+                    continue
+                norms = []
+                for s in sigmas:
+                    bar.note(f"{'–'.join(key)} {name}, σ = {s:g}")
+                    t = dict(tensors)
+                    t[data] = tensors[data] * s
+                    norms.append(float(part.evaluate(t).norm()))
+                    bar.advance()
+                row[name] = _slope(logs, torch.log(torch.tensor(norms, dtype=torch.float64)))
+            out[key] = row
     return out
+
+
+def _slope(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Least-squares slope of y over x."""
+    xm, ym = x.mean(), y.mean()
+    return float(((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum())
 
 
 def assemble(blocks: HessianBlocks, tensors: Mapping[str, torch.Tensor], part: str = "total"):

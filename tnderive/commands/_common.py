@@ -1,18 +1,49 @@
-"""Helpers shared by the sub-commands: reading notation, parsing --sizes, --wrt."""
+"""Helpers shared by the sub-commands: reading notation, --sizes, --wrt, --loss, output paths."""
 from __future__ import annotations
 
 import os
+from typing import Mapping
 
 from ..errors import TNError
 
+LOSS_REDUCTIONS = ("sum", "mean")
+
+
+# --------------------------------------------------------------------------------------------
+# input: notation text or a file of it
+# --------------------------------------------------------------------------------------------
+
+def looks_like_path(text: str) -> bool:
+    """True for an argument meant as a file name: it ends in `.tn`, or it contains a path
+    separator and none of the characters that notation needs (`=`, `[`, a line break)."""
+    text = text.strip()
+    if not text or "\n" in text:
+        return False
+    if text.endswith(".tn"):
+        return True
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return any(s in text for s in separators) and not any(c in text for c in "=[")
+
 
 def read_source(text_or_path: str) -> str:
-    """The notation itself, or the contents of the file it names."""
+    """The notation itself, or the contents of the file it names; TNError "no such file" for
+    an argument that names a file (see `looks_like_path`) which does not exist."""
     if os.path.isfile(text_or_path):
-        with open(text_or_path, encoding="utf-8") as fh:
-            return fh.read()
+        try:
+            with open(text_or_path, encoding="utf-8") as fh:
+                return fh.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise TNError(f"cannot read {text_or_path!r}: {e}") from None
+    if looks_like_path(text_or_path):
+        if os.path.isdir(text_or_path):
+            raise TNError(f"{text_or_path!r} is a folder, expected a notation file or notation text")
+        raise TNError(f"no such file: {text_or_path!r}")
     return text_or_path
 
+
+# --------------------------------------------------------------------------------------------
+# --sizes
+# --------------------------------------------------------------------------------------------
 
 def parse_sizes(spec: str | None) -> dict[str, int]:
     """'n=128,i=64' -> {'n': 128, 'i': 64}; TNError naming a bad item."""
@@ -33,12 +64,45 @@ def parse_sizes(spec: str | None) -> dict[str, int]:
     return out
 
 
+def size_names(expr) -> set[str]:
+    """The names `--sizes` may fix: every index of the expression's tensors, every declared
+    axis and every size symbol."""
+    names: set[str] = set()
+    for node in expr.walk():
+        if not node.children:
+            names.update(node.indices)
+        for s in node.shape:
+            names.update(str(sym) for sym in getattr(s, "free_symbols", ()))
+    for var in expr.variables.values():
+        names.update(var.axes)
+    return names
+
+
+def check_sizes(expr, sizes: Mapping[str, int]) -> None:
+    """TNError for a --sizes entry that names no index of `expr`, listing the known ones."""
+    known = size_names(expr)
+    for name in sizes:
+        if name not in known:
+            raise TNError(f"--sizes {name}={sizes[name]}: the expression has no index {name!r} "
+                          f"(indices: {', '.join(sorted(known)) or 'none'})")
+
+
 def load_expression(text_or_path: str, sizes: str | None = None):
-    """Parse notation (or a file of it) with optional --sizes."""
+    """Parse notation (or a file of it) with optional --sizes (checked against its indices)."""
     from ..notation import parse
 
-    return parse(read_source(text_or_path), sizes=parse_sizes(sizes) or None)
+    source = read_source(text_or_path)
+    given = parse_sizes(sizes)
+    expr = parse(source)
+    if not given:
+        return expr
+    check_sizes(expr, given)
+    return parse(source, sizes=given)
 
+
+# --------------------------------------------------------------------------------------------
+# --wrt, --loss
+# --------------------------------------------------------------------------------------------
 
 def differentiate(expr, wrt: list[str]):
     """The derivative of `expr` by each variable of `wrt` in turn (--wrt; new legs named after
@@ -54,3 +118,58 @@ def differentiate(expr, wrt: list[str]):
         var = expr.variables[w]
         result = derivative(result, w, new_leg_names(result, var), var=var)
     return result
+
+
+def parse_loss(spec: str, names: tuple[str, ...]) -> tuple[str, str]:
+    """'ce:mean' -> ('ce', 'mean'): the one --loss syntax, NAME[:REDUCTION] with the reduction
+    'sum' (the default) or 'mean'; TNError naming a bad part."""
+    name, _, reduction = spec.strip().partition(":")
+    reduction = reduction or "sum"
+    if name not in names:
+        raise TNError(f"--loss {spec!r}: unknown loss {name!r}; choose from {', '.join(names)} "
+                      f"(optionally :sum or :mean)")
+    if reduction not in LOSS_REDUCTIONS:
+        raise TNError(f"--loss {spec!r}: unknown reduction {reduction!r}; use :sum or :mean")
+    return name, reduction
+
+
+# --------------------------------------------------------------------------------------------
+# outputs
+# --------------------------------------------------------------------------------------------
+
+def _blocking_file(path: str) -> str | None:
+    """The first existing non-folder on the way to `path` (itself included), if any."""
+    path = os.path.abspath(path)
+    parts = []
+    while True:
+        parts.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for p in reversed(parts):
+        if os.path.exists(p) and not os.path.isdir(p):
+            return p
+    return None
+
+
+def ensure_folder(path: str | os.PathLike, flag: str = "-o/--output") -> str:
+    """Create the folder `path` (and its parents) as needed; TNError when a file is in the way."""
+    path = os.fspath(path)
+    blocker = _blocking_file(path)
+    if blocker is not None:
+        raise TNError(f"{flag} {path!r}: {blocker!r} is a file, expected a folder")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def ensure_parent(path: str | os.PathLike, flag: str = "-o/--output") -> str:
+    """Create the folder that will hold the file `path`; TNError when `path` is a folder or a
+    file is in the way of its folder."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise TNError(f"{flag} {path!r} is a folder, expected a file name")
+    parent = os.path.dirname(path)
+    if parent:
+        ensure_folder(parent, flag)
+    return path

@@ -5,7 +5,7 @@ import argparse
 import time
 
 from ..errors import TNError
-from ._common import differentiate, load_expression, parse_sizes
+from ._common import check_sizes, differentiate, ensure_parent, load_expression, parse_sizes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="f", help="name of the generated function (default f)")
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=True,
                    help="simplify the expression before generating code (default on)")
-    p.add_argument("--steps", action="store_true", help="also print every contraction step")
+    p.add_argument("--steps", action="store_true",
+                   help="also print every step (here: every contraction of the plan)")
     p.set_defaults(func=run)
 
 
@@ -40,17 +41,17 @@ def run(args) -> int:
         raise TNError(f"--default-size must be positive, got {args.default_size}")
     # --sizes plans; it fixes in the code only symbols that no argument's shape determines
     expr = load_expression(args.expression)
+    sizes = parse_sizes(args.sizes)
+    check_sizes(expr, sizes)
+    if args.output:
+        ensure_parent(args.output)
     t0 = time.perf_counter()
     expr = differentiate(expr, args.wrt)
     if args.simplify:
-        try:
-            from ..simplify import simplify
-        except ImportError:
-            simplify = None
-        if simplify is not None:
-            expr = simplify(expr)
-    program = lower(expr, parse_sizes(args.sizes), args.default_size)
-    source = emit_module(program, args.name, sizes=parse_sizes(args.sizes))
+        from ..simplify import simplify
+        expr = simplify(expr)
+    program = lower(expr, sizes, args.default_size)
+    source = emit_module(program, args.name, sizes=sizes)
     elapsed = time.perf_counter() - t0
     print(f"# {args.name}({', '.join(expr.variables)}) -> [{', '.join(expr.indices)}]"
           f"{'  (d/d' + ' d/d'.join(args.wrt) + ')' if args.wrt else ''}, "

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import ensure_folder
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..demo import SHOWCASES
@@ -21,11 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fast", action="store_true", help="smaller sizes (for tests)")
     p.add_argument("--only", action="append", metavar="ITEM", help=f"run only this item (repeatable): {keys}")
     p.add_argument("-v", "--verbose", action="store_true", help="print every check")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..demo import run_demo
 
+    ensure_folder(args.output)
     outcomes = run_demo(args.output, fast=args.fast, only=args.only, verbose=args.verbose)
     return 1 if any(o.failed for o in outcomes) else 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import load_expression
+from ._common import ensure_parent, load_expression
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +35,7 @@ def run(args) -> int:
     from ..draw import draw
 
     expr = load_expression(args.expression, args.sizes)
+    ensure_parent(args.output)
     show = {"auto": "auto", "always": True, "never": False}[args.show_sizes]
     draw(expr, args.output, title=args.title, show_sizes=show)
     print(f"drew [{', '.join(expr.indices)}] to {args.output}")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import TNError
+from ._common import ensure_folder
 
 
 def find_gallery(start: Path | None = None) -> Path:
@@ -43,18 +44,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "it against torch in float64 and writes its diagrams, generated code and README "
                     "into gallery/NN_name/; then gallery/README.md is rewritten. Deterministic: "
                     "re-running leaves the files byte-identical. Exit code 1 when a check fails.",
-        epilog="example: tnderive gallery --only 08 --fast --out /tmp/gallery")
+        epilog="example: tnderive gallery --only 08 --fast -o /tmp/gallery")
     p.add_argument("--only", action="append", metavar="NAME",
                    help="run only examples whose name starts with / contains NAME (repeatable)")
     p.add_argument("--fast", action="store_true", help="small sizes (what the tests run)")
-    p.add_argument("--out", metavar="DIR", help="write into DIR/<example>/ instead of gallery/")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="write into DIR/<example>/ instead of gallery/ (created as needed)")
+    p.add_argument("--out", dest="output", help=argparse.SUPPRESS)  # the former name
     p.add_argument("--list", action="store_true", help="list the examples and exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--gallery", metavar="DIR", help="the gallery folder (default: found from the "
                                                     "current directory)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.output:
+        ensure_folder(args.output)
     folder = Path(args.gallery) if args.gallery else find_gallery()
+    if not (folder / "__init__.py").is_file():
+        raise TNError(f"--gallery {str(folder)!r}: no gallery there (expected {folder}/__init__.py)")
     gallery = load_gallery(folder)
     return gallery.run_from_args(args)

@@ -17,6 +17,10 @@ import os
 import time
 
 from ..errors import TNError
+from ..progress import progress
+from ._common import ensure_folder, parse_loss
+
+LOSSES = ("mse", "ce")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,18 +37,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dk", type=int, default=4, help="key/query width d_k (default 4)")
     p.add_argument("--dv", type=int, default=None, help="value width (default d, or d_k with heads/W_O)")
     p.add_argument("--heads", type=int, default=1, help="number of heads (default 1)")
-    p.add_argument("--loss", choices=("mse", "ce"), default="mse", help="squared error or cross-entropy")
-    p.add_argument("--reduction", choices=("mean", "sum"), default="mean")
+    p.add_argument("--loss", default="mse:mean", metavar="NAME[:REDUCTION]",
+                   help="squared error (mse) or cross-entropy (ce), optionally :sum or :mean, "
+                        "as for `tnderive kfac` (default mse:mean)")
     p.add_argument("--classes", type=int, default=4, help="classes of the cross-entropy read-out")
     p.add_argument("--causal", action="store_true", help="causal mask")
     p.add_argument("--linear", action="store_true", help="linear attention (no softmax)")
     p.add_argument("--out-proj", action="store_true", help="add the output projection W_O as a parameter")
     p.add_argument("--include-x", action="store_true", help="also the blocks with the data X")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-slopes", action="store_true", help="skip the σ-scaling fit")
-    p.add_argument("--no-simplify", action="store_true", help="skip tnderive.simplify")
-    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random data and weights (default 0)")
+    p.add_argument("--slopes", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit the σ-scaling slopes (default on; the slowest step at large --seq)")
+    p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=True,
+                   help="simplify the blocks with tnderive.simplify (default on)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="output folder (created as needed)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)
+
+
+STAGES = ("deriving blocks", "σ-fit", "norms", "heatmap", "diagrams", "code")
 
 
 def run(args) -> int:
@@ -54,49 +66,73 @@ def run(args) -> int:
                              report_markdown, report_rows, structure_seconds)
     from ..nn.attention import self_attention
 
-    torch.set_default_dtype(torch.float64)
-    if args.seq * args.dmodel <= 4096:
-        torch.set_num_threads(1)   # many small contractions: threads only add overhead
     for name in ("seq", "dmodel", "dk", "heads", "classes"):
         if getattr(args, name) < 1:
             raise TNError(f"--{name} must be positive, got {getattr(args, name)}")
-    os.makedirs(args.output, exist_ok=True)
-    model = self_attention(args.seq, args.dmodel, args.dk, d_v=args.dv, heads=args.heads,
-                           out_proj=args.out_proj, causal=args.causal, linear=args.linear,
-                           loss=args.loss, reduction=args.reduction, classes=args.classes)
-    params = tuple(model.params)
-    blocks = hessian_blocks(model, params=params, include_X=args.include_x,
-                            simplify=not args.no_simplify)
-    t_struct = structure_seconds(blocks)
-    tensors = model.random_inputs(args.seed)
-    slopes = None
-    if not args.no_slopes:
-        t0 = time.perf_counter()
-        slopes = fit_slopes(blocks, tensors)
-        t_slopes = time.perf_counter() - t0
-    rows = report_rows(blocks, tensors, slopes)
-    opts = model.options
-    notes = [
+    loss, reduction = parse_loss(args.loss, LOSSES)
+    ensure_folder(args.output)
+    ddir = ensure_folder(os.path.join(args.output, "diagrams"))
+    torch.set_default_dtype(torch.float64)
+    if args.seq * args.dmodel <= 4096:
+        torch.set_num_threads(1)   # many small contractions: threads only add overhead
+    with progress("hessian-blocks", total=len(STAGES)) as bar:
+        bar.note(STAGES[0])
+        model = self_attention(args.seq, args.dmodel, args.dk, d_v=args.dv, heads=args.heads,
+                               out_proj=args.out_proj, causal=args.causal, linear=args.linear,
+                               loss=loss, reduction=reduction, classes=args.classes)
+        blocks = hessian_blocks(model, params=tuple(model.params), include_X=args.include_x,
+                                simplify=args.simplify)
+        t_struct = structure_seconds(blocks)
+        tensors = model.random_inputs(args.seed)
+        bar.advance(note=STAGES[1])
+        slopes, t_slopes = None, 0.0
+        if args.slopes:
+            t0 = time.perf_counter()
+            slopes = fit_slopes(blocks, tensors)
+            t_slopes = time.perf_counter() - t0
+        bar.advance(note=STAGES[2])
+        rows = report_rows(blocks, tensors, slopes)
+        notes = _notes(args, model.options, blocks, t_struct, t_slopes if slopes else None)
+        md = report_markdown(blocks, rows, "Self-attention Hessian blocks", notes)
+        bar.advance(note=STAGES[3])
+        png = heatmap(blocks, tensors, os.path.join(args.output, "hessian.png"))
+        md += "\n" + ("![Hessian heatmap](hessian.png)\n" if png else "(matplotlib missing: no heatmap)\n")
+        bar.advance(note=STAGES[4])
+        drawn = draw_blocks(blocks, ddir)
+        ok = [d for d in drawn if not d.startswith("(")]
+        md += f"\nDiagrams: {len(ok)} in `diagrams/`" + (
+            "" if len(ok) == len(drawn) else f" ({len(drawn) - len(ok)} skipped)") + ".\n"
+        bar.advance(note=STAGES[5])
+        code = _code(blocks)
+        bar.advance()
+    with open(os.path.join(args.output, "blocks.py"), "w", encoding="utf-8") as fh:
+        fh.write(code)
+    with open(os.path.join(args.output, "report.md"), "w", encoding="utf-8") as fh:
+        fh.write(md)
+    print(md)
+    print(f"wrote {args.output}/report.md, blocks.py" + (", hessian.png" if png else "") +
+          f", {len(ok)} diagrams")
+    return 0
+
+
+def _notes(args, opts, blocks, t_struct: float, t_slopes: float | None) -> list[str]:
+    """The report's notes: the layer, the timings, how slopes are predicted and fitted."""
+    return [
         f"Layer: L={args.seq}, d={args.dmodel}, d_k={args.dk}, heads={args.heads}, "
         f"{'linear' if opts['linear'] else 'softmax'} attention{', causal' if opts['causal'] else ''}"
         f"{', W_O' if opts['out_proj'] else ''}; loss {opts['loss']} ({opts['reduction']}); "
         f"random data (seed {args.seed}), weights ~ N(0, 1/fan_in).",
         f"Derivation {blocks.seconds['derive']:.2f} s, simplification ({blocks.simplifier}) "
         f"{blocks.seconds['simplify']:.2f} s, expansion + structure {t_struct:.2f} s"
-        + (f", σ-fit {t_slopes:.2f} s." if slopes is not None else "."),
+        + (f", σ-fit {t_slopes:.2f} s." if t_slopes is not None else "."),
         "Predicted slope = the smallest number of X factors outside softmax among a part's terms "
         "(softmax and its derivatives are O(1) as σ → 0; targets are O(1)); fitted = least-squares "
         "slope of log ‖block‖ vs log σ over σ ∈ [1e-3, 1e-2]. ≡0: identically zero (symbolically).",
     ]
-    md = report_markdown(blocks, rows, "Self-attention Hessian blocks", notes)
-    png = heatmap(blocks, tensors, os.path.join(args.output, "hessian.png"))
-    md += "\n" + ("![Hessian heatmap](hessian.png)\n" if png else "(matplotlib missing: no heatmap)\n")
-    ddir = os.path.join(args.output, "diagrams")
-    os.makedirs(ddir, exist_ok=True)
-    drawn = draw_blocks(blocks, ddir)
-    ok = [d for d in drawn if not d.startswith("(")]
-    md += f"\nDiagrams: {len(ok)} in `diagrams/`" + (
-        "" if len(ok) == len(drawn) else f" ({len(drawn) - len(ok)} skipped)") + ".\n"
+
+
+def _code(blocks) -> str:
+    """blocks.py: one generated function per block part."""
     code = ["\"\"\"Generated by `tnderive hessian-blocks`: one function per Hessian block part.",
             "Each takes the layer's tensors as keywords and returns the block with the layout of",
             "torch.func.hessian (first parameter's axes, then the second's).\"\"\"", "import torch", ""]
@@ -104,11 +140,4 @@ def run(args) -> int:
         for name, part in b.parts().items():
             src = part.program(fn_name=f"{p}_{q}_{name}").source
             code.append(src[src.index("import torch\n") + len("import torch\n"):].strip("\n"))
-    with open(os.path.join(args.output, "blocks.py"), "w", encoding="utf-8") as fh:
-        fh.write("\n\n".join(code))
-    with open(os.path.join(args.output, "report.md"), "w", encoding="utf-8") as fh:
-        fh.write(md)
-    print(md)
-    print(f"wrote {args.output}/report.md, blocks.py" + (", hessian.png" if png else "") +
-          f", {len(ok)} diagrams")
-    return 0
+    return "\n\n".join(code)

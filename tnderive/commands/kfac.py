@@ -22,7 +22,9 @@ import textwrap
 import sympy
 
 from ..errors import TNError
-from ._common import load_expression, parse_sizes
+from ._common import ensure_parent, load_expression, parse_loss, parse_sizes
+
+LOSSES = ("mse", "ce", "bce")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,20 +36,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "torch code for them.",
         epilog='example: tnderive kfac "y[n,s,o] = W[o,i]*x[n,s,i]" --weight W --batch n --kind reduce -o kfac.py')
     p.add_argument("expression", help="index notation (a layer, or a model with --loss), or a file")
-    p.add_argument("--weight", "-w", default="W", help="the weight (default W)")
-    p.add_argument("--batch", "-b", default="n", help="the batch index (default n)")
+    p.add_argument("-w", "--weight", default="W", help="the weight (default W)")
+    p.add_argument("-b", "--batch", default="n", help="the batch index (default n)")
     p.add_argument("--kind", choices=["expand", "reduce"], default="expand",
                    help="expand: every non-batch output position is a sample; reduce: positions "
                         "summed first (default expand)")
     p.add_argument("--fisher", choices=["type-2", "mc", "empirical"], default="type-2",
                    help="with --loss: loss-Hessian square root (type-2) or true-target gradients "
                         "(empirical); mc needs sampling, use the Python API (default type-2)")
-    p.add_argument("--loss", help="loss on the expression's output: mse, ce, bce, optionally :mean "
-                                  "(e.g. ce:mean); without it the output factor takes vectors g")
+    p.add_argument("--loss", metavar="NAME[:REDUCTION]",
+                   help="loss on the expression's output: mse, ce or bce, optionally :sum "
+                        "(default) or :mean, e.g. ce:mean; without it the output factor takes "
+                        "vectors g")
     p.add_argument("--bias", help="the layer's bias (reported separately; its block uses B)")
     p.add_argument("--sizes", help="index sizes, e.g. n=32,i=64 (for costs and plans)")
-    p.add_argument("--no-simplify", dest="simplify", action="store_false",
-                   help="keep the raw networks (no rewrite rules)")
+    p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=True,
+                   help="simplify the factors with the rewrite rules (default on; "
+                        "--no-simplify keeps the raw networks)")
     p.add_argument("-o", "--output", metavar="FILE", help="write the factor code to FILE")
     p.set_defaults(func=run)
 
@@ -55,10 +60,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args) -> int:
     from ..kfac import kfac
 
+    if args.loss:
+        parse_loss(args.loss, LOSSES)
     if args.loss and args.fisher == "mc":
         raise TNError("--fisher mc samples targets at run time; use tnderive.kfac(...).compute in Python")
     expr = load_expression(args.expression, args.sizes)
     sizes = parse_sizes(args.sizes)
+    if args.output:
+        ensure_parent(args.output)
     fac = kfac(expr, args.weight, args.batch, kind=args.kind, fisher=args.fisher, loss=args.loss,
                bias=args.bias, simplify=args.simplify)
     s = fac.split
@@ -89,7 +98,7 @@ def _fmt(n, sizes) -> str:
 def _one_line(e) -> str:
     try:
         text = str(e).splitlines()[-1]
-    except Exception:  # printer not able to show a constant kind: describe the structure
+    except TNError:  # the printer refuses (e.g. a constant kind it cannot write): describe it
         text = f"{type(e).__name__}[{','.join(e.indices)}]"
     return text if len(text) < 400 else text[:400] + " ..."
 
@@ -164,12 +173,12 @@ def _size_code(fac, sizes, extra=()):
 
 def _input_body(expand: bool, ng: int, npos: int, denom: str, args) -> str:
     if not expand:
-        return (f"    A = kfac_input_raw(**{{k: tensors[k] for k in {args!r}}}) / {denom}\n"
+        return (f"    A = kfac_input_raw(**{{k: tensors[k] for k in {args!r} if k in tensors}}) / {denom}\n"
                 f"    G = math.prod(A.shape[:{ng}])\n"
                 f"    Q = int(math.isqrt(A.numel() // G))\n"
                 f"    return A.reshape(G, Q, Q)\n")
     # expand: X [n, *positions, *groups, *in] by generated code, then one Gram matrix
-    return (f"    X = kfac_input_raw(**{{k: tensors[k] for k in {args!r}}})\n"
+    return (f"    X = kfac_input_raw(**{{k: tensors[k] for k in {args!r} if k in tensors}})\n"
             f"    G = math.prod(X.shape[{1 + npos}:{1 + npos + ng}])\n"
             f"    Xm = X.reshape(N * S, G, -1)\n"
             f"    A = torch.einsum('mgq,mgr->gqr', Xm, Xm) if G > 1 else (Xm[:, 0].T @ Xm[:, 0])[None]\n"
@@ -181,8 +190,8 @@ def module_source(fac, sizes, args) -> str:
     scale = [fac.loss.scale(fac.model)] if fac.loss is not None and fac.fisher == "empirical" else []
     n_code, s_code, scale_code = _size_code(fac, sizes, scale)
     denom = "(N * S)" if fac.kind == "expand" else "(N * S * S)"
-    A_args = sorted(fac.input_expr.variables)
-    B_args = sorted(fac.output_expr.variables)
+    A_args = sorted(fac.input_expr.signature)
+    B_args = sorted(fac.output_expr.signature)
     grp = ", ".join(f"{i}" for i in s.group_legs) or "-"
     head = f'''"""KFAC-{fac.kind} factors of {fac.weight!r}, generated by `tnderive kfac`.
 
@@ -209,7 +218,7 @@ def _floor(v):
 '''
     expand = fac.kind == "expand" and fac.input_side_expr is not None
     a_expr = fac.input_side_expr if expand else fac.input_expr
-    A_args = sorted(a_expr.variables)
+    A_args = sorted(a_expr.signature)
     parts = [head, _generated(a_expr, "kfac_input_raw", sizes), "\n",
              _generated(fac.output_expr, "kfac_output_raw", sizes)]
     nA = len(s.group_legs)
@@ -227,7 +236,7 @@ def input_factor(**tensors):
 
 def output_factor(**tensors):
     """B = Σ g gᵀ as [G, P, P] (g: output-side vectors backpropagated to the layer output)."""
-    B = kfac_output_raw(**{{k: tensors[k] for k in {B_args!r}}})
+    B = kfac_output_raw(**{{k: tensors[k] for k in {B_args!r} if k in tensors}})
 {out_scale}    G = math.prod(B.shape[:{nA}])
     P = int(math.isqrt(B.numel() // G))
     return B.reshape(G, P, P)

@@ -31,6 +31,16 @@ def _check(t, what: str) -> None:
         raise TNError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def _batched(input: torch.Tensor, run) -> torch.Tensor:
+    """`run(input)`, also for an empty batch (torch accepts N = 0; a network's sizes are
+    positive): then run on one zero sample appended to the input and keep no rows, so the
+    result has torch's shape and stays connected to the inputs for autograd."""
+    if input.dim() == 0 or input.shape[0] != 0:
+        return run(input)
+    one = torch.cat([input, input.new_zeros((1, *input.shape[1:]))])
+    return run(one)[:0]
+
+
 @lru_cache(maxsize=512)
 def _conv_net(xs, ws, stride, padding, dilation, groups, bias) -> Network:
     return conv_network(xs, ws, stride=stride, padding=padding, dilation=dilation, groups=groups,
@@ -45,14 +55,16 @@ def convnd(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if input.dim() != weight.dim():
         raise TNError(f"input of shape {tuple(input.shape)} and weight of shape {tuple(weight.shape)} "
                       f"have different ranks")
-    net = _conv_net(tuple(input.shape), tuple(weight.shape), _key(stride), _key(padding),
-                    _key(dilation), groups, bias is not None)
     if bias is not None:
         _check(bias, "bias")
         if bias.shape != (weight.shape[0],):
             raise TNError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        return net(input, weight, bias)
-    return net(input, weight)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        net = _conv_net(tuple(x.shape), tuple(weight.shape), _key(stride), _key(padding),
+                        _key(dilation), groups, bias is not None)
+        return net(x, weight, bias) if bias is not None else net(x, weight)
+    return _batched(input, run)
 
 
 def _fixed(d: int, name: str, general, what: str):
@@ -83,9 +95,12 @@ def conv_transposend(input, weight, bias=None, stride=1, padding=0, output_paddi
     """N-d transpose convolution (torch argument order)."""
     _check(input, "input")
     _check(weight, "weight")
-    net = _convt_net(tuple(input.shape), tuple(weight.shape), _key(stride), _key(padding),
-                     _key(output_padding), _key(dilation), groups, bias is not None)
-    return net(input, weight, bias) if bias is not None else net(input, weight)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        net = _convt_net(tuple(x.shape), tuple(weight.shape), _key(stride), _key(padding),
+                         _key(output_padding), _key(dilation), groups, bias is not None)
+        return net(x, weight, bias) if bias is not None else net(x, weight)
+    return _batched(input, run)
 
 
 conv_transpose1d = _fixed(1, "conv_transpose1d", conv_transposend, "transpose convolution")
@@ -101,8 +116,8 @@ def _unfold_net(xs, kernel_size, dilation, padding, stride) -> Network:
 def unfold(input: torch.Tensor, kernel_size, dilation=1, padding=0, stride=1) -> torch.Tensor:
     """im2col: [N, C, *I] -> [N, C·ΠK, L] (torch.nn.functional.unfold; any number of dims)."""
     _check(input, "input")
-    return _unfold_net(tuple(input.shape), _key(kernel_size), _key(dilation), _key(padding),
-                       _key(stride))(input)
+    return _batched(input, lambda x: _unfold_net(tuple(x.shape), _key(kernel_size), _key(dilation),
+                                                 _key(padding), _key(stride))(x))
 
 
 @lru_cache(maxsize=512)
@@ -113,5 +128,5 @@ def _fold_net(us, output_size, kernel_size, dilation, padding, stride) -> Networ
 def fold(input: torch.Tensor, output_size, kernel_size, dilation=1, padding=0, stride=1) -> torch.Tensor:
     """col2im: [N, C·ΠK, L] -> [N, C, *output_size] (torch.nn.functional.fold; any dims)."""
     _check(input, "input")
-    return _fold_net(tuple(input.shape), _key(output_size), _key(kernel_size), _key(dilation),
-                     _key(padding), _key(stride))(input)
+    return _batched(input, lambda x: _fold_net(tuple(x.shape), _key(output_size), _key(kernel_size),
+                                               _key(dilation), _key(padding), _key(stride))(x))

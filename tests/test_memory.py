@@ -1,0 +1,43 @@
+"""evaluate checks the memory a result needs before allocating it (issue 12, B7)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tnderive as tn
+import tnderive.memory as memory
+
+
+def test_too_large_result_is_a_tnerror(monkeypatch):
+    """The Hessian of a 300x300 W has 8.1e9 entries: a TNError naming the entries, the bytes
+    and the alternatives, raised before anything is allocated."""
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 16 * 10**9)
+    e = tn.parse("loss = sum(W[o,i]*W[o,i]*c[o])")
+    h = tn.hessian(e, "W", "W")
+    W, c = torch.randn(300, 300, dtype=torch.float64), torch.randn(300, dtype=torch.float64)
+    with pytest.raises(tn.TNError) as err:
+        tn.evaluate(h, W=W, c=c)
+    text = str(err.value)
+    assert "8,100,000,000 entries" in text and "64.8 GB" in text and "16.0 GB" in text
+    assert "compile" in text and "vjp" in text
+    small = tn.evaluate(h, W=W[:3, :4], c=c[:3])  # a result that fits still evaluates
+    assert small.shape == (3, 4, 3, 4)
+
+
+def test_larger_than_any_machine_without_patching():
+    """4e14 entries (1.6 PB as float32): refused on any machine, allocation never tried."""
+    e = tn.parse("y[a,b,c,d] = u[a]*u[b]*u[c]*u[d]")
+    with pytest.raises(tn.TNError, match="entries"):
+        tn.evaluate(e, u=torch.randn(4500))
+
+
+def test_large_intermediate_is_named(monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 10**6)
+    e = tn.parse("t[a,b] = tanh(u[a]*u[b])\ns = sum(t[a,b])")
+    with pytest.raises(tn.TNError, match=r"intermediate \[a,b\]"):
+        tn.evaluate(e, u=torch.randn(1000))
+
+
+def test_available_bytes_of_this_machine_is_positive():
+    n = memory.available_bytes("cpu")
+    assert n is None or n > 0

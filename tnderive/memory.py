@@ -1,0 +1,87 @@
+"""Memory an evaluation needs, checked before anything is allocated.
+
+`check_fits(expr, binding)` raises a TNError when a tensor that eager evaluation materialises
+(the result or an intermediate node) is larger than the memory available on the device, so a
+user gets the entry count, the bytes and the alternatives instead of the allocator's error.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .binding import Binding
+from .errors import TNError
+from .ir import Delta, Expr, Variable
+
+_GB = 1e9
+
+
+def available_bytes(device: torch.device | str | None) -> int | None:
+    """Bytes that can still be allocated on `device` (None when unknown)."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(0, cached))
+    if device.type == "cpu":
+        return _cpu_available()
+    return None
+
+
+def _cpu_available() -> int | None:
+    """MemAvailable from /proc/meminfo, else the physical memory (None when unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def largest_node(expr: Expr, binding: Binding) -> tuple[Expr, int]:
+    """The node with the most entries among those eager evaluation materialises (the result,
+    products, sums, functions, constants; not the given variables nor merged copy tensors)."""
+    known: dict = {}
+    best, most = expr, _entries(expr, binding, known)
+    for node in expr.walk():
+        if isinstance(node, (Variable, Delta)):
+            continue
+        n = _entries(node, binding, known)
+        if n > most:
+            best, most = node, n
+    return best, most
+
+
+def _entries(node: Expr, binding: Binding, known: dict) -> int:
+    """Entries of `node` (sizes evaluated once per distinct size expression in `known`)."""
+    n = 1
+    for i, s in zip(node.indices, node.shape):
+        if s not in known:
+            known[s] = binding.size(s, f"index {i!r}")
+        n *= known[s]
+    return n
+
+
+def check_fits(expr: Expr, binding: Binding, what: str = "evaluate") -> None:
+    """TNError when the largest tensor evaluating `expr` needs exceeds the device's memory."""
+    node, entries = largest_node(expr, binding)
+    dtype = binding.dtype if binding.dtype is not None else torch.get_default_dtype()
+    if not dtype.is_floating_point and not dtype.is_complex:
+        dtype = torch.get_default_dtype()
+    need = entries * torch.empty((), dtype=dtype).element_size()
+    device = binding.device or torch.device("cpu")
+    have = available_bytes(device)
+    if have is None or need <= have:
+        return
+    which = "the result" if node is expr else f"an intermediate [{','.join(node.indices)}]"
+    raise TNError(
+        f"{what}: {which} has {entries:,} entries ({need / _GB:.1f} GB as {dtype}), more than the "
+        f"{have / _GB:.1f} GB available on {device}. Use tnderive.compile(expr) (it keeps "
+        f"diagonal results lazy and frees intermediates early) or a vector product "
+        f"(tnderive.jvp / tnderive.vjp, e.g. a Hessian-vector product) instead of the full tensor.")
