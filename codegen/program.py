@@ -13,8 +13,9 @@ temporary whose dimensions carry index labels, plus the contraction plans of its
 * Products are flattened (nested products are inlined with their bound indices renamed fresh,
   unless shared and not growing; one-term scaled sums become coefficients, applied to the
   smallest operand), copy tensors are merged into index renames (union-find), structured
-  constants (`split`, `window`, convolution `pattern`, and `pattern_sum` when strided) become
-  views of the tensor they read (`views`), and the remaining operands are contracted
+  constants whose kind has a view lowering (`constants.ViewLowering`: `split`, `window`,
+  convolution `pattern`, and `pattern_sum` when strided) become views of the tensor they read
+  (`views`), and the remaining operands are contracted
   pairwise along `plan.plan_contraction`. A delta leg that only reaches the output becomes an
   `expand`; an output that really is diagonal stays *lazy* (`Value.ties`): later products absorb
   the ties as index merges, sums and zero-preserving functions keep them, and only a consumer

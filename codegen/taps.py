@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import sympy
 
+from tnderive.patterns import geometry, special_layout, window_count
+
 MIN_CONTRACT = 32
 MIN_POSITIONS = 1024
 
@@ -22,13 +24,12 @@ MIN_POSITIONS = 1024
 def record(low, v, base, consts, srcs) -> None:
     """Remember that `v` is the stride-1 unfold view of `base` under `consts` (whose input
     legs `srcs` are the trailing dims of base, in order) for `conv_taps`."""
-    from .views import _special, _windows, geometry
     geos = []
     for c in consts:
-        if c.kind != "pattern" or _special(c) is not None:
+        if c.kind != "pattern" or special_layout(c) is not None:
             return
         K, O, I, S, pl, pr, D = geometry(c)
-        if S != 1 or sympy.simplify(_windows(c) - O) != 0:
+        if S != 1 or sympy.simplify(window_count(c) - O) != 0:
             return
         geos.append((K, O, D))
     nb = len(base.labels)

@@ -18,13 +18,12 @@ across them, constants and zeros are made there).
 from __future__ import annotations
 
 import ast
-import builtins
-import inspect
 import keyword
 import textwrap
 
 import sympy
 
+from tnderive.constants import get_kind
 from tnderive.errors import TNError
 from tnderive.ir import Constant, Delta, Expr, Func, Product, Sum, Variable, Zero
 
@@ -467,15 +466,13 @@ def _diag(op: Op) -> str:
 # --------------------------------------------------------------------------------------------
 
 def _constant_support(kinds: list[str]) -> str:
-    from tnderive import constants
+    """The builders of `kinds` (their torch-only source, `ConstantKind.source`), a table of
+    them and `_constant`, which builds each constant once per (params, shape, device, dtype)
+    and keeps the last `_CONSTANTS_KEPT`."""
     blocks = []
     table = []
     for kind in kinds:
-        hook = getattr(constants, "constant_source", None)
-        src = hook(kind) if hook is not None else None
-        if src is None:
-            src = _builder_source_from_function(kind)
-        fn_src, fn_name = _rename_builder(kind, src)
+        fn_src, fn_name = _rename_builder(kind, get_kind(kind).source)
         blocks.append(fn_src)
         table.append(f"    {kind!r}: {fn_name},")
     return "\n\n".join(blocks) + "\n\n\n" + "_BUILDERS = {\n" + "\n".join(table) + "\n}\n" + \
@@ -483,6 +480,7 @@ def _constant_support(kinds: list[str]) -> str:
 
 
 _CONSTANT_CACHE = '''_CONSTANTS = {}
+_CONSTANTS_KEPT = 32
 
 
 def _constant(kind, params, shape, device, dtype):
@@ -491,52 +489,18 @@ def _constant(kind, params, shape, device, dtype):
     t = _CONSTANTS.get(key)
     if t is None:
         t = _BUILDERS[kind](params, shape, device, dtype)
+        if len(_CONSTANTS) >= _CONSTANTS_KEPT:  # bounded: forget the oldest
+            del _CONSTANTS[next(iter(_CONSTANTS))]
         _CONSTANTS[key] = t
     return t
 '''
 
 
-def _builder_source_from_function(kind: str) -> str:
-    """Fallback: the registered builder's own source when it uses only torch and builtins."""
-    from tnderive import constants
-    builder = constants._BUILDERS.get(kind)
-    msg = (f"codegen: constant kind {kind!r} has no torch-only builder source; register one "
-           f"with tnderive.constants.register_constant_source({kind!r}, source)")
-    if builder is None:
-        raise TNError(msg)
-    try:
-        src = textwrap.dedent(inspect.getsource(builder))
-    except (OSError, TypeError):
-        raise TNError(msg) from None
-    tree = ast.parse(src)
-    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef):
-        raise TNError(msg)
-    if _free_names(tree) - {"torch"} - set(dir(builtins)):
-        raise TNError(msg)
-    return src
-
-
-def _free_names(tree: ast.AST) -> set[str]:
-    assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-    assigned |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.arguments)
-                 for a in n.args + n.kwonlyargs + n.posonlyargs + [x for x in (n.vararg, n.kwarg) if x]}
-    assigned |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    loaded = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    return loaded - assigned
-
-
 def _rename_builder(kind: str, src: str) -> tuple[str, str]:
-    """Prefix the top-level names of a builder's source; returns (source, builder name)."""
-    tree = ast.parse(textwrap.dedent(src))
-    for node in tree.body:
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
-            if any(m != "torch" for m in mods):
-                raise TNError(f"codegen: builder source of constant {kind!r} imports {mods}; "
-                              f"only torch is allowed")
+    """Prefix the top-level names of a builder's source (its helpers' `def`s, then the
+    builder's: `ConstantKind.source`); returns (source, builder name)."""
+    tree = ast.parse(src)
     defs = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
-    if not defs:
-        raise TNError(f"codegen: builder source of constant {kind!r} defines no function")
     safe = "".join(ch if ch.isalnum() else "_" for ch in kind)
     mapping = {d.name: f"_{safe}_{d.name.lstrip('_')}" for d in defs}
     builder = mapping[defs[-1].name]

@@ -1,19 +1,11 @@
 """Structured constants applied as views of the one tensor they read (no 0/1 tensor is built).
 
-A constant C whose *source* leg s is carried by exactly one other factor t of a product (and
-is neither an output index nor on another structured constant) is not contracted at all:
-t is re-indexed instead.
-
-    split    R[i, a, b]   t[.., i, ..] -> t.reshape(.., A, B, ..)                   (a view)
-    window   W[k, s]      t[.., s, ..] -> t.narrow(s, offset, K)                   (a view)
-    pattern  Π[k, o, i]   t[.., i, ..] -> pad(t) once for all patterns on t, then
-                          .unfold(i, D·(K−1)+1, S) (o in place of i, window appended),
-                          [..., ::D] for dilation -> t[.., o, .., k]               (im2col as a view)
-                          dense (K = S, D = 1, no padding): .narrow + .reshape(.., O, K, ..)
-                          down-sampling (K = 1, no padding): [.., ::S, ..] + .unsqueeze
-    pattern_sum Σ_o Π[k, o, i]  only when S > K and there is no padding (the taps read a
-                          strided subset of i): the pattern view above, summed over o. Otherwise
-                          the small [K, I] constant is contracted (cheaper than reading K·O).
+A constant C whose kind has a view lowering (`tnderive.constants.ViewLowering`) and whose
+*source* leg s is carried by exactly one other factor t of a product (and is neither an output
+index nor on another structured constant) is not contracted at all: t is re-indexed instead,
+by the kind's `apply` hook (the convolution kinds' are in `tnderive.patterns`: reshape, narrow,
+unfold, strided slices). Zero padding the hooks ask for (`ViewLowering.padding`) is one pad op
+for all constants viewing one tensor.
 
 The einsum that consumes the view copies it at most once (as im2col would); everything before
 it is a view. `select_views` picks the constants; `apply_views` emits the view ops through the
@@ -32,64 +24,17 @@ from typing import Callable
 
 import sympy
 
+from tnderive.constants import ViewLowering, get_kind
 from tnderive.ir import Constant, Expr
-
-VIEW_KINDS = ("split", "window", "pattern", "pattern_sum")
-
-
-def source_and_new(kind: str, legs: tuple) -> tuple:
-    """(source leg read from the tensor, new legs the view puts in its place)."""
-    if kind == "split":
-        return legs[0], legs[1:]
-    if kind == "window":
-        return legs[1], legs[:1]
-    if kind == "pattern":
-        return legs[2], legs[:2]
-    return legs[1], legs[:1]  # pattern_sum [k, i]
+from tnderive.patterns import geometry
 
 
-@lru_cache(maxsize=4096)
-def geometry(const: Constant) -> tuple:
-    """(K, O, I, S, P_left, P_right, D) of a pattern / pattern_sum as sympy sizes."""
-    s, pl, pr, d = const.params[:4]
-    K, I = const.shape[0], const.shape[-1]
-    if pl == "same":
-        pl = sympy.floor(sympy.Integer(d) * (K - 1) / 2)
-        pr = d * (K - 1) - pl
-    pl, pr = sympy.sympify(pl), sympy.sympify(pr)
-    O = sympy.floor((I + pl + pr - d * (K - 1) - 1) / sympy.Integer(s)) + 1
-    if const.kind == "pattern":
-        given = const.shape[1]
-        if sympy.simplify(given - O) != 0:  # a pattern whose O is not the convolution's (a
-            # transpose convolution's output padding): pad for O windows, narrow if too many
-            if not all(sympy.sympify(n).is_number for n in const.shape):
-                return None
-            O = given
-            pr = sympy.Integer(max(0, s * (int(O) - 1) + d * (int(K) - 1) - int(pl) - (int(I) - 1)))
-    return K, O, I, sympy.Integer(s), pl, pr, sympy.Integer(d)
-
-
-@lru_cache(maxsize=4096)
-def _windows(c: Constant):
-    """Number of windows `unfold` gives after padding (may exceed O for a hand-made pattern)."""
-    K, _, I, S, pl, pr, D = geometry(c)
-    return sympy.floor((I + pl + pr - D * (K - 1) - 1) / S) + 1
-
-
-@lru_cache(maxsize=4096)
-def viewable(const: Constant) -> bool:
-    """Whether `const` can be applied as a view (and that is cheaper than contracting it)."""
-    if const.kind in ("split", "window"):
-        return True
-    if const.kind not in ("pattern", "pattern_sum") or len(const.params) < 4:
-        return False
-    g = geometry(const)
-    if g is None:
-        return False
-    if const.kind == "pattern_sum":
-        K, _, _, S, pl, pr, _ = g
-        return pl == 0 and pr == 0 and sympy.simplify(S - K).is_positive is True
-    return True
+def view_lowering(const: Expr) -> ViewLowering | None:
+    """The view lowering of a constant whose kind has one and to which it applies, else None."""
+    if not isinstance(const, Constant):
+        return None
+    view = get_kind(const.kind).view
+    return view if view is not None and view.viewable(const) else None
 
 
 def select_views(factors: list[Expr], find: Callable, out: set) -> dict[int, tuple[int, Constant]]:
@@ -103,18 +48,18 @@ def select_views(factors: list[Expr], find: Callable, out: set) -> dict[int, tup
     while changed:
         changed = False
         for k, f in enumerate(factors):
-            if k in views or not isinstance(f, Constant) or f.kind not in VIEW_KINDS:
+            view = None if k in views else view_lowering(f)
+            if view is None:
                 continue
             legs = tuple(find(i) for i in f.indices)
-            if len(set(legs)) != len(legs) or not viewable(f):
+            if len(set(legs)) != len(legs):
                 continue
-            src, new = source_and_new(f.kind, legs)
+            src, new = view.split_legs(legs)
             holders = [j for j, l in enumerate(labels) if j != k and j not in views and src in l]
             if src in out or len(holders) != 1:
                 continue
             j = holders[0]
-            if isinstance(factors[j], Constant) and factors[j].kind in VIEW_KINDS and j not in \
-                    {t for t, _ in views.values()}:
+            if _has_view(factors[j]) and j not in {t for t, _ in views.values()}:
                 continue  # a structured constant that is not itself a view target
             if labels[j].count(src) != 1 or any(x in labels[j] for x in new):
                 continue
@@ -132,29 +77,39 @@ def apply_views(low, v, consts: list[Constant], find: Callable):
     labels = tuple(find(i) for i in v.labels)
     v = Value(v.name, labels, v.shape)
     pads = []
-    for c in consts:  # one zero-padding for all patterns reading legs of this tensor
-        if c.kind == "pattern":
-            _, _, _, _, pl, pr, _ = geometry(c)
-            src, _ = source_and_new(c.kind, tuple(find(x) for x in c.indices))
-            if (pl != 0 or pr != 0) and src in v.labels:
-                pads.append((src, pl, pr))
+    for c in consts:  # one zero-padding for all constants reading legs of this tensor
+        src, _ = get_kind(c.kind).view.split_legs(tuple(find(x) for x in c.indices))
+        pl, pr = _padding(c)
+        if (pl != 0 or pr != 0) and src in v.labels:
+            pads.append((src, pl, pr))
     v = _pad(low, v, pads)
     base = v
     padded = {s for s, _, _ in pads}
     srcs = []
     for c in consts:
+        view = get_kind(c.kind).view
         legs = tuple(find(x) for x in c.indices)
-        src, _ = source_and_new(c.kind, legs)
+        src, _ = view.split_legs(legs)
         srcs.append(src)
-        if c.kind == "pattern" and src not in padded:  # a leg another view made: pad it now
-            _, _, _, _, pl, pr, _ = geometry(c)
-            if pl != 0 or pr != 0:
-                v = _pad(low, v, [(src, pl, pr)])
-        v = _one(low, v, c, legs)
+        pl, pr = _padding(c)
+        if src not in padded and (pl != 0 or pr != 0):  # a leg another view made: pad it now
+            v = _pad(low, v, [(src, pl, pr)])
+        v = view.apply(low, v, c, legs)
     if all(s in base.labels for s in srcs):  # stride-1 windows: candidates for kernel taps
         from .taps import record
         record(low, v, base, consts, srcs)
     return v
+
+
+def _has_view(f: Expr) -> bool:
+    """A constant whose kind has a view lowering (applied or not)."""
+    return isinstance(f, Constant) and get_kind(f.kind).view is not None
+
+
+def _padding(c: Constant) -> tuple:
+    """(left, right) zeros the view of `c` expects around its source leg."""
+    view = get_kind(c.kind).view
+    return view.padding(c) if view.padding is not None else (0, 0)
 
 
 def _pad(low, v, pads: list):
@@ -167,64 +122,6 @@ def _pad(low, v, pads: list):
     for s, l, r in pads:
         shape[d_of[s]] = shape[d_of[s]] + l + r
     return low.emit("pad", (v,), v.labels, tuple(shape), payload=(payload, "convolution padding"))
-
-
-@lru_cache(maxsize=4096)
-def _special(c: Constant) -> str | None:
-    """'dense' (K = S, D = 1) or 'down' (K = 1) when the pattern has no padding."""
-    K, O, _, S, pl, pr, D = geometry(c)
-    if pl != 0 or pr != 0 or sympy.simplify(_windows(c) - O) != 0:
-        return None
-    if K == 1:
-        return "down"
-    if D == 1 and sympy.simplify(K - S) == 0:
-        return "dense"
-    return None
-
-
-def _one(low, v, c: Constant, legs: tuple):
-    src, new = source_and_new(c.kind, legs)
-    labels, shape = v.labels, v.shape
-    d = labels.index(src)
-    if c.kind == "split":
-        a, b = new
-        return low.emit("reshape", (v,), labels[:d] + (a, b) + labels[d + 1:],
-                        shape[:d] + (c.shape[1], c.shape[2]) + shape[d + 1:])
-    if c.kind == "window":
-        (k,) = new
-        return low.emit("narrow", (v,), labels[:d] + (k,) + labels[d + 1:],
-                        shape[:d] + (c.shape[0],) + shape[d + 1:], payload=(d, int(c.params[0])))
-    K, O, I, S, _, _, D = geometry(c)
-    if c.kind == "pattern_sum":
-        (k,) = new
-        o = low.fresh_label("o")
-    else:
-        k, o = new
-    special = _special(c) if c.kind == "pattern" else None
-    if special == "down":  # x[.., ::S, ..]: every S-th position, then the size-1 kernel leg
-        v = low.emit("slice", (v,), labels[:d] + (o,) + labels[d + 1:],
-                     shape[:d] + (O,) + shape[d + 1:], payload=(d, S, "stride"))
-        return low.emit("unsqueeze", (v,), v.labels[:d + 1] + (k,) + v.labels[d + 1:],
-                        v.shape[:d + 1] + (K,) + v.shape[d + 1:], payload=d + 1)
-    if special == "dense":  # non-overlapping windows: drop the tail, split i into (o, k)
-        if sympy.simplify(O * K - I) != 0:
-            v = low.emit("narrow", (v,), labels, shape[:d] + (O * K,) + shape[d + 1:],
-                         payload=(d, 0))
-        return low.emit("reshape", (v,), labels[:d] + (o, k) + labels[d + 1:],
-                        shape[:d] + (O, K) + shape[d + 1:])
-    span = D * (K - 1) + 1
-    w = k if D == 1 else low.fresh_label(k)
-    v = low.emit("unfold", (v,), labels[:d] + (o,) + labels[d + 1:] + (w,),
-                 shape[:d] + (_windows(c),) + shape[d + 1:] + (span,), payload=(d, span, S))
-    if sympy.simplify(_windows(c) - O) != 0:  # more windows than the pattern's O
-        v = low.emit("narrow", (v,), v.labels, v.shape[:d] + (O,) + v.shape[d + 1:],
-                     payload=(d, 0))
-    if D != 1:  # dilation: every D-th element of each window
-        v = low.emit("slice", (v,), v.labels[:-1] + (k,), v.shape[:-1] + (K,),
-                     payload=(len(v.labels) - 1, D, "dilation"))
-    if c.kind == "pattern_sum":  # Σ_o: the taps summed over all window positions
-        v = low.emit("einsum", (v,), tuple(i for i in v.labels if i != o))
-    return v
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,11 +13,11 @@ import sympy
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tnderive import constants, evaluate
+from tnderive import evaluate
 from tnderive.codegen import codegen, compile, load, plan
 from tnderive.codegen.plan import plan_contraction
 from tnderive.errors import TNError
-from tnderive.ir import Constant, Delta, Product, Sum, Variable, Zero, size_symbol
+from tnderive.ir import Delta, Product, Sum, Variable, Zero, size_symbol
 
 from test_codegen_cases import CASES, EXTRA_SIZES, SIZES, V, conv_expr as _conv_expr, random_inputs, z
 
@@ -145,31 +145,7 @@ def test_split_and_window_become_views():
     assert ".narrow(1, 2, 3)" in src and "_constant(" not in src
 
 
-def test_constant_source_hook_and_cache():
-    constants.register_constant("test_eye", lambda p, s, d, t: torch.eye(s[0], device=d, dtype=t))
-    constants.register_constant_source("test_eye", "def build(params, shape, device, dtype):\n"
-                                       "    return torch.eye(shape[0], device=device, dtype=dtype)\n")
-    assert "torch.eye" in constants.constant_source("test_eye")
-    expr = Product((Constant("test_eye", (), "ij", ["i", "i"]),
-                    V("B", "jk", "jk", [size_symbol("i"), size_symbol("k")])), "ik")
-    tensors = random_inputs(expr)
-    mod = {}
-    exec(codegen(expr, "f"), mod)
-    out1 = mod["f"](**tensors)
-    assert len(mod["_CONSTANTS"]) == 1
-    mod["f"](**tensors)
-    assert len(mod["_CONSTANTS"]) == 1   # built once per (sizes, device, dtype)
-    mod["f"](**{k: v.float() for k, v in tensors.items()})
-    assert len(mod["_CONSTANTS"]) == 2
-    torch.testing.assert_close(out1, evaluate(expr, **tensors))
-
-
-def test_constant_without_source_is_an_error():
-    helper = {"x": 1}
-    constants.register_constant("test_nosrc", lambda p, s, d, t: torch.ones(s, device=d, dtype=t) * helper["x"])
-    expr = Product((Constant("test_nosrc", (), "i", [3]), V("y", "i", shape=[3])), ())
-    with pytest.raises(TNError, match="test_nosrc"):
-        codegen(expr)
+# constant kinds in generated code (builder source, cache, errors): tests/test_constants.py
 
 
 # --- argument checking -------------------------------------------------------------------------

@@ -226,3 +226,30 @@ def test_curvature_errors():
         cv.ggn(model, "mse", "Q")
     with pytest.raises(TNError, match="target"):
         cv.ggn(model, losses.mse(target="x"), "W1")
+
+
+# ------------------------------------------------------------------------------------------
+# a loss written as an expression on a placeholder
+# ------------------------------------------------------------------------------------------
+
+def test_expression_loss_equals_the_registered_loss():
+    """Cross-entropy written in index notation on a placeholder F gives the blocks of
+    `losses.cross_entropy` (its gradient and Hessian come from differentiation)."""
+    model = mlp("tanh")
+    F = Variable("F", ["n", "c"])
+    y = Variable("y", ["n", "c"])
+    lse = Product((Func(losses.LOGSUMEXP, F, "c"),), ())
+    written = cv.ExpressionLoss(Sum(((1, lse), (-1, Product((y, F), ())))), "F")
+    T = tensors_for(model, "ce", seed=3)
+    for a, b in [("W1", "W1"), ("W1", "b2")]:
+        G, Fn = cv.hessian_split(model, written, a, b, simplify=False)
+        G0, F0 = cv.hessian_split(model, losses.cross_entropy(), a, b, simplify=False)
+        assert G.indices == G0.indices and set(G.signature) == set(G0.signature)
+        close(cv.evaluate(G, context=model, **T), cv.evaluate(G0, context=model, **T))
+        close(cv.evaluate(Fn, context=model, **T), cv.evaluate(F0, context=model, **T))
+    with pytest.raises(TNError, match="placeholder 'Z'"):
+        cv.ExpressionLoss(lse, "Z")
+    with pytest.raises(TNError, match="scalar"):
+        cv.ExpressionLoss(F, "F")
+    with pytest.raises(TNError, match="also a model variable"):
+        cv.ggn(model, cv.ExpressionLoss(Product((F, Variable("x", ["n", "c"])), ()), "F"), "W1")

@@ -250,12 +250,9 @@ def test_convolution_pattern_labelled_with_hyperparameters():
     assert "Π<SUB>k,o,i</SUB>" in label and "s=2" in label and "p=1" in label and "d=1" in label
 
 
-def test_failing_describer_falls_back(monkeypatch):
-    from tnderive import constants
-
-    monkeypatch.setitem(constants._DESCRIBERS, "broken", lambda kind, params: 1 / 0)
-    d = dot(Constant("broken", (5,), ["i"], [3]))
-    assert any("broken" in l and "5" in l for l in d.labels())
+def test_unregistered_kind_gets_the_generic_caption():
+    d = dot(Constant("unregistered", (5,), ["i"], [3]))
+    assert any("unregistered" in l and "5" in l for l in d.labels())
 
 
 def test_zero_and_one():

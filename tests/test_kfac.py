@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import sympy
 import torch
 from torch import nn
 
@@ -628,6 +629,73 @@ def test_cli_with_loss_and_errors(tmp_path, capsys):
     close(mod.input_factor(**T)[0], fac.input_factor(**T))
     assert main(["kfac", "y[n,o] = W[o,i]*x[n,i]", "--weight", "Q"]) == 2
     assert "weight 'Q'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["expand", "reduce"])
+@pytest.mark.parametrize("fisher", ["type-2", "empirical"])
+def test_cli_module_uses_the_library_flavours(tmp_path, capsys, kind, fisher):
+    """The written module carries the kind's own `input_factor` (its source, verbatim) and the
+    Fisher type's scale: its factors equal the library's, for a sequence model with a mean loss."""
+    from tnderive.cli import main
+    from tnderive.kfac import KINDS
+    out = tmp_path / "k.py"
+    text = "f[n,s,c] = V[c,o]*tanh(W[o,i]*x[n,s,i])"
+    assert main(["kfac", text, "--weight", "W", "--kind", kind, "--fisher", fisher,
+                 "--loss", "mse:mean", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert KINDS[kind].scaling in printed and (("B · " in printed) == (fisher == "empirical"))
+    assert KINDS[kind].source() in out.read_text()
+    mod = _load(out)
+    model = tnderive.parse(text)
+    T = random_tensors(model, dict(n=3, s=4, c=2, o=5, i=3), "mse", seed=4)
+    fac = kfac(model, "W", "n", kind=kind, fisher=fisher, loss="mse:mean")
+    close(mod.input_factor(**T)[0], fac.input_factor(**T))
+    close(mod.output_factor(**T)[0], fac.output_factor(**T))
+
+
+def test_flavour_registries_and_errors():
+    from tnderive.kfac import FISHERS, KINDS, Expand, MonteCarlo, Reduce
+    assert list(KINDS) == ["expand", "reduce"] and set(FISHERS) == {"type-2", "mc", "empirical"}
+    assert isinstance(KINDS["expand"], Expand) and isinstance(KINDS["reduce"], Reduce)
+    assert FISHERS["mc"].samples_targets and isinstance(FISHERS["mc"], MonteCarlo)
+    layer = tnderive.parse("y[n,o] = W[o,i]*x[n,i]")
+    fac = kfac(layer, "W", "n", kind="reduce", fisher="empirical")
+    assert fac.kind_flavour is KINDS["reduce"] and fac.fisher_flavour is FISHERS["empirical"]
+    with pytest.raises(TNError, match="kind must be one of 'expand', 'reduce', got 'diag'"):
+        kfac(layer, "W", "n", kind="diag")
+    with pytest.raises(TNError, match="fisher must be one of 'type-2', 'mc', 'empirical'"):
+        kfac(layer, "W", "n", fisher="type-3")
+    from tnderive.cli import main
+    assert main(["kfac", "y[n,o] = W[o,i]*x[n,i]", "--loss", "mse", "--fisher", "mc"]) == 2
+
+
+def test_a_new_fisher_type_is_one_class(tmp_path, capsys):
+    """A Fisher type defined in one place serves kfac() and the written module alike."""
+    from tnderive.cli import main
+    from tnderive.kfac import FISHERS, FisherType, Type2
+
+    class HalfType2(FisherType):
+        name = "half-type-2"
+        summary = "half the type-2 factor"
+
+        def vectors(self, loss, model, col):
+            return Type2.vectors(self, loss, model, col)
+
+        def output_scale(self, loss, model):
+            return 1 / sympy.Integer(2)
+
+    try:
+        text = "f[n,c] = V[c,o]*tanh(W[o,i]*x[n,i])"
+        model = tnderive.parse(text)
+        T = random_tensors(model, dict(n=4, c=3, o=5, i=2), "ce", seed=6)
+        B2 = kfac(model, "W", "n", loss="ce:mean").output_factor(**T)
+        close(kfac(model, "W", "n", loss="ce:mean", fisher="half-type-2").output_factor(**T), B2 / 2)
+        out = tmp_path / "k.py"
+        assert main(["kfac", text, "--loss", "ce:mean", "--fisher", "half-type-2", "-o", str(out)]) == 0
+        capsys.readouterr()
+        close(_load(out).output_factor(**T)[0], B2 / 2)
+    finally:
+        FISHERS.pop("half-type-2")
 
 
 @pytest.mark.parametrize("kind", ["expand", "reduce"])

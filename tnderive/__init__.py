@@ -20,6 +20,9 @@ from .verify import verify
 from .draw import draw, draw_steps
 from .codegen import codegen, compile, plan
 from .kfac import kfac
+# the modules that define the built-in constant kinds register them on import
+from . import patterns as _patterns  # noqa: F401  (pattern, pattern_sum, split, window)
+from .nn import attention as _attention  # noqa: F401  (causal_mask, causal_tril)
 
 # The names above that equal a submodule's name (simplify, verify, draw, codegen, kfac) are bound
 # eagerly on purpose: importing a submodule later never rebinds a package attribute that is

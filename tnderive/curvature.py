@@ -17,6 +17,10 @@ after the variable's declared axes, '_'-suffixed until unique. Expressions are s
 of the loss (the model's tensors and the target, `Expr.signature`): the tensors that evaluate
 the loss evaluate the block, even a constant one that uses none of them.
 
+`loss` is a `tnderive.losses.Loss` (or a name such as "ce:mean"), or an `ExpressionLoss`: a loss
+written as an expression on a placeholder variable for the model output, differentiated by
+`tnderive.derive` (attention's `hessian_blocks` uses it for a loss given that way).
+
 Helpers used by KFAC too: `substitute` (replace a variable by an expression), `numeric` (turn
 symbolic coefficients such as 1/N of a mean reduction into numbers for bound tensors, for the
 code generator), `evaluate` (sizes bound from a context expression) and `compile_expr`
@@ -37,7 +41,7 @@ from .ir import (Delta, Expr, Product, Signature, Sum, Variable, Zero, fresh_nam
                  map_children, rename_free, rewrite, size_symbol, with_signature)
 from .losses import Loss, as_loss
 
-__all__ = ["ggn", "hessian_split", "loss_hessian_block", "ggn_diagonal", "hessian_diagonal",
+__all__ = ["ExpressionLoss", "ggn", "hessian_split", "loss_hessian_block", "ggn_diagonal", "hessian_diagonal",
            "ggn_vector_product", "hessian_vector_product", "substitute", "numeric",
            "coefficients_at", "evaluate", "compile_expr", "maybe_simplify", "relevant_sizes"]
 
@@ -226,6 +230,66 @@ def compile_expr(expr: Expr, name: str = "f", context: Expr | None = None,
 
 
 # --------------------------------------------------------------------------------------------
+# a loss written as an expression
+# --------------------------------------------------------------------------------------------
+
+class ExpressionLoss:
+    """A scalar loss written on a placeholder variable for the model output, e.g.
+    ``sum(logsumexp(F[q,f]*WR[f,c], c) - Y[q,c]*F[q,f]*WR[f,c])`` on F: its gradient and
+    Hessian with respect to the output come from differentiating it (`tnderive.derive`), so it
+    serves `ggn`, `hessian_split` and the other blocks like a `tnderive.losses.Loss`. Its
+    tensors (`targets`) are its variables other than the placeholder.
+
+    expr:         the scalar loss.
+    placeholder:  the name of the variable standing for the model output; its axes stand for
+                  the output's indices, in order.
+    """
+
+    def __init__(self, expr: Expr, placeholder: str):
+        if expr.indices:
+            raise TNError(f"a loss must be a scalar; this one has free indices {list(expr.indices)}")
+        if placeholder not in expr.variables:
+            raise TNError(f"the loss does not use the placeholder {placeholder!r} "
+                          f"(variables: {list(expr.variables)})")
+        self.expr, self.placeholder = expr, placeholder
+
+    def targets(self, f: Expr) -> Signature:
+        """The loss's own tensors: its variables other than the placeholder."""
+        return Signature(v for n, v in self.expr.signature.items() if n != self.placeholder)
+
+    def _on(self, f: Expr, derived: Expr, legs: Sequence[str], names: Sequence[str]) -> Expr:
+        """`derived` (new legs `legs`) with the placeholder replaced by `f`, legs renamed `names`."""
+        if len(f.indices) != len(self.expr.variables[self.placeholder].axes):
+            raise TNError(f"the model output has indices {list(f.indices)}; the placeholder "
+                          f"{self.placeholder!r} has axes {list(self.expr.variables[self.placeholder].axes)}")
+        return _rename_to(substitute(derived, self.placeholder, f), names)
+
+    def _legs(self, f: Expr, taken: set, tag: str) -> tuple[str, ...]:
+        legs = fresh_names((i + tag for i in f.indices), taken)
+        taken |= set(legs)
+        return legs
+
+    def gradient(self, f: Expr) -> Expr:
+        """∂loss/∂f, indices `f.indices`."""
+        taken = set(self.expr.all_indices) | set(f.all_indices)
+        legs = self._legs(f, taken, "f")
+        return self._on(f, derivative(self.expr, self.placeholder, legs), legs, f.indices)
+
+    def hessian(self, f: Expr, primed: Optional[dict] = None) -> Expr:
+        """∂²loss/∂f∂f' with indices `[*f.indices, *primed]` (primed names fresh by default)."""
+        taken = set(self.expr.all_indices) | set(f.all_indices) | set((primed or {}).values())
+        primed = primed or dict(zip(f.indices, self._legs(f, taken, "_")))
+        l1, l2 = self._legs(f, taken, "f"), self._legs(f, taken, "g")
+        h = derivative(derivative(self.expr, self.placeholder, l1), self.placeholder, l2)
+        return self._on(f, h, l1 + l2, (*f.indices, *(primed[i] for i in f.indices)))
+
+
+def _curvature_loss(loss) -> Loss | ExpressionLoss:
+    """A `Loss` (from a Loss or a name) or an `ExpressionLoss` as given."""
+    return loss if isinstance(loss, ExpressionLoss) else as_loss(loss)
+
+
+# --------------------------------------------------------------------------------------------
 # leg naming
 # --------------------------------------------------------------------------------------------
 
@@ -247,14 +311,16 @@ class _Pieces:
         if not isinstance(model, Expr):
             raise TNError(f"expected a model expression, got {type(model).__name__}")
         self.model = model
-        self.loss: Loss = as_loss(loss)
+        self.loss = _curvature_loss(loss)
         self.a = a
         self.b = a if b is None else b
         self.va, self.vb = _var(model, a), _var(model, self.b)
-        if self.loss.target in model.variables:
-            raise TNError(f"the loss target {self.loss.target!r} is also a model variable; "
+        targets = self.loss.targets(model)
+        clash = [n for n in targets if n in model.variables]
+        if clash:
+            raise TNError(f"the loss target {clash[0]!r} is also a model variable; "
                           f"name the target differently (Loss(target=...))")
-        taken = set(model.all_indices) | {self.loss.target}
+        taken = set(model.all_indices) | set(targets)
         # result legs: named after the variables' axes (as `hessian` of the scalar loss does)
         taken_out: set = set()
         self.legs_a = _legs(self.va, taken_out)
@@ -266,8 +332,8 @@ class _Pieces:
         self.wb = _legs(self.vb, set(taken))
         taken |= set(self.wb)
         self.taken = taken
-        #: the loss's signature: the model's tensors and the target
-        self.signature = model.signature.merged(Signature([self.loss.target_variable(model)]))
+        #: the loss's signature: the model's tensors and the target(s)
+        self.signature = model.signature.merged(targets)
 
     def jac(self, which: str) -> Expr:
         var, legs = (self.va, self.wa) if which == "a" else (self.vb, self.wb)

@@ -41,15 +41,24 @@ unfolded input is never built. g[n, pos, grp, out, col] are vectors backpropagat
                type-2 factor.
 
 `input_expr`/`output_expr` are the unnormalised sums (expressions); `compute(**tensors)` applies
-the scaling and returns `KronBlock`s (`tnderive.kronecker`). The factor expressions keep the
+the scaling and returns `KronBlock`s (`tnderive.kronecker`).
+
+Flavours
+--------
+A kind (`Expand`, `Reduce`) says how the input side X is formed and how A is computed and
+scaled from it; a Fisher type (`Type2`, `MonteCarlo`, `Empirical`) how the output-side vectors
+are formed and B scaled. Each is one small class, registered in `KINDS` / `FISHERS` under its
+`name` when defined. A kind's `input_factor` is a torch-only function: the library calls it
+and the `tnderive kfac` command copies its source into the module it writes. The factor expressions keep the
 signature of the expression, its loss target and the vectors (`Expr.signature`): the tensors
 of the model evaluate every factor, in their dtype and on their device.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional
+from typing import Callable, ClassVar, Iterator, Mapping, Optional
 
 import sympy
 import torch
@@ -65,10 +74,8 @@ from .curvature import (_rename_to, compile_expr, maybe_simplify, relevant_sizes
                         substitute)
 from .evaluate import evaluate
 
-KINDS = ("expand", "reduce")
-FISHERS = ("type-2", "mc", "empirical")
-
-__all__ = ["kfac", "KFACFactors", "LayerSplit", "split_layer"]
+__all__ = ["kfac", "KFACFactors", "LayerSplit", "split_layer", "KINDS", "FISHERS", "KFACKind",
+           "FisherType"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,6 +208,207 @@ def split_layer(expr: Expr, weight: str, batch: str) -> LayerSplit:
 
 
 # --------------------------------------------------------------------------------------------
+# flavours: kinds (how A is formed and scaled) and Fisher types (how B's vectors are formed)
+# --------------------------------------------------------------------------------------------
+
+#: name -> kind, filled when a `KFACKind` subclass is defined
+KINDS: dict[str, "KFACKind"] = {}
+#: name -> Fisher type, filled when a `FisherType` subclass with a `name` is defined
+FISHERS: dict[str, "FisherType"] = {}
+
+
+def expand_input_factor(X, n, s, positions, groups):
+    """A = Σ_{n,pos} X Xᵀ / (N·S) as [*groups, *in, *in'] from the input side X
+    [N, *positions, *groups, *in]: one Gram matrix (a GEMM). Uses only torch and math (the
+    `tnderive kfac` command copies this source into the module it writes)."""
+    lead = 1 + positions
+    gshape, ishape = tuple(X.shape[lead:lead + groups]), tuple(X.shape[lead + groups:])
+    G, Q = math.prod(gshape), math.prod(ishape)
+    if G == 1:
+        # Q-major copy [Q, N·S]: an unfolded view's tap axes are innermost, so copying them
+        # outermost-first reads memory in order (faster than the [N·S, Q] copy)
+        order = tuple(range(lead + groups, X.dim())) + tuple(range(lead + groups))
+        XT = X.permute(order).reshape(Q, -1)
+        A = (XT @ XT.T).unsqueeze(0)
+    else:
+        Xm = X.reshape(n * s, G, Q)
+        A = torch.einsum("mgq,mgr->gqr", Xm, Xm)
+    return (A / (n * s)).reshape(*gshape, *ishape, *ishape)
+
+
+def reduce_input_factor(A, n, s, positions, groups):
+    """A = Σ_n (Σ_pos X)(Σ_pos X)ᵀ / (N·S²) from its network's value [*groups, *in, *in'].
+    Uses only torch (copied into the `tnderive kfac` module like `expand_input_factor`)."""
+    return A / (n * s * s)
+
+
+class KFACKind:
+    """How KFAC treats the weight-sharing positions; defining a subclass registers it.
+
+    name:          the `kind=` / `--kind` value.
+    summary:       one line for help texts.
+    scaling:       A's normalisation, for reports ("N·S").
+    input_factor:  a torch-only function (raw, N, S, #positions, #group legs) -> A
+                   [*groups, *in, *in'] with curvlinops' scaling, where raw is the value of
+                   `raw_input_expr`.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    scaling: ClassVar[str]
+    input_factor: ClassVar[Callable[..., torch.Tensor]]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        KINDS[cls.name] = cls()
+
+    def input_side(self, s: LayerSplit) -> Product:
+        """X: the input side (W removed) as a network, [batch, (positions), *groups, *in]."""
+        raise NotImplementedError
+
+    def output_vectors(self, s: LayerSplit, gz: Expr, col: str) -> Expr:
+        """The vectors g whose Gram matrix is B, from g[*z.indices, col] at the layer output."""
+        raise NotImplementedError
+
+    def raw_input_expr(self, fac: "KFACFactors") -> Expr:
+        """The network whose value `input_factor` turns into A."""
+        raise NotImplementedError
+
+    def raw_input(self, fac: "KFACFactors", tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The value of `raw_input_expr` at `tensors`."""
+        raise NotImplementedError
+
+    def source(self) -> str:
+        """The source of `input_factor` (torch-only), for generated modules."""
+        return inspect.getsource(type(self).input_factor)
+
+
+class Expand(KFACKind):
+    """KFAC-expand: every non-batch output position is a sample; A from X by one GEMM."""
+
+    name = "expand"
+    summary = "every non-batch output position is a sample"
+    scaling = "N·S"
+    input_factor = staticmethod(expand_input_factor)
+
+    def input_side(self, s):
+        return Product(s.input_factors, (s.batch, *s.positions, *s.group_legs, *s.in_legs))
+
+    def output_vectors(self, s, gz, col):
+        return gz
+
+    def raw_input_expr(self, fac):
+        return fac.input_side_expr
+
+    def raw_input(self, fac, tensors):
+        return fac.input_side(**tensors)
+
+
+class Reduce(KFACKind):
+    """KFAC-reduce: positions summed first, inside the network (Π summed over its output index
+    for a convolution, so no unfolded input is built); A is one network."""
+
+    name = "reduce"
+    summary = "positions summed first"
+    scaling = "N·S²"
+    input_factor = staticmethod(reduce_input_factor)
+
+    def input_side(self, s):
+        return Product(s.input_factors, (s.batch, *s.group_legs, *s.in_legs))
+
+    def output_vectors(self, s, gz, col):
+        return Product((gz,), (s.batch, *s.group_legs, *s.out_legs, col))
+
+    def raw_input_expr(self, fac):
+        return fac.input_expr
+
+    def raw_input(self, fac, tensors):
+        return fac.input_fn(**tensors)
+
+
+class FisherType:
+    """How the output-side vectors of a loss are formed and B is scaled; defining a subclass
+    with a `name` registers it.
+
+    name:             the `fisher=` / `--fisher` value.
+    summary:          one line for help texts.
+    samples_targets:  True when B needs targets drawn at run time (not in generated code).
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    samples_targets: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            FISHERS[cls.name] = cls()
+
+    def vectors(self, loss: Loss, model: Expr, col: str) -> Expr:
+        """The vectors V[*model.indices, col] at the model output."""
+        raise NotImplementedError
+
+    def output_scale(self, loss: Loss, model: Expr) -> sympy.Expr:
+        """The factor B is multiplied by (a sympy expression in the size symbols)."""
+        return sympy.Integer(1)
+
+    def tensor_sets(self, fac: "KFACFactors", tensors: Mapping[str, torch.Tensor],
+                    generator: Optional[torch.Generator]) -> Iterator[Mapping[str, torch.Tensor]]:
+        """The tensors B is evaluated at (B is their mean): the given ones."""
+        yield tensors
+
+
+class Type2(FisherType):
+    """Type-2 Fisher: the columns of the loss-Hessian square root (B = J_zᵀ H_loss J_z)."""
+
+    name = "type-2"
+    summary = "loss-Hessian square root"
+
+    def vectors(self, loss, model, col):
+        return loss.hessian_sqrt(model, col)
+
+
+class _GradientFisher(FisherType):
+    """The loss gradient as the one vector (col of size 1); B divided by the loss's reduction
+    scale so that it estimates the type-2 factor."""
+
+    def vectors(self, loss, model, col):
+        return Product((loss.gradient(model), Delta((col,), 1)), (*model.indices, col))
+
+    def output_scale(self, loss, model):
+        return 1 / loss.scale(model)
+
+
+class MonteCarlo(_GradientFisher):
+    """MC Fisher: gradients at `mc_samples` targets sampled from the model's distribution."""
+
+    name = "mc"
+    summary = "gradients at sampled targets (Python API only)"
+    samples_targets = True
+
+    def tensor_sets(self, fac, tensors, generator):
+        model, loss = fac.model, fac.loss
+        f_val = evaluate(model, **{k: v for k, v in tensors.items() if k in model.variables})
+        cdim = model.indices.index(loss.class_of(model))
+        for _ in range(fac.mc_samples):
+            yield {**tensors, loss.target: loss.sample_target(f_val, cdim, generator)}
+
+
+class Empirical(_GradientFisher):
+    """Empirical Fisher: gradients at the true targets."""
+
+    name = "empirical"
+    summary = "true-target gradients"
+
+
+def _flavour(table: dict, name: str, what: str):
+    """table[name]; TNError naming the known flavours."""
+    if name not in table:
+        raise TNError(f"{what} must be one of {', '.join(map(repr, table))}, got {name!r}")
+    return table[name]
+
+
+# --------------------------------------------------------------------------------------------
 # the factors
 # --------------------------------------------------------------------------------------------
 
@@ -246,6 +454,16 @@ class KFACFactors:
     @property
     def model(self) -> Expr:
         return self.split.expr
+
+    @property
+    def kind_flavour(self) -> KFACKind:
+        """The `KFACKind` object of `kind`."""
+        return KINDS[self.kind]
+
+    @property
+    def fisher_flavour(self) -> FisherType:
+        """The `FisherType` object of `fisher`."""
+        return FISHERS[self.fisher]
 
     def describe(self) -> str:
         s = self.split
@@ -333,48 +551,25 @@ class KFACFactors:
     def input_factor(self, **tensors: torch.Tensor) -> torch.Tensor:
         """A [*groups, *in, *in'] with curvlinops' scaling (1/(N·S) expand, 1/(N·S²) reduce)."""
         n, s = self.counts(tensors)
-        if self.kind == "reduce" or self.input_side_expr is None:
-            denom = n * s if self.kind == "expand" else n * s * s
-            return self.input_fn(**tensors) / denom
-        # expand: X (generated code, or strided views for convolution constants), then one Gram
-        # matrix over (batch, positions)
-        X = self.input_side(**tensors)
-        ng = len(self.split.group_legs)
-        lead = 1 + len(self.split.positions)
-        gshape = tuple(X.shape[lead:lead + ng])
-        ishape = tuple(X.shape[lead + ng:])
-        G, Q = math.prod(gshape), math.prod(ishape)
-        if G == 1:
-            # Q-major copy [Q, N·S]: an unfolded view's tap axes are innermost, so copying them
-            # outermost-first reads memory in order (faster than the [N·S, Q] copy)
-            order = tuple(range(lead + ng, X.dim())) + tuple(range(lead + ng))
-            XT = X.permute(order).reshape(Q, -1)
-            A = (XT @ XT.T).unsqueeze(0)
-        else:
-            Xm = X.reshape(n * s, G, Q)
-            A = torch.einsum("mgq,mgr->gqr", Xm, Xm)
-        return (A / (n * s)).reshape(*gshape, *ishape, *ishape)
+        kind = self.kind_flavour
+        return kind.input_factor(kind.raw_input(self, tensors), n, s, len(self.split.positions),
+                                 len(self.split.group_legs))
 
     def output_factor(self, generator: Optional[torch.Generator] = None,
                       **tensors: torch.Tensor) -> torch.Tensor:
         """B [*groups, *out, *out'] (MC: averaged over `mc_samples` sampled targets)."""
-        if self.loss is None or self.fisher in ("type-2", "empirical"):
-            B = self.output_fn(**tensors)
-        else:
-            f_val = evaluate(self.model, **{k: v for k, v in tensors.items() if k in self.model.variables})
-            cdim = self.model.indices.index(self.loss.class_of(self.model))
-            B = None
-            for _ in range(self.mc_samples):
-                t = dict(tensors)
-                t[self.loss.target] = self.loss.sample_target(f_val, cdim, generator)
-                Bm = self.output_fn(**t)
-                B = Bm if B is None else B + Bm
-            B = B / self.mc_samples
-        if self.loss is not None and self.fisher in ("mc", "empirical"):
-            sizes = self._sizes(tensors)
-            vals = _size_values(sizes)
-            sc = float(self.loss.scale(self.model).xreplace(vals))
-            B = B / sc
+        if self.loss is None:
+            return self.output_fn(**tensors)
+        fisher = self.fisher_flavour
+        B, count = None, 0
+        for t in fisher.tensor_sets(self, tensors, generator):
+            Bt = self.output_fn(**t)
+            B, count = (Bt if B is None else B + Bt), count + 1
+        if count > 1:
+            B = B / count
+        c = fisher.output_scale(self.loss, self.model)
+        if c != 1:
+            B = B * float(c.xreplace(_size_values(self._sizes(tensors))))
         return B
 
     def compute(self, generator: Optional[torch.Generator] = None, **tensors: torch.Tensor):
@@ -479,10 +674,8 @@ def kfac(expr: Expr, weight: str = "W", batch: str = "n", kind: str = "expand",
     """
     if engine not in ("auto", "generated", "views"):
         raise TNError(f"engine must be 'auto', 'generated' or 'views', got {engine!r}")
-    if kind not in KINDS:
-        raise TNError(f"kind must be 'expand' or 'reduce', got {kind!r}")
-    if fisher not in FISHERS:
-        raise TNError(f"fisher must be one of {', '.join(FISHERS)}, got {fisher!r}")
+    kind_flavour = _flavour(KINDS, kind, "kind")
+    fisher_flavour = _flavour(FISHERS, fisher, "fisher")
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise TNError(f"mc_samples must be a positive int, got {mc_samples!r}")
     if joint and bias is None:
@@ -509,17 +702,14 @@ def kfac(expr: Expr, weight: str = "W", batch: str = "n", kind: str = "expand",
         # shape binds them (generated code cannot invert floor(...) expressions)
         shape = [n if (n.is_Integer or n.is_Symbol) else size_symbol(i) for i, n in zip(model.indices, model.shape)]
         V = Variable(vector_name, (*model.indices, col), (*model.indices, col), (*shape, _col_size()))
-    elif fisher == "type-2":
-        V = lossobj.hessian_sqrt(model, col)
     else:
-        grad = lossobj.gradient(model)
-        V = Product((grad, Delta((col,), 1)), (*model.indices, col))
+        V = fisher_flavour.vectors(lossobj, model, col)
     gz = _pullback(model, s.z, V, col)
     # --- the factor networks, each with the signature of the model, loss and vectors ---
     source = _source_signature(expr, model, lossobj, V)
-    A, bias_in, X = (with_signature(e, source) for e in _input_side(s, kind))
+    A, bias_in, X = (with_signature(e, source) for e in _input_side(s, kind_flavour))
     X = maybe_simplify(X, simplify)
-    B = with_signature(_output_side(s, gz, col, kind), source)
+    B = with_signature(_output_side(s, gz, col, kind_flavour), source)
     A = maybe_simplify(A, simplify)
     B = maybe_simplify(B, simplify)
     if bias_in is not None:
@@ -565,17 +755,12 @@ def _gram(X: Expr, groups: tuple, legs: tuple) -> Product:
     return Product((X, rename_free(X, dict(zip(legs, primed)))), (*groups, *legs, *primed))
 
 
-def _input_side(s: LayerSplit, kind: str) -> tuple[Expr, Expr, Expr]:
+def _input_side(s: LayerSplit, kind: KFACKind) -> tuple[Expr, Expr, Expr]:
     """(A = Σ X Xᵀ, Σ X for the joint bias block, X) of the layer's input side."""
-    keep = (*s.group_legs, *s.in_legs)
-    if kind == "expand":
-        X = Product(s.input_factors, (s.batch, *s.positions, *keep))
-    else:
-        X = Product(s.input_factors, (s.batch, *keep))
-    return _gram(X, s.group_legs, s.in_legs), Product((X,), keep), X
+    X = kind.input_side(s)
+    return _gram(X, s.group_legs, s.in_legs), Product((X,), (*s.group_legs, *s.in_legs)), X
 
 
-def _output_side(s: LayerSplit, gz: Expr, col: str, kind: str) -> Expr:
+def _output_side(s: LayerSplit, gz: Expr, col: str, kind: KFACKind) -> Expr:
     """B = Σ g gᵀ of the output-side vectors g backpropagated to the layer output."""
-    g = gz if kind == "expand" else Product((gz,), (s.batch, *s.group_legs, *s.out_legs, col))
-    return _gram(g, s.group_legs, s.out_legs)
+    return _gram(kind.output_vectors(s, gz, col), s.group_legs, s.out_legs)

@@ -1,6 +1,6 @@
 """Losses on a model output, as tensor-network expressions, with their loss-Hessian square roots.
 
-A `Loss` is applied to a model expression `f` (free indices e.g. ``[n, c]`` or ``[n, s, c]``);
+A loss is applied to a model expression `f` (free indices e.g. ``[n, c]`` or ``[n, s, c]``);
 its target is a variable with the same indices (default name ``y``). Conventions follow torch:
 
 =============  =====================================  ===========================================
@@ -19,20 +19,27 @@ index ``d`` (the last index of f unless `class_index` names another), so S has o
 "column" index of the class size. Coefficients are sympy expressions in the size symbols; they
 become numbers when tensors are bound (`tnderive.evaluate` binds them; generated code gets
 them as numbers from `tnderive.curvature.numeric`).
+
+Each loss is one small class (`MSE`, `CrossEntropy`, `BCEWithLogits`) over the base `Loss`,
+which holds the bookkeeping shared by all (class index, reduction scale, target variable, the
+block-diagonal wrapping of the Hessian and its square root). A loss class gives its value, its
+unscaled gradient, the terms of one class×class block Λ of its Hessian and of Λ's square root,
+target sampling (MC Fisher) and the torch reference; defining the class registers it under
+its `kind` and `aliases`. `get("ce:mean")` (or `Loss("ce", "mean")`, as `pathlib.Path` builds
+a `PosixPath`) looks a loss up by name; `from_torch(torch.nn.MSELoss())` by torch module.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional, Sequence
 
 import sympy
 import torch
 
 from .errors import TNError
 from .functions import LOGSUMEXP, SOFTMAX, X, Elementwise, elementwise, get_elementwise, power, sigmoid
-from .ir import Delta, Expr, Func, Product, Sum, Variable, fresh_name, rename_free, scale
+from .ir import Delta, Expr, Func, Product, Signature, Sum, Variable, fresh_name, rename_free, scale
 
-KINDS = ("mse", "ce", "bce")
 REDUCTIONS = ("sum", "mean")
 
 SOFTPLUS = elementwise("softplus", sympy.log(1 + sympy.exp(X)))
@@ -44,27 +51,65 @@ BCE_SQRT = Elementwise("bce_hessian_sqrt", sympy.sqrt(sigmoid(X) * (1 - sigmoid(
 #: σ(x)(1−σ(x)): the BCE loss Hessian's diagonal
 BCE_HESS = Elementwise("bce_hessian", sigmoid(X) * (1 - sigmoid(X)))
 
+#: kind -> loss class, filled by `Loss.__init_subclass__` (one entry per class)
+_CLASSES: dict[str, type["Loss"]] = {}
+#: every accepted name (kinds and aliases) -> kind
+_NAMES: dict[str, str] = {}
+#: the registered kinds, a live view ("mse", "ce", "bce", ...)
+KINDS = _CLASSES.keys()
 
-@dataclass(frozen=True)
+#: coefficient-weighted products: the terms of a Hessian block or of its square root
+Terms = Sequence[tuple[sympy.Expr, Sequence[Expr]]]
+
+
+@dataclass(frozen=True, init=False)
 class Loss:
-    """A loss applied to a model output expression.
+    """A loss applied to a model output expression (base of the loss classes).
 
-    kind:        "mse", "ce" (softmax cross-entropy on logits) or "bce" (sigmoid BCE on logits).
     reduction:   "sum" or "mean" (torch's conventions, see the module docstring).
     target:      name of the target variable (same indices as the model output).
     class_index: the model output's class / feature index (default: its last index).
+
+    A subclass sets `kind` (its registry name), optional `aliases`, `torch_class` (the torch
+    loss module it mirrors, if any) and `mean_over_class` (whether "mean" also averages over
+    the class index), and implements `value`, `raw_gradient`, `hessian_terms`, `sqrt_terms`,
+    `sample_target` and `torch_value`. `Loss(kind, reduction, ...)` builds the registered class.
+    Instances are built in `__new__` (there is no `__init__`), so `Loss(kind, ...)` can hand
+    its other arguments to the class it picks, as `pathlib.Path(...)` returns a `PosixPath`.
     """
 
-    kind: str
+    kind: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    torch_class: ClassVar[Optional[type]] = None
+    mean_over_class: ClassVar[bool] = True
+
     reduction: str = "sum"
     target: str = "y"
     class_index: Optional[str] = None
 
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise TNError(f"unknown loss {self.kind!r}; known: {', '.join(KINDS)}")
-        if self.reduction not in REDUCTIONS:
-            raise TNError(f"loss reduction must be 'sum' or 'mean', got {self.reduction!r}")
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _CLASSES[cls.kind] = cls
+        for name in (cls.kind, *cls.aliases):
+            _NAMES[name] = cls.kind
+
+    def __new__(cls, *args, **kwargs):
+        if cls is Loss:  # Loss("mse", "mean"): the registered class of that kind
+            kind = args[0] if args else kwargs.pop("kind", None)
+            if kind is None:
+                raise TNError(f"Loss(kind, ...) needs a loss name; known: {', '.join(KINDS)}")
+            return loss_class(kind)(*args[1:], **kwargs)
+        return cls._create(*args, **kwargs)
+
+    @classmethod
+    def _create(cls, reduction: str = "sum", target: str = "y",
+                class_index: Optional[str] = None) -> "Loss":
+        if reduction not in REDUCTIONS:
+            raise TNError(f"loss reduction must be 'sum' or 'mean', got {reduction!r}")
+        obj = object.__new__(cls)
+        for name, value in (("reduction", reduction), ("target", target), ("class_index", class_index)):
+            object.__setattr__(obj, name, value)
+        return obj
 
     # --- bookkeeping ----------------------------------------------------------------------
     def class_of(self, f: Expr) -> str:
@@ -81,11 +126,16 @@ class Loss:
         if self.reduction == "sum":
             return sympy.Integer(1)
         sizes = dict(zip(f.indices, f.shape))
-        if self.kind == "ce":
+        if not self.mean_over_class:
             sizes.pop(self.class_of(f))
         return 1 / sympy.Mul(*sizes.values())
 
+    def targets(self, f: Expr) -> Signature:
+        """The loss's own tensors: the target y (f's indices and sizes)."""
+        return Signature([Variable(self.target, f.indices, f.indices, f.shape)])
+
     def target_variable(self, f: Expr) -> Variable:
+        """The target y, a variable with f's indices and sizes."""
         if self.target in f.variables:
             raise TNError(f"target name {self.target!r} is already a variable of the model")
         return Variable(self.target, f.indices, f.indices, f.shape)
@@ -93,47 +143,22 @@ class Loss:
     # --- the loss and its derivatives w.r.t. the model output --------------------------------
     def expr(self, f: Expr) -> Expr:
         """The scalar loss of model output `f` (target variable `self.target`)."""
-        y = self.target_variable(f)
-        if self.kind == "mse":
-            r = Sum(((1, f), (-1, y)), f.indices)
-            value = Product((Func(SQUARE, r),), ())
-        elif self.kind == "ce":
-            c = self.class_of(f)
-            lse = Product((Func(LOGSUMEXP, f, c),), ())
-            value = Sum(((1, lse), (-1, Product((y, f), ()))))
-        else:
-            value = Sum(((1, Product((Func(SOFTPLUS, f),), ())), (-1, Product((y, f), ()))))
-        return scale(value, self.scale(f))
+        return scale(self.value(f, self.target_variable(f), self.class_of(f)), self.scale(f))
 
     def gradient(self, f: Expr) -> Expr:
-        """∂loss/∂f, indices `f.indices` (closed form: 2c(f−y), c(softmax f − y), c(σ(f) − y))."""
-        y = self.target_variable(f)
-        c = self.scale(f)
-        if self.kind == "mse":
-            return Sum(((2 * c, f), (-2 * c, y)), f.indices)
-        if self.kind == "ce":
-            p = Func(SOFTMAX, f, self.class_of(f))
-            return Sum(((c, p), (-c, y)), f.indices)
-        return Sum(((c, Func(SIGMOID, f)), (-c, y)), f.indices)
+        """∂loss/∂f, indices `f.indices` (closed form, see `raw_gradient`)."""
+        return scale(self.raw_gradient(f, self.target_variable(f), self.class_of(f)), self.scale(f))
 
     def hessian(self, f: Expr, primed: Optional[dict] = None) -> Expr:
         """∂²loss/∂f∂f' with indices `[*f.indices, *primed]` (primed names fresh by default).
-        Block diagonal over every index except the class index."""
+        Block diagonal over every index except the class index: δ(i, i') for each other index
+        times the class×class block Λ (`hessian_terms`)."""
         primed = primed or _primed(f, f.indices)
         cls = self.class_of(f)
         sizes = dict(zip(f.indices, f.shape))
         deltas = [Delta((i, primed[i]), sizes[i]) for i in f.indices if i != cls]
         out = list(f.indices) + [primed[i] for i in f.indices]
-        c = self.scale(f)
-        if self.kind == "mse":
-            return scale(Product(deltas + [Delta((cls, primed[cls]), sizes[cls])], out), 2 * c)
-        if self.kind == "bce":
-            return scale(Product(deltas + [Func(BCE_HESS, f), Delta((cls, primed[cls]), sizes[cls])], out), c)
-        p = Func(SOFTMAX, f, cls)
-        p2 = rename_free(p, {cls: primed[cls]})
-        diag = Product(deltas + [p, Delta((cls, primed[cls]), sizes[cls])], out)
-        outer = Product(deltas + [p, p2], out)
-        return Sum(((c, diag), (-c, outer)), out)
+        return _combine(self.hessian_terms(f, cls, primed[cls]), deltas, out, self.scale(f))
 
     def hessian_sqrt(self, f: Expr, column: Optional[str] = None) -> Expr:
         """The batched square root S[*f.indices, column]: for every position of the non-class
@@ -146,47 +171,46 @@ class Loss:
             raise TNError(f"column index {col!r} is already used by the model output")
         sizes = dict(zip(f.indices, f.shape))
         out = list(f.indices) + [col]
-        ones = [Delta((i,), sizes[i]) for i in f.indices if i != cls]
-        c = self.scale(f)
-        if self.kind == "mse":
-            return scale(Product(ones + [Delta((cls, col), sizes[cls])], out), sympy.sqrt(2 * c))
-        if self.kind == "bce":
-            return scale(Product([Func(BCE_SQRT, f), Delta((cls, col), sizes[cls])], out), sympy.sqrt(c))
-        p = Func(SOFTMAX, f, cls)
-        sqrt_p_col = rename_free(Func(SQRT, p), {cls: col})
-        diag = Product([sqrt_p_col, Delta((cls, col), sizes[cls])], out)
-        outer = Product([sqrt_p_col, p], out)
-        return Sum(((sympy.sqrt(c), diag), (-sympy.sqrt(c), outer)), out)
+        terms = self.sqrt_terms(f, cls, col)
+        carried = {i for _, factors in terms for x in factors for i in x.indices}
+        ones = [Delta((i,), sizes[i]) for i in f.indices if i != cls and i not in carried]
+        return _combine(terms, ones, out, sympy.sqrt(self.scale(f)))
 
-    # --- numerics --------------------------------------------------------------------------
+    # --- what a loss class gives ---------------------------------------------------------------
+    def value(self, f: Expr, y: Variable, cls: str) -> Expr:
+        """The unscaled ("sum") scalar loss of `f` at target `y`."""
+        raise NotImplementedError
+
+    def raw_gradient(self, f: Expr, y: Variable, cls: str) -> Expr:
+        """The unscaled ∂value/∂f, indices `f.indices`."""
+        raise NotImplementedError
+
+    def hessian_terms(self, f: Expr, cls: str, cls_: str) -> Terms:
+        """Λ: the unscaled class×class block of the Hessian (at every position of the other
+        indices) as coefficient-weighted products with free indices in f.indices ∪ {cls_}."""
+        raise NotImplementedError
+
+    def sqrt_terms(self, f: Expr, cls: str, col: str) -> Terms:
+        """A square root of Λ (S Sᵀ = Λ over cls, col) as coefficient-weighted products."""
+        raise NotImplementedError
+
     def sample_target(self, f_value: torch.Tensor, class_dim: int,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """A target drawn from the model's predictive distribution (for MC Fisher):
-        MSE: N(f, ½ I) (so 2(f − ỹ) has covariance 2I); CE: one-hot of Categorical(softmax f);
-        BCE: Bernoulli(σ(f))."""
-        f_value = f_value.detach()
-        if self.kind == "mse":
-            noise = torch.randn(f_value.shape, generator=generator, dtype=f_value.dtype,
-                                device=f_value.device)
-            return f_value + noise * 0.5 ** 0.5
-        if self.kind == "bce":
-            return torch.bernoulli(torch.sigmoid(f_value), generator=generator)
-        logits = f_value.movedim(class_dim, -1)
-        probs = torch.softmax(logits, -1).reshape(-1, logits.shape[-1])
-        labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        onehot = torch.nn.functional.one_hot(labels, logits.shape[-1]).to(f_value.dtype)
-        return onehot.reshape(logits.shape).movedim(-1, class_dim)
+        """A target drawn from the model's predictive distribution at `f_value` (MC Fisher)."""
+        raise NotImplementedError
 
     def torch_value(self, f_value: torch.Tensor, target: torch.Tensor, class_dim: int) -> torch.Tensor:
-        """The same loss computed with torch.nn.functional (for tests)."""
-        F = torch.nn.functional
-        if self.kind == "mse":
-            return F.mse_loss(f_value, target, reduction=self.reduction)
-        if self.kind == "bce":
-            return F.binary_cross_entropy_with_logits(f_value, target, reduction=self.reduction)
-        logits = f_value.movedim(class_dim, 1)
-        probs = target.movedim(class_dim, 1)
-        return F.cross_entropy(logits, probs, reduction=self.reduction)
+        """The same loss computed with torch.nn.functional (the reference in tests)."""
+        raise NotImplementedError
+
+
+def _combine(terms: Terms, shared: list, out: list, c: sympy.Expr) -> Expr:
+    """c · Σ_k coef_k · Π (shared factors, term k's factors), indices `out`."""
+    products = [(coef, Product(list(shared) + list(factors), out)) for coef, factors in terms]
+    if len(products) == 1:
+        coef, product = products[0]
+        return scale(product, coef * c)
+    return Sum(((coef * c, p) for coef, p in products), out)
 
 
 def _primed(f: Expr, names) -> dict:
@@ -198,19 +222,148 @@ def _primed(f: Expr, names) -> dict:
     return out
 
 
-def mse(reduction: str = "sum", target: str = "y", class_index: Optional[str] = None) -> Loss:
-    """torch's MSELoss: Σ (f − y)² (sum) or its mean over every entry."""
-    return Loss("mse", reduction, target, class_index)
+def _residual(f: Expr, y: Variable) -> Sum:
+    return Sum(((1, f), (-1, y)), f.indices)
 
 
-def cross_entropy(reduction: str = "sum", target: str = "y", class_index: Optional[str] = None) -> Loss:
-    """Softmax cross-entropy on logits (target: one-hot or probabilities over the class index)."""
-    return Loss("ce", reduction, target, class_index)
+def _class_delta(f: Expr, cls: str, other: str) -> Delta:
+    return Delta((cls, other), dict(zip(f.indices, f.shape))[cls])
 
 
-def bce(reduction: str = "sum", target: str = "y", class_index: Optional[str] = None) -> Loss:
-    """Sigmoid binary cross-entropy on logits (torch's BCEWithLogitsLoss)."""
-    return Loss("bce", reduction, target, class_index)
+# --------------------------------------------------------------------------------------------
+# the losses
+# --------------------------------------------------------------------------------------------
+
+class MSE(Loss):
+    """torch's MSELoss: Σ (f − y)² (no ½); Λ = 2I, S = √2 I; sampled targets N(f, ½I)."""
+
+    kind = "mse"
+    torch_class = torch.nn.MSELoss
+
+    def value(self, f, y, cls):
+        r = _residual(f, y)
+        return Product((r, r), ())
+
+    def raw_gradient(self, f, y, cls):
+        return Sum(((2, f), (-2, y)), f.indices)
+
+    def hessian_terms(self, f, cls, cls_):
+        return [(2, [_class_delta(f, cls, cls_)])]
+
+    def sqrt_terms(self, f, cls, col):
+        return [(sympy.sqrt(2), [_class_delta(f, cls, col)])]
+
+    def sample_target(self, f_value, class_dim, generator=None):
+        f_value = f_value.detach()  # 2(f − ỹ) then has covariance 2I, the loss Hessian
+        noise = torch.randn(f_value.shape, generator=generator, dtype=f_value.dtype,
+                            device=f_value.device)
+        return f_value + noise * 0.5 ** 0.5
+
+    def torch_value(self, f_value, target, class_dim):
+        return torch.nn.functional.mse_loss(f_value, target, reduction=self.reduction)
+
+
+class CrossEntropy(Loss):
+    """Softmax cross-entropy on logits (torch's CrossEntropyLoss with one-hot / probability
+    targets over the class index): Λ = diag p − ppᵀ, S[c, col] = √p_col (δ(c, col) − p_c)."""
+
+    kind = "ce"
+    aliases = ("cross_entropy", "crossentropy")
+    torch_class = torch.nn.CrossEntropyLoss
+    mean_over_class = False
+
+    def value(self, f, y, cls):
+        lse = Product((Func(LOGSUMEXP, f, cls),), ())
+        return Sum(((1, lse), (-1, Product((y, f), ()))))
+
+    def raw_gradient(self, f, y, cls):
+        return Sum(((1, Func(SOFTMAX, f, cls)), (-1, y)), f.indices)
+
+    def hessian_terms(self, f, cls, cls_):
+        p = Func(SOFTMAX, f, cls)
+        return [(1, [p, _class_delta(f, cls, cls_)]), (-1, [p, rename_free(p, {cls: cls_})])]
+
+    def sqrt_terms(self, f, cls, col):
+        p = Func(SOFTMAX, f, cls)
+        sqrt_p_col = rename_free(Func(SQRT, p), {cls: col})
+        return [(1, [sqrt_p_col, _class_delta(f, cls, col)]), (-1, [sqrt_p_col, p])]
+
+    def sample_target(self, f_value, class_dim, generator=None):
+        logits = f_value.detach().movedim(class_dim, -1)
+        probs = torch.softmax(logits, -1).reshape(-1, logits.shape[-1])
+        labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        onehot = torch.nn.functional.one_hot(labels, logits.shape[-1]).to(f_value.dtype)
+        return onehot.reshape(logits.shape).movedim(-1, class_dim)
+
+    def torch_value(self, f_value, target, class_dim):
+        return torch.nn.functional.cross_entropy(f_value.movedim(class_dim, 1),
+                                                 target.movedim(class_dim, 1),
+                                                 reduction=self.reduction)
+
+
+class BCEWithLogits(Loss):
+    """Sigmoid binary cross-entropy on logits (torch's BCEWithLogitsLoss): Σ softplus(f) − y f;
+    Λ = diag σ(1−σ), S = diag √(σ(1−σ)); sampled targets Bernoulli(σ(f))."""
+
+    kind = "bce"
+    aliases = ("bce_with_logits",)
+    torch_class = torch.nn.BCEWithLogitsLoss
+
+    def value(self, f, y, cls):
+        return Sum(((1, Product((Func(SOFTPLUS, f),), ())), (-1, Product((y, f), ()))))
+
+    def raw_gradient(self, f, y, cls):
+        return Sum(((1, Func(SIGMOID, f)), (-1, y)), f.indices)
+
+    def hessian_terms(self, f, cls, cls_):
+        return [(1, [Func(BCE_HESS, f), _class_delta(f, cls, cls_)])]
+
+    def sqrt_terms(self, f, cls, col):
+        return [(1, [Func(BCE_SQRT, f), _class_delta(f, cls, col)])]
+
+    def sample_target(self, f_value, class_dim, generator=None):
+        return torch.bernoulli(torch.sigmoid(f_value.detach()), generator=generator)
+
+    def torch_value(self, f_value, target, class_dim):
+        return torch.nn.functional.binary_cross_entropy_with_logits(f_value, target,
+                                                                    reduction=self.reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# the registry
+# --------------------------------------------------------------------------------------------
+
+def names() -> tuple[str, ...]:
+    """The registered loss kinds ("mse", "ce", "bce", ...)."""
+    return tuple(_CLASSES)
+
+
+def loss_class(name: str) -> type[Loss]:
+    """The loss class registered under `name` (a kind or an alias); TNError listing the known."""
+    kind = _NAMES.get(name) if isinstance(name, str) else None
+    if kind is None:
+        raise TNError(f"unknown loss {name!r}; known: {', '.join(KINDS)}")
+    return _CLASSES[kind]
+
+
+def get(spec: str, target: str = "y", class_index: Optional[str] = None) -> Loss:
+    """The loss named by `spec`, NAME[:REDUCTION] ("mse", "ce:mean", "cross_entropy:sum", ...;
+    the reduction defaults to "sum")."""
+    if not isinstance(spec, str):
+        raise TNError(f"expected a loss name such as 'mse:mean', got {spec!r}")
+    name, _, reduction = spec.strip().partition(":")
+    return loss_class(name)(reduction or "sum", target, class_index)
+
+
+def from_torch(module: torch.nn.Module, target: str = "y", class_index: Optional[str] = None) -> Loss:
+    """The loss mirroring a torch loss module (MSELoss, CrossEntropyLoss, BCEWithLogitsLoss)
+    and its reduction."""
+    mirrored = {cls.torch_class: cls for cls in _CLASSES.values() if cls.torch_class is not None}
+    cls = mirrored.get(type(module))
+    if cls is not None:
+        return cls(module.reduction, target, class_index)
+    known = ", ".join(t.__name__ for t in mirrored)
+    raise TNError(f"no loss mirrors torch module {type(module).__name__}; known: {known}")
 
 
 def as_loss(loss) -> Loss:
@@ -218,7 +371,20 @@ def as_loss(loss) -> Loss:
     if isinstance(loss, Loss):
         return loss
     if isinstance(loss, str):
-        name, _, red = loss.partition(":")
-        name = {"cross_entropy": "ce", "crossentropy": "ce", "bce_with_logits": "bce"}.get(name, name)
-        return Loss(name, red or "sum")
+        return get(loss)
     raise TNError(f"expected a Loss or a loss name, got {loss!r}")
+
+
+def mse(reduction: str = "sum", target: str = "y", class_index: Optional[str] = None) -> Loss:
+    """torch's MSELoss: Σ (f − y)² (sum) or its mean over every entry."""
+    return MSE(reduction, target, class_index)
+
+
+def cross_entropy(reduction: str = "sum", target: str = "y", class_index: Optional[str] = None) -> Loss:
+    """Softmax cross-entropy on logits (target: one-hot or probabilities over the class index)."""
+    return CrossEntropy(reduction, target, class_index)
+
+
+def bce(reduction: str = "sum", target: str = "y", class_index: Optional[str] = None) -> Loss:
+    """Sigmoid binary cross-entropy on logits (torch's BCEWithLogitsLoss)."""
+    return BCEWithLogits(reduction, target, class_index)

@@ -15,19 +15,23 @@ Four structured constant kinds (all 0/1 tensors, built vectorised on the target 
 
 ``split`` and ``window`` are how the IR spells reshapes and slices: contracting a tensor's axis
 ``i`` with ``split[i, a, b]`` is ``t.reshape(..., A, B, ...)``; contracting ``s`` with
-``window[k, s]`` is ``t.narrow(s, offset, K)``. Code generators emit them as views
-(`PATTERN_SOURCE` holds plain-torch builders; `tnderive.structured` applies them as views).
+``window[k, s]`` is ``t.narrow(s, offset, K)``.
+
+Each kind is one `constants.ConstantKind` registered at the bottom: its builder (torch only,
+so generated modules embed its source), its caption, and its view lowering (how code
+generation and `tnderive.structured` apply it as views instead of a 0/1 tensor).
 
 `pattern_constant(indices, sizes, stride, padding, dilation)` makes a ``pattern`` node.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Mapping, Sequence, Union
 
 import sympy
 import torch
 
-from . import constants
+from .constants import ConstantKind, ViewLowering, register
 from .errors import TNError
 from .ir import Constant, Size, SizeLike, as_size, size_symbol
 
@@ -219,77 +223,167 @@ def build_window(params: tuple, shape: tuple, device, dtype) -> torch.Tensor:
     return (s == k + offset).to(dtype)
 
 
-# Plain-torch source of the builders, for standalone generated code (one function per kind,
-# signature (params, shape, device, dtype) -> Tensor, imports only torch).
-PATTERN_SOURCE = {
-    "pattern": '''\
-def build_pattern(params, shape, device, dtype):
-    K, O, I = shape
+# --------------------------------------------------------------------------------------------
+# captions for drawings
+# --------------------------------------------------------------------------------------------
+
+def describe_pattern(params: tuple) -> str:
+    """'s=2 p=1 d=1' (p=(l,r) when the padding is uneven)."""
     s, pl, pr, d = params[:4]
+    p = pl if pl == pr else f"({pl},{pr})"
+    return f"s={s} p={p} d={d}"
+
+
+def describe_window(params: tuple) -> str:
+    """'+offset'."""
+    return f"+{params[0]}"
+
+
+# --------------------------------------------------------------------------------------------
+# view lowering (`constants.ViewLowering`): the constants as views of the tensor they read
+# --------------------------------------------------------------------------------------------
+#
+#   split    R[i, a, b]   t[.., i, ..] -> t.reshape(.., A, B, ..)
+#   window   W[k, s]      t[.., s, ..] -> t.narrow(s, offset, K)
+#   pattern  Π[k, o, i]   t[.., i, ..] -> (padded once by the caller) .unfold(i, D·(K−1)+1, S)
+#                         (o in place of i, window appended), [..., ::D] for dilation;
+#                         dense (K = S, D = 1, no padding): .narrow + .reshape(.., O, K, ..);
+#                         down-sampling (K = 1, no padding): [.., ::S, ..] + .unsqueeze
+#   pattern_sum Σ_o Π[k, o, i]  only when S > K and there is no padding: the pattern view
+#                         summed over o (otherwise the small [K, I] constant is contracted).
+#
+# `low` is the lowering (`tnderive.codegen.program`) or a recorder with the same `emit` /
+# `fresh_label`; ops: reshape, narrow (dim, offset), slice (dim, step, why), unsqueeze (dim),
+# unfold (dim, size, step), einsum (a sum over the dims the output lacks).
+
+@lru_cache(maxsize=4096)
+def geometry(const: Constant) -> tuple | None:
+    """(K, O, I, S, P_left, P_right, D) of a pattern / pattern_sum as sympy sizes (None for a
+    symbolic pattern whose O is not the convolution's)."""
+    s, pl, pr, d = const.params[:4]
+    K, I = const.shape[0], const.shape[-1]
     if pl == "same":
-        pl = d * (K - 1) // 2
-    k = torch.arange(K, device=device).view(K, 1, 1)
-    o = torch.arange(O, device=device).view(1, O, 1)
-    i = torch.arange(I, device=device).view(1, 1, I)
-    return (i == s * o + d * k - pl).to(dtype)
-''',
-    "pattern_sum": '''\
-def build_pattern_sum(params, shape, device, dtype):
-    K, I = shape
-    s, pl, pr, d = params[:4]
-    if pl == "same":
-        pl = d * (K - 1) // 2
+        pl = sympy.floor(sympy.Integer(d) * (K - 1) / 2)
         pr = d * (K - 1) - pl
-    O = (I + pl + pr - d * (K - 1) - 1) // s + 1
-    k = torch.arange(K, device=device).view(K, 1)
-    i = torch.arange(I, device=device).view(1, I)
-    r = i - d * k + pl
-    return ((r >= 0) & (r % s == 0) & (r <= s * (O - 1))).to(dtype)
-''',
-    "split": '''\
-def build_split(params, shape, device, dtype):
-    I, A, B = shape
-    return torch.eye(I, device=device, dtype=dtype).view(I, A, B)
-''',
-    "window": '''\
-def build_window(params, shape, device, dtype):
-    K, S = shape
-    k = torch.arange(K, device=device).view(K, 1)
-    s = torch.arange(S, device=device).view(1, S)
-    return (s == k + params[0]).to(dtype)
-''',
-}
+    pl, pr = sympy.sympify(pl), sympy.sympify(pr)
+    O = sympy.floor((I + pl + pr - d * (K - 1) - 1) / sympy.Integer(s)) + 1
+    if const.kind == "pattern":
+        given = const.shape[1]
+        if sympy.simplify(given - O) != 0:  # a pattern whose O is not the convolution's (a
+            # transpose convolution's output padding): pad for O windows, narrow if too many
+            if not all(sympy.sympify(n).is_number for n in const.shape):
+                return None
+            O = given
+            pr = sympy.Integer(max(0, s * (int(O) - 1) + d * (int(K) - 1) - int(pl) - (int(I) - 1)))
+    return K, O, I, sympy.Integer(s), pl, pr, sympy.Integer(d)
 
 
-def describe(kind: str, params: tuple) -> str:
-    """Short label for drawings, e.g. 'Π s=2 p=1 d=1'."""
-    if kind in ("pattern", "pattern_sum"):
-        s, pl, pr, d = params[:4]
-        p = pl if pl == pr else f"({pl},{pr})"
-        head = "Π" if kind == "pattern" else "ΣₒΠ"
-        return f"{head} s={s} p={p} d={d}"
-    if kind == "split":
-        return "reshape"
-    if kind == "window":
-        return f"slice +{params[0]}"
-    return kind
+@lru_cache(maxsize=4096)
+def window_count(c: Constant):
+    """Number of windows `unfold` gives after padding (may exceed O for a hand-made pattern)."""
+    K, _, I, S, pl, pr, D = geometry(c)
+    return sympy.floor((I + pl + pr - D * (K - 1) - 1) / S) + 1
 
 
-_BUILDERS = {"pattern": build_pattern, "pattern_sum": build_pattern_sum,
-             "split": build_split, "window": build_window}
+@lru_cache(maxsize=4096)
+def special_layout(c: Constant) -> str | None:
+    """'dense' (K = S, D = 1) or 'down' (K = 1) when the pattern has no padding."""
+    K, O, _, S, pl, pr, D = geometry(c)
+    if pl != 0 or pr != 0 or sympy.simplify(window_count(c) - O) != 0:
+        return None
+    if K == 1:
+        return "down"
+    if D == 1 and sympy.simplify(K - S) == 0:
+        return "dense"
+    return None
 
 
-def _register() -> None:
-    for kind, builder in _BUILDERS.items():
-        constants.register_constant(kind, builder)
-    hook = getattr(constants, "register_constant_source", None)
-    if hook is not None:
-        for kind, src in PATTERN_SOURCE.items():
-            hook(kind, src)
-    desc = getattr(constants, "register_description", None)
-    if desc is not None:
-        for kind in _BUILDERS:
-            desc(kind, describe)
+@lru_cache(maxsize=4096)
+def pattern_viewable(const: Constant) -> bool:
+    """A pattern applies as a view unless it is symbolic with a hand-made O."""
+    return len(const.params) >= 4 and geometry(const) is not None
 
 
-_register()
+@lru_cache(maxsize=4096)
+def pattern_sum_viewable(const: Constant) -> bool:
+    """Σ_o Π as a view only when the taps read a strided subset (S > K) without padding."""
+    if len(const.params) < 4:
+        return False
+    K, _, _, S, pl, pr, _ = geometry(const)
+    return pl == 0 and pr == 0 and sympy.simplify(S - K).is_positive is True
+
+
+def pattern_padding(const: Constant) -> tuple:
+    """(P_left, P_right) zeros the pattern view reads around its input leg."""
+    _, _, _, _, pl, pr, _ = geometry(const)
+    return pl, pr
+
+
+def view_split(low, v, c: Constant, legs: tuple):
+    """t[.., i, ..] -> t.reshape(.., A, B, ..)."""
+    d = v.labels.index(legs[0])
+    return low.emit("reshape", (v,), v.labels[:d] + legs[1:] + v.labels[d + 1:],
+                    v.shape[:d] + (c.shape[1], c.shape[2]) + v.shape[d + 1:])
+
+
+def view_window(low, v, c: Constant, legs: tuple):
+    """t[.., s, ..] -> t.narrow(s, offset, K)."""
+    k, s = legs
+    d = v.labels.index(s)
+    return low.emit("narrow", (v,), v.labels[:d] + (k,) + v.labels[d + 1:],
+                    v.shape[:d] + (c.shape[0],) + v.shape[d + 1:], payload=(d, int(c.params[0])))
+
+
+def view_pattern(low, v, c: Constant, legs: tuple):
+    """t[.., i, ..] (already padded) -> t[.., o, .., k] (pattern) or t[.., k] (pattern_sum,
+    summed over o): unfold, or the dense / down-sampling special cases."""
+    labels, shape = v.labels, v.shape
+    d = labels.index(legs[-1])
+    K, O, I, S, _, _, D = geometry(c)
+    if c.kind == "pattern_sum":
+        k, o = legs[0], low.fresh_label("o")
+    else:
+        k, o = legs[0], legs[1]
+    special = special_layout(c) if c.kind == "pattern" else None
+    if special == "down":  # x[.., ::S, ..]: every S-th position, then the size-1 kernel leg
+        v = low.emit("slice", (v,), labels[:d] + (o,) + labels[d + 1:],
+                     shape[:d] + (O,) + shape[d + 1:], payload=(d, S, "stride"))
+        return low.emit("unsqueeze", (v,), v.labels[:d + 1] + (k,) + v.labels[d + 1:],
+                        v.shape[:d + 1] + (K,) + v.shape[d + 1:], payload=d + 1)
+    if special == "dense":  # non-overlapping windows: drop the tail, split i into (o, k)
+        if sympy.simplify(O * K - I) != 0:
+            v = low.emit("narrow", (v,), labels, shape[:d] + (O * K,) + shape[d + 1:],
+                         payload=(d, 0))
+        return low.emit("reshape", (v,), labels[:d] + (o, k) + labels[d + 1:],
+                        shape[:d] + (O, K) + shape[d + 1:])
+    span = D * (K - 1) + 1
+    w = k if D == 1 else low.fresh_label(k)
+    v = low.emit("unfold", (v,), labels[:d] + (o,) + labels[d + 1:] + (w,),
+                 shape[:d] + (window_count(c),) + shape[d + 1:] + (span,), payload=(d, span, S))
+    if sympy.simplify(window_count(c) - O) != 0:  # more windows than the pattern's O
+        v = low.emit("narrow", (v,), v.labels, v.shape[:d] + (O,) + v.shape[d + 1:],
+                     payload=(d, 0))
+    if D != 1:  # dilation: every D-th element of each window
+        v = low.emit("slice", (v,), v.labels[:-1] + (k,), v.shape[:-1] + (K,),
+                     payload=(len(v.labels) - 1, D, "dilation"))
+    if c.kind == "pattern_sum":  # Σ_o: the taps summed over all window positions
+        v = low.emit("einsum", (v,), tuple(i for i in v.labels if i != o))
+    return v
+
+
+# --------------------------------------------------------------------------------------------
+# the kinds (registered on import; `import tnderive` imports this module)
+# --------------------------------------------------------------------------------------------
+
+PATTERN = register(ConstantKind(
+    "pattern", build_pattern, helpers=(resolve_padding,), symbol="Π", describe=describe_pattern,
+    view=ViewLowering(source=2, apply=view_pattern, viewable=pattern_viewable,
+                      padding=pattern_padding)))
+PATTERN_SUM = register(ConstantKind(
+    "pattern_sum", build_pattern_sum, helpers=(resolve_padding,), symbol="ΣₒΠ",
+    describe=describe_pattern,
+    view=ViewLowering(source=1, apply=view_pattern, viewable=pattern_sum_viewable)))
+SPLIT = register(ConstantKind("split", build_split, symbol="reshape",
+                              view=ViewLowering(source=0, apply=view_split)))
+WINDOW = register(ConstantKind("window", build_window, symbol="slice", describe=describe_window,
+                               view=ViewLowering(source=1, apply=view_window)))

@@ -29,13 +29,12 @@ import torch
 
 from . import gemm
 from .binding import bind
+from .constants import get_kind
 from .errors import TNError
 from .evaluate import Evaluator, product_operands
 from .ir import Constant, Delta, Expr, Product, fresh_name
 from .pairwise import contract_fast, size_product
 from .patterns import PATTERN_KINDS, build_pattern, resolve_padding
-
-_VIEW_KINDS = ("pattern", "split", "window", "pattern_sum")  # pattern_sum: when strided
 
 
 def structured_evaluate(expr: Expr, sizes: Mapping[str, int] | None = None,
@@ -143,7 +142,7 @@ class _Struct:
 
     @property
     def source(self) -> int:  # the id the constant reads from a tensor
-        return {"pattern": 2, "split": 0, "window": 1, "pattern_sum": 1}[self.c.kind]
+        return get_kind(self.c.kind).view.source
 
     @property
     def src(self) -> int:
@@ -165,8 +164,7 @@ class StructuredEvaluator(Evaluator):
         structs: list[_Struct] = []
         for j, (t, sub) in enumerate(zip(operands, sublists)):
             f = others[j] if j < len(others) else None
-            if isinstance(f, Constant) and f.kind in _VIEW_KINDS and len(set(sub)) == len(sub) \
-                    and (f.kind != "pattern_sum" or _strided_sum(f, t.shape)):
+            if isinstance(f, Constant) and len(set(sub)) == len(sub) and _viewable(f, t.shape):
                 structs.append(_Struct(f, sub, t))
             else:
                 ops.append(_Op(t, sub))
@@ -230,10 +228,12 @@ class StructuredEvaluator(Evaluator):
         return _fold(ops, folds, out)
 
 
-def _strided_sum(f: Constant, shape) -> bool:
-    """A pattern_sum worth applying as a view (S > K, no padding: `codegen.views.viewable`)."""
-    from .codegen.views import viewable
-    return viewable(Constant(f.kind, f.params, f.indices, tuple(int(n) for n in shape)))
+def _viewable(f: Constant, shape) -> bool:
+    """Whether the kind of `f` has a view lowering that applies at numeric `shape` (a
+    pattern_sum only when strided: `constants.ViewLowering.viewable`)."""
+    view = get_kind(f.kind).view
+    return view is not None and view.viewable(Constant(f.kind, f.params, f.indices,
+                                                       tuple(int(n) for n in shape)))
 
 
 def _squeeze_lonely(a: _Op, b: _Op, out: list[int]) -> tuple[_Op, _Op]:

@@ -3,9 +3,14 @@
 `hessian_blocks(model, params=("WQ", "WK", "WV"))` returns every block (p_i, p_j) as three
 expressions with indices [p_i's axes, p_j's axes] (torch.func.hessian layout):
 
-    outer       H_o = J_pᵀ (∂²ℓ/∂F²) J_q        J_p = ∂F/∂p (derivative of the layer output)
-    functional  H_f = Σ_f (∂ℓ/∂F)[f] · ∂²F[f]/∂p∂q
+    outer       H_o = J_pᵀ (∂²ℓ/∂P²) J_q        J_p = ∂P/∂p (derivative of the prediction)
+    functional  H_f = Σ_f (∂ℓ/∂P)[f] · ∂²P[f]/∂p∂q
     total       H   = ∂²ℓ/∂p∂q                  (derived directly; H = H_o + H_f)
+
+The split is `tnderive.curvature.hessian_split`: of an `AttentionModel`'s loss object on its
+prediction P (the layer output F, or the read-out F·WR for cross-entropy), or, for a plain
+expression, of the loss written on a placeholder for the output F (`ExpressionLoss`).
+`substitute` is `tnderive.curvature.substitute` (re-exported).
 
 Each part carries its structure report (`BlockPart.structure`, see `structure.py`) and its
 generated code (`BlockPart.program()`: `tnderive.compile`, which lowers a large sum of
@@ -19,47 +24,13 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from ..curvature import ExpressionLoss, _rename_to, hessian_split, substitute  # noqa: F401  (re-exported)
 from ..derive import derivative, var_names
 from ..errors import TNError
 from ..evaluate import evaluate
-from ..ir import Expr, Func, Product, Sum, Variable, Zero, fresh_name, fresh_names, rename_free
+from ..ir import Expr, Func, Variable, Zero, fresh_names
 from ..simplify import simplify as simplify_expr
 from .structure import DATA, Monomial, Structure, analyse, expand
-
-
-def substitute(expr: Expr, name: str, replacement: Expr) -> Expr:
-    """`expr` with every occurrence of variable `name` replaced by `replacement`, whose free
-    indices (in order) stand for the variable's axes."""
-    memo: dict[Expr, Expr] = {}
-
-    def go(e: Expr) -> Expr:
-        if name not in var_names(e):
-            return e
-        hit = memo.get(e)
-        if hit is not None:
-            return hit
-        if isinstance(e, Variable):
-            if len(set(e.occurrence)) != len(e.occurrence):
-                raise TNError(f"cannot substitute {name!r}: occurrence {list(e.occurrence)} "
-                              f"takes a diagonal")
-            if len(e.occurrence) != len(replacement.indices):
-                raise TNError(f"cannot substitute {name!r}: it has {len(e.occurrence)} axes, the "
-                              f"replacement has indices {list(replacement.indices)}")
-            out = rename_free(replacement, dict(zip(replacement.indices, e.occurrence)))
-            if out.indices != e.occurrence:
-                out = Product((out,), e.occurrence)
-        elif isinstance(e, Sum):
-            out = Sum(((c, go(t)) for c, t in e.terms), e.indices)
-        elif isinstance(e, Product):
-            out = Product([go(f) for f in e.factors], e.indices)
-        elif isinstance(e, Func):
-            out = Func(e.fn, go(e.arg), e.over)
-        else:
-            out = e
-        memo[e] = out
-        return out
-
-    return go(expr)
 
 
 @dataclass
@@ -218,34 +189,17 @@ def hessian_blocks(loss, params: Sequence[str] | None = None, include_X: bool = 
     legs = {p: fresh_names(variables[p].axes, taken) for p in params}
     # a second set of legs for the diagonal blocks (p, p)
     legs2 = {p: fresh_names(variables[p].axes, taken) for p in params}
-    ingredients = {}
     if split:
-        f1 = []
-        for i in output.indices:
-            n = fresh_name(i + "f", taken)
-            taken.add(n)
-            f1.append(n)
-        f2 = []
-        for i in output.indices:
-            n = fresh_name(i + "g", taken)
-            taken.add(n)
-            f2.append(n)
-        f1, f2 = tuple(f1), tuple(f2)
-        g_F = _deriv(loss_of_output, output_name, f1, output.shape)
-        h_F = _deriv(g_F, output_name, f2, output.shape)
-        g = substitute(g_F, output_name, output)
-        h = substitute(h_F, output_name, output)
-        ingredients = dict(grad_F=g, hess_F=h)
+        # the Gauss-Newton split of curvature.hessian_split: the model's loss on its prediction,
+        # or the loss written on the output's placeholder
+        prediction, criterion = ((model.prediction, model.criterion) if model is not None else
+                                 (output, ExpressionLoss(loss_of_output, output_name)))
         softmax_args = [n.arg for n in output.walk()
                         if isinstance(n, Func) and getattr(n.fn, "name", "") == "softmax"]
         # the scores T: the softmax argument, or the model's scores (linear attention)
         score_nodes = softmax_args or ([model.scores] if model is not None else [])
         in_T = {p: any(p in var_names(a) for a in score_nodes) for p in params}
         has_softmax = bool(softmax_args)
-        J = {}
-        for p in params:
-            J[p] = _deriv(output, p, legs[p], variables[p].axis_shape)
-            J[p, 2] = _deriv(output, p, legs2[p], variables[p].axis_shape)
     t_derive = time.perf_counter() - t0
     out = HessianBlocks()
     t_simp = 0.0
@@ -258,17 +212,8 @@ def hessian_blocks(loss, params: Sequence[str] | None = None, include_X: bool = 
             total = _deriv(_deriv(loss, p, lp, shp[p]), q, lq, shp[q])
             outer = functional = None
             if split:
-                Jp = rename_free(J[p], dict(zip(output.indices, f1)))
-                Jq = rename_free(J[q, 2] if q == p else J[q], dict(zip(output.indices, f2)))
-                if any(isinstance(x, Zero) for x in (Jp, Jq, h)):
-                    outer = Zero(lp + lq, total.shape)
-                else:
-                    outer = Product((Jp, h, Jq), lp + lq)
-                d2 = _deriv(J[p], q, lq, shp[q])
-                if isinstance(d2, Zero) or isinstance(g, Zero):
-                    functional = Zero(lp + lq, total.shape)
-                else:
-                    functional = Product((g, rename_free(d2, dict(zip(output.indices, f1)))), lp + lq)
+                outer, functional = (_rename_to(e, lp + lq) for e in
+                                     hessian_split(prediction, criterion, p, q, simplify=False))
             t_derive += time.perf_counter() - t0
             t0 = time.perf_counter()
             total = simp(total)
@@ -297,7 +242,6 @@ def hessian_blocks(loss, params: Sequence[str] | None = None, include_X: bool = 
     out.seconds = {"derive": t_derive, "simplify": t_simp}
     out.simplifier = simp_name
     out.model = model
-    out.ingredients = ingredients
     return out
 
 

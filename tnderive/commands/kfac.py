@@ -5,7 +5,9 @@
 writes a standalone module (imports only torch) with
 
     input_factor(**tensors)   A = Σ X Xᵀ / (N·S) (expand) or Σ (ΣX)(ΣX)ᵀ / (N·S²) (reduce),
-                              shape [G, Q, Q]; keyword tensors: the layer's input-side variables
+                              shape [G, Q, Q]; keyword tensors: the layer's input-side variables;
+                              the scaling is the kind's own `input_factor` (`tnderive.kfac`
+                              flavours), copied into the module
     output_factor(**tensors)  B = Σ g gᵀ, shape [G, P, P]; keyword tensors: the output-side
                               vectors `g` [*layer output, col] (backpropagated loss-Hessian
                               square-root columns / gradients), plus output-side weights if any
@@ -21,10 +23,10 @@ import textwrap
 
 import sympy
 
+from .. import losses
 from ..errors import TNError
+from ..kfac import FISHERS, KINDS
 from ._common import ensure_parent, load_expression, parse_loss, parse_sizes
-
-LOSSES = ("mse", "ce", "bce")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,16 +40,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("expression", help="index notation (a layer, or a model with --loss), or a file")
     p.add_argument("-w", "--weight", default="W", help="the weight (default W)")
     p.add_argument("-b", "--batch", default="n", help="the batch index (default n)")
-    p.add_argument("--kind", choices=["expand", "reduce"], default="expand",
-                   help="expand: every non-batch output position is a sample; reduce: positions "
-                        "summed first (default expand)")
-    p.add_argument("--fisher", choices=["type-2", "mc", "empirical"], default="type-2",
-                   help="with --loss: loss-Hessian square root (type-2) or true-target gradients "
-                        "(empirical); mc needs sampling, use the Python API (default type-2)")
+    p.add_argument("--kind", choices=list(KINDS), default="expand",
+                   help=f"{_choices(KINDS)} (default expand)")
+    p.add_argument("--fisher", choices=list(FISHERS), default="type-2",
+                   help=f"with --loss: {_choices(FISHERS)} (default type-2)")
     p.add_argument("--loss", metavar="NAME[:REDUCTION]",
-                   help="loss on the expression's output: mse, ce or bce, optionally :sum "
-                        "(default) or :mean, e.g. ce:mean; without it the output factor takes "
-                        "vectors g")
+                   help=f"loss on the expression's output: {', '.join(losses.names())}, "
+                        "optionally :sum (default) or :mean, e.g. ce:mean; without it the output "
+                        "factor takes vectors g")
     p.add_argument("--bias", help="the layer's bias (reported separately; its block uses B)")
     p.add_argument("--sizes", help="index sizes, e.g. n=32,i=64 (for costs and plans)")
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=True,
@@ -57,13 +57,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _choices(flavours: dict) -> str:
+    """'expand: ...; reduce: ...' from the flavours' summaries."""
+    return "; ".join(f"{name}: {flavour.summary}" for name, flavour in flavours.items())
+
+
 def run(args) -> int:
     from ..kfac import kfac
 
     if args.loss:
-        parse_loss(args.loss, LOSSES)
-    if args.loss and args.fisher == "mc":
-        raise TNError("--fisher mc samples targets at run time; use tnderive.kfac(...).compute in Python")
+        parse_loss(args.loss, losses.names())
+    if args.loss and FISHERS[args.fisher].samples_targets:
+        raise TNError(f"--fisher {args.fisher} samples targets at run time; use "
+                      f"tnderive.kfac(...).compute in Python")
     expr = load_expression(args.expression, args.sizes)
     sizes = parse_sizes(args.sizes)
     if args.output:
@@ -77,9 +83,10 @@ def run(args) -> int:
         print(f"# {label}: [{shape}]")
         print(f"#   {_one_line(e)}")
         print(f"#   {_cost(e, sizes)}")
-    print(f"# scaling: A / (N·S{'²' if args.kind == 'reduce' else ''}), N = size of {s.batch!r}, "
+    b_scale = _output_scale(fac)
+    print(f"# scaling: A / ({fac.kind_flavour.scaling}), N = size of {s.batch!r}, "
           f"S = Π sizes of positions {list(s.positions) or '(none)'}"
-          + ("; B / loss scale (empirical)" if args.loss and args.fisher == "empirical" else ""))
+          + (f"; B · {b_scale} ({fac.fisher})" if b_scale != 1 else ""))
     if args.output:
         source = module_source(fac, sizes, args)
         with open(args.output, "w", encoding="utf-8") as fh:
@@ -171,26 +178,20 @@ def _size_code(fac, sizes, extra=()):
     return n, spos, [code(e) for e in extra]
 
 
-def _input_body(expand: bool, ng: int, npos: int, denom: str, args) -> str:
-    if not expand:
-        return (f"    A = kfac_input_raw(**{{k: tensors[k] for k in {args!r} if k in tensors}}) / {denom}\n"
-                f"    G = math.prod(A.shape[:{ng}])\n"
-                f"    Q = int(math.isqrt(A.numel() // G))\n"
-                f"    return A.reshape(G, Q, Q)\n")
-    # expand: X [n, *positions, *groups, *in] by generated code, then one Gram matrix
-    return (f"    X = kfac_input_raw(**{{k: tensors[k] for k in {args!r} if k in tensors}})\n"
-            f"    G = math.prod(X.shape[{1 + npos}:{1 + npos + ng}])\n"
-            f"    Xm = X.reshape(N * S, G, -1)\n"
-            f"    A = torch.einsum('mgq,mgr->gqr', Xm, Xm) if G > 1 else (Xm[:, 0].T @ Xm[:, 0])[None]\n"
-            f"    return A / {denom}\n")
+def _output_scale(fac) -> sympy.Expr:
+    """The factor B is multiplied by: the Fisher type's (1 without a loss)."""
+    if fac.loss is None:
+        return sympy.Integer(1)
+    return fac.fisher_flavour.output_scale(fac.loss, fac.model)
 
 
 def module_source(fac, sizes, args) -> str:
     s = fac.split
-    scale = [fac.loss.scale(fac.model)] if fac.loss is not None and fac.fisher == "empirical" else []
-    n_code, s_code, scale_code = _size_code(fac, sizes, scale)
-    denom = "(N * S)" if fac.kind == "expand" else "(N * S * S)"
-    A_args = sorted(fac.input_expr.signature)
+    kind = fac.kind_flavour
+    b_scale = _output_scale(fac)
+    n_code, s_code, scale_code = _size_code(fac, sizes, [b_scale] if b_scale != 1 else [])
+    a_expr = kind.raw_input_expr(fac)
+    A_args = sorted(a_expr.signature)
     B_args = sorted(fac.output_expr.signature)
     grp = ", ".join(f"{i}" for i in s.group_legs) or "-"
     head = f'''"""KFAC-{fac.kind} factors of {fac.weight!r}, generated by `tnderive kfac`.
@@ -215,30 +216,33 @@ def _floor(v):
     return int(math.floor(v))
 
 
+def _blocks(T, groups):
+    """[*groups, *legs, *legs'] -> [G, K, K]."""
+    G = math.prod(T.shape[:groups])
+    K = math.isqrt(T.numel() // G)
+    return T.reshape(G, K, K)
+
+
 '''
-    expand = fac.kind == "expand" and fac.input_side_expr is not None
-    a_expr = fac.input_side_expr if expand else fac.input_expr
-    A_args = sorted(a_expr.signature)
-    parts = [head, _generated(a_expr, "kfac_input_raw", sizes), "\n",
+    parts = [head, kind.source(), "\n\n", _generated(a_expr, "kfac_input_raw", sizes), "\n",
              _generated(fac.output_expr, "kfac_output_raw", sizes)]
-    nA = len(s.group_legs)
-    npos = len(s.positions)
+    ng, npos = len(s.group_legs), len(s.positions)
     out_scale = ""
-    if fac.loss is not None and fac.fisher == "empirical":
-        out_scale = f"    B = B / ({scale_code[0]})  # the loss's reduction scale\n"
+    if scale_code:
+        out_scale = f"    B = B * ({scale_code[0]})  # the {fac.fisher} Fisher's scale\n"
     parts.append(f'''
 
 def input_factor(**tensors):
-    """A = Σ X Xᵀ / {denom} as [G, Q, Q] (X: the input side, W removed)."""
+    """A = Σ X Xᵀ / ({kind.scaling}) as [G, Q, Q] (X: the input side, W removed)."""
     N = {n_code}
     S = {s_code}
-{_input_body(expand, nA, npos, denom, A_args)}
+    raw = kfac_input_raw(**{{k: tensors[k] for k in {A_args!r} if k in tensors}})
+    return _blocks({kind.input_factor.__name__}(raw, N, S, {npos}, {ng}), {ng})
+
 
 def output_factor(**tensors):
     """B = Σ g gᵀ as [G, P, P] (g: output-side vectors backpropagated to the layer output)."""
     B = kfac_output_raw(**{{k: tensors[k] for k in {B_args!r} if k in tensors}})
-{out_scale}    G = math.prod(B.shape[:{nA}])
-    P = int(math.isqrt(B.numel() // G))
-    return B.reshape(G, P, P)
+{out_scale}    return _blocks(B, {ng})
 ''')
     return "".join(parts)

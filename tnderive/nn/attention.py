@@ -9,14 +9,16 @@
     F[q,o]   = Σ A[h,q,k] X[k,i] WV[h,i,v] WO[h,v,o]              (with W_O)
 
 With one head (the default) the head index h is left out everywhere, so WQ is [d, d_k] as in
-the transformer-Hessian paper. Losses on F:
+the transformer-Hessian paper. Losses (`tnderive.losses`, target Y) on the prediction P:
 
-    mse:  ℓ = c · Σ (F − Y)²,   c = 1 (sum) or 1/(L · features) (mean: ‖F − Y‖²/(L·d))
-    ce:   Z[q,c] = Σ F[q,f] WR[f,c] (fixed read-out);  ℓ = c · Σ_q (logsumexp_c Z − Σ_c Y Z),
-          c = 1 (sum) or 1/L (mean)
+    mse:  P = F;  ℓ = c · Σ (F − Y)²,   c = 1 (sum) or 1/(L · features) (mean: ‖F − Y‖²/(L·d))
+    ce:   P[q,c] = Z[q,c] = Σ F[q,f] WR[f,c] (fixed read-out);
+          ℓ = c · Σ_q (logsumexp_c Z − Σ_c Y Z),  c = 1 (sum) or 1/L (mean)
 
-The result is an `AttentionModel` holding the scalar loss, the network output F, and the loss
-written on a placeholder variable standing for F (for the Gauss-Newton / functional split).
+The result is an `AttentionModel` holding the scalar loss, the network output F, the
+prediction P with its loss object (for the Gauss-Newton / functional split,
+`tnderive.curvature.hessian_split`), and the loss written on a placeholder variable standing
+for F.
 Sizes may be ints (needed for evaluation) or sympy symbols (for symbolic cost reports).
 """
 from __future__ import annotations
@@ -27,9 +29,10 @@ from typing import Mapping
 import sympy
 import torch
 
-from ..constants import register_constant, register_constant_source
+from .. import losses
+from ..constants import ConstantKind, register
 from ..errors import TNError
-from ..functions import LOGSUMEXP, SOFTMAX
+from ..functions import SOFTMAX
 from ..ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, as_size, scale)
 
 MASK_KIND = "causal_mask"     # additive: 0 on/below the diagonal, a large negative above
@@ -52,24 +55,13 @@ def _build_tril(params: tuple, shape: tuple, device, dtype) -> torch.Tensor:
     return torch.ones(q, k, dtype=dtype, device=device).tril()
 
 
-register_constant(MASK_KIND, _build_mask)
-register_constant(TRIL_KIND, _build_tril)
-
-# torch-only builders for generated code (tnderive.compile / codegen)
-register_constant_source(MASK_KIND, """
-def build_causal_mask(params, shape, device, dtype):
-    q, k = shape
-    above = torch.ones(q, k, dtype=torch.bool, device=device).triu(1)
-    return torch.zeros(q, k, dtype=dtype, device=device).masked_fill(
-        above, -min(1e9, torch.finfo(dtype).max / 4))
-""")
-register_constant_source(TRIL_KIND, """
-def build_causal_tril(params, shape, device, dtype):
-    q, k = shape
-    return torch.ones(q, k, dtype=dtype, device=device).tril()
-""")
+register(ConstantKind(MASK_KIND, _build_mask, helpers=(_mask_value,)))
+register(ConstantKind(TRIL_KIND, _build_tril))
 
 OUTPUT = "F"  # name of the placeholder variable standing for the layer output
+TARGET = "Y"  # name of the loss target
+#: the losses an attention layer takes: mse on F, ce on the read-out F·WR
+LOSSES = ("mse", "ce")
 
 
 @dataclass(frozen=True)
@@ -82,6 +74,8 @@ class AttentionModel:
     params:          trainable parameter names, in block order.
     sizes:           the size of every axis symbol ("L", "d", "d_k", "d_v", "H", "d_o", "C").
     options:         the builder's options (heads, causal, linear, loss, reduction, out_proj).
+    criterion:       the loss (`tnderive.losses.Loss`, target Y) applied to `prediction`.
+    prediction:      what the loss is applied to: F (mse) or the read-out F·WR (ce).
     """
 
     loss: Expr
@@ -94,6 +88,8 @@ class AttentionModel:
     sizes: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
     output_name: str = OUTPUT
+    criterion: losses.Loss | None = None
+    prediction: Expr | None = None
 
     @property
     def variables(self) -> dict[str, Variable]:
@@ -151,10 +147,9 @@ def self_attention(seq: int | str | sympy.Expr = "L", d_model: int | str | sympy
     linear: linear attention, A = the (masked) scores, no softmax.
     loss: "mse" or "ce" (cross-entropy on a fixed read-out WR); reduction: "mean" or "sum".
     """
-    if loss not in ("mse", "ce"):
-        raise TNError(f"loss must be 'mse' or 'ce', got {loss!r}")
-    if reduction not in ("mean", "sum"):
-        raise TNError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if loss not in LOSSES:
+        raise TNError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
+    criterion = losses.get(f"{loss}:{reduction}", target=TARGET)
     if not isinstance(heads, int) or heads < 1:
         raise TNError(f"heads must be a positive int, got {heads!r}")
     L = _size(seq, "L", "seq")
@@ -200,26 +195,23 @@ def self_attention(seq: int | str | sympy.Expr = "L", d_model: int | str | sympy
         params.append("WO")
     else:
         F = Product(factors, ("q",) + hs + ("v",))
-    feats = F.shape[1:]
-    n_feats = sympy.Mul(*feats)
-
     placeholder = Variable(OUTPUT, F.indices, shape=F.shape)
-    data = ["X", "Y"]
-    if loss == "mse":
-        build = _mse_builder(F, reduction, L * n_feats)
-    else:
-        build = _ce_builder(F, reduction, L, _size(classes, "C", "classes"))
-        data.append("WR")
+    data = ["X", TARGET]
     sizes = {"L": L, "d": d, "d_k": dk, "d_v": dv, "H": H}
     if out_proj:
         sizes["d_o"] = do
+    predict = _identity
     if loss == "ce":
         sizes["C"] = _size(classes, "C", "classes")
+        predict = _read_out(F, sizes["C"])
+        data.append("WR")
     options = dict(heads=heads, out_proj=out_proj, causal=causal, linear=linear, loss=loss,
                    reduction=reduction, d_k=dk)
-    return AttentionModel(loss=build(F), output=F, loss_of_output=build(placeholder), scores=T,
+    P = predict(F)
+    return AttentionModel(loss=criterion.expr(P), output=F,
+                          loss_of_output=criterion.expr(predict(placeholder)), scores=T,
                           attention=A, params=tuple(params), data=tuple(data), sizes=sizes,
-                          options=options)
+                          options=options, criterion=criterion, prediction=P)
 
 
 def _size(value, symbol: str, what: str) -> sympy.Expr:
@@ -228,28 +220,17 @@ def _size(value, symbol: str, what: str) -> sympy.Expr:
     return as_size(value, what)
 
 
-def _mse_builder(F: Expr, reduction: str, count: sympy.Expr):
-    Y = Variable("Y", F.indices, shape=F.shape)
-    c = 1 if reduction == "sum" else 1 / count
-
-    def build(out: Expr) -> Expr:
-        r = Sum(((1, out), (-1, Y)), F.indices)
-        return scale(Product((r, r), ()), c)
-    return build
+def _identity(out: Expr) -> Expr:
+    return out
 
 
-def _ce_builder(F: Expr, reduction: str, L: sympy.Expr, C: sympy.Expr):
-    feats = F.indices[1:]
-    WR = Variable("WR", feats + ("c",), shape=F.shape[1:] + (C,))
-    Y = Variable("Y", ("q", "c"), shape=(F.shape[0], C))
-    c = 1 if reduction == "sum" else 1 / L
+def _read_out(F: Expr, C: sympy.Expr):
+    """out[q, *features] -> Z[q, c] = Σ out[q, f] WR[f, c] (the fixed read-out of ce)."""
+    WR = Variable("WR", F.indices[1:] + ("c",), shape=F.shape[1:] + (C,))
 
-    def build(out: Expr) -> Expr:
-        z = Product((out, WR), ("q", "c"))
-        lse = Product((Func(LOGSUMEXP, z, "c"),), ())
-        fit = Product((Y, z), ())
-        return scale(Sum(((1, lse), (-1, fit)), ()), c)
-    return build
+    def predict(out: Expr) -> Expr:
+        return Product((out, WR), (F.indices[0], "c"))
+    return predict
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,12 +262,9 @@ def reference_output(options: Mapping, X, WQ, WK, WV, WO=None) -> torch.Tensor:
 
 
 def reference_loss(options: Mapping, X, WQ, WK, WV, Y, WO=None, WR=None) -> torch.Tensor:
-    """ℓ written directly in torch."""
-    F = reference_output(options, X, WQ, WK, WV, WO)
-    mean = options["reduction"] == "mean"
-    if options["loss"] == "mse":
-        s = ((F - Y) ** 2).sum()
-        return s / F.numel() if mean else s
-    Z = torch.einsum("qf,fc->qc", F.reshape(F.shape[0], -1), WR.reshape(-1, WR.shape[-1]))
-    s = (torch.logsumexp(Z, -1) - (Y * Z).sum(-1)).sum()
-    return s / F.shape[0] if mean else s
+    """ℓ written directly in torch (the loss's `torch_value`, torch.nn.functional)."""
+    P = reference_output(options, X, WQ, WK, WV, WO)
+    if WR is not None:  # the ce read-out
+        P = torch.einsum("qf,fc->qc", P.reshape(P.shape[0], -1), WR.reshape(-1, WR.shape[-1]))
+    criterion = losses.get(f"{options['loss']}:{options['reduction']}")
+    return criterion.torch_value(P, Y, P.dim() - 1)
