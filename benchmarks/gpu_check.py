@@ -1,6 +1,6 @@
 """Run generated code for the codegen test expressions on CUDA and compare with CPU float64.
 
-For every expression of `tests/test_codegen_cases.py` (and the einsum-level networks of
+For every expression of `tests/cases/codegen_cases.py` (and the einsum-level networks of
 `benchmarks/codegen.py`): generate the module once, run it on CPU in float64 (the reference,
 also checked against `tnderive.evaluate` where that is cheap) and on CUDA in float64 and
 float32, and time the CUDA float32 call (median of synchronised repeats). Prints a table.
@@ -20,7 +20,7 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 
@@ -44,7 +44,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def cases(scale: int):
     """(name, expr, tensors on CPU float64) for every check."""
-    from test_codegen_cases import CASES, conv_expr, random_inputs
+    from tests.cases.codegen_cases import CASES, conv_expr, random_inputs
 
     sizes = {k: v * scale for k, v in {"n": 3, "o": 4, "i": 5, "j": 2, "k": 3, "m": 4, "p": 2,
                                        "s": 3, "t": 3, "d": 4, "e": 2}.items()}

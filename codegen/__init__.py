@@ -10,15 +10,16 @@ line program: deltas merged, products planned, common sub-expressions shared), `
 """
 from __future__ import annotations
 
-import builtins
 import types
 from typing import Mapping
 
 import torch
 
+from tnderive.binding import bind
 from tnderive.errors import TNError
 from tnderive.ir import Expr
 
+from .loading import load_source  # a module registered by name: torch.compile finds it
 from .plan import DEFAULT_SIZE, ContractionPlan, plan_contraction
 from .program import Program, lower  # noqa: F401  (lower: used by the CLI)
 from .torch_emit import emit_module
@@ -58,7 +59,6 @@ def compile(expr: Expr, name: str = "f", sizes: Mapping[str, int] | None = None,
 def load(source: str, name: str, einsum=None):
     """Execute generated `source` and return its function `name` (errors: tnderive.TNError;
     `torch.einsum` calls go to `einsum` when given)."""
-    from .loading import load_source  # a module registered by name: torch.compile finds it
     return load_source(source, name, einsum)
 
 
@@ -112,7 +112,6 @@ class CompiledFunction:
         return fn
 
     def _specialise(self, tensors):
-        from tnderive.binding import bind
         try:
             binding = bind(self.expr, tensors, self.sizes or None)
         except TNError:

@@ -22,7 +22,7 @@ from tnderive.errors import TNError
 from tnderive.ir import Signature, Variable
 
 from .program import Program
-from .torch_emit import py_size, size_var
+from .pysource import py_size, size_var
 
 INDENT = "    "
 

@@ -16,6 +16,8 @@ import sympy
 
 from tnderive.ir import Expr, Func, Product, Sum, Zero
 
+from .expand import count_terms, expand, has_sum, leaf_key, rename_leaf
+
 
 def factor_sums(expr: Expr) -> Expr:
     """`expr` with common factors pulled out of every sum (bottom-up)."""
@@ -108,7 +110,6 @@ def term_forms(expr: Expr, size=None, max_terms: int = MAX_TERMS,
     entries their sums write (per group: its terms × the inner sum's size, plus one
     output-sized tensor), the cheapest first, and only the first `limit` are built.
     [] when `expr` has no sum of products or would expand to more than `max_terms` monomials."""
-    from .expand import count_terms, expand, has_sum
     if not has_sum(expr) or count_terms(expr, max_terms + 1) > max_terms:
         return []
     monomials = expand(expr)
@@ -141,7 +142,6 @@ def _grouping(monomials, which: frozenset | None) -> dict:
     """Monomials grouped by their legs (the factors carrying an output index in `which`; all
     output indices when None), compared up to the names of summed indices:
     {key: [(monomial, legs, rest, renaming, ports)]}. Nothing is renamed yet."""
-    from .expand import leaf_key
     groups: dict[tuple, list] = {}
     for m in monomials:
         out = set(m.indices)
@@ -190,7 +190,6 @@ def _traffic(grouping: dict, out, size) -> int:
 
 def _build(grouping: dict, indices) -> Expr:
     """The grouped form: Σ_groups legs · (Σ_k c_k · rest_k), singletons as plain products."""
-    from .expand import rename_leaf
     terms = []
     for items in grouping.values():
         if len(items) == 1 or not items[0][4] or any(not it[2] for it in items):

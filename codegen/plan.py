@@ -242,7 +242,7 @@ def _cached_path(operands, output, numeric_items, method):
     if method == "dp-combo":
         optimize = opt_einsum.paths.DynamicProgramming(minimize="combo")
     elif method == "cotengra":
-        import cotengra
+        import cotengra  # optional (the `bench` extra): only this method needs it
         optimize = cotengra.HyperOptimizer(minimize="combo", max_repeats=32, progbar=False,
                                            parallel=False)
     else:
@@ -255,7 +255,7 @@ def _cached_path(operands, output, numeric_items, method):
 
 @lru_cache(maxsize=1)
 def _has_cotengra() -> bool:
-    try:
+    try:  # an optional dependency: probe it without requiring it
         import cotengra  # noqa: F401
     except ImportError:
         return False

@@ -29,12 +29,12 @@ temporary whose dimensions carry index labels, plus the contraction plans of its
 """
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
 from typing import Mapping
 
 import sympy
 
+from tnderive.binding import check_sizes, size_symbols
 from tnderive.errors import TNError
 from tnderive.functions import X, Elementwise, IndexFunction
 from tnderive.ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name,
@@ -43,37 +43,10 @@ from tnderive.ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Ze
 from .factor import MEMORY_WEIGHT, factor_sums, term_forms
 from .plan import DEFAULT_SIZE, ContractionPlan, plan_contraction, step_cost
 from .taps import conv_taps
+from .values import Labels, Value
 from .views import (apply_views, place_scatters, scatter_output, scatter_target, select_scatters,
                     select_views)
 
-Labels = tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Value:
-    """A tensor available at run time: python name and one label per dimension.
-
-    `ties` ((extra, rep), ...) describe a lazily diagonal value: the full tensor is this one
-    times copy tensors joining each `extra` index to its `rep` label (so it has the extra
-    indices too, zero off the diagonal). Products absorb ties for free (index merges); only a
-    consumer that needs the full tensor materialises it (`_Lowering.materialise`)."""
-
-    name: str
-    labels: Labels
-    shape: tuple[sympy.Expr, ...]
-    ties: tuple[tuple[str, str], ...] = ()
-
-    def relabel(self, labels: Labels) -> "Value":
-        return Value(self.name, tuple(labels), self.shape, self.ties)
-
-    @property
-    def free(self) -> Labels:
-        """All indices of the full tensor (labels, then tied extras)."""
-        return self.labels + tuple(x for x, _ in self.ties)
-
-    @property
-    def sizes(self) -> dict[str, sympy.Expr]:
-        return dict(zip(self.labels, self.shape))
 
 
 @dataclass
@@ -176,23 +149,17 @@ def lower(expr: Expr, sizes: Mapping[str, int] | None = None,
     factor: first pull factors shared by all terms of a sum out of it (`factor.factor_sums`)."""
     if not isinstance(expr, Expr):
         raise TNError(f"codegen expects an expression, got {type(expr).__name__}")
-    collecting = gc.isenabled()
-    gc.disable()  # lowering allocates many small objects and frees none: skip the GC passes
-    try:
-        best = _Lowering(expr, sizes or {}, default_size, method, factor).run()
-        if factor:  # a large sum of products: also cost its term-wise forms, keep the cheapest
-            best_cost = _cost(best)
-            size = lambda e: best.at(e)  # noqa: E731  (numeric value at the planning sizes)
-            for label, form in term_forms(expr, size, limit=FORMS_TRIED):
-                cand = _Lowering(expr, sizes or {}, default_size, method or "auto", factor,
-                                 work=form).run()
-                cost = _cost(cand)
-                if cost < (best_cost[0] * 0.999, best_cost[1]):
-                    best, best_cost = cand, cost
-                    best.form = label
-    finally:
-        if collecting:
-            gc.enable()
+    best = _Lowering(expr, sizes or {}, default_size, method, factor).run()
+    if factor:  # a large sum of products: also cost its term-wise forms, keep the cheapest
+        best_cost = _cost(best)
+        size = lambda e: best.at(e)  # noqa: E731  (numeric value at the planning sizes)
+        for label, form in term_forms(expr, size, limit=FORMS_TRIED):
+            cand = _Lowering(expr, sizes or {}, default_size, method or "auto", factor,
+                             work=form).run()
+            cost = _cost(cand)
+            if cost < (best_cost[0] * 0.999, best_cost[1]):
+                best, best_cost = cand, cost
+                best.form = label
     return best
 
 
@@ -224,8 +191,6 @@ OP_OVERHEAD = 20_000    # FLOP-equivalents per emitted torch call
 
 def planning_values(expr: Expr, sizes: Mapping[str, int], default_size: int) -> dict:
     """Value of every size symbol of `expr` for planning: bound ones, else the default."""
-    from tnderive.binding import check_sizes, size_symbols
-
     by_name = check_sizes(expr, expr.signature, sizes)  # any size symbol of the signature
     symbols = size_symbols(expr) | {s for s in expr.signature.symbols() if str(s) in by_name}
     return {s: by_name.get(str(s), default_size) for s in symbols}

@@ -17,6 +17,8 @@ import sympy
 
 from tnderive.patterns import geometry, special_layout, window_count
 
+from .values import Value
+
 MIN_CONTRACT = 32
 MIN_POSITIONS = 1024
 
@@ -42,7 +44,6 @@ def record(low, v, base, consts, srcs) -> None:
 def conv_taps(low, operands, out):
     """A Value computing the two-operand convolution `operands` -> `out` by kernel taps, or
     None when the product is not such a convolution or one einsum is expected to be faster."""
-    from .program import Value
     views = getattr(low, "tap_views", {})
     if len(operands) != 2:
         return None

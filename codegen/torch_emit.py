@@ -25,138 +25,17 @@ import sympy
 
 from tnderive.constants import get_kind
 from tnderive.errors import TNError
-from tnderive.ir import Constant, Delta, Expr, Func, Product, Sum, Variable, Zero
+from tnderive.printer import to_notation
+from tnderive.torch_fns import torch_source
 
+from .arguments import DEVICE_DTYPE_HELPER, argument_lines, parameters
 from .program import Op, Program, Value
+from .pysource import py_coef, py_expr, py_shape, py_size, size_var  # noqa: F401  (re-exported)
+from .taps import emit_lines
 
 INDENT = "    "
 MAX_DOC_EXPR = 3000  # characters of index notation quoted in a docstring
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-# --------------------------------------------------------------------------------------------
-# sizes as python
-# --------------------------------------------------------------------------------------------
-
-def size_var(sym: sympy.Symbol) -> str:
-    """Python name holding the value of size symbol `sym` in generated code."""
-    name = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in str(sym))
-    return f"size_{name}"
-
-
-# precedence of emitted python: an operand binding less tightly than its context is wrapped
-_ADD, _MUL, _NEG, _POW, _ATOM = 1, 2, 3, 4, 5
-
-
-def py_size(e) -> str:
-    """Python source of a size or coefficient expression in the size variables; safe to use
-    as an operand anywhere (a compound expression comes parenthesised)."""
-    text, prec = _py(sympy.sympify(e))
-    return text if prec == _ATOM else f"({text})"
-
-
-def py_expr(e) -> str:
-    """Python source of a size expression standing alone (the right side of an assignment)."""
-    return _py(sympy.sympify(e))[0]
-
-
-def py_coef(c) -> str:
-    """Python source of a coefficient (a number as a float literal unless integer); an operand
-    anywhere, e.g. `f"{py_coef(c)} * t0"`."""
-    c = sympy.sympify(c)
-    if c.is_number and not c.is_Integer:
-        value = _real(c)
-        return repr(value) if value >= 0 else f"({value!r})"
-    return py_size(c)
-
-
-def _real(c: sympy.Expr) -> float:
-    value = complex(c)
-    if value.imag:
-        raise TNError(f"codegen: coefficient {c} is not real")
-    return value.real
-
-
-def _py(e: sympy.Expr) -> tuple[str, int]:
-    """(python source, precedence) of a sympy size/coefficient expression."""
-    if e.is_Integer:
-        return str(int(e)), _ATOM if e >= 0 else _NEG
-    if e.is_Rational:
-        return f"{e.p} / {e.q}", _MUL
-    if e.is_Symbol:
-        return size_var(e), _ATOM
-    if e.is_number:
-        value = _real(e)
-        return repr(value), _ATOM if value >= 0 else _NEG
-    if e.is_Add:
-        return _py_add(e)
-    if e.is_Mul:
-        return _py_mul(e)
-    if e.is_Pow:
-        return _py_pow(e)
-    if isinstance(e, (sympy.floor, sympy.ceiling)):
-        return _py_round(e)
-    if isinstance(e, sympy.Mod):
-        return f"{_wrap(e.args[0], _POW)} % {_wrap(e.args[1], _POW)}", _MUL
-    if isinstance(e, (sympy.Max, sympy.Min, sympy.Abs)):
-        name = {sympy.Max: "max", sympy.Min: "min", sympy.Abs: "abs"}[type(e)]
-        return f"{name}({', '.join(_py(a)[0] for a in e.args)})", _ATOM
-    raise TNError(f"codegen: cannot write the size expression {e} as python "
-                  f"({type(e).__name__} is not supported)")
-
-
-def _wrap(e: sympy.Expr, at_least: int) -> str:
-    """Source of `e`, parenthesised unless it binds at least as tightly as `at_least`."""
-    text, prec = _py(e)
-    return text if prec >= at_least else f"({text})"
-
-
-def _py_add(e: sympy.Expr) -> tuple[str, int]:
-    out = ""
-    for k, term in enumerate(e.as_ordered_terms()):  # sympy's order: `n + 2`, `1 - n/5`
-        negative = term.could_extract_minus_sign()
-        body = _wrap(-term if negative else term, _MUL)
-        if k == 0:
-            out = f"-{_wrap(-term, _POW)}" if negative else body
-        else:
-            out += f" - {body}" if negative else f" + {body}"
-    return out, _ADD
-
-
-def _py_mul(e: sympy.Expr) -> tuple[str, int]:
-    coef, rest = e.as_coeff_Mul()
-    if coef == -1:
-        return f"-{_wrap(rest, _POW)}", _NEG
-    sign = "-" if coef.is_negative else ""
-    factors = [abs(coef)] if abs(coef) != 1 else []
-    factors += sympy.Mul.make_args(rest)
-    return sign + " * ".join(_wrap(f, _POW) for f in factors), _MUL
-
-
-def _py_pow(e: sympy.Expr) -> tuple[str, int]:
-    base, exp = e.args
-    if exp == -1:
-        return f"1 / {_wrap(base, _POW)}", _MUL
-    return f"{_wrap(base, _ATOM)} ** {_wrap(exp, _ATOM)}", _POW
-
-
-def _py_round(e: sympy.Expr) -> tuple[str, int]:
-    """floor(a/b) as a // b; ceiling as -(-a // b) (exact integer division of integer a, b;
-    an int() around it when a or b is not an integer, e.g. floor(sqrt(n)))."""
-    num, den = sympy.fraction(sympy.together(e.args[0]))
-    if den == 1 and num.is_integer:
-        return _py(num)
-    exact = num.is_integer and den.is_integer
-    if isinstance(e, sympy.floor):
-        text = f"{_wrap(num, _POW)} // {_wrap(den, _POW)}"
-        return (text, _MUL) if exact else (f"int({text})", _ATOM)
-    text = f"-{_wrap(num, _POW)} // {_wrap(den, _POW)}"
-    return (f"-({text})", _NEG) if exact else (f"-int({text})", _NEG)
-
-
-def py_shape(shape) -> str:
-    items = [py_size(s) for s in shape]
-    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,9 +56,7 @@ def emit_module(program: Program, name: str = "f", notation: str | None = None,
         if keyword.iskeyword(v) or v in ("torch", "TNError") or v.startswith(("_", "size_")):
             raise TNError(f"codegen: variable name {v!r} cannot be an argument of generated code "
                           f"(python keyword, or clashes with its helpers: rename it)")
-    from .arguments import DEVICE_DTYPE_HELPER  # late: it imports py_size from here
-
-    notation = notation if notation is not None else expression_text(expr)
+    notation = notation if notation is not None else to_notation(expr)
     kinds = sorted({op.payload[0] for op in program.ops if op.kind == "const"})
     parts = [_module_doc(program, name, notation), "import torch", "",
              "", _ERROR_CLASS, "", "", "_MISSING = object()", "", "", DEVICE_DTYPE_HELPER, ""]
@@ -236,8 +113,6 @@ _ERROR_CLASS = '''class TNError(ValueError):
 
 
 def _function(program: Program, name: str, notation: str, sizes: dict) -> str:
-    from .arguments import argument_lines, parameters  # late: it imports py_size from here
-
     expr = program.expr
     params = parameters(program)
     body: list[str] = argument_lines(program, name, sizes)
@@ -290,7 +165,6 @@ def _op_line(op: Op) -> str:
     elif op.kind == "ones":
         code = "torch.ones((), device=_dev, dtype=_dt)"
     elif op.kind == "elementwise":
-        from tnderive.torch_fns import torch_source
         code = torch_source(op.payload, op.inputs[0].name)
         comment += f"  {op.payload.name}"
     elif op.kind in ("softmax", "logsumexp"):
@@ -319,7 +193,6 @@ def _op_line(op: Op) -> str:
     elif op.kind == "diag":
         return _diag(op)
     elif op.kind == "conv_taps":
-        from .taps import emit_lines
         return emit_lines(op, py_size, py_shape)
     else:
         raise TNError(f"codegen: unknown op {op.kind!r}")
@@ -510,52 +383,3 @@ def _rename_builder(kind: str, src: str) -> tuple[str, str]:
         elif isinstance(node, ast.Name) and node.id in mapping:
             node.id = mapping[node.id]
     return ast.unparse(tree), builder
-
-
-# --------------------------------------------------------------------------------------------
-# expression text (fallback when tnderive.printer is not available)
-# --------------------------------------------------------------------------------------------
-
-def expression_text(expr: Expr) -> str:
-    """Index notation of `expr` (tnderive.printer when present, else a plain fallback)."""
-    try:
-        text = str(expr)
-        if text and not text.startswith("<"):
-            return text
-    except Exception:  # printer missing or unable: fall back
-        pass
-    return _fallback(expr)
-
-
-def _fallback(e: Expr) -> str:
-    if isinstance(e, Variable):
-        return f"{e.name}[{','.join(e.occurrence)}]"
-    if isinstance(e, Delta):
-        return f"delta[{','.join(e.indices)}]"
-    if isinstance(e, Constant):
-        args = ", ".join(map(str, e.params))
-        return f"{e.kind}({args})[{','.join(e.indices)}]"
-    if isinstance(e, Zero):
-        return f"0[{','.join(e.indices)}]"
-    if isinstance(e, Func):
-        over = f", {e.over}" if e.over else ""
-        return f"{e.fn.name}({_fallback(e.arg)}{over})"
-    if isinstance(e, Product):
-        if not e.factors:
-            return "1"
-        body = " * ".join(_paren(f) for f in e.factors)
-        summed = e.summed
-        return f"sum({body}, {', '.join(summed)})" if summed else body
-    if isinstance(e, Sum):
-        parts = []
-        for c, t in e.terms:
-            c = sympy.sympify(c)
-            s = _paren(t) if len(e.terms) > 1 else _fallback(t)
-            parts.append(s if c == 1 else f"{c}*{_paren(t)}")
-        return " + ".join(parts)
-    return repr(e)
-
-
-def _paren(e: Expr) -> str:
-    s = _fallback(e)
-    return f"({s})" if isinstance(e, Sum) and len(e.terms) > 1 else s

@@ -23,10 +23,14 @@ from functools import lru_cache
 from typing import Callable
 
 import sympy
+import torch
 
 from tnderive.constants import ViewLowering, get_kind
 from tnderive.ir import Constant, Expr
 from tnderive.patterns import geometry
+
+from .taps import record
+from .values import Value
 
 
 def view_lowering(const: Expr) -> ViewLowering | None:
@@ -73,7 +77,6 @@ def select_views(factors: list[Expr], find: Callable, out: set) -> dict[int, tup
 
 def apply_views(low, v, consts: list[Constant], find: Callable):
     """`v` (a Value) with every constant of `consts` applied as a view, through `low.emit`."""
-    from .program import Value
     labels = tuple(find(i) for i in v.labels)
     v = Value(v.name, labels, v.shape)
     pads = []
@@ -96,7 +99,6 @@ def apply_views(low, v, consts: list[Constant], find: Callable):
             v = _pad(low, v, [(src, pl, pr)])
         v = view.apply(low, v, c, legs)
     if all(s in base.labels for s in srcs):  # stride-1 windows: candidates for kernel taps
-        from .taps import record
         record(low, v, base, consts, srcs)
     return v
 
@@ -260,7 +262,6 @@ def _pad_dims(low, v, pads: list, why: str, labels=None):
 
 def run_view_op(kind: str, t, labels_in: tuple, labels: tuple, shape: tuple, payload):
     """Execute one view op (as `torch_emit` writes it) on tensor `t`."""
-    import torch
     if kind == "pad":
         payload = payload[0]
         first = min(d for d, _, _ in payload)
@@ -299,7 +300,6 @@ class _Recorder:
         return self.fresh()
 
     def emit(self, kind, inputs, labels, shape=None, payload=None):
-        from .program import Value
         (v,) = inputs
         if shape is None:  # a sum keeps the sizes of the remaining dims
             shape = tuple(dict(zip(v.labels, v.shape))[i] for i in labels)
@@ -309,7 +309,6 @@ class _Recorder:
 
 @lru_cache(maxsize=1024)
 def _recorded(labels: tuple, shape: tuple, consts: tuple, fresh: tuple):
-    from .program import Value
     names = iter(fresh)
     rec = _Recorder(lambda: next(names))
     v = apply_views(rec, Value("_in", labels, shape), list(consts), lambda i: i)

@@ -19,7 +19,9 @@ from pathlib import Path
 from types import ModuleType
 
 from tnderive import progress
+from tnderive.commands._common import ensure_folder
 from tnderive.demo import warn_if_no_dot
+from tnderive.errors import TNError
 
 ROOT = Path(__file__).resolve().parent
 
@@ -131,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gallery", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.output:
+        try:
+            ensure_folder(args.output)
+        except TNError as e:
+            print(f"python -m gallery: error: {e}", file=sys.stderr)
+            return 2
     with progress.setting(False if args.quiet else None):
         return run_from_args(args)
 

@@ -12,7 +12,7 @@ import sympy
 
 from tnderive.ir import (ONE, Delta, Expr, Product, Size, Sum, Zero, fresh_name, rename_free,
                          scale, transpose)
-from tnderive.simplify import rule
+from tnderive.engine import rule
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,7 +50,8 @@ def rebuild(p: Product, factors: Sequence[Expr], coef=1) -> Expr:
     return scale(out, coef)
 
 
-_FOLDED: dict[sympy.Expr, sympy.Expr] = {}
+_FOLDED: dict[sympy.Expr, sympy.Expr] = {}  # bounded: cleared when it reaches _FOLDED_MAX
+_FOLDED_MAX = 8192
 
 
 def fold(c: sympy.Expr) -> sympy.Expr:
@@ -60,6 +61,8 @@ def fold(c: sympy.Expr) -> sympy.Expr:
         return c
     hit = _FOLDED.get(c)
     if hit is None:
+        if len(_FOLDED) >= _FOLDED_MAX:
+            _FOLDED.clear()
         hit = sympy.factor_terms(sympy.cancel(sympy.powsimp(c)))
         _FOLDED[c] = hit
         _FOLDED.setdefault(hit, hit)
@@ -252,6 +255,8 @@ def nominal_cost(expr: Expr, size: int = 8) -> int:
 def distribute(p: Product) -> Expr | None:
     """A·(B + C) → A·B + A·C, only when the simplified result has a lower `nominal_cost`
     (e.g. when the distributed terms let copy tensors be absorbed). Not a default rule."""
+    # A rule that runs the whole simplifier is a true layering inversion (tnderive.simplify
+    # loads the rule families, this one among them): the one import kept inside a function.
     from tnderive.simplify import simplify
 
     for k, f in enumerate(p.factors):

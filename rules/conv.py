@@ -25,7 +25,7 @@ import sympy
 
 from tnderive.ir import Constant, Delta, Expr, Product, fresh_name
 from tnderive.patterns import pattern_sum_constant, split_constant, window_constant
-from tnderive.simplify import rule
+from tnderive.engine import rule
 
 
 def _patterns(p: Product):

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from tnderive.ir import Delta, Expr, Product, Variable
-from tnderive.simplify import rule
+from tnderive.engine import rule
 
 from .algebra import index_count, rebuild
 

@@ -15,7 +15,7 @@ import sympy
 
 from tnderive.functions import X, Elementwise, step
 from tnderive.ir import Expr, Func, Product, Sum, Zero, scale
-from tnderive.simplify import rule
+from tnderive.engine import rule
 
 from .algebra import ones, rebuild
 
@@ -28,6 +28,8 @@ def _elementwise(e: Expr) -> bool:
 def _value_at_zero(fn: Elementwise):
     try:
         v = fn.formula.subs(X, 0)
+        if v.is_finite is None:  # e.g. sigmoid(0): known through its exp form
+            v = sympy.nsimplify(v.rewrite(sympy.exp))
     except (TypeError, ValueError, ZeroDivisionError):
         return None
     return v if v.is_number and v.is_finite else None

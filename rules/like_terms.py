@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tnderive.canonical import like_term_groups
 from tnderive.ir import Expr, Sum, Zero
-from tnderive.simplify import rule
+from tnderive.engine import rule
 
 
 @rule(Sum)

@@ -13,7 +13,7 @@ import sympy
 
 from tnderive.functions import IndexFunction
 from tnderive.ir import Delta, Expr, Func, Product, Sum, Zero, scale
-from tnderive.simplify import rule
+from tnderive.engine import rule
 
 from .algebra import index_count, ones, rebuild
 

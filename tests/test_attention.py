@@ -22,6 +22,20 @@ CASES = {
 }
 
 
+_DERIVED: dict = {}
+
+
+def _blocks(simplify: bool = False, **options):
+    """(model, Hessian blocks of all its parameters) for `self_attention(**SIZES, **options)`,
+    derived once per test process: the tests that read the same blocks share them, and with
+    them the compiled code each part caches."""
+    key = (simplify, tuple(sorted(options.items())))
+    if key not in _DERIVED:
+        model = self_attention(**SIZES, **options)
+        _DERIVED[key] = model, hessian_blocks(model, params=model.params, simplify=simplify)
+    return _DERIVED[key]
+
+
 def _references(model, tensors, params):
     """torch.func Hessian blocks, the GGN blocks from jacrev, for the torch-written layer."""
     ps = list(params)
@@ -78,8 +92,7 @@ def test_loss_matches_torch(name):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_blocks_match_torch_func(name):
-    model = self_attention(**SIZES, **CASES[name])
-    blocks = hessian_blocks(model, params=model.params, simplify=(name == "plain"))
+    model, blocks = _blocks(name == "plain", **CASES[name])
     t = model.random_inputs(1)
     H, G = _references(model, t, model.params)
     for (p, q), b in blocks.items():
@@ -91,8 +104,7 @@ def test_blocks_match_torch_func(name):
 
 
 def test_slow_path_agrees_with_generated_code():
-    model = self_attention(**SIZES, causal=True)
-    blocks = hessian_blocks(model, simplify=False)
+    model, blocks = _blocks(**CASES["heads2_causal"])
     t = model.random_inputs(2)
     for b in blocks.values():
         for part in b.parts().values():
@@ -125,8 +137,7 @@ def test_plain_expression_gives_totals_only():
 
 def test_functional_VV_is_symbolically_zero():
     for kw in [dict(), dict(out_proj=True), dict(heads=2, causal=True), dict(loss="ce")]:
-        model = self_attention(**SIZES, **kw)
-        blocks = hessian_blocks(model, params=model.params, simplify=False)
+        model, blocks = _blocks(**kw)
         assert isinstance(blocks["WV", "WV"].functional.expr, Zero)
         assert blocks["WV", "WV"].functional.structure.zero
         assert blocks["WV", "WV"].functional.structure.predicted_slope is None
@@ -156,8 +167,7 @@ def test_predicted_slopes_reproduce_known_values():
 
 
 def test_fitted_slopes_match_predictions():
-    model = self_attention(8, 4, 3)
-    blocks = hessian_blocks(model, simplify=False)
+    model, blocks = _blocks()
     t = model.random_inputs(0)
     slopes = fit_slopes(blocks, t)
     for key, b in blocks.items():
@@ -170,7 +180,7 @@ def test_fitted_slopes_match_predictions():
 
 
 def test_structure_flags():
-    blocks = hessian_blocks(self_attention(**SIZES), simplify=False)
+    _, blocks = _blocks()
     qk = blocks["WQ", "WK"].functional.structure
     assert qk.second_T and qk.softmax_order == 2
     qq = blocks["WQ", "WQ"].functional.structure
@@ -182,23 +192,22 @@ def test_structure_flags():
 
 
 def test_linear_attention_slopes():
-    blocks = hessian_blocks(self_attention(**SIZES, linear=True), simplify=False)
+    _, blocks = _blocks(linear=True)
     assert blocks["WQ", "WQ"].functional.is_zero          # T is linear in W_Q
     assert blocks["WV", "WV"].outer.structure.predicted_slope == 6  # F ~ σ³ without softmax
     assert blocks["WQ", "WK"].functional.structure.predicted_slope == 3
 
 
 def test_report_markdown():
-    model = self_attention(**SIZES)
-    blocks = hessian_blocks(model, params=("WQ", "WV"), simplify=False)
+    model, blocks = _blocks()
     rows = report_rows(blocks, model.random_inputs(0))
     md = report_markdown(blocks, rows)
     assert "| Q–Q | outer |" in md and "≡0" in md
 
 
 def test_generated_code_is_standalone():
-    model = self_attention(**SIZES, causal=True)
-    part = hessian_blocks(model, params=("WQ",), simplify=False)["WQ", "WQ"].total
+    model, blocks = _blocks(**CASES["heads2_causal"])
+    part = blocks["WQ", "WQ"].total
     prog = part.program(fn_name="qq")
     assert "tnderive" not in prog.source.split('"""')[0]
     ns: dict = {}
@@ -229,19 +238,6 @@ def test_errors():
         hessian_blocks(model.output)
     with pytest.raises(TNError, match="symbolic"):
         self_attention().random_inputs()
-
-
-def test_cli(tmp_path):
-    from tnderive.cli import main
-    out = tmp_path / "rep"
-    assert main(["hessian-blocks", "--seq", "5", "--dmodel", "4", "--dk", "2", "--no-slopes",
-                 "--no-simplify", "-o", str(out)]) == 0
-    text = (out / "report.md").read_text()
-    assert "| V–V | functional | yes |" in text
-    src = (out / "blocks.py").read_text()
-    ns: dict = {}
-    exec(src, ns)
-    assert "WQ_WQ_total" in ns
 
 
 def test_compile_lowers_blocks_term_by_term():

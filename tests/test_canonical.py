@@ -7,7 +7,7 @@ from tnderive.canonical import canonical_hash, coarse_key, isomorphic, like_term
 from tnderive.functions import LOGSUMEXP, SOFTMAX
 from tnderive.ir import Delta, Func, Product, Sum
 
-from test_simplify_cases import d, f, v
+from tests.cases.simplify_cases import d, f, v
 
 
 def test_invariant_under_bound_renaming_and_factor_order():

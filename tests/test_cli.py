@@ -326,12 +326,19 @@ def test_sigma_fit_shows_progress(capsys):
     assert capsys.readouterr().err == ""   # off a terminal: nothing
 
 
-def test_hessian_blocks_quiet_with_a_loss_reduction(capsys, tmp_path, monkeypatch):
-    """-q silences the progress that TNDERIVE_PROGRESS=1 turns on; --loss ce:sum is read."""
+@pytest.mark.slow
+def test_hessian_blocks_end_to_end(capsys, tmp_path, monkeypatch):
+    """The `hessian-blocks` command, run once at the smallest sizes (it compiles 27 block
+    parts): -q silences the progress that TNDERIVE_PROGRESS=1 turns on; --loss ce:sum is read;
+    the nested output folder is created; the report has the V–V row; blocks.py runs alone."""
     monkeypatch.setenv("TNDERIVE_PROGRESS", "1")
+    out_dir = tmp_path / "a" / "b"
     code, out, err = run(["hessian-blocks", "--seq", "3", "--dmodel", "2", "--dk", "2", "-q",
-                          "--loss", "ce:sum", "--no-slopes", "--no-simplify",
-                          "-o", tmp_path / "a" / "b"], capsys)
+                          "--loss", "ce:sum", "--no-slopes", "--no-simplify", "-o", out_dir],
+                         capsys)
     assert code == 0 and "loss ce (sum)" in out
     assert "hessian-blocks" not in err and "σ-fit" not in err
-    assert (tmp_path / "a" / "b" / "report.md").is_file()
+    assert "| V–V | functional | yes |" in (out_dir / "report.md").read_text()
+    ns: dict = {}
+    exec((out_dir / "blocks.py").read_text(), ns)
+    assert "WQ_WQ_total" in ns

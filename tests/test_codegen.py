@@ -19,7 +19,7 @@ from tnderive.codegen.plan import plan_contraction
 from tnderive.errors import TNError
 from tnderive.ir import Delta, Product, Sum, Variable, Zero, size_symbol
 
-from test_codegen_cases import CASES, EXTRA_SIZES, SIZES, V, conv_expr as _conv_expr, random_inputs, z
+from tests.cases.codegen_cases import CASES, EXTRA_SIZES, SIZES, V, conv_expr as _conv_expr, random_inputs, z
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -78,6 +78,7 @@ def test_module_imports_only_torch(case):
     assert compiled.source == src
 
 
+@pytest.mark.slow
 def test_module_runs_in_clean_interpreter(tmp_path):
     """python -I with tnderive/sympy/opt_einsum blocked: the module needs only torch."""
     conv = _conv_expr()

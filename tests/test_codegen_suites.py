@@ -1,15 +1,19 @@
 """Generated code equals `evaluate` on every expression of the foundation suite
-(tests/test_evaluate_cases.py) and on simplified derivatives from the derivation suite."""
+(tests/cases/evaluate_cases.py) and on simplified derivatives from the derivation suite."""
 from __future__ import annotations
 
 import pytest
+import sympy
 import torch
 
 import tnderive as tn
-from test_derive import attention_loss, linear_regression, mlp
-from test_evaluate_cases import CASES, make_inputs
 from tnderive.binding import bind
 from tnderive.verify import random_tensors
+
+from tests.cases.evaluate_cases import CASES, make_inputs
+from tests.cases.models import attention_loss, linear_regression, mlp_loss
+
+ATTENTION_COEF = 1 / sympy.sqrt(2)  # as in test_derive.py
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -23,11 +27,11 @@ def test_generated_code_equals_evaluate_on_foundation_cases(case):
 
 
 DERIVED = {
-    "mlp_tanh_mse": (lambda: mlp("tanh", "mse"), ["W1", "b2"]),
-    "mlp_relu_ce": (lambda: mlp("relu", "ce"), ["W2", "W1"]),
+    "mlp_tanh_mse": (lambda: mlp_loss("tanh", "mse"), ["W1", "b2"]),
+    "mlp_relu_ce": (lambda: mlp_loss("relu", "ce"), ["W2", "W1"]),
     "linear_regression": (linear_regression, ["W", "W"]),
-    "attention_QK": (attention_loss, ["WQ", "WK"]),
-    "attention_VX": (attention_loss, ["WV", "X"]),
+    "attention_QK": (lambda: attention_loss(ATTENTION_COEF), ["WQ", "WK"]),
+    "attention_VX": (lambda: attention_loss(ATTENTION_COEF), ["WV", "X"]),
 }
 
 

@@ -18,7 +18,7 @@ from tnderive.nn.conv import conv_network
 from tnderive.patterns import build_pattern, build_pattern_sum, pattern_constant
 from tnderive.structured import structured_evaluate
 
-from strategies import conv_cases
+from tests.cases.strategies import conv_cases
 
 TOL = dict(atol=1e-10, rtol=1e-10)
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

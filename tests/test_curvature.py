@@ -8,26 +8,11 @@ from torch.func import hessian, jacrev
 from tnderive import curvature as cv
 from tnderive import losses
 from tnderive.errors import TNError
-from tnderive.functions import get_elementwise
-from tnderive.ir import Delta, Func, Product, Sum, Variable
+from tnderive.ir import Func, Product, Sum, Variable
+
+from tests.cases.models import mlp
 
 SIZES = dict(N=3, I=4, H=5, C=3)
-
-
-def mlp(act: str = "tanh", bias: bool = True, depth: int = 2):
-    """f[n,c] = W2 act(W1 x + b1) + b2 (depth 2) or W3 act(W2 act(W1 x + b1) + b2) + b3."""
-    x = Variable("x", ["n", "i"])
-    h = x
-    dims = ["i"] + [f"h{k}" for k in range(1, depth)] + ["c"]
-    for k in range(1, depth + 1):
-        din, dout = dims[k - 1], dims[k]
-        W = Variable(f"W{k}", [dout, din])
-        z = Product((W, h), ["n", dout])
-        if bias:
-            b = Variable(f"b{k}", [dout])
-            z = Sum(((1, z), (1, Product((b, Delta(("n",), x.shape[0])), ["n", dout]))))
-        h = Func(get_elementwise(act), z) if k < depth else z
-    return h
 
 
 def tensors_for(model, kind: str, seed: int = 0, n: int = SIZES["N"]):

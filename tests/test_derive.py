@@ -9,8 +9,10 @@ from hypothesis import given, settings, strategies as st
 import tnderive
 from tnderive.derive import derivative, grad, hessian, jvp, vjp
 from tnderive.functions import LOGSUMEXP, SOFTMAX, elementwise, get_elementwise, power, sigmoid
-from tnderive.ir import Delta, Func, Product, Sum, Variable, Zero, scale
+from tnderive.ir import Func, Product, Sum, Variable, Zero, scale
 from tnderive.verify import random_tensors, verify
+
+from tests.cases.models import attention_loss, linear_regression, mlp_loss
 
 TOL = 1e-9
 
@@ -19,41 +21,13 @@ def f(name, e):
     return Func(get_elementwise(name), e)
 
 
-def mlp(act: str, loss: str):
-    """2-layer MLP with biases: x[n,i] -> W1, b1, act -> W2, b2 -> MSE or softmax CE."""
-    x = Variable("x", ("n", "i"))
-    W1, b1 = Variable("W1", ("h", "i")), Variable("b1", ("h",))
-    W2, b2 = Variable("W2", ("c", "h")), Variable("b2", ("c",))
-    z1 = Sum(((1, Product((W1, x), ("n", "h"))), (1, Product((b1, Delta(("n",), "n")), ("n", "h")))))
-    a1 = f(act, z1)
-    z2 = Sum(((1, Product((W2, a1), ("n", "c"))), (1, Product((b2, Delta(("n",), "n")), ("n", "c")))))
-    t = Variable("t", ("n", "c"))
-    if loss == "mse":
-        return Product((Func(power(2), Sum(((1, z2), (-1, t)))),), ())
-    lse = Func(LOGSUMEXP, z2, "c")
-    return Sum(((1, Product((lse, Product((t,), ("n",))), ())), (-1, Product((t, z2), ()))))
-
-
-def linear_regression():
-    W, x, y = Variable("W", ("o", "i")), Variable("x", ("n", "i")), Variable("y", ("n", "o"))
-    return Product((Func(power(2), Sum(((1, Product((W, x), ("n", "o"))), (-1, y)))),), ())
-
-
-def attention_loss():
-    X = Variable("X", ("q", "d"))
-    WQ, WK, WV = Variable("WQ", ("d", "e")), Variable("WK", ("d", "e")), Variable("WV", ("d", "v"))
-    T = scale(Product((X, WQ, WK.with_indices(("d2", "e")), X.with_indices(("k", "d2"))), ("q", "k")),
-              1 / sympy.sqrt(2))
-    A = Func(SOFTMAX, T, "k")
-    F = Product((A, X.with_indices(("k", "d3")), WV.with_indices(("d3", "v"))), ("q", "v"))
-    Y = Variable("Y", ("q", "v"))
-    return Product((Func(power(2), Sum(((1, F), (-1, Y)))),), ())
+ATTENTION_COEF = 1 / sympy.sqrt(2)
 
 
 @pytest.mark.parametrize("act", ["tanh", "sigmoid", "relu"])
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_mlp_gradients_and_hessian_blocks(act, loss):
-    e = mlp(act, loss)
+    e = mlp_loss(act, loss)
     params = ["W1", "b1", "W2", "b2"]
     tensors = random_tensors(e, {"n": 3, "i": 4, "h": 3, "c": 3}, seed=1)
     for p in params:
@@ -74,7 +48,7 @@ def test_linear_regression_hessian():
 
 
 def test_attention_all_blocks_including_input():
-    e = attention_loss()
+    e = attention_loss(ATTENTION_COEF)
     tensors = random_tensors(e, {"q": 3, "d": 3, "e": 2, "v": 2}, seed=2)
     names = ["WQ", "WK", "WV", "X"]
     for a in names:

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from tnderive import evaluate, parse
 from tnderive.builder import contract, tanh, var
 
-from test_evaluate_cases import CASES, make_inputs
+from tests.cases.evaluate_cases import CASES, make_inputs
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

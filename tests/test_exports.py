@@ -51,6 +51,7 @@ def test_nn_self_attention_builds_a_layer():
     assert set(layer.params) >= {"WQ", "WK", "WV"}
 
 
+@pytest.mark.slow
 def test_importing_tnderive_registers_the_built_in_constant_kinds():
     """A constant evaluates (and has generated-code source) right after `import tnderive`:
     the modules defining the built-in kinds are imported with the package."""

@@ -106,3 +106,11 @@ def test_without_graphviz_diagrams_are_skipped(tmp_path, monkeypatch, capsys):
     for stem in ("01_linear_regression", "09_derivation_trace"):
         assert (tmp_path / stem / "README.md").is_file()
         assert not list((tmp_path / stem).glob("*.svg"))
+
+
+def test_output_blocked_by_a_file_is_one_line_exit_2(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert gallery.main(["--only", "01", "--fast", "-o", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file, expected a folder" in err[0]

@@ -118,7 +118,7 @@ import torch.nn.functional as F  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from strategies import conv_cases  # noqa: E402
+from tests.cases.strategies import conv_cases  # noqa: E402
 from tnderive.nn import functional as T  # noqa: E402
 from tnderive.nn.conv import conv_network  # noqa: E402
 

@@ -14,10 +14,12 @@ from tnderive import curvature as cv
 from tnderive import losses
 from tnderive.errors import TNError
 from tnderive.functions import get_elementwise
-from tnderive.ir import Delta, Func, Product, Sum, Variable
+from tnderive.ir import Func, Product, Variable
 from tnderive.kfac import kfac, split_layer
 from tnderive.kronecker import KronBlock, ParamLayout
 from tnderive.nn.conv import conv_network
+
+from tests.cases.models import linear, mlp
 
 F = torch.nn.functional
 
@@ -44,27 +46,6 @@ def dense_ggn(model, loss, names, T):
             row.append(G.reshape(T[a].numel(), T[b].numel()))
         rows.append(torch.cat(row, 1))
     return torch.cat(rows, 0)
-
-
-def linear(W, h, out, batch_idx, bias=None):
-    z = Product((W, h), out)
-    if bias is None:
-        return z
-    ones = [Delta((i,), z.size_of(i)) for i in out if i not in bias.indices]
-    return Sum(((1, z), (1, Product((bias, *ones), out))))
-
-
-def mlp(act="tanh", depth=3, bias=True):
-    x = Variable("x", ["n", "i"])
-    dims = {2: ["i", "h1", "c"], 3: ["i", "h1", "h2", "c"]}[depth]
-    h = x
-    for k in range(1, depth + 1):
-        W = Variable(f"W{k}", [dims[k], dims[k - 1]])
-        b = Variable(f"b{k}", [dims[k]]) if bias else None
-        h = linear(W, h, ["n", dims[k]], "n", b)
-        if k < depth and act:
-            h = Func(get_elementwise(act), h)
-    return h
 
 
 def random_tensors(model, sizes, target=None, seed=0):
@@ -520,8 +501,8 @@ def test_curvlinops_sequence_linear_mse():
     x = Variable("x", ["n", "s", "i"])
     W1, b1 = Variable("W1", ["h", "i"]), Variable("b1", ["h"])
     W2, b2 = Variable("W2", ["c", "h"]), Variable("b2", ["c"])
-    h = Func(get_elementwise("tanh"), linear(W1, x, ["n", "s", "h"], "n", b1))
-    model = linear(W2, h, ["n", "s", "c"], "n", b2)
+    h = Func(get_elementwise("tanh"), linear(W1, x, ["n", "s", "h"], b1))
+    model = linear(W2, h, ["n", "s", "c"], b2)
     T = {"x": X, "W1": net[0].weight.detach(), "b1": net[0].bias.detach(),
          "W2": net[2].weight.detach(), "b2": net[2].bias.detach(), "y": Y}
     for kind in ["expand", "reduce"]:
@@ -549,7 +530,7 @@ def test_curvlinops_conv2d(kind):
     z = cn.expr  # [n, g, c, o1, o2]
     V = Variable("V", ["d", "g", "c", "o1", "o2"], shape=[4, 1, 3, O, O])
     bv = Variable("bv", ["d"], shape=[4])
-    model = linear(V, z, ["n", "d"], "n", bv)
+    model = linear(V, z, ["n", "d"], bv)
     prep = cn.prepare(X, conv.weight.detach(), conv.bias.detach())
     T = {**prep, "V": net[2].weight.detach().reshape(4, 1, 3, O, O), "bv": net[2].bias.detach(),
          "y": F.one_hot(labels, 4).double()}

@@ -10,7 +10,7 @@ from tnderive.builder import contract, delta, logsumexp, softmax, tanh, var
 from tnderive.functions import elementwise
 from tnderive.ir import size_symbol
 
-from test_evaluate_cases import CASES
+from tests.cases.evaluate_cases import CASES
 
 S = size_symbol
 

@@ -1,5 +1,5 @@
 """Every notation program of README.md and gallery/*.py means what its split spelling (every
-product in its own statement, written by hand in test_notation_program_cases.py) means:
+product in its own statement, written by hand in tests/cases/notation_program_cases.py) means:
 both parse to equal values on random float64 inputs, and both print and parse back."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import tnderive as tn
 from tnderive.functions import X, registered_elementwise
 from tnderive.verify import random_tensors
 
-from test_notation_program_cases import PROGRAMS
+from tests.cases.notation_program_cases import PROGRAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = [p for p in PROGRAMS if p.split is not None]
@@ -88,7 +88,7 @@ def test_cases_cover_every_readme_and_gallery_program():
     assert len(readme) >= 15 and len(gallery) >= 10
     missing = sorted((readme | gallery | _example_files()) - have)
     assert not missing, ("add these programs (and their split spelling) to "
-                         f"tests/test_notation_program_cases.py: {missing}")
+                         f"tests/cases/notation_program_cases.py: {missing}")
 
 
 def _products_below_top(text: str) -> list[str]:

@@ -10,7 +10,7 @@ from tnderive.ir import ONE, Delta, Func, Product, Sum, Zero, scalar
 from tnderive.rules import algebra, deltas, elementwise, like_terms, softmax
 from tnderive.simplify import family
 
-from test_simplify_cases import STEP, SIZES, assert_same_value, d, f, fn, v
+from tests.cases.simplify_cases import STEP, SIZES, assert_same_value, d, f, fn, v
 
 MINE = ("algebra", "deltas", "elementwise", "softmax", "like_terms")  # conv has its own tests
 RULES = {r.__name__: r for name in MINE for r in family(name)}

@@ -2,8 +2,6 @@
 Hessians (term counts and values vs torch.func); random expressions keep their values."""
 from __future__ import annotations
 
-import time
-
 import pytest
 import sympy
 import torch
@@ -17,9 +15,9 @@ from tnderive.simplify import (Step, chain, count_terms, exhaust, fixpoint,
                                rule, simplify)
 from tnderive.verify import random_tensors, reference_derivative, verify
 
-from test_simplify_cases import (SIZES, STEP, assert_same_value, attention_loss, d,
-                                 linear_regression, mlp, quadratic_form, softmax_ce_log,
-                                 f, softmax_ce_logsumexp, v, value)
+from tests.cases.simplify_cases import (SIZES, STEP, assert_same_value, attention_loss, d, f,
+                                        linear_regression, mlp, quadratic_form, softmax_ce_log,
+                                        softmax_ce_logsumexp, v, value)
 
 TOL = 1e-9
 
@@ -196,12 +194,30 @@ def test_attention_value_block_has_one_term():
 
 
 def test_attention_nine_blocks_fast():
+    """Work, counted not timed: rule calls and rewrites for all nine blocks (when written: 7,497
+    calls, 424 rewrites; without the per-node memo 70,095 calls). The bounds leave room for
+    new rules but catch a lost memo or a rewrite loop."""
+    from tnderive.simplify import default_rules
     loss = attention_loss(1 / sympy.sqrt(sympy.Symbol("e", integer=True, positive=True)))
-    t0 = time.perf_counter()
+    counts = {"calls": 0, "rewrites": 0}
+
+    def counted(r):
+        def run(e):
+            counts["calls"] += 1
+            out = r(e)
+            counts["rewrites"] += out is not None and out != e
+            return out
+        run.__name__ = getattr(r, "__name__", repr(r))
+        if hasattr(r, "node_types"):
+            run.node_types = r.node_types
+        return run
+
+    rules = [counted(r) for r in default_rules()]
     for a in ("WQ", "WK", "WV"):
         for b in ("WQ", "WK", "WV"):
-            simplify(tnderive.hessian(loss, a, b))
-    assert time.perf_counter() - t0 < 5.0
+            h = tnderive.hessian(loss, a, b)
+            assert simplify(h, rules=rules) == simplify(h)
+    assert counts["calls"] <= 15_000 and counts["rewrites"] <= 1_000, counts
 
 
 # --- random expressions: simplify preserves values -------------------------------------------
@@ -371,3 +387,11 @@ def nested_sums(draw):
 def test_random_nested_sums_keep_their_values(e):
     out = simplify(e)
     assert_same_value(e, out, tol=1e-10)
+
+
+def test_sigmoid_of_zero_folds_to_a_half():
+    """sigmoid(0) is only known through its exp form; the fold must still happen."""
+    e = Product((Func(get_elementwise("sigmoid"), Zero(("i", "m"), (2, 2))), v("A", "i")), ("i",))
+    out = simplify(e)
+    assert not any(isinstance(n, Func) for n in out.walk())
+    assert_same_value(e, out)

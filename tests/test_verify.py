@@ -43,8 +43,8 @@ def test_reference_checks_value_and_derivatives_against_torch():
     loss = tn.parse(TANH_LOSS, sizes=SQUARE)
     report = tn.verify(loss, ["W", "W"], reference=tanh_loss)
     assert report.ok, str(report)
-    assert [c.what for c in report.checks] == ["value vs test_verify:tanh_loss",
-                                              "dW/dW vs test_verify:tanh_loss"]
+    name = f"{__name__}:tanh_loss"   # tests.test_verify:tanh_loss
+    assert [c.what for c in report.checks] == [f"value vs {name}", f"dW/dW vs {name}"]
     assert "self-consistency" not in str(report)
     # the numbers it compared are the ones torch computes in float64
     t = random_tensors(loss, SQUARE, seed=0)

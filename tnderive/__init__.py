@@ -18,11 +18,17 @@ from .notation import parse
 from .simplify import simplify
 from .verify import verify
 from .draw import draw, draw_steps
+from .draw import repr_svg as _repr_svg
+from .printer import to_notation
 from .codegen import codegen, compile, plan
 from .kfac import kfac
 # the modules that define the built-in constant kinds register them on import
 from . import patterns as _patterns  # noqa: F401  (pattern, pattern_sum, split, window)
 from .nn import attention as _attention  # noqa: F401  (causal_mask, causal_tril)
+from .ir import register_views
+
+# str(expr), repr(expr) and the notebook picture come from the layers above the IR
+register_views(text=to_notation, svg=_repr_svg)
 
 # The names above that equal a submodule's name (simplify, verify, draw, codegen, kfac) are bound
 # eagerly on purpose: importing a submodule later never rebinds a package attribute that is
@@ -32,7 +38,6 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported lazily)
 _LAZY = {
-    "to_notation": "tnderive.printer",
     "var": "tnderive.builder",
     "Tensor": "tnderive.builder",
     "canonical_hash": "tnderive.canonical",
@@ -45,7 +50,8 @@ _LAZY = {
 }
 
 __all__ = ["TNError", "elementwise", "evaluate", "parse", "grad", "hessian", "jvp", "vjp",
-           "derivative", "simplify", "verify", "draw", "draw_steps", "codegen", "compile", "plan",
+           "derivative", "simplify", "verify", "draw", "draw_steps", "to_notation", "codegen",
+           "compile", "plan",
            "kfac", "Expr", "Variable", "Delta", "Constant", "Func", "Product", "Sum", "Zero", *_LAZY]
 
 

@@ -17,7 +17,7 @@ import sympy
 import torch
 
 from .errors import TNError
-from .ir import Expr, Signature, Size, Variable, size_symbol
+from .ir import Expr, Signature, Size, Variable, size_symbol, size_symbols  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -118,20 +118,6 @@ def check_sizes(expr: Expr, signature: Signature, sizes: Mapping[str, int] | Non
         elif strict:
             raise TNError(f"sizes: {name!r} is not a size symbol of the expression or its "
                           f"signature (symbols: {sorted(known)})")
-    return out
-
-
-def size_symbols(expr: Expr) -> set[sympy.Symbol]:
-    """Size symbols of `expr`: in its nodes' shapes, variables' axes and sums' coefficients."""
-    out: set[sympy.Symbol] = set()
-    for node in expr.walk():
-        for s in node.shape:
-            out |= s.free_symbols
-        if isinstance(node, Variable):
-            for s in node.axis_shape:
-                out |= s.free_symbols
-        for c, _ in getattr(node, "terms", ()):
-            out |= c.free_symbols
     return out
 
 

@@ -31,6 +31,7 @@ import sympy
 from .errors import TNError
 from .functions import LOGSUMEXP, SOFTMAX, get_elementwise, power
 from .ir import ONE, Delta, Expr, Func, Product, Sum, Variable, as_coef, size_symbol
+from .notation import _scaled as notation_scaled
 from .notation import broadcast, unify_sizes
 
 __all__ = ["var", "Tensor", "TExpr", "contract", "delta", "fn", "tanh", "exp", "log", "sigmoid",
@@ -113,8 +114,7 @@ def _split(e: Expr) -> tuple[sympy.Expr, Expr]:
 
 
 def _scaled(c, core: Expr) -> Expr:
-    from .notation import _scaled as s
-    return s(c, core)
+    return notation_scaled(c, core)
 
 
 def _terms(e: Expr) -> list[tuple[sympy.Expr, Expr]]:

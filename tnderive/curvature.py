@@ -34,12 +34,14 @@ import sympy
 import torch
 
 from .binding import bind, size_symbols
+from .codegen import compile as _compile
 from .derive import derivative
 from .errors import TNError
 from .evaluate import evaluate as _evaluate
 from .ir import (Delta, Expr, Product, Signature, Sum, Variable, Zero, fresh_name, fresh_names,
                  map_children, rename_free, rewrite, size_symbol, with_signature)
 from .losses import Loss, as_loss
+from .simplify import simplify as _simplify
 
 __all__ = ["ExpressionLoss", "ggn", "hessian_split", "loss_hessian_block", "ggn_diagonal", "hessian_diagonal",
            "ggn_vector_product", "hessian_vector_product", "substitute", "numeric",
@@ -52,9 +54,7 @@ __all__ = ["ExpressionLoss", "ggn", "hessian_split", "loss_hessian_block", "ggn_
 
 def maybe_simplify(expr: Expr, enabled: bool = True) -> Expr:
     """`tnderive.simplify(expr)`, or `expr` unchanged when `enabled` is False."""
-    from .simplify import simplify
-
-    return simplify(expr) if enabled else expr
+    return _simplify(expr) if enabled else expr
 
 
 def substitute(expr: Expr, name: str, replacement: Expr) -> Expr:
@@ -168,8 +168,6 @@ def evaluate(expr: Expr, sizes: Mapping[str, int] | None = None, context: Expr |
 
 
 def _codegen_compile():
-    from .codegen import compile as _compile
-
     return _compile
 
 

@@ -28,6 +28,7 @@ Node ids come from counters, so drawing the same expression twice gives identica
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -655,13 +656,11 @@ def stack_svgs(svgs: Sequence[str], gap: float = 18.0) -> str:
 
 
 def _stack_pngs(pngs: Sequence[bytes], gap: int = 24) -> bytes:
-    try:
+    try:  # Pillow is optional: only PNG step sheets need it
         from PIL import Image
     except ImportError:
         raise TNError("drawing steps as PNG needs Pillow (pip install pillow); "
                       "write .svg or .dot instead") from None
-    import io
-
     images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs]
     width = max(im.width for im in images)
     height = sum(im.height for im in images) + gap * (len(images) - 1)

@@ -24,6 +24,7 @@ from .constants import build_constant
 from .errors import TNError
 from .functions import Elementwise
 from .ir import Constant, Delta, Expr, Func, Product, Sum, Variable, Zero
+from .memory import check_fits
 from .torch_fns import apply_elementwise
 from .unionfind import delta_classes
 
@@ -35,8 +36,7 @@ def evaluate(expr: Expr, sizes: Mapping[str, int] | None = None, **tensors: torc
     if not isinstance(expr, Expr):
         raise TNError(f"evaluate expects an expression, got {type(expr).__name__}")
     binding = bind(expr, tensors, sizes)
-    from .memory import check_fits  # before anything is allocated: a clear error, not the allocator's
-    check_fits(expr, binding)
+    check_fits(expr, binding)  # before anything is allocated: a clear error, not the allocator's
     return Evaluator(binding).run(expr)
 
 

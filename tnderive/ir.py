@@ -153,13 +153,15 @@ class Expr:
         with the variables it uses, name -> declaration. Tensors of the signature bind sizes
         even where the expression no longer uses them."""
         decls: list[Variable] = []
+        sizes: set[sympy.Symbol] = set()
         for node in self.walk():
             explicit = getattr(node, "_sig", None)
             if explicit is not None:
                 decls.extend(explicit.values())
+                sizes |= explicit.source_sizes
             if isinstance(node, Variable):
                 decls.append(node.declaration)
-        return Signature(decls)
+        return Signature(decls, sizes)
 
     @property
     def all_indices(self) -> frozenset[str]:
@@ -180,8 +182,7 @@ class Expr:
 
     # --- conveniences ----------------------------------------------------------------------
     def __str__(self) -> str:
-        from .printer import to_notation  # late import: printer depends on ir
-        return to_notation(self)
+        return _view("text")(self)
 
     def __repr__(self) -> str:
         """`<Product [n,o]: out[n,o] = W[o,i]*x[n,i]>`: the notation on one line, shortened."""
@@ -192,8 +193,26 @@ class Expr:
         return with_signature(rename_free(self, mapping), self)
 
     def _repr_svg_(self) -> str | None:
-        from .draw import repr_svg  # None without Graphviz: notebooks show the text repr
-        return repr_svg(self)
+        return _view("svg")(self)  # None without Graphviz: notebooks show the text repr
+
+
+# How an expression reads and looks (its notation, its notebook picture) is defined by the
+# layers above the IR, `tnderive.printer` and `tnderive.draw`; `import tnderive` registers
+# them here, so `ir` imports neither.
+_VIEWS: dict[str, Callable[["Expr"], "str | None"]] = {}
+
+
+def register_views(text: Callable[["Expr"], str], svg: Callable[["Expr"], "str | None"]) -> None:
+    """Set how `str(expr)`/`repr(expr)` (`text`) and notebooks (`svg`) show an expression."""
+    _VIEWS.update(text=text, svg=svg)
+
+
+def _view(kind: str) -> Callable[["Expr"], "str | None"]:
+    try:
+        return _VIEWS[kind]
+    except KeyError:
+        raise TNError(f"no {kind} view of expressions is registered: import tnderive, "
+                      f"which registers tnderive.printer and tnderive.draw") from None
 
 
 REPR_WIDTH = 100        # characters of notation in `repr(expr)`
@@ -206,9 +225,8 @@ def _short_repr(expr: Expr) -> str:
     head = f"{type(expr).__name__} [{','.join(expr.indices)}]"
     if sum(1 for _ in itertools.islice(expr.walk(), REPR_MAX_NODES + 1)) > REPR_MAX_NODES:
         return f"<{head}: more than {REPR_MAX_NODES} nodes>"
-    from .printer import to_notation  # late import: printer depends on ir
     try:
-        text = "; ".join(to_notation(expr).splitlines())
+        text = "; ".join(_view("text")(expr).splitlines())
     except (TNError, RecursionError) as e:  # no notation for it, or nested too deeply
         return f"<{head}: not printable: {type(e).__name__}>"
     if len(text) > REPR_WIDTH:
@@ -470,18 +488,21 @@ class Zero(Expr):
 # --------------------------------------------------------------------------------------------
 
 class Signature(Mapping[str, Variable]):
-    """Variable declarations by name, in order (first declaration of a name wins).
+    """Variable declarations by name, in order (first declaration of a name wins), and the
+    size symbols of the source's indices (`source_sizes`: those of its deltas, zeros and
+    coefficients too, so `sizes=` may name them after a derivation or a fold dropped them).
 
     `expr.signature` of a derived expression is its source's: `evaluate`, `compile` and
     `codegen` accept every tensor in it, and an unused one still binds sizes."""
 
-    __slots__ = ("_decls",)
+    __slots__ = ("_decls", "source_sizes")
 
-    def __init__(self, decls: Iterable[Variable] = ()):
+    def __init__(self, decls: Iterable[Variable] = (), sizes: Iterable[sympy.Symbol] = ()):
         out: dict[str, Variable] = {}
         for d in decls:
             out.setdefault(d.name, d.declaration)
         self._decls = out
+        self.source_sizes: frozenset[sympy.Symbol] = frozenset(sizes)
 
     def __getitem__(self, name: str) -> Variable:
         return self._decls[name]
@@ -493,10 +514,11 @@ class Signature(Mapping[str, Variable]):
         return len(self._decls)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Signature) and tuple(self.items()) == tuple(other.items())
+        return isinstance(other, Signature) and tuple(self.items()) == tuple(other.items()) \
+            and self.source_sizes == other.source_sizes
 
     def __hash__(self) -> int:
-        return hash(tuple(self.items()))
+        return hash((tuple(self.items()), self.source_sizes))
 
     def __str__(self) -> str:
         return ", ".join(d.describe() for d in self._decls.values()) or "(no tensors)"
@@ -505,8 +527,8 @@ class Signature(Mapping[str, Variable]):
         return f"Signature({self})"
 
     def symbols(self) -> set[sympy.Symbol]:
-        """Every size symbol in the declared axis sizes."""
-        out: set[sympy.Symbol] = set()
+        """Every size symbol in the declared axis sizes and the source's index sizes."""
+        out: set[sympy.Symbol] = set(self.source_sizes)
         for d in self._decls.values():
             for s in d.axis_shape:
                 out |= s.free_symbols
@@ -516,22 +538,44 @@ class Signature(Mapping[str, Variable]):
         """This signature followed by the names only `used` has; where both declare a name
         differently, `used`'s declaration (the one an expression actually uses) wins."""
         decls = [used[n] if n in used else d for n, d in self._decls.items()]
-        return Signature(decls + list(used.values()))
+        return Signature(decls + list(used.values()), self.source_sizes | used.source_sizes)
+
+
+def size_symbols(expr: Expr) -> set[sympy.Symbol]:
+    """Size symbols of `expr`: in its nodes' shapes, variables' axes and sums' coefficients."""
+    out: set[sympy.Symbol] = set()
+    for node in expr.walk():
+        for s in node.shape:
+            out |= s.free_symbols
+        if isinstance(node, Variable):
+            for s in node.axis_shape:
+                out |= s.free_symbols
+        for c, _ in getattr(node, "terms", ()):
+            out |= c.free_symbols
+    return out
+
+
+def source_signature(src: Expr) -> Signature:
+    """What an expression derived from `src` keeps: `src`'s signature and its size symbols."""
+    sig = src.signature
+    return Signature(sig.values(), sig.source_sizes | size_symbols(src))
 
 
 def with_signature(expr: Expr, *sources: "Expr | Signature") -> Expr:
-    """`expr` carrying the signatures of `sources` (theirs first, then its own variables).
+    """`expr` carrying the signatures of `sources` (theirs first, then its own variables); an
+    expression source also passes on its size symbols (`source_signature`).
 
     The signature is metadata: the result equals `expr` and has its hash; `expr` itself is
     returned when nothing is added."""
     own = expr.signature
     merged = Signature()
     for src in sources:
-        merged = merged.merged(src.signature if isinstance(src, Expr) else src)
+        merged = merged.merged(source_signature(src) if isinstance(src, Expr) else src)
     merged = merged.merged(own)
-    if tuple(merged.items()) == tuple(own.items()):
+    extra = merged.source_sizes - own.symbols() - size_symbols(expr)
+    if tuple(merged.items()) == tuple(own.items()) and not extra:
         return expr
-    return _attach(expr, merged)
+    return _attach(expr, Signature(merged.values(), own.source_sizes | extra))
 
 
 def _attach(expr: Expr, signature: Signature) -> Expr:
@@ -742,6 +786,8 @@ def map_sizes(expr: Expr, fn: Callable[[Size], Size], coefficients: bool = False
         return out
 
     out = go(expr)
+    signature = expr.signature
     declared = [Variable(d.name, d.axes, None, [fn(n) for n in d.axis_shape])
-                for d in expr.signature.values()]
-    return with_signature(out, Signature(declared))
+                for d in signature.values()]
+    sizes = set().union(*(sympy.sympify(fn(s)).free_symbols for s in signature.source_sizes))
+    return with_signature(out, Signature(declared, sizes))

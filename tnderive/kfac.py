@@ -73,6 +73,7 @@ from .unionfind import UnionFind
 from .curvature import (_rename_to, compile_expr, maybe_simplify, relevant_sizes, sizes_from,
                         substitute)
 from .evaluate import evaluate
+from .structured import structured_evaluate
 
 __all__ = ["kfac", "KFACFactors", "LayerSplit", "split_layer", "KINDS", "FISHERS", "KFACKind",
            "FisherType"]
@@ -537,7 +538,6 @@ class KFACFactors:
     def input_side(self, **tensors: torch.Tensor) -> torch.Tensor:
         """X = the input side (W removed) evaluated: [batch, *positions, *groups, *in] (expand)."""
         if self.uses_views():
-            from .structured import structured_evaluate
             used = {k: v for k, v in tensors.items() if k in self.input_side_expr.signature}
             key = ("sizes",) + tuple(sorted((k, tuple(v.shape)) for k, v in tensors.items()
                                             if isinstance(v, torch.Tensor)))

@@ -37,17 +37,20 @@ from __future__ import annotations
 
 import ast
 import re
+import tokenize
 import warnings
 from collections import Counter
 from typing import Callable, Iterable, Mapping, Sequence
 
 import sympy
+from sympy.parsing.sympy_parser import parse_expr
 
 from .errors import TNError
 from .functions import (LOGSUMEXP, SOFTMAX, X, Elementwise, get_elementwise, power, relu,
                         sigmoid, step)
 from .ir import (ONE, Constant, Delta, Expr, Func, Product, Size, Sum, Variable, Zero,
-                 fresh_name, map_sizes, rename_free, size_symbol)
+                 Signature, fresh_name, map_sizes, rename_free, size_symbol, with_signature)
+from .patterns import pattern_constant
 
 __all__ = ["parse", "unify_sizes", "broadcast", "parse_size"]
 
@@ -76,6 +79,11 @@ def parse(text: str, sizes: Mapping[str, int] | None = None) -> Expr:
     return _Parser(text, sizes).run()
 
 
+# what sympy's parser raises for text that is not an expression ('3 +', 'f(', 'x.y', 'a[0]')
+_SYMPY_PARSE_ERRORS = (SyntaxError, tokenize.TokenError, TypeError, ValueError, AttributeError,
+                       NameError, sympy.SympifyError)
+
+
 def parse_size(text: str) -> Size:
     """A size written in notation ('3', 'n', 'floor((i - 1)/2) + 1') as a sympy size whose
     symbols are positive-integer size symbols (every name not followed by '(' is a symbol)."""
@@ -86,9 +94,8 @@ def parse_size(text: str) -> Size:
              if not re.match(r"\s*\(", text[m.end():])}
     local = {n: size_symbol(n) for n in names}
     try:
-        from sympy.parsing.sympy_parser import parse_expr
         e = parse_expr(text, local_dict=local)
-    except Exception as err:  # sympy raises many kinds
+    except _SYMPY_PARSE_ERRORS as err:
         raise TNError(f"cannot read size {text!r}: {err}") from None
     if not isinstance(e, sympy.Expr):
         raise TNError(f"cannot read size {text!r}")
@@ -177,13 +184,18 @@ def unify_sizes(expr: Expr, sizes: Mapping[str, int] | None = None,
     links = list(links)
     uf = _Classes()
     nodes = list(expr.walk())
-    for v in expr.variables.values():  # variables' symbols first: they win ties
+    declared = list(expr.signature.values())  # with the ones a fold dropped from the tree
+    for v in declared:  # variables' symbols first: they win ties
         for s in v.axis_shape:
             uf.add(s)
     for node in nodes:
         for s in node.shape:
             uf.add(s)
-    for node in nodes:
+    for s in expr.signature.source_sizes:  # sizes of indices a fold dropped, by name
+        uf.add(s)
+        if str(s) in sizes:
+            uf.union(s, sizes[str(s)], str(s))
+    for node in nodes + declared:
         if isinstance(node, Variable):
             for a, s in zip(node.axes, node.axis_shape):  # sizes by declared axis name
                 if a in sizes:
@@ -387,7 +399,16 @@ class _Parser:
         for st in tree.body:
             result = self.statement(st)
         sizes = {k: int(v) for k, v in self.sizes.items()}
-        return unify_sizes(result, sizes, self.links)
+        return unify_sizes(self.with_written(result), sizes, self.links)
+
+    def with_written(self, result: Expr) -> Expr:
+        """`result` whose signature holds every variable written in the text (in statements
+        the result does not use, in `# vars:`) and every statement's sizes: its own
+        variables first, in the order it uses them."""
+        statements = [e for _, e in self.defs.values()]
+        declared = Signature(Variable(name, axes, None, shape)
+                             for name, (axes, shape) in self.decls.items())
+        return with_signature(result, result, *statements, declared)
 
     def syntax_tree(self) -> ast.Module:
         """`ast.parse` of the text; Python's syntax errors and warnings (e.g. "invalid decimal
@@ -891,7 +912,6 @@ class _Parser:
         return Constant(kind, params, idx, [parse_size(str(x)) for x in shape])
 
     def pattern(self, idx: tuple[str, ...], call: ast.Call | None, node: ast.AST) -> Expr:
-        from . import patterns
         kwargs = {}
         if call is not None:
             if call.args:
@@ -909,14 +929,12 @@ class _Parser:
         if len(idx) != 3:
             raise self.error(node, f"pattern needs three indices [k,o,i], got {list(idx)}")
         sizes = {i: self.sizes.get(i, size_symbol(i)) for i in (idx[0], idx[2])}
-        return patterns.pattern_constant(idx, sizes, **kwargs)
+        return pattern_constant(idx, sizes, **kwargs)
 
 
 def formula_function(formula: str) -> Elementwise:
     """An (unregistered) elementwise function from a sympy formula string in x."""
-    from . import functions as F
-
-    local = {"x": X, "sigmoid": F.sigmoid, "relu": F.relu, "step": F.step}
+    local = {"x": X, "sigmoid": sigmoid, "relu": relu, "step": step}
     try:
         f = sympy.sympify(formula, locals=local)
     except (sympy.SympifyError, SyntaxError, TypeError) as err:
@@ -963,8 +981,8 @@ def _is_mult(node: ast.AST) -> bool:
 def _scaled(c, core: Expr, order: Sequence[str] | None = None) -> Expr:
     """c·core as the parser spells it: core itself (c = 1), Zero (c = 0), else a one-term Sum
     (indices in `order`, default the core's)."""
-    if c == 0:
-        return Zero(core.indices, core.shape)
+    if c == 0:  # the tensors and sizes written in `core` stay in the signature
+        return with_signature(Zero(core.indices, core.shape), core)
     if c == 1:
         return core
     return Sum(((c, core),), order)

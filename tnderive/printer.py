@@ -30,7 +30,9 @@ from sympy.printing.str import StrPrinter
 
 from .errors import TNError
 from .functions import Elementwise, IndexFunction, X, registered_elementwise
-from .ir import ONE, Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, size_symbol
+from .ir import (ONE, Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name,
+                 size_symbol)
+from .notation import _times, parse
 
 __all__ = ["to_notation"]
 
@@ -43,7 +45,6 @@ def to_notation(expr: Expr, name: str = "out") -> str:
     if not isinstance(expr, Expr):
         raise TNError(f"to_notation expects an expression, got {type(expr).__name__}")
     text = _Printer(expr, explicit=False).program(name)
-    from .notation import parse
     try:
         if parse(text) == expr:
             return text
@@ -130,7 +131,6 @@ class _Printer:
 
 
 def _dedupe(occ: tuple[str, ...]) -> tuple[str, ...]:
-    from .ir import fresh_name
     axes: list[str] = []
     for i in occ:
         axes.append(fresh_name(i, axes))
@@ -166,11 +166,21 @@ def _size_text(s) -> str:
     return str(s)
 
 
-def _keeps_right(p: Product, outside: Counter, target) -> bool:
-    """Would the parser's keep rule give product `p` exactly its free indices (and order),
-    given the occurrences `outside` it that it sees?"""
+def _written_factors(p: "Product | Zero") -> list[tuple[str, ...]]:
+    """The indices of each factor of an inline `*` chain: a product's factors, or the legs
+    `0*delta[i]*delta[j]` that spell a zero."""
+    if isinstance(p, Zero):
+        return [(i,) for i in p.indices]
+    return [f.indices for f in p.factors]
+
+
+def _keeps_right(p: "Product | Zero", outside: Counter, target) -> bool:
+    """Would the parser's keep rule give the chain `p` exactly its free indices (and order),
+    given the occurrences `outside` it that it sees? (A zero with one leg is no chain.)"""
+    if isinstance(p, Zero) and len(p.indices) < 2:
+        return True
     tset = set(target)
-    seen = list(dict.fromkeys(i for f in p.factors for i in f.indices))
+    seen = list(dict.fromkeys(i for f in _written_factors(p) for i in f))
     keep = [i for i in seen if i in tset or outside[i] > 0]
     order = tuple([i for i in target if i in keep] + [i for i in keep if i not in tset])
     return order == p.indices
@@ -198,7 +208,6 @@ def _coef_text(c, core: str) -> str:
 def _negative(c) -> bool:
     """Write c as `- (−c)`? Only when the parser's `-` gives c back exactly (−(n + 1) is
     not −n − 1 to sympy)."""
-    from .notation import _times
     c = sympy.sympify(c)
     return c.could_extract_minus_sign() and _times(-1, -c) == c
 
@@ -245,10 +254,11 @@ def _function_name(fn: Elementwise) -> str | None:
 
 @dataclass
 class _Inline:
-    """A product written inline: its free index occurrences in the text and the binding
-    calls (`sum`, `logsumexp`, by number) written around it."""
+    """A product (or a zero, `0*delta[i]*delta[j]`) written inline as a `*` chain: its free
+    index occurrences in the text and the binding calls (`sum`, `logsumexp`, by number)
+    written around it."""
 
-    product: Product
+    product: Product | Zero
     inside: Counter
     binders: list[int] = field(default_factory=list)
 
@@ -457,9 +467,12 @@ class _Render:
         return self.term_core(e)
 
     def zero(self, node: Zero):
+        """`0*delta[i]*delta[j]`: a chain under the keep rule like any product (checked, and
+        hoisted where the parser would sum a leg)."""
         if not node.indices:
             return "0", []
         legs = "*".join(self.delta(Delta([i], s)) for i, s in zip(node.indices, node.shape))
+        self.products.append(_Inline(node, Counter(node.indices)))
         return f"0*{legs}", list(node.indices)
 
     def delta(self, d: Delta) -> str:

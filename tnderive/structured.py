@@ -29,6 +29,8 @@ import torch
 
 from . import gemm
 from .binding import bind
+from .codegen import compile as tn_compile
+from .codegen.views import run_views
 from .constants import get_kind
 from .errors import TNError
 from .evaluate import Evaluator, product_operands
@@ -58,29 +60,22 @@ def structured_evaluate(expr: Expr, sizes: Mapping[str, int] | None = None,
     return StructuredEvaluator(bind(expr, tensors, sizes)).run(expr)
 
 
-_COMPILED: dict = {}
-
-
+@functools.lru_cache(maxsize=256)
 def _compiled(expr: Expr, sizes: tuple, onednn: bool = False):
     """Cached generated code for `expr` when it is the faster engine (see structured_evaluate),
     else None. Reshape-only networks (dense layers' VJPs: split constants alone) stay eager,
     where `pair_contract` blocks the im2col copy per image and accumulates over the batch;
     dense (K = S) patterns go to generated code only when its GEMMs run on oneDNN (`onednn`:
     CPU float32 inputs), else the eager per-image im2col is faster."""
-    key = (expr, sizes, onednn)
-    if key in _COMPILED:
-        return _COMPILED[key]
     fn = None
     pats = [n for n in expr.walk() if isinstance(n, Constant) and n.kind in PATTERN_KINDS]
     if pats and all(_down_sampling(c) or (onednn and _non_overlapping(c)) for c in pats) and not all(c.kind == "split" for c in pats):
         try:
-            from .codegen import compile as tn_compile
             cand = tn_compile(expr, "structured", sizes=dict(sizes) or None, einsum=gemm.einsum)
             if not any(op.kind == "const" for op in cand.plan.ops):  # every constant a view
                 fn = cand
         except TNError:
             fn = None
-    _COMPILED[key] = fn
     return fn
 
 
@@ -287,7 +282,6 @@ def _gather_all(ops: list[_Op], structs: list[_Struct], out: list[int]) -> None:
 def _apply_views(op: _Op, batch: list[_Struct]) -> None:
     """Replace op's source axes by the constants' new axes: the views of `tnderive.codegen.views`
     (one pad, then unfold / reshape / narrow / slice), run on the tensor."""
-    from .codegen.views import run_views
 
     def name(k: int) -> str:  # integer ids as index names
         return f"i{k}"

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 import sympy
@@ -77,19 +78,18 @@ class TorchPrinter(PythonCodePrinter):
         raise TNError(f"free symbol {expr} in an elementwise formula")
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=1024)
 def torch_source(fn: Elementwise, arg: str = "x") -> str:
     """Torch expression of `fn` applied to the variable named `arg`."""
     src = TorchPrinter().doprint(fn.formula)
     if fn.is_constant:
         src = f"torch.full_like(x, {src})"
     if arg != "x":
-        import re
         src = re.sub(r"\bx\b", arg, src)
     return src
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=1024)
 def _compiled(fn: Elementwise):
     code = compile(torch_source(fn), f"<elementwise {fn.name}>", "eval")
     return code

@@ -24,10 +24,12 @@ import sympy
 import torch
 from torch.func import jacrev
 
-from .errors import TNError
 from .binding import bind
+from .derive import derivative, new_leg_names
+from .errors import TNError
 from .evaluate import evaluate
 from .ir import Expr
+from .simplify import simplify as _simplify
 
 
 @dataclass
@@ -294,8 +296,6 @@ def compare(what: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> Comp
 
 def derive_result(expr: Expr, wrt: Sequence[str], simplify: bool = True) -> Expr:
     """The derivative of `expr` by each of `wrt` in turn, simplified if `simplify`."""
-    from .derive import derivative, new_leg_names
-
     result = expr
     for w in wrt:
         if w not in expr.variables:
@@ -304,7 +304,6 @@ def derive_result(expr: Expr, wrt: Sequence[str], simplify: bool = True) -> Expr
         var = expr.variables[w]
         result = derivative(result, w, new_leg_names(result, var), var=var)
     if simplify:
-        from .simplify import simplify as _simplify
         result = _simplify(result)
     return result
 

@@ -24,6 +24,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from ..codegen import compile as compile_expr
 from ..curvature import ExpressionLoss, _rename_to, hessian_split, substitute  # noqa: F401  (re-exported)
 from ..derive import derivative, var_names
 from ..errors import TNError
@@ -66,7 +67,6 @@ class BlockPart:
         part's variables as keyword tensors; `.source` holds the code, `.plan` the plan."""
         key = (fn_name, tuple(sorted((plan_sizes or {}).items())))
         if key not in self._programs:
-            from ..codegen import compile as compile_expr
             sizes = _size_symbols(self.expr)
             plan = {k: v for k, v in (plan_sizes or {}).items() if k in sizes} or None
             self._programs[key] = compile_expr(self.expr, fn_name, sizes=plan)

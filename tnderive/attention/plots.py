@@ -1,10 +1,13 @@
 """Pictures of Hessian blocks: a heatmap of the assembled Hessian and a diagram per part."""
 from __future__ import annotations
 
+import os
 from typing import Mapping, Sequence
 
 import torch
 
+from ..draw import dot_available, draw
+from ..errors import TNError
 from .blocks import HessianBlocks
 from .report import PART_LABEL, _short
 from .scaling import assemble
@@ -14,7 +17,7 @@ def heatmap(blocks: HessianBlocks, tensors: Mapping[str, torch.Tensor], path: st
             part: str = "total", title: str | None = None) -> str | None:
     """PNG heatmap of log10 |H| over all parameters with block boundaries and per-block
     Frobenius norms. Returns the path, or None when matplotlib is missing."""
-    try:
+    try:  # matplotlib is optional (the `plot` extra): imported only when a plot is asked for
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -49,11 +52,6 @@ def heatmap(blocks: HessianBlocks, tensors: Mapping[str, torch.Tensor], path: st
 def draw_blocks(blocks: HessianBlocks, outdir: str, fmt: str = "svg",
                 parts: Sequence[str] = ("outer", "functional")) -> list[str]:
     """A diagram per block part (tnderive.draw); [] without Graphviz's `dot` program."""
-    import os
-
-    from ..draw import dot_available, draw
-    from ..errors import TNError
-
     if not dot_available():
         return []
     written = []

@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from ..derive import derivative, new_leg_names
 from ..errors import TNError
+from ..notation import parse
 
 LOSS_REDUCTIONS = ("sum", "mean")
 
@@ -66,15 +68,16 @@ def parse_sizes(spec: str | None) -> dict[str, int]:
 
 def size_names(expr) -> set[str]:
     """The names `--sizes` may fix: every index of the expression's tensors, every declared
-    axis and every size symbol."""
+    axis and every size symbol (of the expression and its signature)."""
     names: set[str] = set()
     for node in expr.walk():
         if not node.children:
             names.update(node.indices)
         for s in node.shape:
             names.update(str(sym) for sym in getattr(s, "free_symbols", ()))
-    for var in expr.variables.values():
+    for var in expr.signature.values():  # also the tensors a fold dropped
         names.update(var.axes)
+    names.update(str(sym) for sym in expr.signature.symbols())
     return names
 
 
@@ -89,8 +92,6 @@ def check_sizes(expr, sizes: Mapping[str, int]) -> None:
 
 def load_expression(text_or_path: str, sizes: str | None = None):
     """Parse notation (or a file of it) with optional --sizes (checked against its indices)."""
-    from ..notation import parse
-
     source = read_source(text_or_path)
     given = parse_sizes(sizes)
     expr = parse(source)
@@ -107,8 +108,6 @@ def load_expression(text_or_path: str, sizes: str | None = None):
 def differentiate(expr, wrt: list[str]):
     """The derivative of `expr` by each variable of `wrt` in turn (--wrt; new legs named after
     the variable's axes); TNError naming a --wrt that is not a variable of `expr`."""
-    from ..derive import derivative, new_leg_names
-
     for w in wrt:
         if w not in expr.variables:
             raise TNError(f"--wrt {w!r}: not a variable of the expression "

@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..codegen import lower
+from ..codegen.torch_emit import emit_module
 from ..errors import TNError
+from ..simplify import simplify
 from ._common import check_sizes, differentiate, ensure_parent, load_expression, parse_sizes
 
 
@@ -34,9 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
-    from ..codegen import lower
-    from ..codegen.torch_emit import emit_module
-
     if args.default_size <= 0:
         raise TNError(f"--default-size must be positive, got {args.default_size}")
     # --sizes plans; it fixes in the code only symbols that no argument's shape determines
@@ -48,7 +48,6 @@ def run(args) -> int:
     t0 = time.perf_counter()
     expr = differentiate(expr, args.wrt)
     if args.simplify:
-        from ..simplify import simplify
         expr = simplify(expr)
     program = lower(expr, sizes, args.default_size)
     source = emit_module(program, args.name, sizes=sizes)

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import argparse
 
+from ..demo import SHOWCASES, run_demo
 from ._common import ensure_folder
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..demo import SHOWCASES
-
     keys = ", ".join(s.key for s in SHOWCASES)
     p = sub.add_parser(
         "demo", help="derive, draw, compile and verify a set of showcase results",
@@ -28,8 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
-    from ..demo import run_demo
-
     ensure_folder(args.output)
     outcomes = run_demo(args.output, fast=args.fast, only=args.only, verbose=args.verbose)
     return 1 if any(o.failed for o in outcomes) else 0

@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..draw import draw, draw_steps
+from ..simplify import simplify
+from ..verify import load_reference, verify
 from ._common import differentiate, ensure_parent, load_expression
 
 
@@ -46,7 +49,6 @@ def run(args) -> int:
     expr = load_expression(args.expression, args.sizes)
     reference = None
     if args.reference:
-        from ..verify import load_reference
         reference = load_reference(args.reference)
     for flag, path in (("--draw", args.draw), ("--draw-steps", args.draw_steps)):
         if path:
@@ -55,7 +57,6 @@ def run(args) -> int:
     result = differentiate(expr, args.wrt)
     steps = None
     if args.simplify or args.steps or args.draw_steps:
-        from ..simplify import simplify
         if args.steps or args.draw_steps:
             result, steps = simplify(result, trace=True)
         else:
@@ -68,15 +69,12 @@ def run(args) -> int:
         print_steps(steps)
     print(str(result))
     if args.draw:
-        from ..draw import draw
         draw(result, args.draw)
         print(f"# drawn to {args.draw}")
     if args.draw_steps:
-        from ..draw import draw_steps
         draw_steps(steps, args.draw_steps)
         print(f"# {len(steps)} steps drawn to {args.draw_steps}")
     if args.verify or reference is not None:
-        from ..verify import verify
         report = verify(expr, args.wrt, result=result, reference=reference, seed=args.seed)
         for line in str(report).splitlines():
             print(f"# verify: {line}")

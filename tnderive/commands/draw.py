@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..draw import draw
 from ._common import ensure_parent, load_expression
 
 
@@ -32,8 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
-    from ..draw import draw
-
     expr = load_expression(args.expression, args.sizes)
     ensure_parent(args.output)
     show = {"auto": "auto", "always": True, "never": False}[args.show_sizes]

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import argparse
 
+import sympy
+import torch
+
+from ..binding import bind
 from ..errors import TNError
+from ..evaluate import evaluate
 from ._common import load_expression, parse_sizes
 
 DEFAULT_SIZE = 3
@@ -32,8 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_tensors(specs: list[str]) -> dict:
-    import torch
-
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -52,11 +55,6 @@ def load_tensors(specs: list[str]) -> dict:
 def random_inputs(expr, sizes: dict[str, int], given: dict, seed: int = 0,
                   positive: bool = False) -> dict:
     """Tensors for every variable of `expr`: `given` ones, random float64 for the rest."""
-    import sympy
-    import torch
-
-    from ..binding import bind
-
     variables = expr.variables
     unknown = [k for k in given if k not in variables]
     if unknown:
@@ -94,10 +92,6 @@ def random_inputs(expr, sizes: dict[str, int], given: dict, seed: int = 0,
 
 
 def run(args) -> int:
-    import torch
-
-    from ..evaluate import evaluate
-
     expr = load_expression(args.expression, args.sizes)
     tensors = random_inputs(expr, parse_sizes(args.sizes), load_tensors(args.tensor),
                             seed=args.seed, positive=args.positive)

@@ -16,7 +16,13 @@ import argparse
 import os
 import time
 
+import torch
+
+from ..attention import (draw_blocks, fit_slopes, heatmap, hessian_blocks, report_markdown,
+                         report_rows, structure_seconds)
+from ..demo import warn_if_no_dot
 from ..errors import TNError
+from ..nn.attention import self_attention
 from ..progress import progress
 from ._common import ensure_folder, parse_loss
 
@@ -60,18 +66,13 @@ STAGES = ("deriving blocks", "σ-fit", "norms", "heatmap", "diagrams", "code")
 
 
 def run(args) -> int:
-    import torch
-
-    from ..attention import (draw_blocks, fit_slopes, heatmap, hessian_blocks,
-                             report_markdown, report_rows, structure_seconds)
-    from ..nn.attention import self_attention
-
     for name in ("seq", "dmodel", "dk", "heads", "classes"):
         if getattr(args, name) < 1:
             raise TNError(f"--{name} must be positive, got {getattr(args, name)}")
     loss, reduction = parse_loss(args.loss, LOSSES)
     ensure_folder(args.output)
     ddir = ensure_folder(os.path.join(args.output, "diagrams"))
+    warn_if_no_dot()   # one line on stderr; the report and code are written either way
     torch.set_default_dtype(torch.float64)
     if args.seq * args.dmodel <= 4096:
         torch.set_num_threads(1)   # many small contractions: threads only add overhead

@@ -24,8 +24,10 @@ import textwrap
 import sympy
 
 from .. import losses
+from ..codegen import codegen, plan
+from ..curvature import relevant_sizes
 from ..errors import TNError
-from ..kfac import FISHERS, KINDS
+from ..kfac import FISHERS, KINDS, kfac
 from ._common import ensure_parent, load_expression, parse_loss, parse_sizes
 
 
@@ -63,8 +65,6 @@ def _choices(flavours: dict) -> str:
 
 
 def run(args) -> int:
-    from ..kfac import kfac
-
     if args.loss:
         parse_loss(args.loss, losses.names())
     if args.loss and FISHERS[args.fisher].samples_targets:
@@ -111,9 +111,6 @@ def _one_line(e) -> str:
 
 
 def _cost(e, sizes) -> str:
-    from ..curvature import relevant_sizes
-
-    from ..codegen import plan
     try:
         p = plan(e, relevant_sizes(e, sizes) or None)
     except TNError as err:
@@ -131,9 +128,6 @@ def _cost(e, sizes) -> str:
 
 def _generated(expr, name: str, sizes) -> str:
     """Generated module source for `expr`, wrapped in a factory so that several can share a file."""
-    from ..codegen import codegen
-    from ..curvature import relevant_sizes
-
     try:
         src = codegen(expr, name, sizes=relevant_sizes(expr, sizes) or None)
     except TNError as err:

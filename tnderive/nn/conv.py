@@ -23,9 +23,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..derive import vjp as derive_vjp
 from ..errors import TNError
 from ..ir import Constant, Delta, Expr, Product, Sum, Variable, size_symbol
 from ..patterns import normalize_dilation, normalize_stride, pattern_constant
+from ..simplify import simplify
 from ..structured import structured_evaluate
 
 
@@ -79,14 +81,12 @@ class Network:
         cache = self.info.setdefault("vjp", {})
         if name in cache:
             return cache[name]
-        from ..derive import vjp
-        from ..simplify import simplify
         if name not in self.core.variables:
             raise TNError(f"vjp: {name!r} is not a variable of the network "
                           f"(variables: {list(self.core.variables)})")
         if not all(n.is_Integer for n in self.core.shape):
             raise TNError("vjp: build the network from concrete shapes (its output size is symbolic)")
-        expr = simplify(vjp(self.core, name, "v"))
+        expr = simplify(derive_vjp(self.core, name, "v"))
         out_shape = [int(n) for n in self.core.shape]
 
         def run(v: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ the notation's scoping rule is about).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable, Optional
@@ -197,6 +198,21 @@ class Program:
 
         return f
 
+    def index_sizes(self) -> dict[str, int]:
+        """The size of every index name the text writes (for `parse(text, sizes=...)`)."""
+        names = set()
+        for s in self.statements:
+            names |= set(s.target)
+            for e, _ in _walk(s.root):
+                names |= set(getattr(e, "occ", ())) | set(getattr(e, "idx", ()))
+                if isinstance(e, (DeltaN, SumOver)):
+                    names |= set(e.free) | set(getattr(e, "over", None) or ())
+                elif isinstance(e, (Softmax, LogSumExp)):
+                    names.add(e.k)
+                elif isinstance(e, Scale) and e.by_size and e.symbolic:
+                    names.add(e.by_size)
+        return {n: INDEX_SIZES[n] for n in sorted(names)}
+
     def random_tensors(self, seed: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
         return {n: torch.randn(s, generator=g, dtype=torch.float64)
@@ -312,6 +328,11 @@ def _binds(a: Node, name: str) -> bool:
     if isinstance(a, Contract):
         return name in a.summed
     return False
+
+
+def binder(node: Node, path: tuple[Node, ...], name: str) -> Optional[Node]:
+    """The nearest ancestor of `node` that binds `name` (None: free in the statement)."""
+    return next((a for a in reversed(path) if _binds(a, name)), None)
 
 
 def _numeric(e: Node) -> bool:
@@ -521,19 +542,6 @@ def size_bindings(expr) -> dict[str, int]:
     return {str(x): INDEX_SIZES[str(x)] for x in symbols - held}
 
 
-def symbols_used(expr) -> set[str]:
-    """Names of every size symbol in `expr` (shapes and coefficients)."""
-    from tnderive.ir import Sum
-
-    out: set[str] = set()
-    for node in expr.walk():
-        out |= {str(x) for s in node.shape for x in s.free_symbols}
-        if isinstance(node, Sum):
-            out |= {str(x) for c, _ in node.terms for x in c.free_symbols}
-        out |= {str(x) for s in getattr(node, "axis_shape", ()) for x in s.free_symbols}
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # generation (hypothesis)
 # --------------------------------------------------------------------------------------------
@@ -569,7 +577,8 @@ class Gen:
     # ---- leaves ---------------------------------------------------------------------------
     def leaf(self, free, depth) -> Node:
         sizes = {INDEX_SIZES[i] for i in free}
-        if free and len(sizes) == 1 and self.draw(st.integers(0, 9 if len(free) == 1 else 3)) == 0:
+        rare = 9 if len(free) == 1 else 3  # a one-leg delta (ones) is less interesting
+        if free and len(sizes) == 1 and self.draw(st.integers(0, rare)) == 0:
             return DeltaN(free)
         if self.constant_only or self.draw(st.integers(0, 9)) == 0:
             return self.constant(free)
@@ -592,7 +601,9 @@ class Gen:
         if same and self.draw(st.booleans()):
             name = self.pick(same)
         else:
-            name = "ABCDEFGHJKLMNPQRSTUVWXYZ"[len(self.variables)]
+            letters = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+            k = len(self.variables)
+            name = letters[k] if k < len(letters) else f"V{k}"
             self.variables[name] = shape
         return Var(dedupe(order), name, order)
 
@@ -625,6 +636,9 @@ class Gen:
     def add(self, free, depth) -> Node:
         n = self.draw(st.integers(2, 3))
         terms = [(self.pick(COEFS), self.node(free, depth))]
+        if self.draw(st.integers(0, 2)) == 0:  # a look-alike of the first term
+            terms.append((self.pick(COEFS), self.twin(terms[0][1])))
+            n -= 1
         for _ in range(n - 1):  # later terms may lack indices (broadcast)
             part = tuple(i for i in free if self.draw(st.integers(0, 4)) > 0)
             terms.append((self.pick(COEFS), self.node(part, depth)))
@@ -632,6 +646,23 @@ class Gen:
             terms.append((Fraction(1), Num((), self.pick(COEFS))))
         order = tuple(self.draw(st.permutations(free)))
         return Add(order, tuple(terms))
+
+    def twin(self, e: Node) -> Node:
+        """A copy of `e` with two same-size indices of one variable swapped (A[i,k] → A[k,i]),
+        preferably two bound by different nodes (the same tree shape, the axes bound
+        elsewhere: a look-alike that must not merge); an exact copy if there is no such pair."""
+        out = copy.deepcopy(e)
+        swaps = [(binder(v, path, v.occ[a]) is not binder(v, path, v.occ[b]), v, a, b)
+                 for v, path in _walk(out) if isinstance(v, Var)
+                 for a in range(len(v.occ)) for b in range(a + 1, len(v.occ))
+                 if v.occ[a] != v.occ[b] and INDEX_SIZES[v.occ[a]] == INDEX_SIZES[v.occ[b]]]
+        if swaps:
+            best = [x for x in swaps if x[0]] or swaps
+            _, v, a, b = self.pick(best)
+            occ = list(v.occ)
+            occ[a], occ[b] = occ[b], occ[a]
+            v.occ = tuple(occ)
+        return out
 
     def elementwise(self, free, depth) -> Node:
         fn = self.pick(["tanh", "sigmoid", "softplus", "exp", "log", "sqrt"])
