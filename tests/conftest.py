@@ -2,3 +2,22 @@ import torch
 
 torch.set_num_threads(1)
 torch.set_default_dtype(torch.float64)
+
+
+def pytest_collection_finish(session):
+    """Start the collected end-to-end subprocess checks (tests/background.py) in the background,
+    so that they overlap the in-process tests; not under pytest-xdist (its workers share the
+    cores already) nor with --collect-only."""
+    from tests import background
+
+    config = session.config
+    if (hasattr(config, "workerinput") or getattr(config.option, "numprocesses", None)
+            or config.option.collectonly):
+        return
+    background.start_in_background([item.nodeid for item in session.items])
+
+
+def pytest_sessionfinish(session):
+    from tests import background
+
+    background.stop_all()

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests import background
 from tnderive import demo
 from tnderive.cli import main
 from tnderive.draw import NO_DOT_WARNING, dot_available
@@ -95,14 +95,22 @@ def _path_without_dot(tmp_path: Path) -> str:
     return os.pathsep.join(folders)
 
 
-def test_without_graphviz_the_demo_skips_diagrams(tmp_path):
+def _demo_without_dot(folder: Path) -> tuple[list[str], dict]:
+    env = {**os.environ, "PATH": _path_without_dot(folder)}
+    return ([sys.executable, "-m", "tnderive", "demo", "--fast", "--only", "mlp-hessian",
+             "--only", "bilinear-kfac", "-o", str(folder / "demo")], {"env": env})
+
+
+#: a fresh process; it starts in the background when collection ends (tests/background.py)
+WITHOUT_DOT = background.register("test_demo.py::test_without_graphviz_the_demo_skips_diagrams",
+                                  _demo_without_dot)
+
+
+def test_without_graphviz_the_demo_skips_diagrams():
     """No `dot` on PATH: one warning line, every item ok, no diagrams, exit code 0."""
-    env = {**os.environ, "PATH": _path_without_dot(tmp_path)}
-    assert shutil.which("dot", path=env["PATH"]) is None
-    out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "tnderive", "demo", "--fast", "--only", "mlp-hessian",
-                           "--only", "bilinear-kfac", "-o", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc, folder = WITHOUT_DOT.result()
+    assert shutil.which("dot", path=WITHOUT_DOT.kwargs["env"]["PATH"]) is None
+    out = folder / "demo"
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr.count(NO_DOT_WARNING) == 1, proc.stderr
     assert "error" not in proc.stdout and "FAILED" not in proc.stdout

@@ -3,7 +3,6 @@ numerical checks; regenerating is deterministic (byte-identical, also across pro
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import gallery  # noqa: E402
+from tests import background  # noqa: E402
 from tnderive.draw import NO_DOT_WARNING, dot_available  # noqa: E402
 
 EXAMPLES = gallery.examples()
@@ -49,19 +49,32 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+DETERMINISM_EXAMPLE = next(p for p in EXAMPLES if p.stem.startswith("09"))
+
+
+def _example_in_a_fresh_process(folder: Path) -> tuple[list[str], dict]:
+    """The example into `folder/c`, in a fresh process under another hash seed."""
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import gallery; "
+            f"gallery.load(gallery.examples()[{EXAMPLES.index(DETERMINISM_EXAMPLE)}])"
+            f".main({str(folder / 'c')!r}, fast=True)")
+    return [sys.executable, "-c", code], {"env": env, "cwd": str(folder)}
+
+
+if HAS_DOT:  # a fresh process; it starts in the background when collection ends (tests/background.py)
+    FRESH_PROCESS = background.register("test_gallery.py::test_regeneration_is_deterministic",
+                                        _example_in_a_fresh_process, timeout=300)
+
+
 @needs_dot
 def test_regeneration_is_deterministic(tmp_path):
     """The same example twice in this process and once in a fresh one (another hash seed)."""
-    path = next(p for p in EXAMPLES if p.stem.startswith("09"))
-    module = gallery.load(path)
+    module = gallery.load(DETERMINISM_EXAMPLE)
     module.main(tmp_path / "a", fast=True)
     module.main(tmp_path / "b", fast=True)
-    env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import gallery; "
-            f"gallery.load(gallery.examples()[{EXAMPLES.index(path)}]).main({str(tmp_path / 'c')!r}, fast=True)")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=str(tmp_path),
-                   capture_output=True, timeout=300)
-    a, b, c = (_snapshot(tmp_path / k) for k in "abc")
+    proc, folder = FRESH_PROCESS.result()
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    a, b, c = _snapshot(tmp_path / "a"), _snapshot(tmp_path / "b"), _snapshot(folder / "c")
     assert a and a == b
     assert a == c
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -75,11 +74,26 @@ def run_python_blocks(readme: Path = README) -> int:
     return 0
 
 
+def _python_blocks_job(folder: Path) -> tuple[list[str], dict]:
+    """`python3 tests/test_readme.py README.md` in a scratch folder with the shipped examples/."""
+    scratch = folder / "scratch"
+    scratch.mkdir()
+    shutil.copytree(ROOT / "examples", scratch / "examples")
+    return [sys.executable, str(Path(__file__).resolve()), str(README)], {"cwd": scratch}
+
+
+if __name__ != "__main__" and dot_available():  # as a test module (the script only runs blocks)
+    from tests import background
+
+    PYTHON_BLOCKS = background.register("test_readme.py::test_python_blocks_run_top_to_bottom",
+                                        _python_blocks_job)
+
+
 @needs_dot
-def test_python_blocks_run_top_to_bottom(scratch):
-    """In a fresh process (as a reader runs them: no test settings such as the default dtype)."""
-    proc = subprocess.run([sys.executable, __file__, str(README)], cwd=scratch,
-                          capture_output=True, text=True, timeout=600)
+def test_python_blocks_run_top_to_bottom():
+    """In a fresh process (as a reader runs them: no test settings such as the default dtype).
+    The process starts in the background when collection ends (tests/background.py)."""
+    proc, _ = PYTHON_BLOCKS.result()
     assert proc.returncode == 0, proc.stderr[-6000:]
 
 
