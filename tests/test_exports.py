@@ -3,13 +3,13 @@ its layer builders, and importing tnderive registers the built-in constant kinds
 from __future__ import annotations
 
 import importlib
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
 import tnderive
+from tests import background
 
 
 @pytest.mark.parametrize("name", ["simplify", "verify", "draw", "codegen", "kfac"])
@@ -51,10 +51,13 @@ def test_nn_self_attention_builds_a_layer():
     assert set(layer.params) >= {"WQ", "WK", "WV"}
 
 
-@pytest.mark.slow
-def test_importing_tnderive_registers_the_built_in_constant_kinds():
-    """A constant evaluates (and has generated-code source) right after `import tnderive`:
-    the modules defining the built-in kinds are imported with the package."""
+#: in a fresh process; it starts in the background when collection ends (tests/background.py)
+FRESH_IMPORT = background.register(
+    "test_exports.py::test_importing_tnderive_registers_the_built_in_constant_kinds",
+    lambda folder: _fresh_import_job(), timeout=120)
+
+
+def _fresh_import_job() -> tuple[list[str], dict]:
     code = textwrap.dedent("""
         import torch
         import tnderive
@@ -74,7 +77,14 @@ def test_importing_tnderive_registers_the_built_in_constant_kinds():
         assert "def build_window" in get_kind("window").source
         print("ok")
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return [sys.executable, "-c", code], {}
+
+
+@pytest.mark.slow
+def test_importing_tnderive_registers_the_built_in_constant_kinds():
+    """A constant evaluates (and has generated-code source) right after `import tnderive`:
+    the modules defining the built-in kinds are imported with the package."""
+    out, _ = FRESH_IMPORT.result()
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
