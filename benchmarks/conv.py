@@ -79,6 +79,9 @@ def implementations(x, w, v, stride, padding, groups):
         "weight VJP": {"torch": lambda: torch.autograd.grad(y, wg, v, retain_graph=True)[0],
                        "tnderive": lambda: w_vjp(v, x, w)},
     }
+    if gemm._probe():  # the opt-in oneDNN backend, measured side by side (issue 16, item 4)
+        for impls in ops.values():
+            impls[ONEDNN] = with_onednn(impls["tnderive"])
     if einconv is not None:
         def ein_in():
             eq, operands, shape = convNd_input_vjp.einsum_expression(
@@ -94,6 +97,32 @@ def implementations(x, w, v, stride, padding, groups):
         ops["input VJP"]["einconv"] = ein_in
         ops["weight VJP"]["einconv"] = ein_w
     return ops
+
+
+ONEDNN = "tnderive+oneDNN"
+
+
+def with_onednn(f):
+    """`f` run with the opt-in oneDNN GEMM backend switched on (off again afterwards)."""
+    def run():
+        gemm.use_onednn(True)
+        try:
+            return f()
+        finally:
+            gemm.use_onednn(False)
+    return run
+
+
+def onednn_summary(rows) -> str:
+    """What keeping the private oneDNN op off by default costs: tnderive's default time over
+    its time with the opt-in backend, per op."""
+    out = []
+    for op in ("forward", "input VJP", "weight VJP"):
+        r = [row["tnderive"] / row[ONEDNN] for row in rows if row["op"] == op and ONEDNN in row]
+        if r:
+            out.append(f"- {op}: default (torch.matmul) / opt-in oneDNN median "
+                       f"{statistics.median(r):.2f}× (range {min(r):.2f}–{max(r):.2f}×)")
+    return "\n".join(out) if out else "- oneDNN op not available in this torch build: not measured"
 
 
 def check(ops) -> None:
@@ -142,9 +171,9 @@ def dense_floor(name, x, w, stride, torch_s, tnderive_s, repeats) -> dict:
     def copy():  # the library's fastest patch copy (16-byte runs when rows allow)
         return gemm.as_contiguous(view).view(N * h * wd, C * K * L)
 
-    ops = {"x": {"copy": copy, "oneDNN GEMM": lambda: gemm.matmul(patches, wt),
+    ops = {"x": {"copy": copy, "oneDNN GEMM": with_onednn(lambda: gemm.matmul(patches, wt)),
                  "MKL GEMM": lambda: torch.matmul(patches, wt),
-                 "copy + GEMM": lambda: gemm.matmul(copy(), wt)}}
+                 "copy + GEMM": with_onednn(lambda: gemm.matmul(copy(), wt))}}
     med = measure(ops, repeats)
     best = min(med[("x", "oneDNN GEMM")], med[("x", "MKL GEMM")])
     return {"layer": name, "torch": torch_s, "tnderive": tnderive_s, "gemm": best,
@@ -163,7 +192,9 @@ def floor_table(floors) -> str:
 
 def table(rows) -> str:
     has_ein = einconv is not None
+    has_dnn = any(ONEDNN in r for r in rows)
     head = "| layer | group | op | torch ms | tnderive ms | " + ("einconv ms | " if has_ein else "") + \
+           ("oneDNN opt-in ms | " if has_dnn else "") + \
            "tnderive/torch | " + ("tnderive/einconv |" if has_ein else "")
     sep = "|" + "---|" * (head.count("|") - 1)
     lines = [head, sep]
@@ -171,6 +202,8 @@ def table(rows) -> str:
         cells = [r["layer"], r["group"], r["op"], f"{r['torch'] * 1e3:.2f}", f"{r['tnderive'] * 1e3:.2f}"]
         if has_ein:
             cells.append(f"{r['einconv'] * 1e3:.2f}")
+        if has_dnn:
+            cells.append(f"{r[ONEDNN] * 1e3:.2f}")
         cells.append(f"{r['tnderive'] / r['torch']:.2f}×")
         if has_ein:
             cells.append(f"{r['tnderive'] / r['einconv']:.2f}×")
@@ -249,12 +282,17 @@ def main(argv=None) -> None:
         f"{args.threads} thread(s), torch {torch.__version__}, {peer}; median of {args.repeats} "
         f"interleaved rounds (calls under 30 ms repeated within a round); total {elapsed:.0f} s. "
         f"Command: `python benchmarks/conv.py`; {allocator} (see benchmarks/_steady.py); "
-        f"large float32 GEMMs on oneDNN: {gemm.onednn_active()} (`tnderive.gemm`).",
+        "GEMMs: torch.matmul (the default); the opt-in oneDNN backend (`TNDERIVE_GEMM=onednn`, "
+        "a private torch op) is measured alongside as `tnderive+oneDNN`.",
         "VJPs: torch = autograd backward on a prebuilt graph; tnderive = `Network.vjp` (derived "
         "with `tnderive.vjp`, simplified, patterns applied as strided views); einconv = its VJP "
         "einsum expressions. Shared 2-core machine: expect ±30 % noise.",
         "",
         summary(rows),
+        "",
+        "What the private op's removal from the default costs (issue 16, item 4):",
+        "",
+        onednn_summary(rows),
         "",
         table(rows),
         "",

@@ -13,7 +13,28 @@ class TNError(ValueError):
 _MISSING = object()
 
 
-def hessian_W_W(*_positional, x=_MISSING, **_unexpected):
+def _device_dtype(fn, tensors):
+    """(device, dtype) of the given tensors: torch's type promotion across all of them (a
+    floating type), CPU and the default dtype when none is given."""
+    dev = dt = first = None
+    for name, t in tensors.items():
+        if t is _MISSING:
+            continue
+        if dev is None:
+            dev, dt, first = t.device, t.dtype, name
+        elif t.device != dev:
+            raise TNError(f"{fn}(): tensors on different devices: {first!r} is on {dev}, "
+                          f"{name!r} on {t.device}")
+        else:
+            dt = torch.promote_types(dt, t.dtype)
+    if dev is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    if not (dt.is_floating_point or dt.is_complex):
+        dt = torch.promote_types(dt, torch.get_default_dtype())
+    return dev, dt
+
+
+def hessian_W_W(*_positional, W=_MISSING, x=_MISSING, y=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
     Expression (index notation):
@@ -21,7 +42,9 @@ def hessian_W_W(*_positional, x=_MISSING, **_unexpected):
         out[o_,i_,o__,i__] = 2*x[n,i__]*x[n,i_]*delta(o)[o__,o_]
 
     Arguments (keyword tensors):
+        W: [o, i]  (optional: binds sizes only)
         x: [n, i]
+        y: [n, o]  (optional: binds sizes only)
     Returns: [o_=o, i_=i, o__=o, i__=i]
 
     Contraction cost: 2*i**2*n flops (naive single einsum per product: 2*i**2*n)
@@ -29,20 +52,45 @@ def hessian_W_W(*_positional, x=_MISSING, **_unexpected):
     Contraction order planned for sizes i=4, n=8, o=3.
     """
     if _positional:
-        raise TNError(f"hessian_W_W() takes keyword tensor arguments only (x); "
+        raise TNError(f"hessian_W_W() takes keyword tensor arguments only (W[o,i], x[n,i], y[n,o]); "
                       f"got {len(_positional)} positional argument(s)")
     if _unexpected:
-        raise TNError(f"hessian_W_W(): unexpected argument {sorted(_unexpected)[0]!r}; "
-                      "expected x")
+        raise TNError(f"hessian_W_W(): unexpected argument {sorted(_unexpected)[0]!r}; the signature is W[o,i], x[n,i], y[n,o]")
     if x is _MISSING:
-        raise TNError("hessian_W_W(): missing argument 'x' (shape [n, i])")
+        raise TNError(f"hessian_W_W(): missing argument 'x' (shape [n, i])")
     if not isinstance(x, torch.Tensor):
         raise TNError(f"hessian_W_W(): argument 'x' is a {type(x).__name__}, expected a torch.Tensor")
     if x.dim() != 2:
         raise TNError(f"hessian_W_W(): argument 'x' has shape {tuple(x.shape)}, expected rank 2 [n, i]")
     size_n = x.shape[0]
     size_i = x.shape[1]
-    size_o = 3  # fixed at generation (sizes=), no argument's shape determines it
+    size_o = 3  # sizes=; checked against the optional arguments
+    if W is not _MISSING:
+        if not isinstance(W, torch.Tensor):
+            raise TNError(f"hessian_W_W(): argument 'W' is a {type(W).__name__}, expected a torch.Tensor")
+        if W.dim() != 2:
+            raise TNError(f"hessian_W_W(): argument 'W' has shape {tuple(W.shape)}, expected rank 2 [o, i]")
+        if size_o is None:
+            size_o = W.shape[0]
+        elif W.shape[0] != size_o:
+            raise TNError(f"hessian_W_W(): size mismatch for index 'o': W[o] has size {W.shape[0]} but another argument has size {size_o}")
+        if W.shape[1] != size_i:
+            raise TNError(f"hessian_W_W(): size mismatch for index 'i': W[i] has size {W.shape[1]} but x[i] has size {size_i}")
+    if y is not _MISSING:
+        if not isinstance(y, torch.Tensor):
+            raise TNError(f"hessian_W_W(): argument 'y' is a {type(y).__name__}, expected a torch.Tensor")
+        if y.dim() != 2:
+            raise TNError(f"hessian_W_W(): argument 'y' has shape {tuple(y.shape)}, expected rank 2 [n, o]")
+        if y.shape[0] != size_n:
+            raise TNError(f"hessian_W_W(): size mismatch for index 'n': y[n] has size {y.shape[0]} but x[n] has size {size_n}")
+        if size_o is None:
+            size_o = y.shape[1]
+        elif y.shape[1] != size_o:
+            raise TNError(f"hessian_W_W(): size mismatch for index 'o': y[o] has size {y.shape[1]} but another argument has size {size_o}")
+    if size_o is None:
+        raise TNError(f"hessian_W_W(): size 'o' is not bound: pass W[o,i] or y[n,o], or sizes={{'o': ...}}")
+    _dev, _dt = _device_dtype('hessian_W_W', {'W': W, 'x': x, 'y': y})
+    x = x.to(_dt)
     t0 = 2 * x  # [n,i__]
     t1 = torch.einsum("ni,na->ai", t0, x)  # [i_,i__]  2*i**2*n flops
     del t0

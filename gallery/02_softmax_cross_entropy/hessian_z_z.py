@@ -13,7 +13,28 @@ class TNError(ValueError):
 _MISSING = object()
 
 
-def hessian_z_z(*_positional, z=_MISSING, **_unexpected):
+def _device_dtype(fn, tensors):
+    """(device, dtype) of the given tensors: torch's type promotion across all of them (a
+    floating type), CPU and the default dtype when none is given."""
+    dev = dt = first = None
+    for name, t in tensors.items():
+        if t is _MISSING:
+            continue
+        if dev is None:
+            dev, dt, first = t.device, t.dtype, name
+        elif t.device != dev:
+            raise TNError(f"{fn}(): tensors on different devices: {first!r} is on {dev}, "
+                          f"{name!r} on {t.device}")
+        else:
+            dt = torch.promote_types(dt, t.dtype)
+    if dev is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    if not (dt.is_floating_point or dt.is_complex):
+        dt = torch.promote_types(dt, torch.get_default_dtype())
+    return dev, dt
+
+
+def hessian_z_z(*_positional, z=_MISSING, t=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
     Expression (index notation):
@@ -22,6 +43,7 @@ def hessian_z_z(*_positional, z=_MISSING, **_unexpected):
 
     Arguments (keyword tensors):
         z: [n, c]
+        t: [n, c]  (optional: binds sizes only)
     Returns: [n_=n, c_=c, n__=n, c__=c]
 
     Contraction cost: c**2*n flops (naive single einsum per product: c**2*n + c*n)
@@ -29,19 +51,29 @@ def hessian_z_z(*_positional, z=_MISSING, **_unexpected):
     Contraction order planned for sizes c=5, n=4.
     """
     if _positional:
-        raise TNError(f"hessian_z_z() takes keyword tensor arguments only (z); "
+        raise TNError(f"hessian_z_z() takes keyword tensor arguments only (z[n,c], t[n,c]); "
                       f"got {len(_positional)} positional argument(s)")
     if _unexpected:
-        raise TNError(f"hessian_z_z(): unexpected argument {sorted(_unexpected)[0]!r}; "
-                      "expected z")
+        raise TNError(f"hessian_z_z(): unexpected argument {sorted(_unexpected)[0]!r}; the signature is z[n,c], t[n,c]")
     if z is _MISSING:
-        raise TNError("hessian_z_z(): missing argument 'z' (shape [n, c])")
+        raise TNError(f"hessian_z_z(): missing argument 'z' (shape [n, c])")
     if not isinstance(z, torch.Tensor):
         raise TNError(f"hessian_z_z(): argument 'z' is a {type(z).__name__}, expected a torch.Tensor")
     if z.dim() != 2:
         raise TNError(f"hessian_z_z(): argument 'z' has shape {tuple(z.shape)}, expected rank 2 [n, c]")
     size_n = z.shape[0]
     size_c = z.shape[1]
+    if t is not _MISSING:
+        if not isinstance(t, torch.Tensor):
+            raise TNError(f"hessian_z_z(): argument 't' is a {type(t).__name__}, expected a torch.Tensor")
+        if t.dim() != 2:
+            raise TNError(f"hessian_z_z(): argument 't' has shape {tuple(t.shape)}, expected rank 2 [n, c]")
+        if t.shape[0] != size_n:
+            raise TNError(f"hessian_z_z(): size mismatch for index 'n': t[n] has size {t.shape[0]} but z[n] has size {size_n}")
+        if t.shape[1] != size_c:
+            raise TNError(f"hessian_z_z(): size mismatch for index 'c': t[c] has size {t.shape[1]} but z[c] has size {size_c}")
+    _dev, _dt = _device_dtype('hessian_z_z', {'z': z, 't': t})
+    z = z.to(_dt)
     t0 = torch.softmax(z, dim=1)  # [n_,c_]
     t1 = torch.einsum("nc,na->nca", t0, t0)  # [n_,c_,c__]  c**2*n flops
     t2 = t0[:, :, None, None] * torch.eye(size_n, device=t0.device, dtype=t0.dtype)[:, None, :, None] * torch.eye(size_c, device=t0.device, dtype=t0.dtype)[None, :, None, :]  # [n_,c_,n__,c__]

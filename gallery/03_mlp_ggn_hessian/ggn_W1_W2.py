@@ -13,7 +13,28 @@ class TNError(ValueError):
 _MISSING = object()
 
 
-def ggn_W1_W2(*_positional, W2=_MISSING, W1=_MISSING, x=_MISSING, b1=_MISSING, b2=_MISSING, **_unexpected):
+def _device_dtype(fn, tensors):
+    """(device, dtype) of the given tensors: torch's type promotion across all of them (a
+    floating type), CPU and the default dtype when none is given."""
+    dev = dt = first = None
+    for name, t in tensors.items():
+        if t is _MISSING:
+            continue
+        if dev is None:
+            dev, dt, first = t.device, t.dtype, name
+        elif t.device != dev:
+            raise TNError(f"{fn}(): tensors on different devices: {first!r} is on {dev}, "
+                          f"{name!r} on {t.device}")
+        else:
+            dt = torch.promote_types(dt, t.dtype)
+    if dev is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    if not (dt.is_floating_point or dt.is_complex):
+        dt = torch.promote_types(dt, torch.get_default_dtype())
+    return dev, dt
+
+
+def ggn_W1_W2(*_positional, W2=_MISSING, W1=_MISSING, x=_MISSING, b1=_MISSING, b2=_MISSING, y=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
     Expression (index notation):
@@ -31,6 +52,7 @@ def ggn_W1_W2(*_positional, W2=_MISSING, W1=_MISSING, x=_MISSING, b1=_MISSING, b
         x: [n, i]
         b1: [j]
         b2: [c]
+        y: [n, c]  (optional: binds sizes only)
     Returns: [j, i, c, j_=j]
 
     Contraction cost: 2*c**2*j**2*n + 2*c**2*j*n**2 + c**2*n + 2*c*i*j**2*n + 3*c*j*n + 2*i*j*n flops (naive single einsum per product: 5*c**2*i*j**2*n**2 + c**2*n + 4*c*j*n + c*n + 2*c + 4*i*j*n + 2*j)
@@ -38,13 +60,12 @@ def ggn_W1_W2(*_positional, W2=_MISSING, W1=_MISSING, x=_MISSING, b1=_MISSING, b
     Contraction order planned for sizes c=3, i=4, j=3, n=5.
     """
     if _positional:
-        raise TNError(f"ggn_W1_W2() takes keyword tensor arguments only (W2, W1, x, b1, b2); "
+        raise TNError(f"ggn_W1_W2() takes keyword tensor arguments only (W2[c,j], W1[j,i], x[n,i], b1[j], b2[c], y[n,c]); "
                       f"got {len(_positional)} positional argument(s)")
     if _unexpected:
-        raise TNError(f"ggn_W1_W2(): unexpected argument {sorted(_unexpected)[0]!r}; "
-                      "expected W2, W1, x, b1, b2")
+        raise TNError(f"ggn_W1_W2(): unexpected argument {sorted(_unexpected)[0]!r}; the signature is W2[c,j], W1[j,i], x[n,i], b1[j], b2[c], y[n,c]")
     if W2 is _MISSING:
-        raise TNError("ggn_W1_W2(): missing argument 'W2' (shape [c, j])")
+        raise TNError(f"ggn_W1_W2(): missing argument 'W2' (shape [c, j])")
     if not isinstance(W2, torch.Tensor):
         raise TNError(f"ggn_W1_W2(): argument 'W2' is a {type(W2).__name__}, expected a torch.Tensor")
     if W2.dim() != 2:
@@ -52,7 +73,7 @@ def ggn_W1_W2(*_positional, W2=_MISSING, W1=_MISSING, x=_MISSING, b1=_MISSING, b
     size_c = W2.shape[0]
     size_j = W2.shape[1]
     if W1 is _MISSING:
-        raise TNError("ggn_W1_W2(): missing argument 'W1' (shape [j, i])")
+        raise TNError(f"ggn_W1_W2(): missing argument 'W1' (shape [j, i])")
     if not isinstance(W1, torch.Tensor):
         raise TNError(f"ggn_W1_W2(): argument 'W1' is a {type(W1).__name__}, expected a torch.Tensor")
     if W1.dim() != 2:
@@ -61,7 +82,7 @@ def ggn_W1_W2(*_positional, W2=_MISSING, W1=_MISSING, x=_MISSING, b1=_MISSING, b
         raise TNError(f"ggn_W1_W2(): size mismatch for index 'j': W1[j] has size {W1.shape[0]} but W2[j] has size {size_j}")
     size_i = W1.shape[1]
     if x is _MISSING:
-        raise TNError("ggn_W1_W2(): missing argument 'x' (shape [n, i])")
+        raise TNError(f"ggn_W1_W2(): missing argument 'x' (shape [n, i])")
     if not isinstance(x, torch.Tensor):
         raise TNError(f"ggn_W1_W2(): argument 'x' is a {type(x).__name__}, expected a torch.Tensor")
     if x.dim() != 2:
@@ -70,7 +91,7 @@ def ggn_W1_W2(*_positional, W2=_MISSING, W1=_MISSING, x=_MISSING, b1=_MISSING, b
     if x.shape[1] != size_i:
         raise TNError(f"ggn_W1_W2(): size mismatch for index 'i': x[i] has size {x.shape[1]} but W1[i] has size {size_i}")
     if b1 is _MISSING:
-        raise TNError("ggn_W1_W2(): missing argument 'b1' (shape [j])")
+        raise TNError(f"ggn_W1_W2(): missing argument 'b1' (shape [j])")
     if not isinstance(b1, torch.Tensor):
         raise TNError(f"ggn_W1_W2(): argument 'b1' is a {type(b1).__name__}, expected a torch.Tensor")
     if b1.dim() != 1:
@@ -78,13 +99,24 @@ def ggn_W1_W2(*_positional, W2=_MISSING, W1=_MISSING, x=_MISSING, b1=_MISSING, b
     if b1.shape[0] != size_j:
         raise TNError(f"ggn_W1_W2(): size mismatch for index 'j': b1[j] has size {b1.shape[0]} but W2[j] has size {size_j}")
     if b2 is _MISSING:
-        raise TNError("ggn_W1_W2(): missing argument 'b2' (shape [c])")
+        raise TNError(f"ggn_W1_W2(): missing argument 'b2' (shape [c])")
     if not isinstance(b2, torch.Tensor):
         raise TNError(f"ggn_W1_W2(): argument 'b2' is a {type(b2).__name__}, expected a torch.Tensor")
     if b2.dim() != 1:
         raise TNError(f"ggn_W1_W2(): argument 'b2' has shape {tuple(b2.shape)}, expected rank 1 [c]")
     if b2.shape[0] != size_c:
         raise TNError(f"ggn_W1_W2(): size mismatch for index 'c': b2[c] has size {b2.shape[0]} but W2[c] has size {size_c}")
+    if y is not _MISSING:
+        if not isinstance(y, torch.Tensor):
+            raise TNError(f"ggn_W1_W2(): argument 'y' is a {type(y).__name__}, expected a torch.Tensor")
+        if y.dim() != 2:
+            raise TNError(f"ggn_W1_W2(): argument 'y' has shape {tuple(y.shape)}, expected rank 2 [n, c]")
+        if y.shape[0] != size_n:
+            raise TNError(f"ggn_W1_W2(): size mismatch for index 'n': y[n] has size {y.shape[0]} but x[n] has size {size_n}")
+        if y.shape[1] != size_c:
+            raise TNError(f"ggn_W1_W2(): size mismatch for index 'c': y[c] has size {y.shape[1]} but W2[c] has size {size_c}")
+    _dev, _dt = _device_dtype('ggn_W1_W2', {'W2': W2, 'W1': W1, 'x': x, 'b1': b1, 'b2': b2, 'y': y})
+    W2, W1, x, b1, b2 = W2.to(_dt), W1.to(_dt), x.to(_dt), b1.to(_dt), b2.to(_dt)
     t0 = torch.einsum("ji,ni->nj", W1, x)  # [n1,j]  2*i*j*n flops
     t1 = b1[None, :].expand(size_n, size_j)  # [n1,j]
     t2 = t0 + t1  # [n1,j]

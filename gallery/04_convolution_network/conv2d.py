@@ -13,6 +13,27 @@ class TNError(ValueError):
 _MISSING = object()
 
 
+def _device_dtype(fn, tensors):
+    """(device, dtype) of the given tensors: torch's type promotion across all of them (a
+    floating type), CPU and the default dtype when none is given."""
+    dev = dt = first = None
+    for name, t in tensors.items():
+        if t is _MISSING:
+            continue
+        if dev is None:
+            dev, dt, first = t.device, t.dtype, name
+        elif t.device != dev:
+            raise TNError(f"{fn}(): tensors on different devices: {first!r} is on {dev}, "
+                          f"{name!r} on {t.device}")
+        else:
+            dt = torch.promote_types(dt, t.dtype)
+    if dev is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    if not (dt.is_floating_point or dt.is_complex):
+        dt = torch.promote_types(dt, torch.get_default_dtype())
+    return dev, dt
+
+
 def conv2d(*_positional, W=_MISSING, x=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
@@ -29,13 +50,12 @@ def conv2d(*_positional, W=_MISSING, x=_MISSING, **_unexpected):
     Contraction order planned for sizes c=3, e=2, i1=7, i2=6, k1=3, k2=3, n=2.
     """
     if _positional:
-        raise TNError(f"conv2d() takes keyword tensor arguments only (W, x); "
+        raise TNError(f"conv2d() takes keyword tensor arguments only (W[c,e,k1,k2], x[n,e,i1,i2]); "
                       f"got {len(_positional)} positional argument(s)")
     if _unexpected:
-        raise TNError(f"conv2d(): unexpected argument {sorted(_unexpected)[0]!r}; "
-                      "expected W, x")
+        raise TNError(f"conv2d(): unexpected argument {sorted(_unexpected)[0]!r}; the signature is W[c,e,k1,k2], x[n,e,i1,i2]")
     if W is _MISSING:
-        raise TNError("conv2d(): missing argument 'W' (shape [c, e, k1, k2])")
+        raise TNError(f"conv2d(): missing argument 'W' (shape [c, e, k1, k2])")
     if not isinstance(W, torch.Tensor):
         raise TNError(f"conv2d(): argument 'W' is a {type(W).__name__}, expected a torch.Tensor")
     if W.dim() != 4:
@@ -45,7 +65,7 @@ def conv2d(*_positional, W=_MISSING, x=_MISSING, **_unexpected):
     size_k1 = W.shape[2]
     size_k2 = W.shape[3]
     if x is _MISSING:
-        raise TNError("conv2d(): missing argument 'x' (shape [n, e, i1, i2])")
+        raise TNError(f"conv2d(): missing argument 'x' (shape [n, e, i1, i2])")
     if not isinstance(x, torch.Tensor):
         raise TNError(f"conv2d(): argument 'x' is a {type(x).__name__}, expected a torch.Tensor")
     if x.dim() != 4:
@@ -55,6 +75,8 @@ def conv2d(*_positional, W=_MISSING, x=_MISSING, **_unexpected):
         raise TNError(f"conv2d(): size mismatch for index 'e': x[e] has size {x.shape[1]} but W[e] has size {size_e}")
     size_i1 = x.shape[2]
     size_i2 = x.shape[3]
+    _dev, _dt = _device_dtype('conv2d', {'W': W, 'x': x})
+    W, x = W.to(_dt), x.to(_dt)
     t0 = torch.nn.functional.pad(x, (1, 1, 1, 1))  # [n,e,i1,i2]  zero padding of i1 by (1, 1), i2 by (1, 1) (convolution padding)
     t1 = t0.unfold(2, size_k1, 2)  # [n,e,o1,i2,k1]  view: windows of i1 (length k1, step 2): o1 = window start, k1 = position in the window
     del t0

@@ -13,11 +13,40 @@ class TNError(ValueError):
 _MISSING = object()
 
 
-def _pattern_build_pattern(params, shape, device, dtype):
-    K, O, I = shape
-    s, pl, pr, d = params[:4]
+def _device_dtype(fn, tensors):
+    """(device, dtype) of the given tensors: torch's type promotion across all of them (a
+    floating type), CPU and the default dtype when none is given."""
+    dev = dt = first = None
+    for name, t in tensors.items():
+        if t is _MISSING:
+            continue
+        if dev is None:
+            dev, dt, first = t.device, t.dtype, name
+        elif t.device != dev:
+            raise TNError(f"{fn}(): tensors on different devices: {first!r} is on {dev}, "
+                          f"{name!r} on {t.device}")
+        else:
+            dt = torch.promote_types(dt, t.dtype)
+    if dev is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    if not (dt.is_floating_point or dt.is_complex):
+        dt = torch.promote_types(dt, torch.get_default_dtype())
+    return dev, dt
+
+
+def _pattern_resolve_padding(params: tuple, kernel: int) -> tuple[int, int]:
+    """Numeric (P_left, P_right) of pattern params `(S, Pl, Pr, D)` for a numeric kernel size."""
+    _, pl, pr, d = params[:4]
     if pl == 'same':
-        pl = d * (K - 1) // 2
+        total = d * (kernel - 1)
+        return (total // 2, total - total // 2)
+    return (int(pl), int(pr))
+
+def _pattern_build_pattern(params: tuple, shape: tuple, device, dtype) -> torch.Tensor:
+    """Π of numeric `shape` (K, O, I): broadcast comparison i == S·o + D·k − P_left."""
+    K, O, I = shape
+    s, d = (params[0], params[3])
+    pl, _ = _pattern_resolve_padding(params, K)
     k = torch.arange(K, device=device).view(K, 1, 1)
     o = torch.arange(O, device=device).view(1, O, 1)
     i = torch.arange(I, device=device).view(1, 1, I)
@@ -28,6 +57,7 @@ _BUILDERS = {
     'pattern': _pattern_build_pattern,
 }
 _CONSTANTS = {}
+_CONSTANTS_KEPT = 32
 
 
 def _constant(kind, params, shape, device, dtype):
@@ -36,11 +66,13 @@ def _constant(kind, params, shape, device, dtype):
     t = _CONSTANTS.get(key)
     if t is None:
         t = _BUILDERS[kind](params, shape, device, dtype)
+        if len(_CONSTANTS) >= _CONSTANTS_KEPT:  # bounded: forget the oldest
+            del _CONSTANTS[next(iter(_CONSTANTS))]
         _CONSTANTS[key] = t
     return t
 
 
-def input_vjp(*_positional, v=_MISSING, W=_MISSING, **_unexpected):
+def input_vjp(*_positional, W=_MISSING, x=_MISSING, v=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
     Expression (index notation):
@@ -48,8 +80,9 @@ def input_vjp(*_positional, v=_MISSING, W=_MISSING, **_unexpected):
         out[n,e,i1,i2] = v[n,c,o1,o2]*W[c,e,k1,k2]*pattern(stride=2, padding=1, dilation=1)[k1,o1,i1]*pattern(stride=2, padding=1, dilation=1)[k2,o2,i2]
 
     Arguments (keyword tensors):
-        v: [n, c, o1=floor(i1/2 - k1/2) + 2, o2=floor(i2/2 - k2/2) + 2]
         W: [c, e, k1, k2]
+        x: [n, e, i1, i2]  (optional: binds sizes only)
+        v: [n, c, o1=floor(i1/2 - k1/2) + 2, o2=floor(i2/2 - k2/2) + 2]
     Returns: [n, e, i1, i2]
 
     Contraction cost: 2*c*e*i1*k1*k2*n*floor(i2/2 - k2/2) + 4*c*e*i1*k1*k2*n + 2*c*i1*k1*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 4*c*i1*k1*n*floor(i1/2 - k1/2) + 4*c*i1*k1*n*floor(i2/2 - k2/2) + 8*c*i1*k1*n + 2*e*i1*i2*k2*n*floor(i2/2 - k2/2) + 4*e*i1*i2*k2*n flops (naive single einsum per product: 4*c*e*i1*i2*k1*k2*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 8*c*e*i1*i2*k1*k2*n*floor(i1/2 - k1/2) + 8*c*e*i1*i2*k1*k2*n*floor(i2/2 - k2/2) + 16*c*e*i1*i2*k1*k2*n)
@@ -57,41 +90,60 @@ def input_vjp(*_positional, v=_MISSING, W=_MISSING, **_unexpected):
     Contraction order planned for sizes c=3, e=2, i1=7, i2=6, k1=3, k2=3, n=2.
     """
     if _positional:
-        raise TNError(f"input_vjp() takes keyword tensor arguments only (v, W); "
+        raise TNError(f"input_vjp() takes keyword tensor arguments only (W[c,e,k1,k2], x[n,e,i1,i2], v[n,c,o1=floor(i1/2 - k1/2) + 2,o2=floor(i2/2 - k2/2) + 2]); "
                       f"got {len(_positional)} positional argument(s)")
     if _unexpected:
-        raise TNError(f"input_vjp(): unexpected argument {sorted(_unexpected)[0]!r}; "
-                      "expected v, W")
+        raise TNError(f"input_vjp(): unexpected argument {sorted(_unexpected)[0]!r}; the signature is W[c,e,k1,k2], x[n,e,i1,i2], v[n,c,o1=floor(i1/2 - k1/2) + 2,o2=floor(i2/2 - k2/2) + 2]")
+    if W is _MISSING:
+        raise TNError(f"input_vjp(): missing argument 'W' (shape [c, e, k1, k2])")
+    if not isinstance(W, torch.Tensor):
+        raise TNError(f"input_vjp(): argument 'W' is a {type(W).__name__}, expected a torch.Tensor")
+    if W.dim() != 4:
+        raise TNError(f"input_vjp(): argument 'W' has shape {tuple(W.shape)}, expected rank 4 [c, e, k1, k2]")
+    size_c = W.shape[0]
+    size_e = W.shape[1]
+    size_k1 = W.shape[2]
+    size_k2 = W.shape[3]
     if v is _MISSING:
-        raise TNError("input_vjp(): missing argument 'v' (shape [n, c, o1=floor(i1/2 - k1/2) + 2, o2=floor(i2/2 - k2/2) + 2])")
+        raise TNError(f"input_vjp(): missing argument 'v' (shape [n, c, o1=floor(i1/2 - k1/2) + 2, o2=floor(i2/2 - k2/2) + 2])")
     if not isinstance(v, torch.Tensor):
         raise TNError(f"input_vjp(): argument 'v' is a {type(v).__name__}, expected a torch.Tensor")
     if v.dim() != 4:
         raise TNError(f"input_vjp(): argument 'v' has shape {tuple(v.shape)}, expected rank 4 [n, c, o1=floor(i1/2 - k1/2) + 2, o2=floor(i2/2 - k2/2) + 2]")
     size_n = v.shape[0]
-    size_c = v.shape[1]
-    if W is _MISSING:
-        raise TNError("input_vjp(): missing argument 'W' (shape [c, e, k1, k2])")
-    if not isinstance(W, torch.Tensor):
-        raise TNError(f"input_vjp(): argument 'W' is a {type(W).__name__}, expected a torch.Tensor")
-    if W.dim() != 4:
-        raise TNError(f"input_vjp(): argument 'W' has shape {tuple(W.shape)}, expected rank 4 [c, e, k1, k2]")
-    if W.shape[0] != size_c:
-        raise TNError(f"input_vjp(): size mismatch for index 'c': W[c] has size {W.shape[0]} but v[c] has size {size_c}")
-    size_e = W.shape[1]
-    size_k1 = W.shape[2]
-    size_k2 = W.shape[3]
-    size_i1 = 7  # fixed at generation (sizes=), no argument's shape determines it
-    size_i2 = 6  # fixed at generation (sizes=), no argument's shape determines it
-    if v.shape[2] != ((size_i1 - size_k1) // (2)) + 2:
-        raise TNError(f"input_vjp(): size mismatch for v[o1]: expected floor(i1/2 - k1/2) + 2 = {((size_i1 - size_k1) // (2)) + 2}, got {v.shape[2]}")
-    if v.shape[3] != ((size_i2 - size_k2) // (2)) + 2:
-        raise TNError(f"input_vjp(): size mismatch for v[o2]: expected floor(i2/2 - k2/2) + 2 = {((size_i2 - size_k2) // (2)) + 2}, got {v.shape[3]}")
-    _dev, _dt = v.device, v.dtype
-    if not _dt.is_floating_point and not _dt.is_complex:
-        _dt = torch.get_default_dtype()
-    t0 = _constant('pattern', (2, 1, 1, 1), (size_k1, ((size_i1 - size_k1) // (2)) + 2, size_i1), _dev, _dt)  # [k1,o1,i1]
-    t1 = _constant('pattern', (2, 1, 1, 1), (size_k2, ((size_i2 - size_k2) // (2)) + 2, size_i2), _dev, _dt)  # [k2,o2,i2]
+    if v.shape[1] != size_c:
+        raise TNError(f"input_vjp(): size mismatch for index 'c': v[c] has size {v.shape[1]} but W[c] has size {size_c}")
+    size_i1 = 7  # sizes=; checked against the optional arguments
+    size_i2 = 6  # sizes=; checked against the optional arguments
+    if x is not _MISSING:
+        if not isinstance(x, torch.Tensor):
+            raise TNError(f"input_vjp(): argument 'x' is a {type(x).__name__}, expected a torch.Tensor")
+        if x.dim() != 4:
+            raise TNError(f"input_vjp(): argument 'x' has shape {tuple(x.shape)}, expected rank 4 [n, e, i1, i2]")
+        if x.shape[0] != size_n:
+            raise TNError(f"input_vjp(): size mismatch for index 'n': x[n] has size {x.shape[0]} but v[n] has size {size_n}")
+        if x.shape[1] != size_e:
+            raise TNError(f"input_vjp(): size mismatch for index 'e': x[e] has size {x.shape[1]} but W[e] has size {size_e}")
+        if size_i1 is None:
+            size_i1 = x.shape[2]
+        elif x.shape[2] != size_i1:
+            raise TNError(f"input_vjp(): size mismatch for index 'i1': x[i1] has size {x.shape[2]} but another argument has size {size_i1}")
+        if size_i2 is None:
+            size_i2 = x.shape[3]
+        elif x.shape[3] != size_i2:
+            raise TNError(f"input_vjp(): size mismatch for index 'i2': x[i2] has size {x.shape[3]} but another argument has size {size_i2}")
+    if size_i1 is None:
+        raise TNError(f"input_vjp(): size 'i1' is not bound: pass x[n,e,i1,i2], or sizes={{'i1': ...}}")
+    if size_i2 is None:
+        raise TNError(f"input_vjp(): size 'i2' is not bound: pass x[n,e,i1,i2], or sizes={{'i2': ...}}")
+    if v.shape[2] != ((size_i1 - size_k1) // 2 + 2):
+        raise TNError(f"input_vjp(): size mismatch for v[o1]: expected floor(i1/2 - k1/2) + 2 = {((size_i1 - size_k1) // 2 + 2)}, got {v.shape[2]}")
+    if v.shape[3] != ((size_i2 - size_k2) // 2 + 2):
+        raise TNError(f"input_vjp(): size mismatch for v[o2]: expected floor(i2/2 - k2/2) + 2 = {((size_i2 - size_k2) // 2 + 2)}, got {v.shape[3]}")
+    _dev, _dt = _device_dtype('input_vjp', {'W': W, 'x': x, 'v': v})
+    W, v = W.to(_dt), v.to(_dt)
+    t0 = _constant('pattern', (2, 1, 1, 1), (size_k1, ((size_i1 - size_k1) // 2 + 2), size_i1), _dev, _dt)  # [k1,o1,i1]
+    t1 = _constant('pattern', (2, 1, 1, 1), (size_k2, ((size_i2 - size_k2) // 2 + 2), size_i2), _dev, _dt)  # [k2,o2,i2]
     t2 = torch.einsum("ncoa,koi->cakni", v, t0)  # [c,o2,k1,n,i1]  2*c*i1*k1*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 4*c*i1*k1*n*floor(i1/2 - k1/2) + 4*c*i1*k1*n*floor(i2/2 - k2/2) + 8*c*i1*k1*n flops
     del t0
     t3 = torch.einsum("ceka,cokni->aonei", W, t2)  # [k2,o2,n,e,i1]  2*c*e*i1*k1*k2*n*floor(i2/2 - k2/2) + 4*c*e*i1*k1*k2*n flops

@@ -13,6 +13,27 @@ class TNError(ValueError):
 _MISSING = object()
 
 
+def _device_dtype(fn, tensors):
+    """(device, dtype) of the given tensors: torch's type promotion across all of them (a
+    floating type), CPU and the default dtype when none is given."""
+    dev = dt = first = None
+    for name, t in tensors.items():
+        if t is _MISSING:
+            continue
+        if dev is None:
+            dev, dt, first = t.device, t.dtype, name
+        elif t.device != dev:
+            raise TNError(f"{fn}(): tensors on different devices: {first!r} is on {dev}, "
+                          f"{name!r} on {t.device}")
+        else:
+            dt = torch.promote_types(dt, t.dtype)
+    if dev is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    if not (dt.is_floating_point or dt.is_complex):
+        dt = torch.promote_types(dt, torch.get_default_dtype())
+    return dev, dt
+
+
 def downsample_after(*_positional, W=_MISSING, x=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
@@ -30,13 +51,12 @@ def downsample_after(*_positional, W=_MISSING, x=_MISSING, **_unexpected):
     Contraction order planned for sizes c=3, e=3, n=4.
     """
     if _positional:
-        raise TNError(f"downsample_after() takes keyword tensor arguments only (W, x); "
+        raise TNError(f"downsample_after() takes keyword tensor arguments only (W[c,e,k=2], x[n,e,i=12]); "
                       f"got {len(_positional)} positional argument(s)")
     if _unexpected:
-        raise TNError(f"downsample_after(): unexpected argument {sorted(_unexpected)[0]!r}; "
-                      "expected W, x")
+        raise TNError(f"downsample_after(): unexpected argument {sorted(_unexpected)[0]!r}; the signature is W[c,e,k=2], x[n,e,i=12]")
     if W is _MISSING:
-        raise TNError("downsample_after(): missing argument 'W' (shape [c, e, k=2])")
+        raise TNError(f"downsample_after(): missing argument 'W' (shape [c, e, k=2])")
     if not isinstance(W, torch.Tensor):
         raise TNError(f"downsample_after(): argument 'W' is a {type(W).__name__}, expected a torch.Tensor")
     if W.dim() != 3:
@@ -44,7 +64,7 @@ def downsample_after(*_positional, W=_MISSING, x=_MISSING, **_unexpected):
     size_c = W.shape[0]
     size_e = W.shape[1]
     if x is _MISSING:
-        raise TNError("downsample_after(): missing argument 'x' (shape [n, e, i=12])")
+        raise TNError(f"downsample_after(): missing argument 'x' (shape [n, e, i=12])")
     if not isinstance(x, torch.Tensor):
         raise TNError(f"downsample_after(): argument 'x' is a {type(x).__name__}, expected a torch.Tensor")
     if x.dim() != 3:
@@ -56,6 +76,8 @@ def downsample_after(*_positional, W=_MISSING, x=_MISSING, **_unexpected):
         raise TNError(f"downsample_after(): size mismatch for W[k]: expected 2 = {2}, got {W.shape[2]}")
     if x.shape[2] != 12:
         raise TNError(f"downsample_after(): size mismatch for x[i]: expected 12 = {12}, got {x.shape[2]}")
+    _dev, _dt = _device_dtype('downsample_after', {'W': W, 'x': x})
+    W, x = W.to(_dt), x.to(_dt)
     t0 = x.reshape(size_n, size_e, 4, 3)  # [n,e,o,s]  view: i split into (o, s)
     t1 = t0.narrow(3, 0, 2)  # [n,e,o,k]  view: s[0:0+2]
     del t0

@@ -13,7 +13,28 @@ class TNError(ValueError):
 _MISSING = object()
 
 
-def A_expand(*_positional, x=_MISSING, **_unexpected):
+def _device_dtype(fn, tensors):
+    """(device, dtype) of the given tensors: torch's type promotion across all of them (a
+    floating type), CPU and the default dtype when none is given."""
+    dev = dt = first = None
+    for name, t in tensors.items():
+        if t is _MISSING:
+            continue
+        if dev is None:
+            dev, dt, first = t.device, t.dtype, name
+        elif t.device != dev:
+            raise TNError(f"{fn}(): tensors on different devices: {first!r} is on {dev}, "
+                          f"{name!r} on {t.device}")
+        else:
+            dt = torch.promote_types(dt, t.dtype)
+    if dev is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    if not (dt.is_floating_point or dt.is_complex):
+        dt = torch.promote_types(dt, torch.get_default_dtype())
+    return dev, dt
+
+
+def A_expand(*_positional, W=_MISSING, x=_MISSING, g=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
     Expression (index notation):
@@ -21,24 +42,40 @@ def A_expand(*_positional, x=_MISSING, **_unexpected):
         out[g,e,k1,k2,e_,k1_,k2_] = x[n,g,e,i1,i2]*constant('pattern', (1, 1, 1, 1), ('3', '8', '8'))[k1,o1,i1]*constant('pattern', (1, 1, 1, 1), ('3', '8', '8'))[k2,o2,i2]*x[n,g,e_,i1_,i2_]*constant('pattern', (1, 1, 1, 1), ('3', '8', '8'))[k1_,o1,i1_]*constant('pattern', (1, 1, 1, 1), ('3', '8', '8'))[k2_,o2,i2_]
 
     Arguments (keyword tensors):
+        W: [g=1, c=4, e=3, k1=3, k2=3]  (optional: binds sizes only)
         x: [n=4, g=1, e=3, i1=8, i2=8]
+        g: [n=4, g=1, c=4, o1=8, o2=8, col]  (optional: binds sizes only)
     Returns: [g=1, e=3, k1=3, k2=3, e_=3, k1_=3, k2_=3]
 
     Contraction cost: 373248 flops (naive single einsum per product: 373248)
     Largest intermediate: 729 entries
     """
     if _positional:
-        raise TNError(f"A_expand() takes keyword tensor arguments only (x); "
+        raise TNError(f"A_expand() takes keyword tensor arguments only (W[g=1,c=4,e=3,k1=3,k2=3], x[n=4,g=1,e=3,i1=8,i2=8], g[n=4,g=1,c=4,o1=8,o2=8,col]); "
                       f"got {len(_positional)} positional argument(s)")
     if _unexpected:
-        raise TNError(f"A_expand(): unexpected argument {sorted(_unexpected)[0]!r}; "
-                      "expected x")
+        raise TNError(f"A_expand(): unexpected argument {sorted(_unexpected)[0]!r}; the signature is W[g=1,c=4,e=3,k1=3,k2=3], x[n=4,g=1,e=3,i1=8,i2=8], g[n=4,g=1,c=4,o1=8,o2=8,col]")
     if x is _MISSING:
-        raise TNError("A_expand(): missing argument 'x' (shape [n=4, g=1, e=3, i1=8, i2=8])")
+        raise TNError(f"A_expand(): missing argument 'x' (shape [n=4, g=1, e=3, i1=8, i2=8])")
     if not isinstance(x, torch.Tensor):
         raise TNError(f"A_expand(): argument 'x' is a {type(x).__name__}, expected a torch.Tensor")
     if x.dim() != 5:
         raise TNError(f"A_expand(): argument 'x' has shape {tuple(x.shape)}, expected rank 5 [n=4, g=1, e=3, i1=8, i2=8]")
+    size_col = None  # bound by an optional argument
+    if W is not _MISSING:
+        if not isinstance(W, torch.Tensor):
+            raise TNError(f"A_expand(): argument 'W' is a {type(W).__name__}, expected a torch.Tensor")
+        if W.dim() != 5:
+            raise TNError(f"A_expand(): argument 'W' has shape {tuple(W.shape)}, expected rank 5 [g=1, c=4, e=3, k1=3, k2=3]")
+    if g is not _MISSING:
+        if not isinstance(g, torch.Tensor):
+            raise TNError(f"A_expand(): argument 'g' is a {type(g).__name__}, expected a torch.Tensor")
+        if g.dim() != 6:
+            raise TNError(f"A_expand(): argument 'g' has shape {tuple(g.shape)}, expected rank 6 [n=4, g=1, c=4, o1=8, o2=8, col]")
+        if size_col is None:
+            size_col = g.shape[5]
+        elif g.shape[5] != size_col:
+            raise TNError(f"A_expand(): size mismatch for index 'col': g[col] has size {g.shape[5]} but another argument has size {size_col}")
     if x.shape[0] != 4:
         raise TNError(f"A_expand(): size mismatch for x[n]: expected 4 = {4}, got {x.shape[0]}")
     if x.shape[1] != 1:
@@ -49,6 +86,38 @@ def A_expand(*_positional, x=_MISSING, **_unexpected):
         raise TNError(f"A_expand(): size mismatch for x[i1]: expected 8 = {8}, got {x.shape[3]}")
     if x.shape[4] != 8:
         raise TNError(f"A_expand(): size mismatch for x[i2]: expected 8 = {8}, got {x.shape[4]}")
+    if W is not _MISSING:
+        if W.shape[0] != 1:
+            raise TNError(f"A_expand(): size mismatch for W[g]: expected 1 = {1}, got {W.shape[0]}")
+    if W is not _MISSING:
+        if W.shape[1] != 4:
+            raise TNError(f"A_expand(): size mismatch for W[c]: expected 4 = {4}, got {W.shape[1]}")
+    if W is not _MISSING:
+        if W.shape[2] != 3:
+            raise TNError(f"A_expand(): size mismatch for W[e]: expected 3 = {3}, got {W.shape[2]}")
+    if W is not _MISSING:
+        if W.shape[3] != 3:
+            raise TNError(f"A_expand(): size mismatch for W[k1]: expected 3 = {3}, got {W.shape[3]}")
+    if W is not _MISSING:
+        if W.shape[4] != 3:
+            raise TNError(f"A_expand(): size mismatch for W[k2]: expected 3 = {3}, got {W.shape[4]}")
+    if g is not _MISSING:
+        if g.shape[0] != 4:
+            raise TNError(f"A_expand(): size mismatch for g[n]: expected 4 = {4}, got {g.shape[0]}")
+    if g is not _MISSING:
+        if g.shape[1] != 1:
+            raise TNError(f"A_expand(): size mismatch for g[g]: expected 1 = {1}, got {g.shape[1]}")
+    if g is not _MISSING:
+        if g.shape[2] != 4:
+            raise TNError(f"A_expand(): size mismatch for g[c]: expected 4 = {4}, got {g.shape[2]}")
+    if g is not _MISSING:
+        if g.shape[3] != 8:
+            raise TNError(f"A_expand(): size mismatch for g[o1]: expected 8 = {8}, got {g.shape[3]}")
+    if g is not _MISSING:
+        if g.shape[4] != 8:
+            raise TNError(f"A_expand(): size mismatch for g[o2]: expected 8 = {8}, got {g.shape[4]}")
+    _dev, _dt = _device_dtype('A_expand', {'W': W, 'x': x, 'g': g})
+    x = x.to(_dt)
     t0 = torch.nn.functional.pad(x, (1, 1, 1, 1))  # [n,g,e,i1,i2]  zero padding of i1 by (1, 1), i2 by (1, 1) (convolution padding)
     t1 = t0.unfold(3, 3, 1)  # [n,g,e,o1,i2,k1]  view: windows of i1 (length 3, step 1): o1 = window start, k1 = position in the window
     t2 = t1.unfold(4, 3, 1)  # [n,g,e,o1,o2,k1,k2]  view: windows of i2 (length 3, step 1): o2 = window start, k2 = position in the window

@@ -13,12 +13,40 @@ class TNError(ValueError):
 _MISSING = object()
 
 
-def _pattern_sum_build_pattern_sum(params, shape, device, dtype):
-    K, I = shape
-    s, pl, pr, d = params[:4]
+def _device_dtype(fn, tensors):
+    """(device, dtype) of the given tensors: torch's type promotion across all of them (a
+    floating type), CPU and the default dtype when none is given."""
+    dev = dt = first = None
+    for name, t in tensors.items():
+        if t is _MISSING:
+            continue
+        if dev is None:
+            dev, dt, first = t.device, t.dtype, name
+        elif t.device != dev:
+            raise TNError(f"{fn}(): tensors on different devices: {first!r} is on {dev}, "
+                          f"{name!r} on {t.device}")
+        else:
+            dt = torch.promote_types(dt, t.dtype)
+    if dev is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    if not (dt.is_floating_point or dt.is_complex):
+        dt = torch.promote_types(dt, torch.get_default_dtype())
+    return dev, dt
+
+
+def _pattern_sum_resolve_padding(params: tuple, kernel: int) -> tuple[int, int]:
+    """Numeric (P_left, P_right) of pattern params `(S, Pl, Pr, D)` for a numeric kernel size."""
+    _, pl, pr, d = params[:4]
     if pl == 'same':
-        pl = d * (K - 1) // 2
-        pr = d * (K - 1) - pl
+        total = d * (kernel - 1)
+        return (total // 2, total - total // 2)
+    return (int(pl), int(pr))
+
+def _pattern_sum_build_pattern_sum(params: tuple, shape: tuple, device, dtype) -> torch.Tensor:
+    """Σ_o Π[k, o, i]: 1 iff (i − D·k + P_left) is a multiple of S in [0, S·(O−1)]."""
+    K, I = shape
+    s, d = (params[0], params[3])
+    pl, pr = _pattern_sum_resolve_padding(params, K)
     O = (I + pl + pr - d * (K - 1) - 1) // s + 1
     k = torch.arange(K, device=device).view(K, 1)
     i = torch.arange(I, device=device).view(1, I)
@@ -30,6 +58,7 @@ _BUILDERS = {
     'pattern_sum': _pattern_sum_build_pattern_sum,
 }
 _CONSTANTS = {}
+_CONSTANTS_KEPT = 32
 
 
 def _constant(kind, params, shape, device, dtype):
@@ -38,11 +67,13 @@ def _constant(kind, params, shape, device, dtype):
     t = _CONSTANTS.get(key)
     if t is None:
         t = _BUILDERS[kind](params, shape, device, dtype)
+        if len(_CONSTANTS) >= _CONSTANTS_KEPT:  # bounded: forget the oldest
+            del _CONSTANTS[next(iter(_CONSTANTS))]
         _CONSTANTS[key] = t
     return t
 
 
-def A_reduce(*_positional, x=_MISSING, **_unexpected):
+def A_reduce(*_positional, W=_MISSING, x=_MISSING, g=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
     Expression (index notation):
@@ -50,24 +81,40 @@ def A_reduce(*_positional, x=_MISSING, **_unexpected):
         out[g,e,k1,k2,e_,k1_,k2_] = x[n,g,e,i1,i2]*constant('pattern_sum', (1, 1, 1, 1), ('3', '8'))[k1,i1]*constant('pattern_sum', (1, 1, 1, 1), ('3', '8'))[k2,i2]*x[n,g,e_,i1_,i2_]*constant('pattern_sum', (1, 1, 1, 1), ('3', '8'))[k1_,i1_]*constant('pattern_sum', (1, 1, 1, 1), ('3', '8'))[k2_,i2_]
 
     Arguments (keyword tensors):
+        W: [g=1, c=4, e=3, k1=3, k2=3]  (optional: binds sizes only)
         x: [n=4, g=1, e=3, i1=8, i2=8]
+        g: [n=4, g=1, c=4, o1=8, o2=8, col]  (optional: binds sizes only)
     Returns: [g=1, e=3, k1=3, k2=3, e_=3, k1_=3, k2_=3]
 
     Contraction cost: 12168 flops (naive single einsum per product: 71663616)
     Largest intermediate: 729 entries
     """
     if _positional:
-        raise TNError(f"A_reduce() takes keyword tensor arguments only (x); "
+        raise TNError(f"A_reduce() takes keyword tensor arguments only (W[g=1,c=4,e=3,k1=3,k2=3], x[n=4,g=1,e=3,i1=8,i2=8], g[n=4,g=1,c=4,o1=8,o2=8,col]); "
                       f"got {len(_positional)} positional argument(s)")
     if _unexpected:
-        raise TNError(f"A_reduce(): unexpected argument {sorted(_unexpected)[0]!r}; "
-                      "expected x")
+        raise TNError(f"A_reduce(): unexpected argument {sorted(_unexpected)[0]!r}; the signature is W[g=1,c=4,e=3,k1=3,k2=3], x[n=4,g=1,e=3,i1=8,i2=8], g[n=4,g=1,c=4,o1=8,o2=8,col]")
     if x is _MISSING:
-        raise TNError("A_reduce(): missing argument 'x' (shape [n=4, g=1, e=3, i1=8, i2=8])")
+        raise TNError(f"A_reduce(): missing argument 'x' (shape [n=4, g=1, e=3, i1=8, i2=8])")
     if not isinstance(x, torch.Tensor):
         raise TNError(f"A_reduce(): argument 'x' is a {type(x).__name__}, expected a torch.Tensor")
     if x.dim() != 5:
         raise TNError(f"A_reduce(): argument 'x' has shape {tuple(x.shape)}, expected rank 5 [n=4, g=1, e=3, i1=8, i2=8]")
+    size_col = None  # bound by an optional argument
+    if W is not _MISSING:
+        if not isinstance(W, torch.Tensor):
+            raise TNError(f"A_reduce(): argument 'W' is a {type(W).__name__}, expected a torch.Tensor")
+        if W.dim() != 5:
+            raise TNError(f"A_reduce(): argument 'W' has shape {tuple(W.shape)}, expected rank 5 [g=1, c=4, e=3, k1=3, k2=3]")
+    if g is not _MISSING:
+        if not isinstance(g, torch.Tensor):
+            raise TNError(f"A_reduce(): argument 'g' is a {type(g).__name__}, expected a torch.Tensor")
+        if g.dim() != 6:
+            raise TNError(f"A_reduce(): argument 'g' has shape {tuple(g.shape)}, expected rank 6 [n=4, g=1, c=4, o1=8, o2=8, col]")
+        if size_col is None:
+            size_col = g.shape[5]
+        elif g.shape[5] != size_col:
+            raise TNError(f"A_reduce(): size mismatch for index 'col': g[col] has size {g.shape[5]} but another argument has size {size_col}")
     if x.shape[0] != 4:
         raise TNError(f"A_reduce(): size mismatch for x[n]: expected 4 = {4}, got {x.shape[0]}")
     if x.shape[1] != 1:
@@ -78,9 +125,38 @@ def A_reduce(*_positional, x=_MISSING, **_unexpected):
         raise TNError(f"A_reduce(): size mismatch for x[i1]: expected 8 = {8}, got {x.shape[3]}")
     if x.shape[4] != 8:
         raise TNError(f"A_reduce(): size mismatch for x[i2]: expected 8 = {8}, got {x.shape[4]}")
-    _dev, _dt = x.device, x.dtype
-    if not _dt.is_floating_point and not _dt.is_complex:
-        _dt = torch.get_default_dtype()
+    if W is not _MISSING:
+        if W.shape[0] != 1:
+            raise TNError(f"A_reduce(): size mismatch for W[g]: expected 1 = {1}, got {W.shape[0]}")
+    if W is not _MISSING:
+        if W.shape[1] != 4:
+            raise TNError(f"A_reduce(): size mismatch for W[c]: expected 4 = {4}, got {W.shape[1]}")
+    if W is not _MISSING:
+        if W.shape[2] != 3:
+            raise TNError(f"A_reduce(): size mismatch for W[e]: expected 3 = {3}, got {W.shape[2]}")
+    if W is not _MISSING:
+        if W.shape[3] != 3:
+            raise TNError(f"A_reduce(): size mismatch for W[k1]: expected 3 = {3}, got {W.shape[3]}")
+    if W is not _MISSING:
+        if W.shape[4] != 3:
+            raise TNError(f"A_reduce(): size mismatch for W[k2]: expected 3 = {3}, got {W.shape[4]}")
+    if g is not _MISSING:
+        if g.shape[0] != 4:
+            raise TNError(f"A_reduce(): size mismatch for g[n]: expected 4 = {4}, got {g.shape[0]}")
+    if g is not _MISSING:
+        if g.shape[1] != 1:
+            raise TNError(f"A_reduce(): size mismatch for g[g]: expected 1 = {1}, got {g.shape[1]}")
+    if g is not _MISSING:
+        if g.shape[2] != 4:
+            raise TNError(f"A_reduce(): size mismatch for g[c]: expected 4 = {4}, got {g.shape[2]}")
+    if g is not _MISSING:
+        if g.shape[3] != 8:
+            raise TNError(f"A_reduce(): size mismatch for g[o1]: expected 8 = {8}, got {g.shape[3]}")
+    if g is not _MISSING:
+        if g.shape[4] != 8:
+            raise TNError(f"A_reduce(): size mismatch for g[o2]: expected 8 = {8}, got {g.shape[4]}")
+    _dev, _dt = _device_dtype('A_reduce', {'W': W, 'x': x, 'g': g})
+    x = x.to(_dt)
     t0 = _constant('pattern_sum', (1, 1, 1, 1), (3, 8), _dev, _dt)  # [k1,i1]
     t1 = torch.einsum("ngeia,ki->nagek", x, t0)  # [n,i2,g,e,k1]  4608 flops
     t2 = torch.einsum("ki,nigea->ngeak", t0, t1)  # [n,g,e,k1,k2]  1728 flops

@@ -13,15 +13,38 @@ class TNError(ValueError):
 _MISSING = object()
 
 
-def bilinear_A_W(*_positional, x=_MISSING, z=_MISSING, **_unexpected):
+def _device_dtype(fn, tensors):
+    """(device, dtype) of the given tensors: torch's type promotion across all of them (a
+    floating type), CPU and the default dtype when none is given."""
+    dev = dt = first = None
+    for name, t in tensors.items():
+        if t is _MISSING:
+            continue
+        if dev is None:
+            dev, dt, first = t.device, t.dtype, name
+        elif t.device != dev:
+            raise TNError(f"{fn}(): tensors on different devices: {first!r} is on {dev}, "
+                          f"{name!r} on {t.device}")
+        else:
+            dt = torch.promote_types(dt, t.dtype)
+    if dev is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    if not (dt.is_floating_point or dt.is_complex):
+        dt = torch.promote_types(dt, torch.get_default_dtype())
+    return dev, dt
+
+
+def bilinear_A_W(*_positional, W=_MISSING, x=_MISSING, z=_MISSING, y=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
     Expression (index notation):
         out[i,j,i_,j_] = x[n,i]*z[n,j]*x[n,i_]*z[n,j_]
 
     Arguments (keyword tensors):
+        W: [o, i, j]  (optional: binds sizes only)
         x: [n, i]
         z: [n, j]
+        y: [n, o]  (optional: binds sizes only)
     Returns: [i, j, i_=i, j_=j]
 
     Contraction cost: 2*i**2*j**2*n + i*j*n flops (naive single einsum per product: 4*i**2*j**2*n)
@@ -29,13 +52,12 @@ def bilinear_A_W(*_positional, x=_MISSING, z=_MISSING, **_unexpected):
     Contraction order planned for sizes i=4, j=2, n=6.
     """
     if _positional:
-        raise TNError(f"bilinear_A_W() takes keyword tensor arguments only (x, z); "
+        raise TNError(f"bilinear_A_W() takes keyword tensor arguments only (W[o,i,j], x[n,i], z[n,j], y[n,o]); "
                       f"got {len(_positional)} positional argument(s)")
     if _unexpected:
-        raise TNError(f"bilinear_A_W(): unexpected argument {sorted(_unexpected)[0]!r}; "
-                      "expected x, z")
+        raise TNError(f"bilinear_A_W(): unexpected argument {sorted(_unexpected)[0]!r}; the signature is W[o,i,j], x[n,i], z[n,j], y[n,o]")
     if x is _MISSING:
-        raise TNError("bilinear_A_W(): missing argument 'x' (shape [n, i])")
+        raise TNError(f"bilinear_A_W(): missing argument 'x' (shape [n, i])")
     if not isinstance(x, torch.Tensor):
         raise TNError(f"bilinear_A_W(): argument 'x' is a {type(x).__name__}, expected a torch.Tensor")
     if x.dim() != 2:
@@ -43,7 +65,7 @@ def bilinear_A_W(*_positional, x=_MISSING, z=_MISSING, **_unexpected):
     size_n = x.shape[0]
     size_i = x.shape[1]
     if z is _MISSING:
-        raise TNError("bilinear_A_W(): missing argument 'z' (shape [n, j])")
+        raise TNError(f"bilinear_A_W(): missing argument 'z' (shape [n, j])")
     if not isinstance(z, torch.Tensor):
         raise TNError(f"bilinear_A_W(): argument 'z' is a {type(z).__name__}, expected a torch.Tensor")
     if z.dim() != 2:
@@ -51,6 +73,33 @@ def bilinear_A_W(*_positional, x=_MISSING, z=_MISSING, **_unexpected):
     if z.shape[0] != size_n:
         raise TNError(f"bilinear_A_W(): size mismatch for index 'n': z[n] has size {z.shape[0]} but x[n] has size {size_n}")
     size_j = z.shape[1]
+    size_o = None  # bound by an optional argument
+    if W is not _MISSING:
+        if not isinstance(W, torch.Tensor):
+            raise TNError(f"bilinear_A_W(): argument 'W' is a {type(W).__name__}, expected a torch.Tensor")
+        if W.dim() != 3:
+            raise TNError(f"bilinear_A_W(): argument 'W' has shape {tuple(W.shape)}, expected rank 3 [o, i, j]")
+        if size_o is None:
+            size_o = W.shape[0]
+        elif W.shape[0] != size_o:
+            raise TNError(f"bilinear_A_W(): size mismatch for index 'o': W[o] has size {W.shape[0]} but another argument has size {size_o}")
+        if W.shape[1] != size_i:
+            raise TNError(f"bilinear_A_W(): size mismatch for index 'i': W[i] has size {W.shape[1]} but x[i] has size {size_i}")
+        if W.shape[2] != size_j:
+            raise TNError(f"bilinear_A_W(): size mismatch for index 'j': W[j] has size {W.shape[2]} but z[j] has size {size_j}")
+    if y is not _MISSING:
+        if not isinstance(y, torch.Tensor):
+            raise TNError(f"bilinear_A_W(): argument 'y' is a {type(y).__name__}, expected a torch.Tensor")
+        if y.dim() != 2:
+            raise TNError(f"bilinear_A_W(): argument 'y' has shape {tuple(y.shape)}, expected rank 2 [n, o]")
+        if y.shape[0] != size_n:
+            raise TNError(f"bilinear_A_W(): size mismatch for index 'n': y[n] has size {y.shape[0]} but x[n] has size {size_n}")
+        if size_o is None:
+            size_o = y.shape[1]
+        elif y.shape[1] != size_o:
+            raise TNError(f"bilinear_A_W(): size mismatch for index 'o': y[o] has size {y.shape[1]} but another argument has size {size_o}")
+    _dev, _dt = _device_dtype('bilinear_A_W', {'W': W, 'x': x, 'z': z, 'y': y})
+    x, z = x.to(_dt), z.to(_dt)
     t0 = torch.einsum("ni,nj->nij", x, z)  # [n,i,j]  i*j*n flops
     t1 = torch.einsum("nij,nab->ijab", t0, t0)  # [i,j,i_,j_]  2*i**2*j**2*n flops
     del t0

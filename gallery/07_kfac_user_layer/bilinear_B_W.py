@@ -13,14 +13,38 @@ class TNError(ValueError):
 _MISSING = object()
 
 
-def bilinear_B_W(*_positional, **_unexpected):
+def _device_dtype(fn, tensors):
+    """(device, dtype) of the given tensors: torch's type promotion across all of them (a
+    floating type), CPU and the default dtype when none is given."""
+    dev = dt = first = None
+    for name, t in tensors.items():
+        if t is _MISSING:
+            continue
+        if dev is None:
+            dev, dt, first = t.device, t.dtype, name
+        elif t.device != dev:
+            raise TNError(f"{fn}(): tensors on different devices: {first!r} is on {dev}, "
+                          f"{name!r} on {t.device}")
+        else:
+            dt = torch.promote_types(dt, t.dtype)
+    if dev is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    if not (dt.is_floating_point or dt.is_complex):
+        dt = torch.promote_types(dt, torch.get_default_dtype())
+    return dev, dt
+
+
+def bilinear_B_W(*_positional, W=_MISSING, x=_MISSING, z=_MISSING, y=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
     Expression (index notation):
         out[o,o_] = 12*delta[o,o_]
 
     Arguments (keyword tensors):
-        (none)
+        W: [o, i, j]  (optional: binds sizes only)
+        x: [n, i]  (optional: binds sizes only)
+        z: [n, j]  (optional: binds sizes only)
+        y: [n, o]  (optional: binds sizes only)
     Returns: [o, o_=o]
 
     Contraction cost: 0 flops (naive single einsum per product: 0)
@@ -28,13 +52,73 @@ def bilinear_B_W(*_positional, **_unexpected):
     Contraction order planned for sizes o=3.
     """
     if _positional:
-        raise TNError(f"bilinear_B_W() takes keyword tensor arguments only (no arguments); "
+        raise TNError(f"bilinear_B_W() takes keyword tensor arguments only (W[o,i,j], x[n,i], z[n,j], y[n,o]); "
                       f"got {len(_positional)} positional argument(s)")
     if _unexpected:
-        raise TNError(f"bilinear_B_W(): unexpected argument {sorted(_unexpected)[0]!r}; "
-                      "expected no arguments")
-    size_o = 3  # fixed at generation (sizes=), no argument's shape determines it
-    _dev, _dt = torch.device('cpu'), torch.get_default_dtype()
+        raise TNError(f"bilinear_B_W(): unexpected argument {sorted(_unexpected)[0]!r}; the signature is W[o,i,j], x[n,i], z[n,j], y[n,o]")
+    size_o = 3  # sizes=; checked against the optional arguments
+    size_i = None  # bound by an optional argument
+    size_j = None  # bound by an optional argument
+    size_n = None  # bound by an optional argument
+    if W is not _MISSING:
+        if not isinstance(W, torch.Tensor):
+            raise TNError(f"bilinear_B_W(): argument 'W' is a {type(W).__name__}, expected a torch.Tensor")
+        if W.dim() != 3:
+            raise TNError(f"bilinear_B_W(): argument 'W' has shape {tuple(W.shape)}, expected rank 3 [o, i, j]")
+        if size_o is None:
+            size_o = W.shape[0]
+        elif W.shape[0] != size_o:
+            raise TNError(f"bilinear_B_W(): size mismatch for index 'o': W[o] has size {W.shape[0]} but another argument has size {size_o}")
+        if size_i is None:
+            size_i = W.shape[1]
+        elif W.shape[1] != size_i:
+            raise TNError(f"bilinear_B_W(): size mismatch for index 'i': W[i] has size {W.shape[1]} but another argument has size {size_i}")
+        if size_j is None:
+            size_j = W.shape[2]
+        elif W.shape[2] != size_j:
+            raise TNError(f"bilinear_B_W(): size mismatch for index 'j': W[j] has size {W.shape[2]} but another argument has size {size_j}")
+    if x is not _MISSING:
+        if not isinstance(x, torch.Tensor):
+            raise TNError(f"bilinear_B_W(): argument 'x' is a {type(x).__name__}, expected a torch.Tensor")
+        if x.dim() != 2:
+            raise TNError(f"bilinear_B_W(): argument 'x' has shape {tuple(x.shape)}, expected rank 2 [n, i]")
+        if size_n is None:
+            size_n = x.shape[0]
+        elif x.shape[0] != size_n:
+            raise TNError(f"bilinear_B_W(): size mismatch for index 'n': x[n] has size {x.shape[0]} but another argument has size {size_n}")
+        if size_i is None:
+            size_i = x.shape[1]
+        elif x.shape[1] != size_i:
+            raise TNError(f"bilinear_B_W(): size mismatch for index 'i': x[i] has size {x.shape[1]} but another argument has size {size_i}")
+    if z is not _MISSING:
+        if not isinstance(z, torch.Tensor):
+            raise TNError(f"bilinear_B_W(): argument 'z' is a {type(z).__name__}, expected a torch.Tensor")
+        if z.dim() != 2:
+            raise TNError(f"bilinear_B_W(): argument 'z' has shape {tuple(z.shape)}, expected rank 2 [n, j]")
+        if size_n is None:
+            size_n = z.shape[0]
+        elif z.shape[0] != size_n:
+            raise TNError(f"bilinear_B_W(): size mismatch for index 'n': z[n] has size {z.shape[0]} but another argument has size {size_n}")
+        if size_j is None:
+            size_j = z.shape[1]
+        elif z.shape[1] != size_j:
+            raise TNError(f"bilinear_B_W(): size mismatch for index 'j': z[j] has size {z.shape[1]} but another argument has size {size_j}")
+    if y is not _MISSING:
+        if not isinstance(y, torch.Tensor):
+            raise TNError(f"bilinear_B_W(): argument 'y' is a {type(y).__name__}, expected a torch.Tensor")
+        if y.dim() != 2:
+            raise TNError(f"bilinear_B_W(): argument 'y' has shape {tuple(y.shape)}, expected rank 2 [n, o]")
+        if size_n is None:
+            size_n = y.shape[0]
+        elif y.shape[0] != size_n:
+            raise TNError(f"bilinear_B_W(): size mismatch for index 'n': y[n] has size {y.shape[0]} but another argument has size {size_n}")
+        if size_o is None:
+            size_o = y.shape[1]
+        elif y.shape[1] != size_o:
+            raise TNError(f"bilinear_B_W(): size mismatch for index 'o': y[o] has size {y.shape[1]} but another argument has size {size_o}")
+    if size_o is None:
+        raise TNError(f"bilinear_B_W(): size 'o' is not bound: pass W[o,i,j] or y[n,o], or sizes={{'o': ...}}")
+    _dev, _dt = _device_dtype('bilinear_B_W', {'W': W, 'x': x, 'z': z, 'y': y})
     t0 = torch.ones((), device=_dev, dtype=_dt)  # []
     t1 = t0.reshape((1,)).expand(size_o,)  # [o]
     del t0

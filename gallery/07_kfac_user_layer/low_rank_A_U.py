@@ -13,15 +13,38 @@ class TNError(ValueError):
 _MISSING = object()
 
 
-def low_rank_A_U(*_positional, V=_MISSING, x=_MISSING, **_unexpected):
+def _device_dtype(fn, tensors):
+    """(device, dtype) of the given tensors: torch's type promotion across all of them (a
+    floating type), CPU and the default dtype when none is given."""
+    dev = dt = first = None
+    for name, t in tensors.items():
+        if t is _MISSING:
+            continue
+        if dev is None:
+            dev, dt, first = t.device, t.dtype, name
+        elif t.device != dev:
+            raise TNError(f"{fn}(): tensors on different devices: {first!r} is on {dev}, "
+                          f"{name!r} on {t.device}")
+        else:
+            dt = torch.promote_types(dt, t.dtype)
+    if dev is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    if not (dt.is_floating_point or dt.is_complex):
+        dt = torch.promote_types(dt, torch.get_default_dtype())
+    return dev, dt
+
+
+def low_rank_A_U(*_positional, U=_MISSING, V=_MISSING, x=_MISSING, y=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
     Expression (index notation):
         out[r,r_] = V[r,i]*x[n,i]*V[r_,i_]*x[n,i_]
 
     Arguments (keyword tensors):
+        U: [o, r]  (optional: binds sizes only)
         V: [r, i]
         x: [n, i]
+        y: [n, o]  (optional: binds sizes only)
     Returns: [r, r_=r]
 
     Contraction cost: 4*i*n*r + 2*i*r**2 flops (naive single einsum per product: 4*i**2*n*r**2)
@@ -29,13 +52,12 @@ def low_rank_A_U(*_positional, V=_MISSING, x=_MISSING, **_unexpected):
     Contraction order planned for sizes i=4, n=6, r=2.
     """
     if _positional:
-        raise TNError(f"low_rank_A_U() takes keyword tensor arguments only (V, x); "
+        raise TNError(f"low_rank_A_U() takes keyword tensor arguments only (U[o,r], V[r,i], x[n,i], y[n,o]); "
                       f"got {len(_positional)} positional argument(s)")
     if _unexpected:
-        raise TNError(f"low_rank_A_U(): unexpected argument {sorted(_unexpected)[0]!r}; "
-                      "expected V, x")
+        raise TNError(f"low_rank_A_U(): unexpected argument {sorted(_unexpected)[0]!r}; the signature is U[o,r], V[r,i], x[n,i], y[n,o]")
     if V is _MISSING:
-        raise TNError("low_rank_A_U(): missing argument 'V' (shape [r, i])")
+        raise TNError(f"low_rank_A_U(): missing argument 'V' (shape [r, i])")
     if not isinstance(V, torch.Tensor):
         raise TNError(f"low_rank_A_U(): argument 'V' is a {type(V).__name__}, expected a torch.Tensor")
     if V.dim() != 2:
@@ -43,7 +65,7 @@ def low_rank_A_U(*_positional, V=_MISSING, x=_MISSING, **_unexpected):
     size_r = V.shape[0]
     size_i = V.shape[1]
     if x is _MISSING:
-        raise TNError("low_rank_A_U(): missing argument 'x' (shape [n, i])")
+        raise TNError(f"low_rank_A_U(): missing argument 'x' (shape [n, i])")
     if not isinstance(x, torch.Tensor):
         raise TNError(f"low_rank_A_U(): argument 'x' is a {type(x).__name__}, expected a torch.Tensor")
     if x.dim() != 2:
@@ -51,6 +73,31 @@ def low_rank_A_U(*_positional, V=_MISSING, x=_MISSING, **_unexpected):
     size_n = x.shape[0]
     if x.shape[1] != size_i:
         raise TNError(f"low_rank_A_U(): size mismatch for index 'i': x[i] has size {x.shape[1]} but V[i] has size {size_i}")
+    size_o = None  # bound by an optional argument
+    if U is not _MISSING:
+        if not isinstance(U, torch.Tensor):
+            raise TNError(f"low_rank_A_U(): argument 'U' is a {type(U).__name__}, expected a torch.Tensor")
+        if U.dim() != 2:
+            raise TNError(f"low_rank_A_U(): argument 'U' has shape {tuple(U.shape)}, expected rank 2 [o, r]")
+        if size_o is None:
+            size_o = U.shape[0]
+        elif U.shape[0] != size_o:
+            raise TNError(f"low_rank_A_U(): size mismatch for index 'o': U[o] has size {U.shape[0]} but another argument has size {size_o}")
+        if U.shape[1] != size_r:
+            raise TNError(f"low_rank_A_U(): size mismatch for index 'r': U[r] has size {U.shape[1]} but V[r] has size {size_r}")
+    if y is not _MISSING:
+        if not isinstance(y, torch.Tensor):
+            raise TNError(f"low_rank_A_U(): argument 'y' is a {type(y).__name__}, expected a torch.Tensor")
+        if y.dim() != 2:
+            raise TNError(f"low_rank_A_U(): argument 'y' has shape {tuple(y.shape)}, expected rank 2 [n, o]")
+        if y.shape[0] != size_n:
+            raise TNError(f"low_rank_A_U(): size mismatch for index 'n': y[n] has size {y.shape[0]} but x[n] has size {size_n}")
+        if size_o is None:
+            size_o = y.shape[1]
+        elif y.shape[1] != size_o:
+            raise TNError(f"low_rank_A_U(): size mismatch for index 'o': y[o] has size {y.shape[1]} but another argument has size {size_o}")
+    _dev, _dt = _device_dtype('low_rank_A_U', {'U': U, 'V': V, 'x': x, 'y': y})
+    V, x = V.to(_dt), x.to(_dt)
     t0 = torch.einsum("ri,ni->nr", V, x)  # [n,r]  2*i*n*r flops
     t1 = torch.einsum("ni,nr->ir", x, t0)  # [i_,r]  2*i*n*r flops
     del t0

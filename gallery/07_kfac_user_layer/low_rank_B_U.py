@@ -13,14 +13,38 @@ class TNError(ValueError):
 _MISSING = object()
 
 
-def low_rank_B_U(*_positional, **_unexpected):
+def _device_dtype(fn, tensors):
+    """(device, dtype) of the given tensors: torch's type promotion across all of them (a
+    floating type), CPU and the default dtype when none is given."""
+    dev = dt = first = None
+    for name, t in tensors.items():
+        if t is _MISSING:
+            continue
+        if dev is None:
+            dev, dt, first = t.device, t.dtype, name
+        elif t.device != dev:
+            raise TNError(f"{fn}(): tensors on different devices: {first!r} is on {dev}, "
+                          f"{name!r} on {t.device}")
+        else:
+            dt = torch.promote_types(dt, t.dtype)
+    if dev is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    if not (dt.is_floating_point or dt.is_complex):
+        dt = torch.promote_types(dt, torch.get_default_dtype())
+    return dev, dt
+
+
+def low_rank_B_U(*_positional, U=_MISSING, V=_MISSING, x=_MISSING, y=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
     Expression (index notation):
         out[o,o_] = 12*delta[o,o_]
 
     Arguments (keyword tensors):
-        (none)
+        U: [o, r]  (optional: binds sizes only)
+        V: [r, i]  (optional: binds sizes only)
+        x: [n, i]  (optional: binds sizes only)
+        y: [n, o]  (optional: binds sizes only)
     Returns: [o, o_=o]
 
     Contraction cost: 0 flops (naive single einsum per product: 0)
@@ -28,13 +52,69 @@ def low_rank_B_U(*_positional, **_unexpected):
     Contraction order planned for sizes o=3.
     """
     if _positional:
-        raise TNError(f"low_rank_B_U() takes keyword tensor arguments only (no arguments); "
+        raise TNError(f"low_rank_B_U() takes keyword tensor arguments only (U[o,r], V[r,i], x[n,i], y[n,o]); "
                       f"got {len(_positional)} positional argument(s)")
     if _unexpected:
-        raise TNError(f"low_rank_B_U(): unexpected argument {sorted(_unexpected)[0]!r}; "
-                      "expected no arguments")
-    size_o = 3  # fixed at generation (sizes=), no argument's shape determines it
-    _dev, _dt = torch.device('cpu'), torch.get_default_dtype()
+        raise TNError(f"low_rank_B_U(): unexpected argument {sorted(_unexpected)[0]!r}; the signature is U[o,r], V[r,i], x[n,i], y[n,o]")
+    size_o = 3  # sizes=; checked against the optional arguments
+    size_r = None  # bound by an optional argument
+    size_i = None  # bound by an optional argument
+    size_n = None  # bound by an optional argument
+    if U is not _MISSING:
+        if not isinstance(U, torch.Tensor):
+            raise TNError(f"low_rank_B_U(): argument 'U' is a {type(U).__name__}, expected a torch.Tensor")
+        if U.dim() != 2:
+            raise TNError(f"low_rank_B_U(): argument 'U' has shape {tuple(U.shape)}, expected rank 2 [o, r]")
+        if size_o is None:
+            size_o = U.shape[0]
+        elif U.shape[0] != size_o:
+            raise TNError(f"low_rank_B_U(): size mismatch for index 'o': U[o] has size {U.shape[0]} but another argument has size {size_o}")
+        if size_r is None:
+            size_r = U.shape[1]
+        elif U.shape[1] != size_r:
+            raise TNError(f"low_rank_B_U(): size mismatch for index 'r': U[r] has size {U.shape[1]} but another argument has size {size_r}")
+    if V is not _MISSING:
+        if not isinstance(V, torch.Tensor):
+            raise TNError(f"low_rank_B_U(): argument 'V' is a {type(V).__name__}, expected a torch.Tensor")
+        if V.dim() != 2:
+            raise TNError(f"low_rank_B_U(): argument 'V' has shape {tuple(V.shape)}, expected rank 2 [r, i]")
+        if size_r is None:
+            size_r = V.shape[0]
+        elif V.shape[0] != size_r:
+            raise TNError(f"low_rank_B_U(): size mismatch for index 'r': V[r] has size {V.shape[0]} but another argument has size {size_r}")
+        if size_i is None:
+            size_i = V.shape[1]
+        elif V.shape[1] != size_i:
+            raise TNError(f"low_rank_B_U(): size mismatch for index 'i': V[i] has size {V.shape[1]} but another argument has size {size_i}")
+    if x is not _MISSING:
+        if not isinstance(x, torch.Tensor):
+            raise TNError(f"low_rank_B_U(): argument 'x' is a {type(x).__name__}, expected a torch.Tensor")
+        if x.dim() != 2:
+            raise TNError(f"low_rank_B_U(): argument 'x' has shape {tuple(x.shape)}, expected rank 2 [n, i]")
+        if size_n is None:
+            size_n = x.shape[0]
+        elif x.shape[0] != size_n:
+            raise TNError(f"low_rank_B_U(): size mismatch for index 'n': x[n] has size {x.shape[0]} but another argument has size {size_n}")
+        if size_i is None:
+            size_i = x.shape[1]
+        elif x.shape[1] != size_i:
+            raise TNError(f"low_rank_B_U(): size mismatch for index 'i': x[i] has size {x.shape[1]} but another argument has size {size_i}")
+    if y is not _MISSING:
+        if not isinstance(y, torch.Tensor):
+            raise TNError(f"low_rank_B_U(): argument 'y' is a {type(y).__name__}, expected a torch.Tensor")
+        if y.dim() != 2:
+            raise TNError(f"low_rank_B_U(): argument 'y' has shape {tuple(y.shape)}, expected rank 2 [n, o]")
+        if size_n is None:
+            size_n = y.shape[0]
+        elif y.shape[0] != size_n:
+            raise TNError(f"low_rank_B_U(): size mismatch for index 'n': y[n] has size {y.shape[0]} but another argument has size {size_n}")
+        if size_o is None:
+            size_o = y.shape[1]
+        elif y.shape[1] != size_o:
+            raise TNError(f"low_rank_B_U(): size mismatch for index 'o': y[o] has size {y.shape[1]} but another argument has size {size_o}")
+    if size_o is None:
+        raise TNError(f"low_rank_B_U(): size 'o' is not bound: pass U[o,r] or y[n,o], or sizes={{'o': ...}}")
+    _dev, _dt = _device_dtype('low_rank_B_U', {'U': U, 'V': V, 'x': x, 'y': y})
     t0 = torch.ones((), device=_dev, dtype=_dt)  # []
     t1 = t0.reshape((1,)).expand(size_o,)  # [o]
     del t0

@@ -13,7 +13,28 @@ class TNError(ValueError):
 _MISSING = object()
 
 
-def low_rank_B_V(*_positional, U=_MISSING, **_unexpected):
+def _device_dtype(fn, tensors):
+    """(device, dtype) of the given tensors: torch's type promotion across all of them (a
+    floating type), CPU and the default dtype when none is given."""
+    dev = dt = first = None
+    for name, t in tensors.items():
+        if t is _MISSING:
+            continue
+        if dev is None:
+            dev, dt, first = t.device, t.dtype, name
+        elif t.device != dev:
+            raise TNError(f"{fn}(): tensors on different devices: {first!r} is on {dev}, "
+                          f"{name!r} on {t.device}")
+        else:
+            dt = torch.promote_types(dt, t.dtype)
+    if dev is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    if not (dt.is_floating_point or dt.is_complex):
+        dt = torch.promote_types(dt, torch.get_default_dtype())
+    return dev, dt
+
+
+def low_rank_B_V(*_positional, U=_MISSING, V=_MISSING, x=_MISSING, y=_MISSING, Z=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
     Expression (index notation):
@@ -22,6 +43,10 @@ def low_rank_B_V(*_positional, U=_MISSING, **_unexpected):
 
     Arguments (keyword tensors):
         U: [o, r]
+        V: [r, i]  (optional: binds sizes only)
+        x: [n, i]  (optional: binds sizes only)
+        y: [n, o]  (optional: binds sizes only)
+        Z: [n, r]  (optional: binds sizes only)
     Returns: [r, r__=r]
 
     Contraction cost: 2*o*r**2 flops (naive single einsum per product: 2*o*r**2)
@@ -29,19 +54,68 @@ def low_rank_B_V(*_positional, U=_MISSING, **_unexpected):
     Contraction order planned for sizes o=3, r=2.
     """
     if _positional:
-        raise TNError(f"low_rank_B_V() takes keyword tensor arguments only (U); "
+        raise TNError(f"low_rank_B_V() takes keyword tensor arguments only (U[o,r], V[r,i], x[n,i], y[n,o], Z[n,r]); "
                       f"got {len(_positional)} positional argument(s)")
     if _unexpected:
-        raise TNError(f"low_rank_B_V(): unexpected argument {sorted(_unexpected)[0]!r}; "
-                      "expected U")
+        raise TNError(f"low_rank_B_V(): unexpected argument {sorted(_unexpected)[0]!r}; the signature is U[o,r], V[r,i], x[n,i], y[n,o], Z[n,r]")
     if U is _MISSING:
-        raise TNError("low_rank_B_V(): missing argument 'U' (shape [o, r])")
+        raise TNError(f"low_rank_B_V(): missing argument 'U' (shape [o, r])")
     if not isinstance(U, torch.Tensor):
         raise TNError(f"low_rank_B_V(): argument 'U' is a {type(U).__name__}, expected a torch.Tensor")
     if U.dim() != 2:
         raise TNError(f"low_rank_B_V(): argument 'U' has shape {tuple(U.shape)}, expected rank 2 [o, r]")
     size_o = U.shape[0]
     size_r = U.shape[1]
+    size_i = None  # bound by an optional argument
+    size_n = None  # bound by an optional argument
+    if V is not _MISSING:
+        if not isinstance(V, torch.Tensor):
+            raise TNError(f"low_rank_B_V(): argument 'V' is a {type(V).__name__}, expected a torch.Tensor")
+        if V.dim() != 2:
+            raise TNError(f"low_rank_B_V(): argument 'V' has shape {tuple(V.shape)}, expected rank 2 [r, i]")
+        if V.shape[0] != size_r:
+            raise TNError(f"low_rank_B_V(): size mismatch for index 'r': V[r] has size {V.shape[0]} but U[r] has size {size_r}")
+        if size_i is None:
+            size_i = V.shape[1]
+        elif V.shape[1] != size_i:
+            raise TNError(f"low_rank_B_V(): size mismatch for index 'i': V[i] has size {V.shape[1]} but another argument has size {size_i}")
+    if x is not _MISSING:
+        if not isinstance(x, torch.Tensor):
+            raise TNError(f"low_rank_B_V(): argument 'x' is a {type(x).__name__}, expected a torch.Tensor")
+        if x.dim() != 2:
+            raise TNError(f"low_rank_B_V(): argument 'x' has shape {tuple(x.shape)}, expected rank 2 [n, i]")
+        if size_n is None:
+            size_n = x.shape[0]
+        elif x.shape[0] != size_n:
+            raise TNError(f"low_rank_B_V(): size mismatch for index 'n': x[n] has size {x.shape[0]} but another argument has size {size_n}")
+        if size_i is None:
+            size_i = x.shape[1]
+        elif x.shape[1] != size_i:
+            raise TNError(f"low_rank_B_V(): size mismatch for index 'i': x[i] has size {x.shape[1]} but another argument has size {size_i}")
+    if y is not _MISSING:
+        if not isinstance(y, torch.Tensor):
+            raise TNError(f"low_rank_B_V(): argument 'y' is a {type(y).__name__}, expected a torch.Tensor")
+        if y.dim() != 2:
+            raise TNError(f"low_rank_B_V(): argument 'y' has shape {tuple(y.shape)}, expected rank 2 [n, o]")
+        if size_n is None:
+            size_n = y.shape[0]
+        elif y.shape[0] != size_n:
+            raise TNError(f"low_rank_B_V(): size mismatch for index 'n': y[n] has size {y.shape[0]} but another argument has size {size_n}")
+        if y.shape[1] != size_o:
+            raise TNError(f"low_rank_B_V(): size mismatch for index 'o': y[o] has size {y.shape[1]} but U[o] has size {size_o}")
+    if Z is not _MISSING:
+        if not isinstance(Z, torch.Tensor):
+            raise TNError(f"low_rank_B_V(): argument 'Z' is a {type(Z).__name__}, expected a torch.Tensor")
+        if Z.dim() != 2:
+            raise TNError(f"low_rank_B_V(): argument 'Z' has shape {tuple(Z.shape)}, expected rank 2 [n, r]")
+        if size_n is None:
+            size_n = Z.shape[0]
+        elif Z.shape[0] != size_n:
+            raise TNError(f"low_rank_B_V(): size mismatch for index 'n': Z[n] has size {Z.shape[0]} but another argument has size {size_n}")
+        if Z.shape[1] != size_r:
+            raise TNError(f"low_rank_B_V(): size mismatch for index 'r': Z[r] has size {Z.shape[1]} but U[r] has size {size_r}")
+    _dev, _dt = _device_dtype('low_rank_B_V', {'U': U, 'V': V, 'x': x, 'y': y, 'Z': Z})
+    U = U.to(_dt)
     t0 = torch.einsum("cr,ca->ra", U, U)  # [r,r__]  2*o*r**2 flops
     t1 = 12 * t0  # [r,r__]
     del t0

@@ -13,6 +13,27 @@ class TNError(ValueError):
 _MISSING = object()
 
 
+def _device_dtype(fn, tensors):
+    """(device, dtype) of the given tensors: torch's type promotion across all of them (a
+    floating type), CPU and the default dtype when none is given."""
+    dev = dt = first = None
+    for name, t in tensors.items():
+        if t is _MISSING:
+            continue
+        if dev is None:
+            dev, dt, first = t.device, t.dtype, name
+        elif t.device != dev:
+            raise TNError(f"{fn}(): tensors on different devices: {first!r} is on {dev}, "
+                          f"{name!r} on {t.device}")
+        else:
+            dt = torch.promote_types(dt, t.dtype)
+    if dev is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    if not (dt.is_floating_point or dt.is_complex):
+        dt = torch.promote_types(dt, torch.get_default_dtype())
+    return dev, dt
+
+
 def hessian_WQ_WV(*_positional, X=_MISSING, WQ=_MISSING, WK=_MISSING, WV=_MISSING, Y=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
@@ -44,37 +65,36 @@ def hessian_WQ_WV(*_positional, X=_MISSING, WQ=_MISSING, WK=_MISSING, WV=_MISSIN
     Largest intermediate: 96 entries
     """
     if _positional:
-        raise TNError(f"hessian_WQ_WV() takes keyword tensor arguments only (X, WQ, WK, WV, Y); "
+        raise TNError(f"hessian_WQ_WV() takes keyword tensor arguments only (X[s=4,i=3], WQ[i=3,e=2], WK[i=3,e=2], WV[i=3,v=3], Y[q=4,v=3]); "
                       f"got {len(_positional)} positional argument(s)")
     if _unexpected:
-        raise TNError(f"hessian_WQ_WV(): unexpected argument {sorted(_unexpected)[0]!r}; "
-                      "expected X, WQ, WK, WV, Y")
+        raise TNError(f"hessian_WQ_WV(): unexpected argument {sorted(_unexpected)[0]!r}; the signature is X[s=4,i=3], WQ[i=3,e=2], WK[i=3,e=2], WV[i=3,v=3], Y[q=4,v=3]")
     if X is _MISSING:
-        raise TNError("hessian_WQ_WV(): missing argument 'X' (shape [s=4, i=3])")
+        raise TNError(f"hessian_WQ_WV(): missing argument 'X' (shape [s=4, i=3])")
     if not isinstance(X, torch.Tensor):
         raise TNError(f"hessian_WQ_WV(): argument 'X' is a {type(X).__name__}, expected a torch.Tensor")
     if X.dim() != 2:
         raise TNError(f"hessian_WQ_WV(): argument 'X' has shape {tuple(X.shape)}, expected rank 2 [s=4, i=3]")
     if WQ is _MISSING:
-        raise TNError("hessian_WQ_WV(): missing argument 'WQ' (shape [i=3, e=2])")
+        raise TNError(f"hessian_WQ_WV(): missing argument 'WQ' (shape [i=3, e=2])")
     if not isinstance(WQ, torch.Tensor):
         raise TNError(f"hessian_WQ_WV(): argument 'WQ' is a {type(WQ).__name__}, expected a torch.Tensor")
     if WQ.dim() != 2:
         raise TNError(f"hessian_WQ_WV(): argument 'WQ' has shape {tuple(WQ.shape)}, expected rank 2 [i=3, e=2]")
     if WK is _MISSING:
-        raise TNError("hessian_WQ_WV(): missing argument 'WK' (shape [i=3, e=2])")
+        raise TNError(f"hessian_WQ_WV(): missing argument 'WK' (shape [i=3, e=2])")
     if not isinstance(WK, torch.Tensor):
         raise TNError(f"hessian_WQ_WV(): argument 'WK' is a {type(WK).__name__}, expected a torch.Tensor")
     if WK.dim() != 2:
         raise TNError(f"hessian_WQ_WV(): argument 'WK' has shape {tuple(WK.shape)}, expected rank 2 [i=3, e=2]")
     if WV is _MISSING:
-        raise TNError("hessian_WQ_WV(): missing argument 'WV' (shape [i=3, v=3])")
+        raise TNError(f"hessian_WQ_WV(): missing argument 'WV' (shape [i=3, v=3])")
     if not isinstance(WV, torch.Tensor):
         raise TNError(f"hessian_WQ_WV(): argument 'WV' is a {type(WV).__name__}, expected a torch.Tensor")
     if WV.dim() != 2:
         raise TNError(f"hessian_WQ_WV(): argument 'WV' has shape {tuple(WV.shape)}, expected rank 2 [i=3, v=3]")
     if Y is _MISSING:
-        raise TNError("hessian_WQ_WV(): missing argument 'Y' (shape [q=4, v=3])")
+        raise TNError(f"hessian_WQ_WV(): missing argument 'Y' (shape [q=4, v=3])")
     if not isinstance(Y, torch.Tensor):
         raise TNError(f"hessian_WQ_WV(): argument 'Y' is a {type(Y).__name__}, expected a torch.Tensor")
     if Y.dim() != 2:
@@ -99,6 +119,8 @@ def hessian_WQ_WV(*_positional, X=_MISSING, WQ=_MISSING, WK=_MISSING, WV=_MISSIN
         raise TNError(f"hessian_WQ_WV(): size mismatch for Y[q]: expected 4 = {4}, got {Y.shape[0]}")
     if Y.shape[1] != 3:
         raise TNError(f"hessian_WQ_WV(): size mismatch for Y[v]: expected 3 = {3}, got {Y.shape[1]}")
+    _dev, _dt = _device_dtype('hessian_WQ_WV', {'X': X, 'WQ': WQ, 'WK': WK, 'WV': WV, 'Y': Y})
+    X, WQ, WK, WV, Y = X.to(_dt), WQ.to(_dt), WK.to(_dt), WV.to(_dt), Y.to(_dt)
     t0 = 0.7071067811865476 * WQ  # [i,e]
     t1 = torch.einsum("qi,ie->eq", X, t0)  # [e,q]  48 flops
     del t0

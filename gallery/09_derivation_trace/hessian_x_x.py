@@ -13,7 +13,28 @@ class TNError(ValueError):
 _MISSING = object()
 
 
-def hessian_x_x(*_positional, A=_MISSING, **_unexpected):
+def _device_dtype(fn, tensors):
+    """(device, dtype) of the given tensors: torch's type promotion across all of them (a
+    floating type), CPU and the default dtype when none is given."""
+    dev = dt = first = None
+    for name, t in tensors.items():
+        if t is _MISSING:
+            continue
+        if dev is None:
+            dev, dt, first = t.device, t.dtype, name
+        elif t.device != dev:
+            raise TNError(f"{fn}(): tensors on different devices: {first!r} is on {dev}, "
+                          f"{name!r} on {t.device}")
+        else:
+            dt = torch.promote_types(dt, t.dtype)
+    if dev is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    if not (dt.is_floating_point or dt.is_complex):
+        dt = torch.promote_types(dt, torch.get_default_dtype())
+    return dev, dt
+
+
+def hessian_x_x(*_positional, x=_MISSING, A=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
     Expression (index notation):
@@ -21,6 +42,7 @@ def hessian_x_x(*_positional, A=_MISSING, **_unexpected):
         out[i_,i__] = A[i_,i__] + sum(A[i__,i_], keep=(i_, i__))
 
     Arguments (keyword tensors):
+        x: [i]  (optional: binds sizes only)
         A: [i, j=i]
     Returns: [i_=i, i__=i]
 
@@ -29,13 +51,12 @@ def hessian_x_x(*_positional, A=_MISSING, **_unexpected):
     Contraction order planned for sizes i=4.
     """
     if _positional:
-        raise TNError(f"hessian_x_x() takes keyword tensor arguments only (A); "
+        raise TNError(f"hessian_x_x() takes keyword tensor arguments only (x[i], A[i,j=i]); "
                       f"got {len(_positional)} positional argument(s)")
     if _unexpected:
-        raise TNError(f"hessian_x_x(): unexpected argument {sorted(_unexpected)[0]!r}; "
-                      "expected A")
+        raise TNError(f"hessian_x_x(): unexpected argument {sorted(_unexpected)[0]!r}; the signature is x[i], A[i,j=i]")
     if A is _MISSING:
-        raise TNError("hessian_x_x(): missing argument 'A' (shape [i, j=i])")
+        raise TNError(f"hessian_x_x(): missing argument 'A' (shape [i, j=i])")
     if not isinstance(A, torch.Tensor):
         raise TNError(f"hessian_x_x(): argument 'A' is a {type(A).__name__}, expected a torch.Tensor")
     if A.dim() != 2:
@@ -43,6 +64,15 @@ def hessian_x_x(*_positional, A=_MISSING, **_unexpected):
     size_i = A.shape[0]
     if A.shape[1] != size_i:
         raise TNError(f"hessian_x_x(): size mismatch for index 'i': A[j] has size {A.shape[1]} but A[i] has size {size_i}")
+    if x is not _MISSING:
+        if not isinstance(x, torch.Tensor):
+            raise TNError(f"hessian_x_x(): argument 'x' is a {type(x).__name__}, expected a torch.Tensor")
+        if x.dim() != 1:
+            raise TNError(f"hessian_x_x(): argument 'x' has shape {tuple(x.shape)}, expected rank 1 [i]")
+        if x.shape[0] != size_i:
+            raise TNError(f"hessian_x_x(): size mismatch for index 'i': x[i] has size {x.shape[0]} but A[i] has size {size_i}")
+    _dev, _dt = _device_dtype('hessian_x_x', {'x': x, 'A': A})
+    A = A.to(_dt)
     t0 = A.permute(1, 0)  # [i_,i__]  0 flops
     t1 = A + t0  # [i_,i__]
     del t0

@@ -13,6 +13,27 @@ class TNError(ValueError):
 _MISSING = object()
 
 
+def _device_dtype(fn, tensors):
+    """(device, dtype) of the given tensors: torch's type promotion across all of them (a
+    floating type), CPU and the default dtype when none is given."""
+    dev = dt = first = None
+    for name, t in tensors.items():
+        if t is _MISSING:
+            continue
+        if dev is None:
+            dev, dt, first = t.device, t.dtype, name
+        elif t.device != dev:
+            raise TNError(f"{fn}(): tensors on different devices: {first!r} is on {dev}, "
+                          f"{name!r} on {t.device}")
+        else:
+            dt = torch.promote_types(dt, t.dtype)
+    if dev is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    if not (dt.is_floating_point or dt.is_complex):
+        dt = torch.promote_types(dt, torch.get_default_dtype())
+    return dev, dt
+
+
 def hessian_W_W(*_positional, V=_MISSING, W=_MISSING, x=_MISSING, y=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
@@ -36,13 +57,12 @@ def hessian_W_W(*_positional, V=_MISSING, W=_MISSING, x=_MISSING, y=_MISSING, **
     Contraction order planned for sizes c=2, i=3, j=4, n=5.
     """
     if _positional:
-        raise TNError(f"hessian_W_W() takes keyword tensor arguments only (V, W, x, y); "
+        raise TNError(f"hessian_W_W() takes keyword tensor arguments only (V[c,j], W[j,i], x[n,i], y[n,c]); "
                       f"got {len(_positional)} positional argument(s)")
     if _unexpected:
-        raise TNError(f"hessian_W_W(): unexpected argument {sorted(_unexpected)[0]!r}; "
-                      "expected V, W, x, y")
+        raise TNError(f"hessian_W_W(): unexpected argument {sorted(_unexpected)[0]!r}; the signature is V[c,j], W[j,i], x[n,i], y[n,c]")
     if V is _MISSING:
-        raise TNError("hessian_W_W(): missing argument 'V' (shape [c, j])")
+        raise TNError(f"hessian_W_W(): missing argument 'V' (shape [c, j])")
     if not isinstance(V, torch.Tensor):
         raise TNError(f"hessian_W_W(): argument 'V' is a {type(V).__name__}, expected a torch.Tensor")
     if V.dim() != 2:
@@ -50,7 +70,7 @@ def hessian_W_W(*_positional, V=_MISSING, W=_MISSING, x=_MISSING, y=_MISSING, **
     size_c = V.shape[0]
     size_j = V.shape[1]
     if W is _MISSING:
-        raise TNError("hessian_W_W(): missing argument 'W' (shape [j, i])")
+        raise TNError(f"hessian_W_W(): missing argument 'W' (shape [j, i])")
     if not isinstance(W, torch.Tensor):
         raise TNError(f"hessian_W_W(): argument 'W' is a {type(W).__name__}, expected a torch.Tensor")
     if W.dim() != 2:
@@ -59,7 +79,7 @@ def hessian_W_W(*_positional, V=_MISSING, W=_MISSING, x=_MISSING, y=_MISSING, **
         raise TNError(f"hessian_W_W(): size mismatch for index 'j': W[j] has size {W.shape[0]} but V[j] has size {size_j}")
     size_i = W.shape[1]
     if x is _MISSING:
-        raise TNError("hessian_W_W(): missing argument 'x' (shape [n, i])")
+        raise TNError(f"hessian_W_W(): missing argument 'x' (shape [n, i])")
     if not isinstance(x, torch.Tensor):
         raise TNError(f"hessian_W_W(): argument 'x' is a {type(x).__name__}, expected a torch.Tensor")
     if x.dim() != 2:
@@ -68,7 +88,7 @@ def hessian_W_W(*_positional, V=_MISSING, W=_MISSING, x=_MISSING, y=_MISSING, **
     if x.shape[1] != size_i:
         raise TNError(f"hessian_W_W(): size mismatch for index 'i': x[i] has size {x.shape[1]} but W[i] has size {size_i}")
     if y is _MISSING:
-        raise TNError("hessian_W_W(): missing argument 'y' (shape [n, c])")
+        raise TNError(f"hessian_W_W(): missing argument 'y' (shape [n, c])")
     if not isinstance(y, torch.Tensor):
         raise TNError(f"hessian_W_W(): argument 'y' is a {type(y).__name__}, expected a torch.Tensor")
     if y.dim() != 2:
@@ -77,6 +97,8 @@ def hessian_W_W(*_positional, V=_MISSING, W=_MISSING, x=_MISSING, y=_MISSING, **
         raise TNError(f"hessian_W_W(): size mismatch for index 'n': y[n] has size {y.shape[0]} but x[n] has size {size_n}")
     if y.shape[1] != size_c:
         raise TNError(f"hessian_W_W(): size mismatch for index 'c': y[c] has size {y.shape[1]} but V[c] has size {size_c}")
+    _dev, _dt = _device_dtype('hessian_W_W', {'V': V, 'W': W, 'x': x, 'y': y})
+    V, W, x, y = V.to(_dt), W.to(_dt), x.to(_dt), y.to(_dt)
     t0 = torch.einsum("ji,ni->nj", W, x)  # [n,j__]  2*i*j*n flops
     t1 = -t0*torch.exp(2*t0)/(torch.exp(2*t0) + 2*torch.exp(t0) + 1) + t0*torch.exp(t0)/(torch.exp(t0) + 1) + torch.exp(t0)/(torch.exp(t0) + 1)  # [n,j__]  swish'
     t2 = torch.einsum("cj,nj->cnj", V, t1)  # [c,n,j_]  c*j*n flops
