@@ -76,8 +76,23 @@ def _py(e: sympy.Expr) -> tuple[str, int]:
     if isinstance(e, (sympy.Max, sympy.Min, sympy.Abs)):
         name = {sympy.Max: "max", sympy.Min: "min", sympy.Abs: "abs"}[type(e)]
         return f"{name}({', '.join(_py(a)[0] for a in e.args)})", _ATOM
+    if isinstance(e, _TORCH_SCALAR_FUNCTIONS):
+        return _py_scalar_function(e)
     raise TNError(f"codegen: cannot write the size expression {e} as python "
                   f"({type(e).__name__} is not supported)")
+
+
+#: elementary functions of sizes (e.g. `tanh(1/size(i))`), computed through torch in float64
+#: so that generated modules import nothing but torch
+_TORCH_SCALAR_FUNCTIONS = (sympy.exp, sympy.log, sympy.tanh, sympy.sinh, sympy.cosh, sympy.sin,
+                           sympy.cos, sympy.tan, sympy.atan, sympy.asin, sympy.acos, sympy.erf)
+
+
+def _py_scalar_function(e: sympy.Expr) -> tuple[str, int]:
+    """f(size expression) as `float(torch.f(torch.tensor(arg, dtype=torch.float64)))`."""
+    name = type(e).__name__
+    arg = _py(e.args[0])[0]
+    return f"float(torch.{name}(torch.tensor({arg}, dtype=torch.float64)))", _ATOM
 
 
 def _wrap(e: sympy.Expr, at_least: int) -> str:

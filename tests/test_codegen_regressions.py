@@ -209,3 +209,22 @@ def test_generated_modules_leave_sys_modules_with_their_function():
     del f, fn
     gc.collect()
     assert {k for k in sys.modules if k.startswith("tnderive_generated")} <= before
+
+
+@pytest.mark.parametrize("text", [
+    "out = tanh((1)/size(i))",
+    "out[i] = x[i]*exp(size(i)/3) + log(size(i))*x[i]",
+    "out = sigmoid(size(i))*sum(x[i])",
+    "out[i] = softplus(1/size(i))*x[i]",
+])
+def test_elementary_functions_of_sizes_compile(text):
+    """A coefficient that applies exp/log/tanh/... to a size (found by the random-program
+    fuzz: `tanh(1/size(i))` could be parsed and evaluated but not compiled)."""
+    expr = tn.parse(text)
+    x = torch.randn(5, dtype=torch.float64) + 2
+    tensors = {"x": x} if "x" in expr.signature else {}
+    want = tn.evaluate(expr, sizes={"i": 5}, **tensors)
+    got = tn.compile(expr, sizes={"i": 5})(**tensors)
+    assert torch.allclose(got.double(), want.double(), rtol=1e-12, atol=0)
+    source = tn.codegen(expr, sizes={"i": 5})
+    assert "import math" not in source
