@@ -12,7 +12,6 @@ checked-in files byte-identical.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from tnderive import progress
 from tnderive.commands._common import ensure_folder
 from tnderive.demo import warn_if_no_dot
 from tnderive.errors import TNError
+from tnderive.pyfiles import import_file
 
 ROOT = Path(__file__).resolve().parent
 
@@ -35,18 +35,7 @@ def examples(root: Path = ROOT) -> list[Path]:
 
 def load(path: Path) -> ModuleType:
     """Import an example script by path (names starting with digits cannot be imported)."""
-    name = f"tnderive_gallery_{path.stem}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+    return import_file(path, f"tnderive_gallery_{path.stem}")
 
 
 def _title_and_text(module: ModuleType) -> tuple[str, str]:

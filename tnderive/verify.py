@@ -29,6 +29,7 @@ from .derive import derivative, new_leg_names
 from .errors import TNError
 from .evaluate import evaluate
 from .ir import Expr
+from .pyfiles import import_file
 from .simplify import simplify as _simplify
 
 
@@ -160,23 +161,11 @@ def load_reference(spec: str) -> Reference:
 
 def _module_from_file(path: str) -> ModuleType:
     """Import a python file by path (once per absolute path)."""
-    if not os.path.isfile(path):
-        raise TNError(f"reference: no such file: {path!r}")
     full = os.path.abspath(path)
-    name = f"tnderive_reference_{abs(hash(full)):x}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, full)
-    if spec is None:
-        raise TNError(f"reference: cannot import {path!r} (expected a .py file)")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+        return import_file(full, f"tnderive_reference_{abs(hash(full)):x}")
+    except TNError as e:
+        raise TNError(f"reference: {e}") from None
 
 
 def _module_by_name(name: str) -> ModuleType:
