@@ -333,10 +333,13 @@ def test_hessian_blocks_end_to_end(capsys, tmp_path, monkeypatch):
     the nested output folder is created; the report has the V–V row; blocks.py runs alone."""
     monkeypatch.setenv("TNDERIVE_PROGRESS", "1")
     out_dir = tmp_path / "a" / "b"
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
     code, out, err = run(["hessian-blocks", "--seq", "3", "--dmodel", "2", "--dk", "2", "-q",
                           "--loss", "ce:sum", "--no-slopes", "--no-simplify", "-o", out_dir],
                          capsys)
     assert code == 0 and "loss ce (sum)" in out
+    # float64 and one thread only while the command runs: main() may run in a user's process
+    assert (torch.get_default_dtype(), torch.get_num_threads()) == (dtype, threads)
     assert "hessian-blocks" not in err and "σ-fit" not in err
     assert "| V–V | functional | yes |" in (out_dir / "report.md").read_text()
     ns: dict = {}

@@ -13,8 +13,10 @@ functional parts, and writes to the output folder
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
+from typing import Iterator
 
 import torch
 
@@ -65,6 +67,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 STAGES = ("deriving blocks", "σ-fit", "norms", "heatmap", "diagrams", "code")
 
 
+@contextlib.contextmanager
+def float64_and_threads(threads: int | None) -> Iterator[None]:
+    """float64 as torch's default dtype (and `threads` intra-op threads, when given) for the
+    duration of one command, restored afterwards: `main()` may run inside a user's process."""
+    dtype, before = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.set_num_threads(before)
+
+
 def run(args) -> int:
     for name in ("seq", "dmodel", "dk", "heads", "classes"):
         if getattr(args, name) < 1:
@@ -73,10 +90,8 @@ def run(args) -> int:
     ensure_folder(args.output)
     ddir = ensure_folder(os.path.join(args.output, "diagrams"))
     warn_if_no_dot()   # one line on stderr; the report and code are written either way
-    torch.set_default_dtype(torch.float64)
-    if args.seq * args.dmodel <= 4096:
-        torch.set_num_threads(1)   # many small contractions: threads only add overhead
-    with progress("hessian-blocks", total=len(STAGES)) as bar:
+    threads = 1 if args.seq * args.dmodel <= 4096 else None  # many small contractions
+    with float64_and_threads(threads), progress("hessian-blocks", total=len(STAGES)) as bar:
         bar.note(STAGES[0])
         model = self_attention(args.seq, args.dmodel, args.dk, d_v=args.dv, heads=args.heads,
                                out_proj=args.out_proj, causal=args.causal, linear=args.linear,
