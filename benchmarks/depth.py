@@ -36,12 +36,15 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import queue as queue_module
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from tnderive.errors import TNError
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 BEGIN, END = "<!-- BEGIN depth -->", "<!-- END depth -->"
@@ -184,7 +187,7 @@ def _child(queue, stack, layers, repeats, threads) -> None:
     torch.set_num_threads(threads)
     try:
         queue.put(("ok", measure_case(stack, layers, repeats)))
-    except BaseException as exc:  # reported to the parent, which records the failure
+    except (AssertionError, TNError, RuntimeError) as exc:  # a wrong or failed case: recorded
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
@@ -197,7 +200,7 @@ def run_case(stack: str, layers: int, repeats: int, threads: int, limit: float) 
     proc.start()
     try:
         status, payload = queue.get(timeout=limit)
-    except Exception:  # queue.Empty: past the limit (or the child died without a word)
+    except queue_module.Empty:  # past the limit (or the child died without a word)
         status, payload = ("> limit" if proc.is_alive() else "error"), None
     proc.join(timeout=5)
     if proc.is_alive():

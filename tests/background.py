@@ -89,7 +89,7 @@ def start_in_background(node_ids: list[str]) -> threading.Thread | None:
         for job in jobs:
             try:
                 job.wait()
-            except Exception:  # the test reports it (result() waits again)
+            except (subprocess.SubprocessError, OSError):  # the test reports it (result() waits again)
                 pass
 
     thread = threading.Thread(target=run, name="tnderive-background-checks", daemon=True)

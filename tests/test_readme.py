@@ -59,18 +59,15 @@ def test_blocks_are_found():
 
 
 def run_python_blocks(readme: Path = README) -> int:
-    """Run the README's ```python blocks in order in one namespace; print the first failure
-    (its README line and traceback) and return 1, or return 0."""
-    import traceback
-
+    """Run the README's ```python blocks in order in one namespace and return 0; the first
+    failure propagates with a note naming its block (the traceback has README line numbers)."""
     namespace: dict = {"__name__": "__readme__"}
     for line, code in python_blocks(readme.read_text(encoding="utf-8")):
         try:
             exec(compile("\n" * line + code, str(readme), "exec"), namespace)
-        except Exception:  # report which block failed, with the traceback (README line numbers)
-            print(f"the ```python block at {readme.name}:{line} fails:", file=sys.stderr)
-            traceback.print_exc()
-            return 1
+        except BaseException as error:  # name the block, then re-raise
+            error.add_note(f"the ```python block at {readme.name}:{line} fails")
+            raise
     return 0
 
 
