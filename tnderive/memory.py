@@ -44,6 +44,10 @@ def _cpu_available() -> int | None:
         return None
 
 
+#: a largest tensor at most this large is not checked against the device's free memory
+ALWAYS_FITS = 2**20
+
+
 def largest_node(expr: Expr, binding: Binding) -> tuple[Expr, int]:
     """The node with the most entries among those eager evaluation materialises (the result,
     products, sums, functions, constants; not the given variables nor merged copy tensors)."""
@@ -74,7 +78,9 @@ def check_fits(expr: Expr, binding: Binding, what: str = "evaluate") -> None:
     dtype = binding.dtype if binding.dtype is not None else torch.get_default_dtype()
     if not dtype.is_floating_point and not dtype.is_complex:
         dtype = torch.get_default_dtype()
-    need = entries * torch.empty((), dtype=dtype).element_size()
+    need = entries * dtype.itemsize
+    if need <= ALWAYS_FITS:
+        return  # skip the device query (≈20 µs, 1/7 of a small evaluate): evaluate is a hot path
     device = binding.device or torch.device("cpu")
     have = available_bytes(device)
     if have is None or need <= have:
