@@ -19,7 +19,7 @@ from types import ModuleType
 
 from tnderive import progress
 from tnderive.commands._common import ensure_folder
-from tnderive.demo import warn_if_no_dot
+from tnderive.draw import warn_if_no_dot
 from tnderive.errors import TNError
 from tnderive.pyfiles import import_file
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from . import progress
+from .draw import warn_if_no_dot
 from .errors import TNError
 
 TOL = 1e-9
@@ -349,16 +350,6 @@ class Artifacts:
             out += [f"- {'✓' if c.ok else '✗'} {c.what} (≤ {c.tol:g})" for c in self.checks]
             out.append("")
         return self.text("README.md", "\n".join(out))
-
-
-def warn_if_no_dot(err=None) -> bool:
-    """Print the one-line warning (to stderr) when Graphviz's `dot` is missing; True if it is."""
-    from .draw import NO_DOT_WARNING, dot_available
-
-    if dot_available():
-        return False
-    print(NO_DOT_WARNING, file=err or sys.stderr, flush=True)
-    return True
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

@@ -32,6 +32,7 @@ import io
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from html import escape
 from typing import Any, Iterable, Sequence
@@ -103,6 +104,14 @@ def dot_available() -> bool:
 #: the one line the demo and the gallery print when they skip their diagrams
 NO_DOT_WARNING = ("warning: Graphviz's 'dot' program is not installed: diagrams are skipped "
                   "(install graphviz, e.g. apt-get install graphviz, to draw them)")
+
+
+def warn_if_no_dot(err=None) -> bool:
+    """Print the one-line warning (to stderr) when Graphviz's `dot` is missing; True if it is."""
+    if dot_available():
+        return False
+    print(NO_DOT_WARNING, file=err or sys.stderr, flush=True)
+    return True
 
 
 def repr_svg(expr: Expr) -> str | None:

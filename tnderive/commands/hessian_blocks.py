@@ -22,7 +22,7 @@ import torch
 
 from ..attention import (draw_blocks, fit_slopes, heatmap, hessian_blocks, report_markdown,
                          report_rows, structure_seconds)
-from ..demo import warn_if_no_dot
+from ..draw import warn_if_no_dot
 from ..errors import TNError
 from ..nn.attention import self_attention
 from ..progress import progress

@@ -19,12 +19,14 @@ numbers for --sizes).
 from __future__ import annotations
 
 import argparse
+import re
 import textwrap
 
 import sympy
 
 from .. import losses
 from ..codegen import codegen, plan
+from ..codegen.pysource import py_expr, size_var
 from ..curvature import relevant_sizes
 from ..errors import TNError
 from ..kfac import FISHERS, KINDS, kfac
@@ -156,16 +158,15 @@ def _size_code(fac, sizes, extra=()):
     for sym in symbols:
         if str(sym) in sizes:
             subs[sym] = sympy.Integer(sizes[str(sym)])
-        elif sym in where:
-            subs[sym] = sympy.Symbol(f"__S_{sym}")
-        else:
+        elif sym not in where:
             raise TNError(f"size {sym} cannot be read from any tensor; pass it with --sizes")
 
     def code(expr):
-        text = sympy.pycode(sympy.sympify(expr).xreplace(subs))
-        for sym in symbols:
-            text = text.replace(f"__S_{sym}", where.get(sym, str(subs.get(sym))))
-        return text.replace("math.floor", "_floor")
+        """The size expression as python (the emitter's printer), sizes read from shapes."""
+        text = py_expr(sympy.sympify(expr).xreplace(subs))
+        for sym in symbols - set(subs):
+            text = re.sub(rf"\b{size_var(sym)}\b", where[sym], text)
+        return text
 
     n = code(zs[s.batch])
     spos = " * ".join(f"({code(zs[p])})" for p in s.positions) or "1"
@@ -204,10 +205,6 @@ Imports only torch.
 import math
 
 import torch
-
-
-def _floor(v):
-    return int(math.floor(v))
 
 
 def _blocks(T, groups):
