@@ -7,6 +7,7 @@ replace the figures that an earlier run measured with it by a placeholder or an 
     kept_peer_line(name, peer)        that line marked as kept, or "<peer>: not run" without one
     keeps_peer_figures(name, peer, installed, measured)
                                       True (and says so) when the section must be left as it is
+    write_section(name, body)         replace (or append) a benchmark's section of RESULTS.md
 """
 from __future__ import annotations
 
@@ -16,6 +17,20 @@ from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 KEPT = " (kept from the last run that measured it; the peer was not installed for this run)"
+
+
+def write_section(name: str, body: str, path: Path = RESULTS) -> None:
+    """Replace the text between `<!-- BEGIN name -->` and `<!-- END name -->` in RESULTS.md by
+    `body`, or append the section when it is not there yet."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        text = pre + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
 
 
 def section(name: str, path: Path = RESULTS) -> str | None:

@@ -21,15 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _results import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 MARK = "attention"
 D, DK = 64, 32
 
@@ -126,17 +126,6 @@ def symbolic_costs() -> list[tuple]:
     return rows
 
 
-def write_section(text: str) -> None:
-    begin, end = f"<!-- BEGIN {MARK} -->", f"<!-- END {MARK} -->"
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    if begin in old and end in old:
-        new = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, old, flags=re.S)
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", nargs=4, metavar=("METHOD", "L", "REPEATS", "THREADS"))
@@ -223,7 +212,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(MARK, text)
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ from typing import Callable
 
 import torch
 
+from _results import write_section
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "RESULTS.md")
 MARK = "codegen"
 MIN_TIME = 0.2   # seconds per timing block
 
@@ -410,20 +411,6 @@ def run(device: torch.device, dtype, repeats: int, quick: bool) -> tuple[str, li
     return "\n".join(head + rows), verdicts + [""] + sections
 
 
-def write_section(text: str) -> None:
-    begin, end = f"<!-- BEGIN {MARK} -->", f"<!-- END {MARK} -->"
-    block = f"{begin}\n{text.rstrip()}\n{end}\n"
-    old = open(RESULTS, encoding="utf-8").read() if os.path.exists(RESULTS) else "# Benchmark results\n\n"
-    if begin in old and end in old:
-        pre, rest = old.split(begin, 1)
-        _, post = rest.split(end, 1)
-        new = pre + block + post.lstrip("\n")
-    else:
-        new = old.rstrip() + "\n\n" + block
-    with open(RESULTS, "w", encoding="utf-8") as fh:
-        fh.write(new)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5, help="timing blocks per peer (median)")
@@ -461,8 +448,8 @@ def main(argv=None) -> int:
     ])
     print(text)
     if not args.no_write:
-        write_section(text)
-        print(f"(section '{MARK}' written to {RESULTS})")
+        write_section(MARK, text)
+        print(f"(section '{MARK}' written to benchmarks/RESULTS.md)")
     return 0
 
 

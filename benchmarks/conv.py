@@ -21,12 +21,11 @@ import argparse
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from _results import keeps_peer_figures
+from _results import keeps_peer_figures, write_section
 from _steady import steady_allocator
 from tnderive import gemm
 from tnderive.nn import functional as T
@@ -39,8 +38,6 @@ try:  # optional peer
 except ImportError:  # pragma: no cover
     einconv = None
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-BEGIN, END = "<!-- BEGIN conv -->", "<!-- END conv -->"
 
 # name, group, x shape, weight shape, stride, padding, groups
 LAYERS = [
@@ -232,18 +229,6 @@ def summary(rows) -> str:
     return "\n".join(out)
 
 
-def write(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        pre, rest = text.split(BEGIN, 1)
-        _, post = rest.split(END, 1)
-        text = pre + block + post
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -310,7 +295,7 @@ def main(argv=None) -> None:
     print(section)
     if (not args.no_write and not args.only
             and not keeps_peer_figures("conv", "einconv", einconv is not None, r"\| einconv ms \|")):
-        write(section)
+        write_section("conv", section)
 
 
 if __name__ == "__main__":

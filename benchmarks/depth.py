@@ -46,8 +46,10 @@ import torch
 
 from tnderive.errors import TNError
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-BEGIN, END = "<!-- BEGIN depth -->", "<!-- END depth -->"
+if str(Path(__file__).parent) not in sys.path:  # the benchmarks' shared helpers, also on import
+    sys.path.insert(0, str(Path(__file__).parent))
+from _results import write_section  # noqa: E402
+
 SEQ, DIM = 8, 8            # sequence length / batch and feature width of every stack
 STACKS = ("attention+residual", "attention", "mlp")
 TOL = 1e-9
@@ -301,18 +303,6 @@ def section(rows, args, load, elapsed, command) -> str:
     ])
 
 
-def write(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in old and END in old:
-        pre, rest = old.split(BEGIN, 1)
-        _, post = rest.split(END, 1)
-        new = pre + block + post
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS.write_text(new)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-layers", type=int, default=24)
@@ -341,7 +331,7 @@ def main(argv=None) -> None:
                    command.strip())
     print(text)
     if not args.no_write:
-        write(text)
+        write_section("depth", text)
 
 
 if __name__ == "__main__":

@@ -21,16 +21,14 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
 import time
 
-from _results import kept_peer_line
+from _results import kept_peer_line, write_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "RESULTS.md")
 BLOCKS = [(a, b) for a in ("WQ", "WK", "WV") for b in ("WQ", "WK", "WV")]
 NOTATION = """T[q,k] = X[q,d]*WQ[d,e]*WK[d2,e]*X[k,d2]/sqrt(2)
 A[q,k] = softmax(T[q,k], k)
@@ -181,17 +179,6 @@ def main() -> None:
     ]
     lines += [f"| {k} | {s * 1000:.1f} | {runs[0]['terms'][k]} |" for k, s in per_block.items()]
     write_section("derive_speed", "\n".join(lines))
-
-
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section between <!-- BEGIN name --> and <!-- END name -->."""
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    block = f"{begin}\n{body}\n{end}"
-    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    with open(RESULTS, "w") as fh:
-        fh.write(text)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import tnderive  # noqa: E402
-from _results import keeps_peer_figures  # noqa: E402
+from _results import keeps_peer_figures, write_section  # noqa: E402
 from _steady import steady_allocator  # noqa: E402
 from tnderive.kfac import kfac  # noqa: E402
 from tnderive.nn.conv import conv_network  # noqa: E402
@@ -46,7 +46,6 @@ try:  # optional peer
 except ImportError:  # pragma: no cover - optional
     convNd_kfac_reduce = convNd_kfc = None
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 # name, C_in, C_out, input size, kernel, stride, padding
 LAYERS = [
@@ -290,18 +289,6 @@ def summary(rows) -> list[str]:
     return out
 
 
-def write_section(text: str, name: str = "kfac") -> None:
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    old = open(RESULTS, encoding="utf-8").read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    block = f"{begin}\n{text}\n{end}"
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    with open(RESULTS, "w", encoding="utf-8") as fh:
-        fh.write(new)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -323,7 +310,7 @@ def main(argv=None) -> int:
     # an einconv figure: a number in the einconv column (the 7th) of a table row
     measured = r"^\|(?:[^|]*\|){6} *\d+\.\d+ *\|"
     if not args.no_write and not keeps_peer_figures("kfac", "einconv", convNd_kfc is not None, measured):
-        write_section(text)
+        write_section("kfac", text)
     return 0
 
 

@@ -182,3 +182,20 @@ def test_a_table_with_measured_peer_figures_is_not_rewritten_without_the_peer(tm
     assert not results.keeps_peer_figures("conv", "einconv", False, r"\| einconv ms \|", empty)
     for script in ("conv.py", "kfac.py"):
         assert "keeps_peer_figures(" in (ROOT / "benchmarks" / script).read_text(encoding="utf-8"), script
+
+
+def test_benchmark_sections_are_replaced_in_place(tmp_path):
+    """`write_section` (one writer for every benchmark) replaces a section between its markers
+    and appends a new one, leaving the other sections alone."""
+    spec = importlib.util.spec_from_file_location("tnderive_bench_results_w", ROOT / "benchmarks" / "_results.py")
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n<!-- BEGIN a -->\nold a\n<!-- END a -->\n\n"
+                    "<!-- BEGIN b -->\nold b\n<!-- END b -->\n")
+    results.write_section("a", "new a\n", path)
+    results.write_section("c", "new c", path)
+    text = path.read_text()
+    assert "<!-- BEGIN a -->\nnew a\n<!-- END a -->" in text and "old a" not in text
+    assert "<!-- BEGIN b -->\nold b\n<!-- END b -->" in text
+    assert text.endswith("<!-- BEGIN c -->\nnew c\n<!-- END c -->\n")
