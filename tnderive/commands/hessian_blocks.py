@@ -24,11 +24,10 @@ from ..attention import (draw_blocks, fit_slopes, heatmap, hessian_blocks, repor
                          report_rows, structure_seconds)
 from ..draw import warn_if_no_dot
 from ..errors import TNError
-from ..nn.attention import self_attention
+from ..nn.attention import LOSSES, self_attention
 from ..progress import progress
 from ._common import ensure_folder, parse_loss
 
-LOSSES = ("mse", "ce")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
