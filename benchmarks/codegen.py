@@ -411,6 +411,46 @@ def run(device: torch.device, dtype, repeats: int, quick: bool) -> tuple[str, li
     return "\n".join(head + rows), verdicts + [""] + sections
 
 
+def lowering_times(repeats: int) -> str:
+    """Markdown: `lower` time with compile's setting and with evaluate's (opt_einsum "auto",
+    structural form only), and a cached `tnderive.evaluate` call, on the test expressions of
+    tests/cases/codegen_cases.py (float64, their test sizes; best of `repeats`)."""
+    sys.path.insert(0, os.path.join(HERE, ".."))
+    from tests.cases.codegen_cases import CASES, random_inputs
+    from tnderive import evaluate
+    from tnderive.binding import bind
+    from tnderive.codegen import lower
+    from tnderive.evaluate import EVALUATE_FORMS, EVALUATE_METHOD
+
+    def best(f, n):
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    rows = []
+    for name, expr in CASES.items():
+        tensors = random_inputs(expr)
+        sizes = {str(k): v for k, v in bind(expr, tensors).symbols.items()}
+        full = best(lambda: lower(expr, sizes), repeats)
+        cheap = best(lambda: lower(expr, sizes, method=EVALUATE_METHOD, forms=EVALUATE_FORMS), repeats)
+        evaluate(expr, **tensors)
+        hot = best(lambda: evaluate(expr, **tensors), 10 * repeats)
+        rows.append((name, full, cheap, hot))
+    rows.sort(key=lambda r: -r[1])
+    lines = ["| expression | lower (compile's setting) ms | lower (evaluate's) ms | cached evaluate µs |",
+             "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {n} | {a * 1e3:.1f} | {b * 1e3:.1f} | {c * 1e6:.0f} |" for n, a, b, c in rows[:8]]
+    med = [statistics.median(r[k] for r in rows) for k in (1, 2, 3)]
+    lines += ["", f"Median over the {len(rows)} expressions: lowering {med[0] * 1e3:.2f} ms (compile's "
+              f"setting), {med[1] * 1e3:.2f} ms (evaluate's); a cached evaluate {med[2] * 1e6:.0f} µs. "
+              "Best of the repeats: opt_einsum paths are memoised after the first, so these are the "
+              "symbolic-lowering costs."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5, help="timing blocks per peer (median)")
@@ -419,7 +459,19 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
     ap.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    ap.add_argument("--lowering", action="store_true",
+                    help="only time `lower` for compile vs evaluate on the test expressions")
     args = ap.parse_args(argv)
+    if args.lowering:
+        torch.set_default_dtype(torch.float64)
+        text = "\n".join(["## Lowering time: compile vs evaluate (`benchmarks/codegen.py --lowering`)",
+                          "", f"Command: `python benchmarks/codegen.py --lowering --repeats {args.repeats}`; "
+                          f"CPU, torch {torch.__version__}, float64.", "",
+                          lowering_times(args.repeats)])
+        print(text)
+        if not args.no_write:
+            write_section("codegen_lowering", text)
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA not available; run with --device cpu")

@@ -237,8 +237,8 @@ def table(rows, args, device) -> str:
         "peak = extra memory of one call "
         + ("(CUDA max_memory_allocated)." if device.type == "cuda" else
            "(torch profiler allocation events)."),
-        "tnderive = `tnderive.kfac(conv_network(...).expr, 'W', 'n', kind).input_factor(x=...)` with its default "
-        "engine: reduce runs generated code (`tnderive.compile`, Π summed over its output index); expand evaluates the "
+        "tnderive = `tnderive.kfac(conv_network(...).expr, 'W', 'n', kind).input_factor(x=...)` (no engine "
+        "switch): reduce runs generated code (`tnderive.compile`, Π summed over its output index); expand evaluates the "
         "input side X with convolution constants as strided views, then one Gram matrix. generated = generated code "
         "only (expand: X by `tnderive.compile`, then the Gram matrix); views = `tnderive.structured.structured_evaluate` "
         "for both; "

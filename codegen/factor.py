@@ -168,7 +168,6 @@ def _grouping(monomials, which: frozenset | None) -> dict:
     return groups
 
 
-MEMORY_WEIGHT = 16      # FLOP-equivalents per tensor entry written (CPU bandwidth vs compute)
 
 
 def _traffic(grouping: dict, out, size) -> int:

@@ -193,7 +193,25 @@ def plan_contraction(operands: Sequence[Labels], output: Labels,
         candidates.append(ContractionPlan(operands, output, sizes, numeric, naive, "naive",
                                           symbols))
     # cheapest at the planning sizes; ties keep the earlier (pairwise) candidate
-    return min(candidates, key=lambda p: (p.flops_at(), p.largest_at()))
+    return min(candidates, key=lambda p: _numeric_cost(p.steps, numeric))
+
+
+def _numeric_cost(steps: Sequence[Step], numeric: Mapping[str, int]) -> tuple[int, int]:
+    """(FLOPs, largest intermediate) of steps at the planning sizes of their labels (the
+    numbers `flops_at` / `largest_at` give, without substituting into the polynomials)."""
+    flops = largest = 0
+    for s in steps:
+        involved = list(dict.fromkeys(i for l in s.labels for i in l))
+        loop = 1
+        for i in involved:
+            loop *= numeric[i]
+        inner = any(i not in s.output for i in involved)
+        flops += (max(1, len(s.labels) - 1) + (1 if inner else 0)) * loop
+        size = 1
+        for i in s.output:
+            size *= numeric[i]
+        largest = max(largest, size)
+    return flops, largest
 
 
 def _pre_reductions(operands, output, sizes):

@@ -40,7 +40,8 @@ from tnderive.functions import X, Elementwise, IndexFunction
 from tnderive.ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name,
                          rename_free)
 
-from .factor import MEMORY_WEIGHT, factor_sums, term_forms
+from .cost import FORMS_TRIED, MEMORY_WEIGHT, OP_OVERHEAD
+from .factor import factor_sums, term_forms
 from .plan import DEFAULT_SIZE, ContractionPlan, plan_contraction, step_cost
 from .taps import conv_taps
 from .values import Labels, Value
@@ -57,7 +58,9 @@ class Op:
     softmax / logsumexp (dim), lincomb (coefficients), scale (coefficient), expand,
     reshape, narrow (dim, offset), diag (input dim of each output dim); views of structured
     constants (`views`): pad ((dim, left, right), ...), unfold (dim, size, step),
-    slice (dim, step), unsqueeze (dim)."""
+    slice (dim, step), unsqueeze (dim); kernels: conv_taps (`taps`: one matmul per kernel
+    tap), depthwise_taps (`taps`: one multiply-add per tap), fold (`views`: col2im of an
+    overlapping scatter)."""
 
     kind: str
     out: str
@@ -96,6 +99,27 @@ class Program:
         if not sizes:
             return sympy.Integer(0)
         return max(sizes, key=lambda e: self.at(e))
+
+    def live_ops(self) -> list[Op]:
+        """The ops the result depends on, in program order (what a backend runs)."""
+        live = {self.result.name}
+        keep = []
+        for op in reversed(self.ops):
+            if op.out in live:
+                keep.append(op)
+                live |= {v.name for v in op.inputs}
+        return keep[::-1]
+
+    def last_uses(self, ops: list[Op]) -> dict[str, int]:
+        """For every temporary of `ops` (not the result): the position of the op that reads it
+        last, after which a backend frees it (lower peak memory)."""
+        temps = {op.out for op in ops} - {self.result.name}
+        last: dict[str, int] = {}
+        for k, op in enumerate(ops):
+            for v in op.inputs:
+                if v.name in temps:
+                    last[v.name] = k
+        return last
 
     @property
     def products(self) -> list[ContractionPlan]:
@@ -143,17 +167,20 @@ class Program:
 
 def lower(expr: Expr, sizes: Mapping[str, int] | None = None,
           default_size: int = DEFAULT_SIZE, method: str | None = None,
-          factor: bool = True) -> Program:
+          factor: bool = True, forms: int | None = None) -> Program:
     """Lower `expr` to a Program, planning with `sizes` (symbol name -> int) where bound.
 
-    factor: first pull factors shared by all terms of a sum out of it (`factor.factor_sums`)."""
+    factor: first pull factors shared by all terms of a sum out of it (`factor.factor_sums`).
+    forms: how many term-wise forms of a large sum to lower and cost besides the structural
+    one (default `FORMS_TRIED`; 0 lowers the structural form only)."""
     if not isinstance(expr, Expr):
         raise TNError(f"codegen expects an expression, got {type(expr).__name__}")
     best = _Lowering(expr, sizes or {}, default_size, method, factor).run()
     if factor:  # a large sum of products: also cost its term-wise forms, keep the cheapest
         best_cost = _cost(best)
         size = lambda e: best.at(e)  # noqa: E731  (numeric value at the planning sizes)
-        for label, form in term_forms(expr, size, limit=FORMS_TRIED):
+        limit = FORMS_TRIED if forms is None else forms
+        for label, form in (term_forms(expr, size, limit=limit) if limit > 0 else ()):
             cand = _Lowering(expr, sizes or {}, default_size, method or "auto", factor,
                              work=form).run()
             cost = _cost(cand)
@@ -185,8 +212,6 @@ def _cost(program: "Program") -> tuple[float, int]:
     return flops + MEMORY_WEIGHT * written + OP_OVERHEAD * len(program.ops), largest
 
 
-FORMS_TRIED = 3         # term-wise forms lowered and costed (the best-ranked by traffic)
-OP_OVERHEAD = 20_000    # FLOP-equivalents per emitted torch call
 
 
 def planning_values(expr: Expr, sizes: Mapping[str, int], default_size: int) -> dict:
@@ -201,6 +226,7 @@ class _Lowering:
                  factor: bool = True, work: Expr | None = None):
         self.expr = expr
         self.values = planning_values(expr, sizes, default_size)
+        self.bound = {s: n for s, n in self.values.items() if str(s) in sizes}  # caller's sizes
         self.method = method
         self.ops: list[Op] = []
         self.cse: dict[tuple, str] = {}
@@ -430,7 +456,7 @@ class _Lowering:
             if isinstance(f, Delta):
                 for j in f.indices[1:]:
                     a, b = find(f.indices[0]), find(j)
-                    _same_size(sizes, a, b)
+                    _same_size(sizes, a, b, self.bound)
                     if a != b:
                         if b in out_set and a not in out_set:  # an output index represents
                             a, b = b, a
@@ -512,9 +538,17 @@ class _Lowering:
         return self.emit("einsum", inputs, output, commutative=True)
 
 
-def _same_size(sizes, a: str, b: str) -> None:
-    """Indices joined by a copy tensor must have one size (checked when decidable)."""
+def _same_size(sizes, a: str, b: str, bound: Mapping) -> None:
+    """Indices joined by a copy tensor must have one size (checked when decidable: numbers,
+    two symbols, or sizes every symbol of which the caller bound, compared at those values)."""
     sa, sb = sizes[a], sizes[b]
+    if (sa.free_symbols | sb.free_symbols) and (sa.free_symbols | sb.free_symbols) <= set(bound):
+        at = {k: sympy.Integer(v) for k, v in bound.items()}
+        na, nb = sa.xreplace(at), sb.xreplace(at)
+        if na != nb:
+            raise TNError(f"copy tensor joins index {a!r} (size {sa} = {na}) and index {b!r} "
+                          f"(size {sb} = {nb})")
+        return
     decidable = (sa.is_number and sb.is_number) or (sa.is_Symbol and sb.is_Symbol)
     if decidable and sa != sb:
         raise TNError(f"copy tensor joins index {a!r} (size {sa}) and index {b!r} (size {sb})")

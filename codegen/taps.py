@@ -9,7 +9,13 @@ generated code flattens the padded input's spatial dims, and for every kernel ta
 
 where p runs over output positions laid out with the padded row length (the extra columns are
 computed and cropped at the end): no im2col copy at all. Used when the contraction is wide
-(E ≥ 32) and the image large (≥ 1024 flat positions), where it beats one im2col GEMM.
+(`cost.TAPS_MIN_CONTRACT`) and the image large (`cost.TAPS_MIN_POSITIONS` flat positions),
+where it beats one im2col GEMM.
+
+A depthwise convolution (nothing summed but the kernel taps: E = 1) is the op kind
+`depthwise_taps` instead: per kernel tap one broadcast multiply-add (`addcmul_`) of the tap's
+weights with the shifted flat input, a cache-sized block of rows (`cost.DEPTHWISE_BLOCK_BYTES`)
+at a time, so the block's input and output stay in cache across the taps.
 """
 from __future__ import annotations
 
@@ -17,10 +23,9 @@ import sympy
 
 from tnderive.patterns import geometry, special_layout, window_count
 
+from .cost import DEPTHWISE_BLOCK_BYTES, TAPS_MIN_CONTRACT, TAPS_MIN_POSITIONS
 from .values import Value
 
-MIN_CONTRACT = 32
-MIN_POSITIONS = 1024
 
 
 def record(low, v, base, consts, srcs) -> None:
@@ -77,7 +82,8 @@ def conv_taps(low, operands, out):
     strides = [sympy.Mul(*Ipad[j + 1:]) for j in range(d)]
     length = sum(((geos[j][1] - 1) * strides[j] for j in range(d)), sympy.Integer(0)) + 1
     Esz = sympy.Mul(*[size[a] for a in E])
-    if num(Esz) < MIN_CONTRACT or num(length) < MIN_POSITIONS:
+    depthwise = Esz == 1  # a literal 1: nothing but the kernel taps is summed
+    if not depthwise and (num(Esz) < TAPS_MIN_CONTRACT or num(length) < TAPS_MIN_POSITIONS):
         return None
     if all(num(K) == 1 for K, _, _ in geos):
         return None
@@ -91,7 +97,10 @@ def conv_taps(low, operands, out):
                tuple(K for K, _, _ in geos), tuple(D for _, _, D in geos),
                tuple(strides), tuple(widened), tuple(O for _, O, _ in geos), length,
                sympy.Mul(*Ipad))
-    v = low.emit("conv_taps", (base, W), labels, shape, payload=payload)
+    if depthwise:
+        payload += (DEPTHWISE_BLOCK_BYTES,)
+    v = low.emit("depthwise_taps" if depthwise else "conv_taps", (base, W), labels, shape,
+                 payload=payload)
     if low.ops and low.ops[-1].out == v.name:  # new op: its cost (2 flops per multiply-add)
         low.ops[-1].flops = sympy.expand(2 * sympy.Mul(*payload[6]) * sympy.Mul(*payload[7])
                                          * Esz * sympy.Mul(*payload[9]) * length)
@@ -101,8 +110,9 @@ def conv_taps(low, operands, out):
 
 
 def emit_lines(op, py_size, py_shape) -> str:
-    """Python source of a conv_taps op (several lines, one operation each)."""
-    (pp, ep, P, E, M, ks, psz, msz, Esz, Ks, Ds, strides, widened, Os, length, flat) = op.payload
+    """Python source of a conv_taps / depthwise_taps op (several lines, one operation each)."""
+    (pp, ep, P, E, M, ks, psz, msz, Esz, Ks, Ds, strides, widened, Os, length, flat) = op.payload[:16]
+    depthwise = op.kind == "depthwise_taps"
     base, W = op.inputs
     out = op.out
     nrest = len(pp) + len(ep)
@@ -131,6 +141,12 @@ def emit_lines(op, py_size, py_shape) -> str:
                  f"  # output positions with the padded row length")
     lines.append(f"{out}_acc = {out}_y[:, :, :{py_size(length)}]")
     indent = ""
+    rows = "_b:_b + _rows"
+    if depthwise:  # a cache-sized block of rows over all taps
+        lines.append(f"_rows = max(1, {op.payload[16]} // (({py_size(Mn)} * {py_size(length)} + "
+                     f"{py_size(flat)}) * {out}_x.element_size()))  # rows per cache-sized block")
+        lines.append(f"for _b in range(0, {py_size(B)}, _rows):")
+        indent = "    "
     loop_vars = []
     for j in range(d):
         lines.append(f"{indent}for _k{j} in range({py_size(Ks[j])}):")
@@ -140,8 +156,12 @@ def emit_lines(op, py_size, py_shape) -> str:
                      for j in range(d))
     offset = " + ".join(f"_k{j} * {py_size(Ds[j] * strides[j])}" for j in range(d))
     lines.append(f"{indent}_off = {offset}  # where this kernel tap reads")
-    lines.append(f"{indent}{out}_acc.baddbmm_({out}_w[:, :, :, {tap}], "
-                 f"{out}_x[:, :, _off:_off + {py_size(length)}])  # one matmul per tap")
+    if depthwise:
+        lines.append(f"{indent}{out}_acc[{rows}].addcmul_({out}_w[{rows}, :, :, {tap}], "
+                     f"{out}_x[{rows}, :, _off:_off + {py_size(length)}])  # multiply-add per tap")
+    else:
+        lines.append(f"{indent}{out}_acc.baddbmm_({out}_w[:, :, :, {tap}], "
+                     f"{out}_x[:, :, _off:_off + {py_size(length)}])  # one matmul per tap")
     final = list(psz) + list(msz) + list(widened)
     crop = ", ".join([":"] * (len(psz) + len(msz) + 1) +
                      [f":{py_size(O)}" for O in Os[1:]])

@@ -116,17 +116,12 @@ def _function(program: Program, name: str, notation: str, sizes: dict) -> str:
     expr = program.expr
     params = parameters(program)
     body: list[str] = argument_lines(program, name, sizes)
-    ops = _live_ops(program)
-    temps = {op.out for op in ops}
-    last_use: dict[str, int] = {}
-    for k, op in enumerate(ops):
-        for v in op.inputs:
-            if v.name in temps:
-                last_use[v.name] = k
+    ops = program.live_ops()
+    last_use = program.last_uses(ops)
     for k, op in enumerate(ops):
         body.append(_op_line(op))
-        dead = sorted({v.name for v in op.inputs if last_use.get(v.name) == k}
-                      - {program.result.name}, key=lambda n: int(n[1:]) if n[1:].isdigit() else 0)
+        dead = sorted({v.name for v in op.inputs if last_use.get(v.name) == k},
+                      key=lambda n: int(n[1:]) if n[1:].isdigit() else 0)
         if dead:  # free intermediates early: lower peak memory
             body.append(f"del {', '.join(dead)}")
     body.append("return " + _arrange(program.result, expr.indices))
@@ -135,17 +130,6 @@ def _function(program: Program, name: str, notation: str, sizes: dict) -> str:
 
     return f"def {name}({params}):\n{INDENT}{doc}\n" + \
         "\n".join(INDENT + l if l else "" for l in "\n".join(body).split("\n")) + "\n"
-
-
-def _live_ops(program: Program) -> list[Op]:
-    """The ops the result depends on (a view superseded by a kernel-tap op is dropped)."""
-    live = {program.result.name}
-    keep = []
-    for op in reversed(program.ops):
-        if op.out in live:
-            keep.append(op)
-            live |= {v.name for v in op.inputs}
-    return keep[::-1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,8 +176,10 @@ def _op_line(op: Op) -> str:
         code = _expand(op)
     elif op.kind == "diag":
         return _diag(op)
-    elif op.kind == "conv_taps":
+    elif op.kind in ("conv_taps", "depthwise_taps"):
         return emit_lines(op, py_size, py_shape)
+    elif op.kind == "fold":
+        return _fold(op)
     else:
         raise TNError(f"codegen: unknown op {op.kind!r}")
     return f"{op.out} = {code}{comment}"
@@ -225,6 +211,25 @@ def _view_line(op: Op) -> tuple[str, str]:
                 f"view ({why}): every {step}-th entry of {v.labels[d]} -> {op.labels[d]}")
     d = op.payload
     return (f"{v.name}.unsqueeze({d})", f"view: kernel index {op.labels[d]} of size 1")
+
+
+def _fold(op: Op) -> str:
+    """col2im lines (`views._fold`): a zero padded output, one strided add per kernel tap."""
+    (v,) = op.inputs
+    d, K, O, I, S, D, pl, padded = op.payload
+    shape = list(op.shape)
+    shape[d] = padded
+    every = ":, " * d + f"::{py_size(S)}"
+    k, o, i = v.labels[d + 1], v.labels[d], op.labels[d]
+    return "\n".join([
+        f"{op.out} = {v.name}.new_zeros({py_shape(shape)})  # col2im: ({o}, {k}) folded into "
+        f"{i} = {S}*{o} + {D}*{k} - {pl} (overlapping windows add up)",
+        f"for _k in range({py_size(K)}):",
+        f"    {op.out}.narrow({d}, {py_size(D)} * _k, {py_size(S * (O - 1) + 1)})[{every}]"
+        f".add_({v.name}.select({d + 1}, _k))",
+        f"{op.out} = {op.out}.narrow({d}, {py_size(pl)}, {py_size(I)})  # [{','.join(op.labels)}]"
+        f"  crop the padding",
+    ])
 
 
 def _arrange(v: Value, labels) -> str:
@@ -383,3 +388,79 @@ def _rename_builder(kind: str, src: str) -> tuple[str, str]:
         elif isinstance(node, ast.Name) and node.id in mapping:
             node.id = mapping[node.id]
     return ast.unparse(tree), builder
+
+
+# --------------------------------------------------------------------------------------------
+# several lowered programs in one function (`tnderive.network_codegen`)
+# --------------------------------------------------------------------------------------------
+
+def emit_ops_module(entry: Program, ops: list[Op], name: str, returns: str, doc: str,
+                    keep: frozenset[str] = frozenset(), sizes: dict | None = None) -> str:
+    """Source of a module (imports only torch) whose function `name` checks its keyword
+    arguments once (those of `entry.expr.signature`, the sizes its ops need), then runs `ops`
+    in order, one line each as `emit_module` writes them, deleting every temporary after its
+    last reader unless it is in `keep`, and returns the python expression `returns`.
+
+    For straight-line code assembled from several lowered programs (their ops renamed apart
+    and shared by the caller); `doc` is the module and function docstring."""
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise TNError(f"codegen: function name {name!r} is not a python identifier")
+    kinds = sorted({op.payload[0] for op in ops if op.kind == "const"})
+    parts = [f'"""{_escape_doc(doc)}\n"""\n', "import torch", "", "", _ERROR_CLASS, "", "",
+             "_MISSING = object()", "", "", DEVICE_DTYPE_HELPER, ""]
+    if kinds:
+        parts += ["", _constant_support(kinds)]
+    body = argument_lines(entry, name, sizes or {})
+    made = {op.out for op in ops} - set(keep)
+    last: dict[str, int] = {}
+    for k, op in enumerate(ops):
+        for v in op.inputs:
+            if v.name in made:
+                last[v.name] = k
+    for k, op in enumerate(ops):
+        body.append(_matmul_line(op) or _op_line(op))
+        dead = list(dict.fromkeys(v.name for v in op.inputs if last.get(v.name) == k))
+        if dead:  # free intermediates early: lower peak memory
+            body.append(f"del {', '.join(dead)}")
+    body.append(f"return {returns}")
+    fn = f"def {name}({parameters(entry)}):\n" + \
+        "\n".join(INDENT + l if l else "" for l in "\n".join(body).split("\n")) + "\n"
+    parts += ["", fn]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _matmul_line(op: Op) -> str | None:
+    """A two-operand einsum that is one matrix (or matrix-vector, or dot) product, as `@`
+    with `.mT` views, or a broadcast product, as `*` with `None` axes (torch.einsum parses its equation on every call: at small sizes that is
+    most of the time of a product); None for any other op."""
+    if op.kind != "einsum" or len(op.inputs) != 2:
+        return None
+    a, b = op.inputs
+    if len(set(a.labels)) != len(a.labels) or len(set(b.labels)) != len(b.labels) or \
+            a.ties or b.ties:
+        return None
+    if set(a.labels) == set(b.labels) == set(op.labels):  # an entrywise product, permuted
+        return f"{op.out} = {_arrange(a, op.labels)} * {_arrange(b, op.labels)}" \
+            f"  # [{','.join(op.labels)}]"
+    for big, small in ((a, b), (b, a)):  # a broadcast product: `A * v[:, None]`
+        if big.labels == op.labels and set(small.labels) < set(big.labels) and \
+                [i for i in big.labels if i in small.labels] == list(small.labels):
+            idx = ", ".join(":" if i in small.labels else "None" for i in big.labels)
+            return f"{op.out} = {big.name} * {small.name}[{idx}]  # [{','.join(op.labels)}]"
+    shared = [i for i in a.labels if i in b.labels]
+    if len(shared) != 1 or shared[0] in op.labels or len(a.labels) > 2 or len(b.labels) > 2:
+        return None
+    c = shared[0]
+    free_a, free_b = [i for i in a.labels if i != c], [i for i in b.labels if i != c]
+    if sorted(op.labels) != sorted(free_a + free_b):
+        return None
+    a_first = bool(free_a) and op.labels[0] == free_a[0] or not free_b
+    first, second = (a, b) if a_first else (b, a)
+
+    def side(v: Value, contracted_last: bool) -> str:
+        if len(v.labels) == 1 or (v.labels[-1] == c) == contracted_last:
+            return v.name
+        return f"{v.name}.mT"
+
+    code = f"{side(first, True)} @ {side(second, False)}"
+    return f"{op.out} = {code}  # [{','.join(op.labels)}]  {op.flops} flops"

@@ -14,16 +14,14 @@ lowering's `emit` (kinds: pad, unfold, slice, unsqueeze, reshape, narrow, einsum
 Scatters (the constant's input leg is an output, non-overlapping windows) are placements:
 `select_scatters` / `scatter_output` / `place_scatters` (see that section).
 
-`run_views` runs the same view ops eagerly on tensors (`tnderive.structured.structured_evaluate`
-uses it), so the view logic exists once.
+Both backends run the view ops: the emitter writes them (`torch_emit`), the interpreter runs
+them (`interpret`, which `tnderive.structured` also uses eagerly), so the view logic exists once.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Callable
 
 import sympy
-import torch
 
 from tnderive.constants import ViewLowering, get_kind
 from tnderive.ir import Constant, Expr
@@ -130,9 +128,11 @@ def _pad(low, v, pads: list):
 # scatters: a pattern whose input leg is an output (input VJPs, transpose convolutions)
 # --------------------------------------------------------------------------------------------
 #
-# Σ_{k,o} R[.., o, k, ..] Π[k, o, i] with non-overlapping windows (S ≥ D·(K−1)+1: every i is
-# hit by at most one (o, k)) is a placement, not a contraction: contract the other factors
-# keeping (o, k) where i goes, then
+# Σ_{k,o} R[.., o, k, ..] Π[k, o, i] is not contracted with a 0/1 Π: the other factors are
+# contracted keeping (o, k) where i goes. Overlapping windows (S < D·(K−1)+1) are then folded
+# (col2im: one `fold` op adds each kernel tap k into the strided slice i = S·o + D·k − P_left
+# of a zero output). Non-overlapping windows (every i hit by at most one (o, k)) are a
+# placement, with views only:
 #   dilation   zero-insert k by D (unsqueeze, pad the new dim to D, reshape, narrow)
 #   stride     pad the window to S entries (zeros between windows)
 #   merge      reshape (o, s) into one axis of O·S positions
@@ -140,7 +140,7 @@ def _pad(low, v, pads: list):
 # Dense patches (K = S) need only the reshape and a tail pad; 1×1 stride S only zeros.
 
 def select_scatters(factors: list[Expr], find: Callable, out: set, taken) -> dict[int, Constant]:
-    """Non-overlapping patterns whose input leg is a free output carried by nothing else:
+    """Patterns (and splits) whose input leg is a free output carried by nothing else:
     {position: constant}."""
     picked: dict[int, Constant] = {}
     outs = set()
@@ -159,11 +159,8 @@ def select_scatters(factors: list[Expr], find: Callable, out: set, taken) -> dic
         if any(i in l for l in others) or not any(k in l for l in others) \
                 or not any(o in l for l in others):
             continue
-        if f.kind == "pattern":
-            s, _, _, d = f.params[:4]
-            K = f.shape[0]
-            if sympy.simplify(s - d * (K - 1) - 1).is_nonnegative is not True or geometry(f) is None:
-                continue
+        if f.kind == "pattern" and geometry(f) is None:
+            continue
         picked[n] = f
         outs.add(i)
     return picked
@@ -187,11 +184,20 @@ def scatter_output(output: tuple, scatters: list[Constant], find: Callable) -> t
     return tuple(x for i in output for x in repl.get(i, (i,)))
 
 
+def overlapping(c: Constant) -> bool:
+    """Whether a pattern's windows may overlap (S < D·(K−1)+1: some i is hit twice)."""
+    s, _, _, d = c.params[:4]
+    return sympy.simplify(s - d * (c.shape[0] - 1) - 1).is_nonnegative is not True
+
+
 def place_scatters(low, v, scatters: list[Constant], find: Callable):
-    """`v` with each scatter's adjacent (o, k) dims placed into its i axis (see above); the
-    stride pads, merges and shifts of all scatters are one op each (fewer copies)."""
+    """`v` with each scatter's adjacent (o, k) dims placed into its i axis (see above):
+    overlapping patterns by one `fold` op each; for the others the stride pads, merges and
+    shifts of all scatters are one op each (fewer copies)."""
+    for c in [c for c in scatters if c.kind == "pattern" and overlapping(c)]:
+        v = _fold(low, v, c, find)
     splits = [c for c in scatters if c.kind == "split"]
-    scatters = [c for c in scatters if c.kind == "pattern"]
+    scatters = [c for c in scatters if c.kind == "pattern" and not overlapping(c)]
     if splits:  # a split scatter is a reshape merging (a, b) into i
         labels, shape = list(v.labels), list(v.shape)
         for c in splits:
@@ -245,6 +251,21 @@ def place_scatters(low, v, scatters: list[Constant], find: Callable):
     return v
 
 
+def _fold(low, v, c: Constant, find: Callable):
+    """col2im: the adjacent (o, k) dims of `v` folded into i (overlapping windows add up).
+    payload: (dim of o, K, O, I, S, D, P_left, padded length of i)."""
+    k, o, i = (find(x) for x in c.indices)
+    K, O, I, S, pl, _, D = geometry(c)
+    d = v.labels.index(o)
+    padded = sympy.Max(pl + I, D * (K - 1) + S * (O - 1) + 1)
+    labels = v.labels[:d] + (i,) + v.labels[d + 2:]
+    shape = v.shape[:d] + (I,) + v.shape[d + 2:]
+    out = low.emit("fold", (v,), labels, shape, payload=(d, K, O, I, S, D, pl, padded))
+    if low.ops and low.ops[-1].out == out.name:  # new op: one add per (o, k) and other entry
+        low.ops[-1].flops = sympy.Mul(*v.shape)
+    return out
+
+
 def _pad_dims(low, v, pads: list, why: str, labels=None):
     """Zero padding (negative: cropping) of dims [(d, left, right), ...] as one op."""
     if not pads:
@@ -254,72 +275,3 @@ def _pad_dims(low, v, pads: list, why: str, labels=None):
         shape[d] = shape[d] + l + r
     return low.emit("pad", (v,), labels or v.labels, tuple(shape),
                     payload=(tuple(sorted(pads)), why))
-
-
-# --------------------------------------------------------------------------------------------
-# the same views run eagerly on tensors (used by `tnderive.structured.structured_evaluate`)
-# --------------------------------------------------------------------------------------------
-
-def run_view_op(kind: str, t, labels_in: tuple, labels: tuple, shape: tuple, payload):
-    """Execute one view op (as `torch_emit` writes it) on tensor `t`."""
-    if kind == "pad":
-        payload = payload[0]
-        first = min(d for d, _, _ in payload)
-        pads = {d: (int(l), int(r)) for d, l, r in payload}
-        flat: list[int] = []
-        for d in reversed(range(first, t.dim())):
-            flat += list(pads.get(d, (0, 0)))
-        return torch.nn.functional.pad(t, flat)
-    if kind == "unfold":
-        d, size, step = payload
-        return t.unfold(d, int(size), int(step))
-    if kind == "slice":
-        d, step, _ = payload
-        return t[(slice(None),) * d + (slice(None, None, int(step)),)]
-    if kind == "unsqueeze":
-        return t.unsqueeze(payload)
-    if kind == "reshape":
-        return t.reshape([int(n) for n in shape])
-    if kind == "narrow":
-        d, offset = payload
-        return t.narrow(d, int(offset), int(shape[d]))
-    if kind == "einsum":  # a sum over the dims the output lacks
-        gone = [d for d, i in enumerate(labels_in) if i not in labels]
-        return t.sum(dim=gone)
-    raise ValueError(f"not a view op: {kind}")
-
-
-class _Recorder:
-    """A stand-in for the lowering (`emit`, `fresh_label`) that records the view ops."""
-
-    def __init__(self, fresh: Callable):
-        self.fresh = fresh
-        self.ops: list[tuple] = []
-
-    def fresh_label(self, base):
-        return self.fresh()
-
-    def emit(self, kind, inputs, labels, shape=None, payload=None):
-        (v,) = inputs
-        if shape is None:  # a sum keeps the sizes of the remaining dims
-            shape = tuple(dict(zip(v.labels, v.shape))[i] for i in labels)
-        self.ops.append((kind, v.labels, tuple(labels), tuple(shape), payload))
-        return Value(f"_{len(self.ops)}", tuple(labels), tuple(shape))
-
-
-@lru_cache(maxsize=1024)
-def _recorded(labels: tuple, shape: tuple, consts: tuple, fresh: tuple):
-    names = iter(fresh)
-    rec = _Recorder(lambda: next(names))
-    v = apply_views(rec, Value("_in", labels, shape), list(consts), lambda i: i)
-    return tuple(rec.ops), v.labels
-
-
-def run_views(t, labels: list, consts: list[Constant], fresh: tuple):
-    """Eager `apply_views`: tensor `t` (dims `labels`) with the constants (numeric shapes)
-    applied as the same view ops generated code runs. `fresh`: spare labels. The op list is
-    built once per (labels, shape, constants) and replayed. Returns (tensor, labels)."""
-    ops, out = _recorded(tuple(labels), tuple(int(n) for n in t.shape), tuple(consts), fresh)
-    for kind, lin, lout, shape, payload in ops:
-        t = run_view_op(kind, t, lin, lout, shape, payload)
-    return t, list(out)

@@ -127,16 +127,25 @@ def test_pattern_constant_codegen():
     assert "_constant('pattern'" not in src
     f = compile(expr)
     torch.testing.assert_close(f(**tensors), evaluate(expr, **tensors), rtol=1e-10, atol=1e-10)
-    # a scatter (input leg free) still contracts the constant, built by its torch-only builder
+    # a scatter (input leg free) is folded (col2im: a strided add per kernel tap), no 0/1 tensor
     from tnderive.patterns import pattern_constant
     pat = pattern_constant(("k", "o", "h"), (3, size_symbol("h")), stride=2, padding=1)
     v = Variable("v", ("n", "c", "o"), shape=(size_symbol("n"), size_symbol("c"), pat.shape[1]))
     scatter = Product((V("w", ("c", "k")), v, pat), ("n", "c", "h"))
     f = compile(scatter, sizes={"h": 7})  # h: not determined by v's size floor((h-1)/2)+1
-    assert "def _pattern_build_pattern" in f.source and "_constant('pattern'" in f.source
+    assert "col2im" in f.source and "_constant('pattern'" not in f.source
     tensors = {"w": torch.randn(2, 3, dtype=torch.float64), "v": torch.randn(3, 2, 4, dtype=torch.float64)}
-    got = f(**tensors)
-    torch.testing.assert_close(got, evaluate(scatter, sizes={"h": 7}, **tensors), rtol=1e-10, atol=1e-10)
+    ref = torch.nn.functional.conv_transpose1d(tensors["v"], tensors["w"].reshape(2, 1, 3),
+                                               stride=2, padding=1, groups=2)
+    torch.testing.assert_close(f(**tensors), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(evaluate(scatter, sizes={"h": 7}, **tensors), ref, rtol=1e-10,
+                               atol=1e-10)
+    # a pattern that is the output itself is built, by its torch-only builder copied into the module
+    f = compile(Product((pat,), ("k", "o", "h")), sizes={"h": 7})
+    assert "def _pattern_build_pattern" in f.source and "_constant('pattern'" in f.source
+    dense = f()
+    assert dense.shape == (3, 4, 7) and dense.sum() == 10  # taps landing in the 7 positions
+    torch.testing.assert_close(dense, evaluate(pat, sizes={"h": 7}), rtol=0, atol=0)
 
 
 def test_split_and_window_become_views():

@@ -87,8 +87,10 @@ def test_conv_vjp_generated_equals_evaluate(case, wrt):
         y = conv(xg, w, stride=s, padding=p, dilation=d, groups=g)
         (ref,) = torch.autograd.grad(y, xg, v.reshape(y.shape))
         torch.testing.assert_close(f(**tensors).reshape(ref.shape), ref, **TOL)
-        # non-overlapping windows: the scatter is a placement (reshape / pad), no 0/1 pattern
-        assert ("_constant('pattern'" not in f.source) == (case in SCATTER_AS_VIEWS)
+        # no 0/1 pattern: non-overlapping windows are a placement (reshape / pad), overlapping
+        # ones are folded (col2im, one strided add per kernel tap)
+        assert "_constant('pattern'" not in f.source
+        assert ("col2im" in f.source) == (case not in SCATTER_AS_VIEWS)
 
 
 @pytest.mark.parametrize("xs,ws,padding,dilation,groups", [
@@ -175,3 +177,30 @@ def test_symbolic_conv_network_compiles():
     w = torch.randn(1, 4, 3, 3, 3, dtype=torch.float64)
     torch.testing.assert_close(f(x=x, W=w), evaluate(net.core, x=x, W=w), **TOL)
     assert "_constant('pattern'" not in f.source
+
+
+@pytest.mark.parametrize("xs,ws,padding,dilation", [
+    ((2, 6, 11, 9), (6, 1, 3, 3), 1, 1),          # depthwise 2d
+    ((2, 4, 10, 12), (8, 1, 3, 2), (2, 1), (2, 1)),  # channel multiplier 2, dilated
+    ((3, 5, 17), (5, 1, 5), 2, 1),                # 1d
+    ((1, 3, 6, 5, 7), (3, 1, 2, 3, 2), 1, 1),     # 3d
+])
+def test_depthwise_conv_as_tap_multiply_adds(xs, ws, padding, dilation):
+    groups = xs[1]
+    net = conv_network(xs, ws, padding=padding, dilation=dilation, groups=groups, bias=False)
+    x, w = torch.randn(xs, dtype=torch.float64), torch.randn(ws, dtype=torch.float64)
+    f = compile(net.core)
+    assert "addcmul_" in f.source and "_constant(" not in f.source  # depthwise_taps, no im2col
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = conv(xg, wg, padding=padding, dilation=dilation, groups=groups)
+    got = net.finish(f(**net.prepare(x, w)), None)
+    torch.testing.assert_close(got, ref, **TOL)
+    torch.testing.assert_close(net.finish(evaluate(net.core, **net.prepare(x, w)), None), ref, **TOL)
+    # differentiable by autograd (the multiply-adds are in place on a fresh buffer)
+    v = torch.randn(ref.shape, dtype=torch.float64)
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (net.finish(f(**net.prepare(xa, wa)), None) * v).sum().backward()
+    gx, gw = torch.autograd.grad(ref, (xg, wg), v)
+    torch.testing.assert_close(xa.grad, gx, **TOL)
+    torch.testing.assert_close(wa.grad, gw, **TOL)

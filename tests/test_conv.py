@@ -375,7 +375,7 @@ def _tap_paths_used(monkeypatch, names, xs, ws, kw) -> list[str]:
 @pytest.mark.parametrize("block_bytes", [1, 1 << 30])  # one image per block / all at once
 def test_tap_paths_match_torch(monkeypatch, xs, ws, kw, block_bytes):
     import tnderive.structured as S
-    monkeypatch.setattr(S, "_TAP_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(S, "TAP_BLOCK_BYTES", block_bytes)
     used = _tap_paths_used(monkeypatch, ("_conv_taps", "_weight_taps"), xs, ws, kw)
     assert "_conv_taps" in used and "_weight_taps" in used
 
@@ -428,7 +428,7 @@ def test_depthwise_row_blocks_match_torch(monkeypatch, xs, ws, kw, block_bytes):
         calls.append(args[0].shape)
         return orig(*args)
     monkeypatch.setattr(P, "_depthwise_accumulate", spy)
-    monkeypatch.setattr(P, "_DEPTHWISE_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(P, "DEPTHWISE_BLOCK_BYTES", block_bytes)
     x, w = torch.randn(*xs), torch.randn(*ws)
     assert torch.allclose(T.conv2d(x, w, **kw), F.conv2d(x, w, **kw), **TOL)
     assert calls, "the depthwise path was not taken"
@@ -468,7 +468,7 @@ def test_depthwise_strided_input_vjp_scatters_per_tap(monkeypatch, xs, ws, kw, b
     it multiply-adds each tap into its strided output slice (no K-times larger product), a
     block of output rows at a time (one row, a few, all)."""
     import tnderive.structured as P
-    monkeypatch.setattr(P, "_DEPTHWISE_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(P, "DEPTHWISE_BLOCK_BYTES", block_bytes)
     calls = []
     orig = P._fold_taps
 

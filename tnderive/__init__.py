@@ -22,6 +22,7 @@ from .draw import repr_svg as _repr_svg
 from .printer import to_notation
 from .codegen import codegen, compile, plan
 from .kfac import kfac
+from .network import Network, parse_network
 # the modules that define the built-in constant kinds register them on import
 from . import patterns as _patterns  # noqa: F401  (pattern, pattern_sum, split, window)
 from .nn import attention as _attention  # noqa: F401  (causal_mask, causal_tril)
@@ -47,11 +48,16 @@ _LAZY = {
     "KronBlock": "tnderive.kronecker",
     "hessian_blocks": "tnderive.attention",
     "nn": "tnderive.nn",
+    "from_module": "tnderive.models",
+    "Model": "tnderive.models",
+    "GGN": "tnderive.operators",
+    "Hessian": "tnderive.operators",
+    "KFAC": "tnderive.operators",
 }
 
 __all__ = ["TNError", "elementwise", "evaluate", "parse", "grad", "hessian", "jvp", "vjp",
            "derivative", "simplify", "verify", "draw", "draw_steps", "to_notation", "codegen",
-           "compile", "plan",
+           "compile", "plan", "Network", "parse_network",
            "kfac", "Expr", "Variable", "Delta", "Constant", "Func", "Product", "Sum", "Zero", *_LAZY]
 
 

@@ -21,6 +21,15 @@ The graph of an expression (networkx, node and edge attribute ``label``):
   graph.
 * a one-factor product that sums nothing (a transpose) is its factor: indices count by name.
 
+Hashing is Merkle-style (DESIGN.md, the Depth point): `canonical_hash` builds only the
+*local* graph of a node, where each composite child (product, sum, function) is one leaf
+labelled by the child's own cached anonymous hash (`subterm_summary`: the WL hash of its local
+graph with its free indices labelled by size only) and joined to each index it carries by an
+edge labelled with that index's WL colour inside the child. Colours and hashes are invariant
+under isomorphism, so isomorphic expressions still hash equal, and a sub-network shared by
+many terms is hashed once instead of being rebuilt inside every term. The exact check
+(`isomorphic`) still runs VF2 on the full graphs, only inside a hash bucket.
+
 Two expressions with isomorphic graphs (labels matched) are the same tensor, so like terms
 can be merged. The converse does not hold (rules normalise first). Isomorphism is not `==`:
 `==` stays structural equality of the tree.
@@ -75,7 +84,10 @@ class _Builder:
         for i, ks in pos.items():
             self.edge(n, env[i], f"ax{tuple(ks)}")
 
-    def add(self, e: Expr, env: dict[str, int]) -> int:
+    def add(self, e: Expr, env: dict[str, int], local: bool = False) -> int:
+        """The graph of `e` (its indices wired to `env`); `local`: composite children become
+        Merkle leaves (`leaf`) instead of being expanded."""
+        child = self.leaf if local else self.add
         if isinstance(e, Variable):
             n = self.node(f"var:{e.name}:{_sizes(e.axis_shape)}")
             self.legs(n, e.occurrence, env)
@@ -103,10 +115,10 @@ class _Builder:
                     inner = dict(env)
                     inner[e.over] = self.node(f"idx:{_size(e.arg.size_of(e.over))}")
                     self.edge(n, inner[e.over], "over")
-            self.edge(n, self.add(e.arg, inner), "arg")
+            self.edge(n, child(e.arg, inner), "arg")
             return n
         if isinstance(e, Product) and len(e.factors) == 1 and not e.summed:
-            return self.add(e.factors[0], env)  # a transpose: the same tensor (names count)
+            return self.add(e.factors[0], env, local)  # a transpose: the same tensor
         if isinstance(e, Product):
             n = self.node("prod")
             inner = {i: env[i] for i in e.indices}
@@ -115,14 +127,28 @@ class _Builder:
                 inner[b] = self.node(f"idx:{_size(sizes[b])}")
                 self.edge(n, inner[b], "binds")
             for f in e.factors:
-                self.edge(n, self.add(f, inner), "factor")
+                self.edge(n, child(f, inner), "factor")
             return n
         if isinstance(e, Sum):
             n = self.node("sum")
             for c, t in e.terms:
-                self.edge(n, self.add(t, env), f"term:{sympy.srepr(c)}")
+                self.edge(n, child(t, env), f"term:{sympy.srepr(c)}")
             return n
         raise TypeError(f"no graph for node {type(e).__name__}")
+
+    def leaf(self, e: Expr, env: dict[str, int]) -> int:
+        """`e` as one node: a tensor leaf as in the full graph; a composite sub-term as a node
+        labelled by its anonymous hash, with an edge to each index it carries labelled by that
+        index's colour inside it."""
+        if isinstance(e, (Variable, Delta, Constant, Zero)):
+            return self.add(e, env)
+        if isinstance(e, Product) and len(e.factors) == 1 and not e.summed:
+            return self.leaf(e.factors[0], env)  # a transpose: the same tensor
+        h, colours = subterm_summary(e)
+        n = self.node(f"sub:{h}")
+        for i, colour in zip(e.indices, colours):
+            self.edge(n, env[i], f"ix:{colour}")
+        return n
 
 
 def to_graph(expr: Expr) -> nx.Graph:
@@ -138,11 +164,37 @@ def _graph(expr: Expr) -> nx.Graph:
     return to_graph(expr)
 
 
+def local_graph(expr: Expr, named: bool = True) -> tuple[nx.Graph, list[int]]:
+    """The Merkle graph of `expr` (composite children as labelled leaves, see the module
+    docstring) and its free-index nodes in `expr.indices` order. `named=False` labels the
+    free indices by size only (the sub-term's anonymous form)."""
+    b = _Builder()
+    env = {i: b.node(f"free:{i}:{_size(s)}" if named else f"free:{_size(s)}")
+           for i, s in zip(expr.indices, expr.shape)}
+    b.add(expr, env, local=True)
+    return b.g, [env[i] for i in expr.indices]
+
+
+@lru_cache(maxsize=100_000)
+def subterm_summary(expr: Expr) -> tuple[str, tuple[str, ...]]:
+    """(anonymous WL hash of `expr`'s local graph, WL colour of each free index in it): how
+    `expr` enters the canonical forms of the terms that contain it. Both are invariant under
+    isomorphism (renaming every index of `expr`)."""
+    g, free = local_graph(expr, named=False)
+    colours = nx.weisfeiler_lehman_subgraph_hashes(g, node_attr="label", edge_attr="label",
+                                                   iterations=WL_ITERATIONS)
+    h = nx.weisfeiler_lehman_graph_hash(g, node_attr="label", edge_attr="label",
+                                        iterations=WL_ITERATIONS)
+    return h, tuple(colours[n][-1] for n in free)
+
+
 @lru_cache(maxsize=100_000)
 def canonical_hash(expr: Expr) -> str:
-    """Weisfeiler-Lehman hash of `expr`'s graph: equal for isomorphic networks (invariant
-    under renaming summed indices and reordering factors/terms); free indices count by name."""
-    return nx.weisfeiler_lehman_graph_hash(_graph(expr), node_attr="label", edge_attr="label",
+    """Weisfeiler-Lehman hash of `expr`'s local (Merkle) graph: equal for isomorphic networks
+    (invariant under renaming summed indices and reordering factors/terms); free indices
+    count by name. Sub-terms enter by their cached `subterm_summary`."""
+    g, _ = local_graph(expr)
+    return nx.weisfeiler_lehman_graph_hash(g, node_attr="label", edge_attr="label",
                                            iterations=WL_ITERATIONS)
 
 

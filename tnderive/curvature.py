@@ -167,10 +167,6 @@ def evaluate(expr: Expr, sizes: Mapping[str, int] | None = None, context: Expr |
     return _evaluate(expr, known_sizes(expr, sizes) or None, **used)
 
 
-def _codegen_compile():
-    return _compile
-
-
 class CompiledExpr:
     """`expr` as a callable with keyword tensors (those outside its signature are ignored).
 
@@ -185,14 +181,13 @@ class CompiledExpr:
         self.expr, self.name, self.context = expr, name, context
         self.sizes = dict(sizes or {})
         self.signature = expr.signature
-        self._compile = _codegen_compile()
         self._fns: dict = {}
         self._last = None
 
     @property
     def source(self) -> Optional[str]:
         """Source of the generated code last run (None before the first call)."""
-        return getattr(self._last, "source", None)
+        return None if self._last is None else self._last.source
 
     def __call__(self, **tensors: torch.Tensor) -> torch.Tensor:
         used = {k: v for k, v in tensors.items() if k in self.signature}
@@ -201,7 +196,7 @@ class CompiledExpr:
         key = tuple(sorted(sizes.items()))
         fn = self._fns.get(key)
         if fn is None:
-            fn = self._fns[key] = self._compile(self.expr, self.name, sizes=sizes or None)
+            fn = self._fns[key] = _compile(self.expr, self.name, sizes=sizes or None)
         self._last = fn
         return fn(**used)
 

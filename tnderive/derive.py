@@ -11,6 +11,12 @@ variable appended after `expr.indices` (legs given by name). `grad`, `hessian`, 
   * softmax:   p·dz − p·Σ_k' p[k'] dz[k']    (diag(p) − p pᵀ applied to dz)
   * logsumexp: Σ_k softmax(z)[k] dz[k]
 
+Programs (`tnderive.Network`, a list of named statements): `reverse` appends adjoint
+statements (reverse mode), `forward` tangent statements (forward mode), `hessian_blocks`
+composes them (forward over reverse); each statement is differentiated on its own with
+`derivative`, so the derived program grows linearly with depth. `grad`/`hessian` accept a
+program and use them.
+
 The results are not simplified; call `tnderive.simplify`. Derivatives of shared sub-networks
 are memoised per (node, variable, legs). Every result keeps the signature of its source
 (`Expr.signature`): the tensors that evaluate `expr` evaluate its derivatives.
@@ -24,24 +30,36 @@ from .errors import TNError
 from .functions import SOFTMAX, Elementwise
 from .ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name,
                  fresh_names, rename_free, scale, with_signature)
+from .statements import Statement, Statements
 
 
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
 
-def grad(expr: Expr, name: str) -> Expr:
+def grad(expr: Expr | Statements, name: str) -> Expr | Statements:
     """d expr / d `name`: free indices are `expr.indices` followed by one leg per axis of the
-    variable, named after its declared axes (suffixed with '_' until unique)."""
+    variable, named after its declared axes (suffixed with '_' until unique).
+
+    For a program (`tnderive.Network`): reverse mode, the program followed by one adjoint
+    statement per statement between `name` and the output (`dX3`, linear in depth) and the
+    gradient statement `d<name>` (the new output); see `reverse`."""
+    if isinstance(expr, Statements):
+        return reverse(expr, [name])
     var = _variable(expr, name)
     legs = new_leg_names(expr, var)
     return derivative(expr, name, legs)  # keeps expr's signature
 
 
-def hessian(expr: Expr, a: str, b: str | None = None) -> Expr:
+def hessian(expr: Expr | Statements, a: str, b: str | None = None) -> Expr | Statements:
     """Second derivative d²expr / d`a` d`b` (b defaults to a). For a scalar the indices are
-    a's axes then b's axes — the layout of `torch.func.hessian(f, argnums=(a, b))[a][b]`."""
+    a's axes then b's axes — the layout of `torch.func.hessian(f, argnums=(a, b))[a][b]`.
+
+    For a program: forward over reverse (`hessian_blocks(program, [(a, b)])`): the output
+    statement `d<a>_d<b>` is the block."""
     b = a if b is None else b
+    if isinstance(expr, Statements):
+        return hessian_blocks(expr, [(a, b)])
     va, vb = _variable(expr, a), _variable(expr, b)
     legs_a = new_leg_names(expr, va)
     first = derivative(expr, a, legs_a)
@@ -105,6 +123,276 @@ def derivative(expr: Expr, name: str, legs: Sequence[str], var: Variable | None 
 def new_leg_names(expr: Expr, var: Variable) -> tuple[str, ...]:
     """Names for derivative legs: the variable's axis names, '_'-suffixed until unique."""
     return fresh_names(var.axes, set(expr.all_indices))
+
+
+# --------------------------------------------------------------------------------------------
+# programs: reverse mode (adjoint statements) and forward mode (tangent statements)
+# --------------------------------------------------------------------------------------------
+
+def adjoint_name(name: str) -> str:
+    """The adjoint (gradient) statement of statement or tensor `name`: `d<name>`."""
+    return "d" + name
+
+
+def tangent_name(name: str, wrt: str) -> str:
+    """The tangent statement of `name` in direction `wrt`: `<name>_d<wrt>` (with a tangent
+    tensor V instead of a Jacobian: `<name>_<V>`)."""
+    return f"{name}_d{wrt}"
+
+
+def _leaf(program: Statements, name: str) -> Variable:
+    sig = program.signature
+    if name not in sig:
+        what = "a statement, not an input tensor" if name in program else "not an input tensor"
+        raise TNError(f"cannot differentiate with respect to {name!r}: it is {what} of the "
+                      f"network (inputs: {sig})")
+    return sig[name]
+
+
+def _fresh_statement(base: str, taken: set[str]) -> str:
+    name = fresh_name(base, taken)
+    taken.add(name)
+    return name
+
+
+def _chain_term(expr: Expr, wrt: str, wrt_axes: tuple[str, ...], out: tuple[str, ...],
+                before: Variable | None, after: Variable | None) -> Expr | None:
+    """One chain-rule term of statement `expr` through its input `wrt`, or None when zero.
+
+    J = d expr[I] / d wrt[legs]. Reverse (`before`, the cotangent dS[O, I] of this
+    statement): Σ_I dS[O, I]·J[I, legs]; output (neither): J itself. Forward (`after`, the
+    tangent tW[axes, B] of `wrt`): Σ_legs J[I, legs]·tW[legs, B]. The free indices of the
+    result are renamed to `out` (O + wrt_axes, resp. I + B)."""
+    legs = fresh_names(wrt_axes, set(expr.all_indices))
+    j = derivative(expr, wrt, legs)
+    if isinstance(j, Zero):
+        return None
+    taken = set(j.all_indices) | set(legs) | set(out)
+    if before is not None:  # reverse: contract the cotangent over the statement's indices
+        k = len(before.axes) - expr.rank
+        lead = fresh_names(before.axes[:k], taken)
+        cot = before.with_indices(lead + expr.indices)
+        now = lead + legs
+        term = _spread(j, lambda t: Product((cot, t), now), now)
+    elif after is not None:  # forward: contract the tangent over the input's axes
+        extra = fresh_names(after.axes[len(wrt_axes):], taken)
+        tan = after.with_indices(legs + extra)
+        now = expr.indices + extra
+        term = _spread(j, lambda t: Product((t, tan), now), now)
+    else:
+        term, now = j, expr.indices + legs
+    return rename_free(term, dict(zip(now, out)))
+
+
+def _spread(j: Expr, contract, indices: tuple[str, ...]) -> Expr:
+    """`contract(j)` with the contraction taken into each term of the sums at the top of `j`
+    (coefficients multiplied out), so each term's copy tensors meet the factor they rename:
+    the local rules then remove them without distributing anything else."""
+    terms: list[tuple[object, Expr]] = []
+    stack = [(1, j)]
+    while stack:
+        c, e = stack.pop()
+        if isinstance(e, Sum):
+            stack.extend((c * k, t) for k, t in reversed(e.terms))
+        else:
+            terms.append((c, contract(e)))
+    if len(terms) == 1 and terms[0][0] == 1:
+        return terms[0][1]
+    return Sum(terms, indices)
+
+
+def _total(terms: list[Expr], indices: tuple[str, ...]) -> Expr | None:
+    terms = [t for t in terms if t is not None]
+    if not terms:
+        return None
+    return terms[0] if len(terms) == 1 else Sum(((1, t) for t in terms), indices)
+
+
+def reverse(program: Statements, params: Sequence[str], names: dict[str, str] | None = None,
+            roles: dict[str, str] | None = None) -> Statements:
+    """Reverse-mode derivative of a program's single output with respect to the input
+    tensors `params`, as a longer program.
+
+    Appended: one adjoint statement `dS[O, I]` = d output[O] / d S[I] for each statement S
+    that depends on a parameter and that the output depends on (O: the output's indices,
+    none for a scalar loss), built from each consumer's local derivative (`derivative` of one
+    small statement, contracted with the consumer's adjoint) and summed over consumers; then
+    one gradient statement `d<param>[O, axes]` per parameter. Each statement is derived once,
+    so the result grows linearly with depth. The outputs of the result are the gradient
+    statements (layout: the output's indices, then the parameter's axes, as `grad`).
+    Unsimplified, like `grad`; `tnderive.simplify` simplifies each statement locally.
+    `names` receives param -> gradient statement name; `roles` receives each new statement's
+    role: "seed" (an adjoint fed only by the output statement: the loss's own derivative),
+    "adjoint" (any other adjoint), "gradient"."""
+    out = program.output
+    params = list(dict.fromkeys(params))
+    leaves = {p: _leaf(program, p) for p in params}
+    active: set[str] = set()
+    for p in params:
+        active |= program.depending_on(p)
+    active &= program.needed()
+    taken = set(program.names) | set(program.signature)
+    o_idx, o_shape = out.expr.indices, out.expr.shape
+    consumers = program.consumers()
+    adjoint: dict[str, Statement] = {}
+
+    def gradient_of(name: str, axes: tuple[str, ...], users: list[str]) -> Expr | None:
+        lead = fresh_names(o_idx, set(axes))
+        terms = []
+        for user in users:
+            expr = program[user].expr
+            if user == out.name:
+                terms.append(_chain_term(expr, name, axes, lead + axes, None, None))
+            elif user in adjoint:
+                cot = adjoint[user]
+                terms.append(_chain_term(expr, name, axes, lead + axes, cot.reference(), None))
+        return _total(terms, lead + axes)
+
+    for s in reversed(program.statements):
+        if s.name not in active or s.name == out.name:
+            continue
+        users = [u for u in consumers[s.name] if u in active]
+        expr = gradient_of(s.name, s.indices, users)
+        if expr is not None:
+            adjoint[s.name] = Statement(_fresh_statement(adjoint_name(s.name), taken), expr)
+            if roles is not None:
+                seed = users == [out.name]
+                roles[adjoint[s.name].name] = "seed" if seed else "adjoint"
+    new = [adjoint[s.name] for s in reversed(program.statements) if s.name in adjoint]
+    outputs = []
+    for p in params:
+        var = leaves[p]
+        users = [s.name for s in program.statements
+                 if s.name in active and p in program.leaves(s.name)]
+        expr = gradient_of(p, var.axes, users)
+        lead = fresh_names(o_idx, set(var.axes))
+        if expr is None:
+            expr = Zero(lead + var.axes, tuple(o_shape) + tuple(var.axis_shape))
+        st = Statement(_fresh_statement(adjoint_name(p), taken), with_signature(expr, var))
+        new.append(st)
+        outputs.append(st.name)
+        if names is not None:
+            names[p] = st.name
+        if roles is not None:
+            roles[st.name] = "gradient"
+    return program.rebuilt(program.statements + tuple(new), outputs).pruned()
+
+
+def forward(program: Statements, param: str, tangent: str | None = None,
+            names: dict[str, str] | None = None, var: Variable | None = None,
+            only_through: dict[str, frozenset[str]] | None = None) -> Statements:
+    """Forward-mode derivative of a program's outputs with respect to input tensor `param`.
+
+    Appended: one tangent statement `S_d<param>[I, B]` = d S[I] / d param[B] per statement
+    that depends on `param` and that an output needs (B: the parameter's axes, renamed apart
+    from I), each from its own local derivative and the tangents of its inputs. With
+    `tangent` (the name of a new input tensor V shaped like the parameter) the tangents are
+    directional, `S_<V>[I]` = Σ_B dS[I]/dparam[B]·V[B] (a Jacobian-vector product).
+    The outputs become the outputs' tangents (zero ones included), in order; `names`
+    receives output -> tangent statement name. Applied to `reverse(...)` it gives Hessian
+    blocks (forward over reverse), so all blocks of P parameters cost O(P·depth)
+    statements. `var`: the parameter's declaration when `program` may no longer use it
+    (a derived program): its tangents are then zero. `only_through`: statement name -> the
+    inputs (statements or `param`) its tangent is taken through; the others are held
+    constant (a partial derivative: the Gauss-Newton part of `hessian_blocks`)."""
+    if var is None or param in program.signature:
+        var = _leaf(program, param)
+    taken = set(program.names) | set(program.signature)
+    if tangent is not None:
+        if tangent in taken:
+            raise TNError(f"tangent name {tangent!r} is already used in the network")
+        seed = Variable(tangent, var.axes, None, var.axis_shape)
+        taken.add(tangent)
+    active = program.depending_on(param) & program.needed()
+    tangents: dict[str, Statement] = {}
+    new: list[Statement] = []
+    for s in program.statements:
+        if s.name not in active:
+            continue
+        extra = () if tangent is not None else fresh_names(var.axes, set(s.indices))
+        idx = s.indices + extra
+        terms = []
+        through = None if only_through is None else only_through.get(s.name)
+        for r in sorted(program.refs(s.name), key=program.position):
+            if r in tangents and (through is None or r in through):
+                terms.append(_chain_term(s.expr, r, program[r].indices, idx, None,
+                                         tangents[r].reference()))
+        if param in program.leaves(s.name) and (through is None or param in through):
+            if tangent is not None:
+                terms.append(_chain_term(s.expr, param, var.axes, idx, None, seed))
+            else:
+                terms.append(_chain_term(s.expr, param, var.axes, idx, None, None))
+        expr = _total(terms, idx)
+        if expr is None:
+            continue
+        base = f"{s.name}_{tangent}" if tangent is not None else tangent_name(s.name, param)
+        st = Statement(_fresh_statement(base, taken), with_signature(expr, var))
+        tangents[s.name] = st
+        new.append(st)
+    outputs = []
+    for o in program.outputs:
+        if o not in tangents:
+            e = program[o].expr
+            extra = () if tangent is not None else fresh_names(var.axes, set(e.indices))
+            zero = Zero(e.indices + extra, tuple(e.shape) + (() if tangent is not None
+                                                             else tuple(var.axis_shape)))
+            base = f"{o}_{tangent}" if tangent is not None else tangent_name(o, param)
+            tangents[o] = Statement(_fresh_statement(base, taken), with_signature(zero, var))
+            new.append(tangents[o])
+        outputs.append(tangents[o].name)
+        if names is not None:
+            names[o] = tangents[o].name
+    return program.rebuilt(program.statements + tuple(new), outputs).pruned()
+
+
+def hessian_blocks(program: Statements, pairs: Sequence[tuple[str, str]],
+                   part: str = "total") -> Statements:
+    """The Hessian blocks d²output / d a d b for each (a, b) in `pairs` as one program: one
+    reverse pass for every `a` (adjoint statements shared by all blocks), then one forward
+    pass over it per distinct `b`. Outputs, in the order of `pairs`, are named
+    `d<a>_d<b>` (`block_name`), each laid out like `hessian(expr, a, b)`.
+
+    part="gauss_newton": the generalised Gauss-Newton part J_aᵀ (∂²ℓ/∂Z²) J_b, where ℓ is the
+    output statement and Z the statements it uses: the tangent enters the adjoints only
+    through the loss's own derivative (its "seed" adjoints) and flows back through the
+    cotangents, every other local Jacobian held constant. The functional part is the total
+    minus this one."""
+    pairs = [(a, b) for a, b in pairs]
+    if not pairs:
+        raise TNError("hessian_blocks needs at least one (a, b) pair")
+    if part not in ("total", "gauss_newton"):
+        raise TNError(f"hessian_blocks: part must be 'total' or 'gauss_newton', got {part!r}")
+    grads: dict[str, str] = {}
+    roles: dict[str, str] = {}
+    rev = reverse(program, [a for a, _ in pairs], grads, roles)
+    through = None
+    if part == "gauss_newton":
+        through = {}
+        for st in rev.statements:
+            role = roles.get(st.name)
+            if role in ("adjoint", "gradient"):
+                through[st.name] = frozenset(r for r in rev.refs(st.name) if r in roles)
+    statements = list(rev.statements)
+    have = set(rev.names)
+    block: dict[tuple[str, str], str] = {}
+    for b in dict.fromkeys(b for _, b in pairs):
+        wanted = [grads[a] for a, bb in pairs if bb == b]
+        names: dict[str, str] = {}
+        fwd = forward(rev.with_outputs(list(dict.fromkeys(wanted))), b, names=names,
+                      var=_leaf(program, b), only_through=through)
+        for st in fwd.statements:
+            if st.name not in have:
+                statements.append(st)
+                have.add(st.name)
+        for a, bb in pairs:
+            if bb == b:
+                block[(a, b)] = names[grads[a]]
+    return program.rebuilt(statements, [block[p] for p in pairs]).pruned()
+
+
+def block_name(a: str, b: str) -> str:
+    """The statement `hessian_blocks` names the block (a, b): `d<a>_d<b>`."""
+    return tangent_name(adjoint_name(a), b)
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from .constants import describe_constant
 from .errors import TNError
 from .functions import IndexFunction
 from .ir import Constant, Delta, Expr, Func, Product, Sum, Variable, Zero
+from .statements import Statements
 
 FORMATS = (".svg", ".png", ".dot", ".gv")
 
@@ -125,9 +126,16 @@ def repr_svg(expr: Expr) -> str | None:
         return None
 
 
-def draw(expr: Expr, path: str | os.PathLike, title: str | None = None,
+def draw(expr: Expr | Statements, path: str | os.PathLike, title: str | None = None,
          show_sizes: bool | str = "auto") -> str:
-    """Write the diagram of `expr` to `path` (.svg, .png, or .dot/.gv source). Returns the path."""
+    """Write the diagram of `expr` to `path` (.svg, .png, or .dot/.gv source). Returns the path.
+
+    A network (`tnderive.Network`) is drawn one statement per diagram, top to bottom, each
+    captioned `name[indices]`; a reference to an earlier statement is a tensor box labelled
+    with that statement's name."""
+    if isinstance(expr, Statements):
+        return draw_steps([(f"{s.name}[{','.join(s.indices)}] =", s.expr) for s in expr],
+                          path, show_sizes)
     path = os.fspath(path)
     fmt = _format_of(path)
     _write(to_dot(expr, title, show_sizes), path, fmt)

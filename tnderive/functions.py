@@ -148,3 +148,14 @@ elementwise("tanh", sympy.tanh(X))
 elementwise("sigmoid", sigmoid(X))
 elementwise("relu", relu(X))
 elementwise("sqrt", sympy.sqrt(X))
+
+#: tanh-GELU's cubic coefficient (torch's approximate='tanh'), exact as a rational
+GELU_TANH_CUBIC = sympy.Rational(44715, 1000000)
+#: GELU (erf form): x·Φ(x) = x·(1 + erf(x/√2))/2; GELU' = Φ + x·φ with φ = exp(-x²/2)/√(2π)
+GELU = elementwise("gelu", X * (1 + sympy.erf(X / sympy.sqrt(2))) / 2)
+#: GELU, tanh approximation: x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))/2; derivatives keep tanh
+#: (as 1 − tanh²), so they stay finite for large |x|
+GELU_TANH = elementwise("gelu_tanh", X * (1 + sympy.tanh(sympy.sqrt(2 / sympy.pi)
+                                                          * (X + GELU_TANH_CUBIC * X ** 3))) / 2)
+#: SiLU / swish: x·σ(x); derivatives in σ (σ' = σ(1 − σ)), never exp(x) on its own
+SILU = elementwise("silu", X * sigmoid(X))

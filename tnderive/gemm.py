@@ -22,10 +22,10 @@ import os
 
 import torch
 
+from .codegen.cost import ONEDNN_MIN_WORK
+
 __all__ = ["matmul", "einsum", "use_onednn", "onednn_active"]
 
-#: M·K·N below which MKL's GEMM wins (oneDNN's per-call setup dominates), measured on AVX-512.
-ONEDNN_MIN_WORK = 1 << 24
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 

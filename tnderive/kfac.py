@@ -442,7 +442,6 @@ class KFACFactors:
     vector_name: Optional[str] = None
     mc_samples: int = 1
     input_side_expr: Optional[Expr] = None
-    engine: str = "auto"
     sizes: dict = field(default_factory=dict)
     _fns: dict = field(default_factory=dict, repr=False)
     _counts: dict = field(default_factory=dict, repr=False)
@@ -527,11 +526,8 @@ class KFACFactors:
         return n, s
 
     def uses_views(self) -> bool:
-        """True when the expand input side is evaluated with strided views (`engine`)."""
-        if self.engine == "views":
-            return True
-        if self.engine == "generated":
-            return False
+        """True when the expand input side holds convolution constants (patterns, reshapes,
+        slices): then it is evaluated with them as strided views, else by generated code."""
         return any(isinstance(f, Constant) and f.kind in ("pattern", "split", "window")
                    for f in self.input_side_expr.walk())
 
@@ -654,7 +650,7 @@ def _bias_occurrence(expr: Expr, name: str) -> tuple:
 def kfac(expr: Expr, weight: str = "W", batch: str = "n", kind: str = "expand",
          fisher: str = "type-2", loss=None, bias: Optional[str] = None, joint: bool = False,
          mc_samples: int = 1, vectors: str = "g", simplify: bool = True,
-         engine: str = "auto", sizes: Optional[Mapping[str, int]] = None) -> KFACFactors:
+         sizes: Optional[Mapping[str, int]] = None) -> KFACFactors:
     """KFAC factors of `weight` in `expr` (a layer, or a whole model when `loss` is given).
 
     kind:    "expand" (every non-batch output position is a sample) or "reduce" (positions
@@ -665,15 +661,9 @@ def kfac(expr: Expr, weight: str = "W", batch: str = "n", kind: str = "expand",
     loss:    a `tnderive.losses.Loss` (or "mse", "ce", "bce", "mse:mean", ...) on `expr`.
     bias:    name of the layer's bias (added to the layer output); `joint=True` treats weight
              and bias as one block (input side augmented with a constant 1).
-    engine:  how KFAC-expand evaluates the input side X before its Gram matrix: "generated"
-             (tnderive.compile), "views" (convolution patterns / reshapes / slices as strided
-             views, `tnderive.structured.structured_evaluate`) or "auto" (views when X holds such
-             constants). Reduce always runs generated code (Π summed over its output index).
     sizes:   sizes that no tensor passed to `compute` determines (e.g. a symbolic kernel size
              when the weight itself is not passed), name -> int.
     """
-    if engine not in ("auto", "generated", "views"):
-        raise TNError(f"engine must be 'auto', 'generated' or 'views', got {engine!r}")
     kind_flavour = _flavour(KINDS, kind, "kind")
     fisher_flavour = _flavour(FISHERS, fisher, "fisher")
     if not isinstance(mc_samples, int) or mc_samples < 1:
@@ -715,7 +705,7 @@ def kfac(expr: Expr, weight: str = "W", batch: str = "n", kind: str = "expand",
     if bias_in is not None:
         bias_in = maybe_simplify(bias_in, simplify)
     return KFACFactors(s, kind, fisher, lossobj, A, B, V, gz, bias, joint,
-                       bias_in if joint else None, vector_name, mc_samples, X, engine,
+                       bias_in if joint else None, vector_name, mc_samples, X,
                        dict(sizes or {}))
 
 

@@ -52,7 +52,7 @@ from .ir import (ONE, Constant, Delta, Expr, Func, Product, Size, Sum, Variable,
                  Signature, fresh_name, map_sizes, rename_free, size_symbol, with_signature)
 from .patterns import pattern_constant
 
-__all__ = ["parse", "unify_sizes", "broadcast", "parse_size"]
+__all__ = ["parse", "parse_statements", "unify_sizes", "broadcast", "parse_size", "substitute"]
 
 RESERVED = ("delta", "pattern", "constant")
 INDEX_FUNCTIONS = {"softmax": SOFTMAX, "logsumexp": LOGSUMEXP}
@@ -77,6 +77,21 @@ def parse(text: str, sizes: Mapping[str, int] | None = None) -> Expr:
     if not isinstance(text, str):
         raise TNError(f"parse expects a string, got {type(text).__name__}")
     return _Parser(text, sizes).run()
+
+
+def parse_statements(text: str, sizes: Mapping[str, int] | None = None
+                     ) -> tuple[list[tuple[str, Expr]], Signature]:
+    """Parse index notation keeping every statement: [(name, expr)] in order and the
+    signature of the input tensors (every variable written in the text or `# vars:`).
+
+    A statement's expression refers to an earlier statement `h` as the variable
+    `Variable("h", axes=h's target indices, ...)` instead of substituting it (`parse` is
+    the same program inlined). Same notation, scoping and size rules as `parse`; sizes are
+    unified over all statements at once. A redefined name gets a fresh name (`h_`); an
+    unnamed last statement is named `out`."""
+    if not isinstance(text, str):
+        raise TNError(f"parse_network expects a string, got {type(text).__name__}")
+    return _Parser(text, sizes, keep=True).run_statements()
 
 
 # what sympy's parser raises for text that is not an expression ('3 +', 'f(', 'x.y', 'a[0]')
@@ -180,18 +195,25 @@ def unify_sizes(expr: Expr, sizes: Mapping[str, int] | None = None,
 
     TNError naming the index when two different ints meet.
     """
+    return unify_sizes_of([expr], sizes, links)[0]
+
+
+def unify_sizes_of(exprs: Sequence[Expr], sizes: Mapping[str, int] | None = None,
+                   links: Iterable[tuple[Size, Size, str]] = ()) -> list[Expr]:
+    """`unify_sizes` over several expressions at once (the statements of a program): one set
+    of size classes, so a symbol shared by two statements gets one size in both."""
     sizes = _check_sizes(sizes)
     links = list(links)
     uf = _Classes()
-    nodes = list(expr.walk())
-    declared = list(expr.signature.values())  # with the ones a fold dropped from the tree
+    nodes = [n for expr in exprs for n in expr.walk()]
+    declared = [v for expr in exprs for v in expr.signature.values()]  # with folded-away ones
     for v in declared:  # variables' symbols first: they win ties
         for s in v.axis_shape:
             uf.add(s)
     for node in nodes:
         for s in node.shape:
             uf.add(s)
-    for s in expr.signature.source_sizes:  # sizes of indices a fold dropped, by name
+    for s in {s for expr in exprs for s in expr.signature.source_sizes}:  # dropped by a fold
         uf.add(s)
         if str(s) in sizes:
             uf.union(s, sizes[str(s)], str(s))
@@ -223,7 +245,7 @@ def unify_sizes(expr: Expr, sizes: Mapping[str, int] | None = None,
         uf.union(size, placeholder, index)
     mapping = uf.representatives()
     if not mapping:
-        return expr
+        return list(exprs)
 
     def final(s: Size) -> Size:
         for _ in range(8):
@@ -233,7 +255,7 @@ def unify_sizes(expr: Expr, sizes: Mapping[str, int] | None = None,
             s = t
         return s
 
-    return map_sizes(expr, final, coefficients=True)
+    return [map_sizes(expr, final, coefficients=True) for expr in exprs]
 
 
 def _replace_symbols(e: sympy.Expr, mapping: Mapping) -> sympy.Expr:
@@ -380,7 +402,9 @@ def _scope_parts(node: ast.AST) -> tuple[list[ast.AST], list[str], Callable[[str
 
 
 class _Parser:
-    def __init__(self, text: str, sizes):
+    def __init__(self, text: str, sizes, keep: bool = False):
+        self.keep = keep  # statements refer to earlier ones by name instead of inlining them
+        self.names: dict[str, str] = {}  # keep mode: a written name -> its statement's name
         self.text = text
         self.lines = text.splitlines()
         self.sizes = _check_sizes(sizes)
@@ -400,6 +424,28 @@ class _Parser:
             result = self.statement(st)
         sizes = {k: int(v) for k, v in self.sizes.items()}
         return unify_sizes(self.with_written(result), sizes, self.links)
+
+    def run_statements(self) -> tuple[list[tuple[str, Expr]], Signature]:
+        """Keep mode: every statement (name, expression) and the inputs' signature."""
+        self._read_header()
+        tree = self.syntax_tree()
+        if not tree.body:
+            raise TNError("empty program: expected at least one statement like 'y[i] = x[i]'")
+        for st in tree.body:
+            self.statement(st)
+        names = list(self.defs)
+        if not names or self.last_name is None:  # an unnamed last statement
+            names.append(fresh_name("out", set(self.defs) | set(self.decls)))
+            self.defs[names[-1]] = (self.last.indices, self.last)
+        exprs = [e for _, e in self.defs.values()]
+        declared = Signature(Variable(name, axes, None, shape)
+                             for name, (axes, shape) in self.decls.items())
+        holder = with_signature(ONE, *exprs, declared)  # joins the leaves' signature
+        sizes = {k: int(v) for k, v in self.sizes.items()}
+        out = unify_sizes_of(exprs + [holder], sizes, self.links)
+        leaves = Signature([v for v in out[-1].signature.values() if v.name not in self.defs],
+                           out[-1].signature.source_sizes)
+        return list(zip(names, out[:-1])), leaves
 
     def with_written(self, result: Expr) -> Expr:
         """`result` whose signature holds every variable written in the text (in statements
@@ -503,7 +549,11 @@ class _Parser:
                                  f"appear free on the right side (free there: {list(e.indices)})")
         if e.indices != target:
             e = Product((e,), target)
+        self.last, self.last_name = e, name
         if name is not None:
+            if self.keep:
+                new = fresh_name(name, set(self.defs) | set(self.decls))
+                self.names[name] = self.last_name = name = new
             self.defs[name] = (target, e)
         return e
 
@@ -816,12 +866,16 @@ class _Parser:
     def reference(self, name: str, idx: tuple[str, ...], node: ast.AST) -> Expr:
         if name in RESERVED:
             raise self.error(node, f"{name} needs indices, e.g. {name}[i,j]")
+        if self.keep and name in self.names:
+            name = self.names[name]
         if name in self.defs:
             target, e = self.defs[name]
             if len(idx) != len(target):
                 raise self.error(node, f"{name!r} was defined with {len(target)} indices "
                                        f"{list(target)} but is used with {len(idx)} {list(idx)}")
-            return _substitute(e, target, idx)
+            if self.keep:
+                return Variable(name, target, idx, e.shape)
+            return substitute(e, target, idx)
         return self.variable(name, idx, node)
 
     def variable(self, name: str, idx: tuple[str, ...], node: ast.AST) -> Variable:
@@ -988,7 +1042,7 @@ def _scaled(c, core: Expr, order: Sequence[str] | None = None) -> Expr:
     return Sum(((c, core),), order)
 
 
-def _substitute(e: Expr, target: tuple[str, ...], idx: tuple[str, ...]) -> Expr:
+def substitute(e: Expr, target: tuple[str, ...], idx: tuple[str, ...]) -> Expr:
     """A defined expression seen with index names `idx` (a repeated name takes a diagonal)."""
     if len(set(idx)) == len(idx):
         return rename_free(e, dict(zip(target, idx)))

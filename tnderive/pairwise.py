@@ -1,22 +1,24 @@
 """Layout-aware pairwise contraction: each pair of operands as one (batched) matmul whose
 result lands in the requested output order, operand copies in a reused per-thread workspace.
 
-`contract_fast(operands, sublists, out)` is `tnderive.evaluate.contract` with every pair
-contracted by `pair_contract`; matrix products go through `tnderive.gemm.matmul`.
+`contract_fast(operands, sublists, out)` contracts operands (integer sublists) pairwise along
+opt_einsum's path (`plan_path`), every pair by `pair_contract`; matrix products go through `tnderive.gemm.matmul`.
 """
 from __future__ import annotations
 
 import itertools
 import threading
 
+import opt_einsum
 import torch
 
 from . import gemm
-from .evaluate import plan_path
+from .codegen.cost import (ACCUMULATE_MIN_CONTRACT, BLOCK_COPY_MIN_BYTES, FOLD_BATCH_MAX_COLUMNS,
+                           REGROUP_MAX_ENTRIES, REGROUP_MIN_SIDE, WORKSPACE_MAX_BYTES)
 
 
 def contract_fast(operands: list[torch.Tensor], sublists: list[list[int]], out: list[int]) -> torch.Tensor:
-    """Like `tnderive.evaluate.contract`, with each pair contracted by `pair_contract`."""
+    """Contract operands pairwise along `plan_path`, each pair by `pair_contract`."""
     if not operands:
         return torch.ones(())
     if len(operands) == 1:
@@ -134,7 +136,7 @@ def pair_contract(a: torch.Tensor, sa: list[int], b: torch.Tensor, sb: list[int]
     fp = run(A, B)
     prefix = out[:j]
     final = None
-    if size_product(sizes[k] for k in fq) < 256:
+    if size_product(sizes[k] for k in fq) < FOLD_BATCH_MAX_COLUMNS:
         # small matrices: fold Q-only batch ids into Q's free block (one big GEMM), permute after
         moved = [k for k in prefix if k in B and k not in A]
         if moved:
@@ -144,7 +146,7 @@ def pair_contract(a: torch.Tensor, sa: list[int], b: torch.Tensor, sb: list[int]
             out = prefix + fp + fq
     broadcast = [k for k in prefix if not (k in A and k in B) and sizes[k] > 1]
     mp, nq = size_product(sizes[k] for k in fp), size_product(sizes[k] for k in fq)
-    if broadcast and (mp * nq < 4096 or min(mp, nq) < 64):
+    if broadcast and (mp * nq < REGROUP_MAX_ENTRIES or min(mp, nq) < REGROUP_MIN_SIDE):
         # tiny matrices batched over broadcast ids: regroup as one GEMM (shared ids batch,
         # then each operand's free ids), permute after
         final = final or out
@@ -224,7 +226,7 @@ def _accumulable(a, sa, b, pre, fp, contract, sizes) -> int | None:
         return None
     k0 = max(contract, key=lambda k: a.stride(sa.index(k)))
     rest = [k for k in contract if k != k0]
-    if size_product(sizes[k] for k in rest) < 512:  # each matmul's contraction long enough
+    if size_product(sizes[k] for k in rest) < ACCUMULATE_MIN_CONTRACT:
         return None
     j = sa.index(k0)
     if _left_operand(a.select(j, 0), sa[:j] + sa[j + 1:], pre, fp, rest, sizes, copy=False) is None:
@@ -251,15 +253,12 @@ def _accumulated_matmul(a, sa, b, sb, k0, pre, fp, contract, fq, sizes) -> torch
     return y
 
 
-_BLOCK_BYTES = 1 << 20  # copy the right operand per leading batch entry above this size
-
-
 def _blocked(P: torch.Tensor, b: torch.Tensor, prefix: list[int], A: set, sizes: dict) -> bool:
     """Copy-and-multiply per entry of the leading batch id (P broadcast over it: a kernel
     shared by all images) rather than copy all of b first: each slice's copy (im2col of one
     image) stays in cache for its matmul."""
     return bool(prefix) and prefix[0] not in A and sizes[prefix[0]] > 1 and P.dtype == b.dtype \
-        and b.numel() * b.element_size() > _BLOCK_BYTES \
+        and b.numel() * b.element_size() > BLOCK_COPY_MIN_BYTES \
         and not ((P.requires_grad or b.requires_grad) and torch.is_grad_enabled())
 
 
@@ -310,14 +309,23 @@ def _workspace(slot: int, numel: int, dtype: torch.dtype, device: torch.device) 
     """A flat buffer of `numel` entries, reused across calls of this thread (one per slot, dtype
     and device; grown on demand). Fresh memory for a large im2col copy costs page faults on
     every call, often more than the copy itself; like a BLAS/oneDNN scratchpad, the operand
-    copies of `pair_contract` live here (each is consumed by the matmul before the next)."""
-    pool = getattr(_WORKSPACE, "pool", None)
-    if pool is None:
-        pool = _WORKSPACE.pool = {}
-    key = (slot, dtype, device)
-    buf = pool.get(key)
-    if buf is None or buf.numel() < numel:
-        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+    copies of `pair_contract` live here (each is consumed by the matmul before the next). All
+    buffers of a thread together hold at most `cost.WORKSPACE_MAX_BYTES`; a larger copy gets a
+    buffer of its own that is not kept."""
+    nbytes = numel * dtype.itemsize
+    with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+        if nbytes > WORKSPACE_MAX_BYTES:  # too large to keep: a one-off buffer
+            return torch.empty(numel, dtype=dtype, device=device)
+        pool = getattr(_WORKSPACE, "pool", None)
+        if pool is None:
+            pool = _WORKSPACE.pool = {}
+        key = (slot, dtype, device)
+        buf = pool.get(key)
+        if buf is None or buf.numel() < numel:
+            pool.pop(key, None)
+            kept = sum(b.numel() * b.dtype.itemsize for b in pool.values())
+            if kept + nbytes > WORKSPACE_MAX_BYTES:  # bounded in bytes: forget the others
+                pool.clear()
             buf = pool[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
@@ -342,3 +350,16 @@ def _tap_loop(a, sa, b, sb, prefix, fp, contract, fq, sizes) -> torch.Tensor:
         x = pb[(slice(None),) * len(prefix) + tap]
         acc = x * w if acc is None else acc.addcmul_(x, w)
     return acc
+
+
+def plan_path(shapes, sublists, out, optimize: str = "auto"):
+    """opt_einsum contraction path (list of pairs) for integer sublists."""
+    if len(shapes) < 2:
+        return []
+    letters = {}
+    for s in list(sublists) + [out]:
+        for k in s:
+            letters.setdefault(k, opt_einsum.get_symbol(len(letters)))
+    eq = ",".join("".join(letters[k] for k in s) for s in sublists) + "->" + "".join(letters[k] for k in out)
+    path, _ = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize=optimize)
+    return path

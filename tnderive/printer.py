@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import sympy
 from sympy.printing.str import StrPrinter
@@ -34,7 +35,7 @@ from .ir import (ONE, Constant, Delta, Expr, Func, Product, Sum, Variable, Zero,
                  size_symbol)
 from .notation import _times, parse
 
-__all__ = ["to_notation"]
+__all__ = ["to_notation", "statements_notation"]
 
 _KEYWORDS = {"delta", "pattern", "constant", "sum", "softmax", "logsumexp", "elementwise", "size",
              "floor", "ceiling", "max", "min"}
@@ -53,11 +54,34 @@ def to_notation(expr: Expr, name: str = "out") -> str:
     return _Printer(expr, explicit=True).program(name)
 
 
+def statements_notation(statements: Sequence[tuple[str, Expr]], explicit: bool = False) -> str:
+    """Index notation of a program, one statement per line (plus the helper statements a
+    statement needs, named apart from every name of the program) under one `# vars:` line
+    for the input tensors. A statement refers to an earlier one by its name."""
+    names = {n for n, _ in statements}
+    taken = set(names)
+    for _, e in statements:
+        taken |= set(e.variables)
+    lines: list[str] = []
+    declared: dict[str, str] = {}
+    for name, expr in statements:
+        printer = _Printer(expr, explicit, taken - {name}, references=names)
+        body, items = printer.lines(name)
+        taken |= printer.taken
+        lines.extend(body)
+        for var, item in items:
+            declared.setdefault(var, item)
+    header = "# vars: " + ", ".join(declared.values()) if declared else ""
+    return "\n".join(([header] if header else []) + lines)
+
+
 class _Printer:
-    def __init__(self, root: Expr, explicit: bool):
+    def __init__(self, root: Expr, explicit: bool, taken: set[str] = frozenset(),
+                 references: set[str] = frozenset()):
         self.root = root
         self.explicit = explicit
-        self.taken = set(root.variables) | _KEYWORDS | set(registered_elementwise())
+        self.references = references  # names of statements: never declared in `# vars:`
+        self.taken = set(root.variables) | _KEYWORDS | set(registered_elementwise()) | set(taken)
         self.helper_names: dict[Expr, str] = {}
         self.helper_text: dict[str, tuple[str, set[str]]] = {}
         self.helper_order: list[str] = []
@@ -73,6 +97,12 @@ class _Printer:
 
     # ---- program -----------------------------------------------------------------------------
     def program(self, name: str) -> str:
+        lines, items = self.lines(name)
+        header = "# vars: " + ", ".join(item for _, item in items) if items else ""
+        return "\n".join(([header] if header else []) + lines)
+
+    def lines(self, name: str) -> tuple[list[str], list[tuple[str, str]]]:
+        """The statements (helpers, then `name`) and the `# vars:` items (variable, text)."""
         out = self.fresh(name if name.isidentifier() else "out")
         main, refs = self.statement(out, self.root)
         used: list[str] = []
@@ -83,8 +113,7 @@ class _Printer:
                 used.append(h)
                 stack.extend(self.helper_text[h][1])
         lines = [self.helper_text[h][0] for h in self.helper_order if h in used] + [main]
-        header = self.header(lines)
-        return "\n".join(([header] if header else []) + lines)
+        return lines, self.header(lines)
 
     def helper(self, node: Expr) -> str:
         name = self.helper_names.get(node)
@@ -111,12 +140,14 @@ class _Printer:
         lhs = f"{name}[{','.join(target)}]" if target else name
         return f"{lhs} = {text}", r.refs
 
-    def header(self, lines: list[str]) -> str:
+    def header(self, lines: list[str]) -> list[tuple[str, str]]:
         first: dict[str, tuple[str, ...]] = {}
         for line in lines:
             _first_occurrences(ast.parse(line).body[0].value, first)
         items = []
         for name, v in self.root.variables.items():
+            if name in self.references:
+                continue
             occ = first.get(name)
             axes_ok = occ is not None and _dedupe(occ) == v.axes
             default = tuple(size_symbol(a) for a in v.axes)
@@ -126,8 +157,8 @@ class _Printer:
             if v.axis_shape != default:
                 item += "=(" + ", ".join(_size_text(s) for s in v.axis_shape) + \
                         ("," if len(v.axes) == 1 else "") + ")"
-            items.append(item)
-        return "# vars: " + ", ".join(items) if items else ""
+            items.append((name, item))
+        return items
 
 
 def _dedupe(occ: tuple[str, ...]) -> tuple[str, ...]:

@@ -18,7 +18,9 @@ from typing import Iterable, Sequence
 from .engine import (Engine, Rule, RuleFamily, Step, chain, exhaust, fixpoint, rule,  # noqa: F401
                      rule_name)
 from .errors import TNError
-from .ir import Expr, Product, Sum, Zero, transpose, with_signature
+from .ir import Delta, Expr, Product, Sum, Variable, Zero, rewrite, transpose, with_signature
+from .notation import substitute
+from .statements import Statement, Statements
 
 
 def _rules_package() -> ModuleType:
@@ -75,14 +77,22 @@ def _rule_list(rules: Sequence[Rule] | Iterable[str] | None) -> list[Rule]:
     return out
 
 
-def simplify(expr: Expr, trace: bool = False, rules: Sequence[Rule] | Iterable[str] | None = None):
+def simplify(expr: Expr | Statements, trace: bool = False,
+             rules: Sequence[Rule] | Iterable[str] | None = None):
     """Simplify `expr` with the rewrite rules (default: every registered family).
+
+    A program (`tnderive.Network`) is simplified statement by statement (`simplify_program`).
 
     rules: rule functions, or rule names (see `rules_by_name`), or None for the defaults.
     Returns the simplified expression (same free indices, same order, same signature), or
     with ``trace=True``
     a pair ``(expr, steps)`` where steps is a list of `Step` (whole expression before/after).
     """
+    if isinstance(expr, Statements):
+        if trace:
+            raise TNError("simplify(network, trace=True): traces are kept for expressions only; "
+                          "simplify a statement's expression to trace it")
+        return simplify_program(expr, rules)
     if not isinstance(expr, Expr):
         raise TNError(f"simplify expects an expression, got {type(expr).__name__}")
     engine = Engine(_rule_list(rules), trace=trace)
@@ -91,6 +101,60 @@ def simplify(expr: Expr, trace: bool = False, rules: Sequence[Rule] | Iterable[s
         out = transpose(out, expr.indices)
     out = with_signature(out, expr)  # a rule may drop a variable; its tensor still binds sizes
     return (out, engine.steps) if trace else out
+
+
+def simplify_program(program: Statements,
+                     rules: Sequence[Rule] | Iterable[str] | None = None) -> Statements:
+    """Each statement simplified on its own (one engine, so a sub-term shared by statements
+    is simplified once; a reference to another statement is a leaf, so like terms are
+    compared Merkle-style: an intermediate enters its consumers' canonical forms as one
+    labelled leaf). A statement that simplifies to zero, to another tensor (an alias,
+    possibly transposed) or to the same expression as an earlier statement is substituted
+    into its consumers instead of kept; statements no output needs are dropped.
+    Outputs keep their names, indices and index order."""
+    engine = Engine(_rule_list(rules))
+    replaced: dict[str, tuple[tuple[str, ...], Expr]] = {}
+    seen: dict[Expr, str] = {}
+    kept: list[Statement] = []
+
+    def sub(node: Expr) -> Expr | None:
+        if isinstance(node, Variable) and node.name in replaced:
+            target, e = replaced[node.name]
+            return substitute(e, target, node.occurrence)
+        return None
+
+    for s in program.statements:
+        expr = s.expr
+        if program.refs(s.name) & replaced.keys():
+            expr = rewrite(expr, sub)
+        out = engine.run(expr)
+        if out.indices != s.indices:
+            out = transpose(out, s.indices)
+        out = with_signature(out, s.expr)
+        if s.name not in program.outputs:
+            if _is_cheap(out):
+                replaced[s.name] = (s.indices, out)
+                continue
+            if out in seen:  # the same tensor as an earlier statement
+                replaced[s.name] = (s.indices, program_reference(kept, seen[out]))
+                continue
+            seen[out] = s.name
+        kept.append(Statement(s.name, out))
+    return program.rebuilt(kept, program.outputs).pruned()
+
+
+def program_reference(statements: list[Statement], name: str) -> Variable:
+    for st in statements:
+        if st.name == name:
+            return st.reference()
+    raise TNError(f"no statement {name!r}")
+
+
+def _is_cheap(e: Expr) -> bool:
+    """Zero, a delta or a tensor (possibly transposed): substituted rather than stored."""
+    if isinstance(e, Product) and len(e.factors) == 1 and not e.summed:
+        e = e.factors[0]
+    return isinstance(e, (Zero, Delta, Variable))
 
 
 def count_terms(expr: Expr) -> int:

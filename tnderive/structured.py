@@ -25,18 +25,26 @@ import itertools
 import operator
 from typing import Mapping
 
+import sympy
 import torch
 
 from . import gemm
-from .binding import bind
+from .binding import Binding, bind, unbound_message
 from .codegen import compile as tn_compile
-from .codegen.views import run_views
-from .constants import get_kind
+from .codegen.cost import (DEPTHWISE_BLOCK_BYTES, DEPTHWISE_DOT_MAX_POSITIONS, FLIP_MIN_CONTRACT,
+                           FLIP_MIN_IMAGE, STRIDED_TAPS_MIN_POSITIONS, TAP_BLOCK_BYTES,
+                           TAPS_MIN_CONTRACT, TAPS_MIN_POSITIONS)
+from .codegen.interpret import view_op
+from .codegen.values import Value
+from .codegen.views import apply_views
+from .constants import build_constant, get_kind
 from .errors import TNError
-from .evaluate import Evaluator, product_operands
-from .ir import Constant, Delta, Expr, Product, fresh_name
+from .functions import Elementwise
+from .ir import Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name
 from .pairwise import contract_fast, size_product
 from .patterns import PATTERN_KINDS, build_pattern, resolve_padding
+from .torch_fns import apply_elementwise
+from .unionfind import delta_classes
 
 
 def structured_evaluate(expr: Expr, sizes: Mapping[str, int] | None = None,
@@ -70,12 +78,9 @@ def _compiled(expr: Expr, sizes: tuple, onednn: bool = False):
     fn = None
     pats = [n for n in expr.walk() if isinstance(n, Constant) and n.kind in PATTERN_KINDS]
     if pats and all(_down_sampling(c) or (onednn and _non_overlapping(c)) for c in pats) and not all(c.kind == "split" for c in pats):
-        try:
-            cand = tn_compile(expr, "structured", sizes=dict(sizes) or None, einsum=gemm.einsum)
-            if not any(op.kind == "const" for op in cand.plan.ops):  # every constant a view
-                fn = cand
-        except TNError:
-            fn = None
+        cand = tn_compile(expr, "structured", sizes=dict(sizes) or None, einsum=gemm.einsum)
+        if not any(op.kind == "const" for op in cand.plan.ops):  # every constant a view
+            fn = cand
     return fn
 
 
@@ -116,6 +121,163 @@ def flatten_product(expr: Product) -> Product:
             m = {k: v for k, v in alpha.items() if k in g.indices}
             factors.append(g.rename(m) if m else g)
     return Product(factors, expr.indices)
+
+
+class Evaluator:
+    """Evaluates nodes under one binding, memoising shared sub-expressions (products: the
+    subclass `StructuredEvaluator`)."""
+
+    def __init__(self, binding: Binding):
+        self.b = binding
+        self.memo: dict[Expr, torch.Tensor] = {}
+
+    @property
+    def _opts(self):
+        """device and dtype of constants: the binding's (default dtype / CPU without tensors)."""
+        dtype = self.b.dtype if self.b.dtype is not None else torch.get_default_dtype()
+        return dict(device=self.b.device or "cpu", dtype=dtype)
+
+    def run(self, expr: Expr) -> torch.Tensor:
+        hit = self.memo.get(expr)
+        if hit is not None:
+            return hit
+        out = self._eval(expr)
+        want = tuple(self.b.size(s, f"index {i!r}") for i, s in zip(expr.indices, expr.shape))
+        if tuple(out.shape) != want:
+            raise TNError(f"internal shape error at {expr!r}: got {tuple(out.shape)}, want {want}")
+        self.memo[expr] = out
+        return out
+
+    def _eval(self, expr: Expr) -> torch.Tensor:
+        if isinstance(expr, Variable):
+            t = self.b.tensors[expr.name]
+            if expr.occurrence != expr.indices:  # repeated index: take the diagonal
+                pos = {i: k for k, i in enumerate(expr.indices)}
+                return torch.einsum(t, [pos[i] for i in expr.occurrence], list(range(len(pos))))
+            return t
+        if isinstance(expr, Zero):
+            return torch.zeros(self.shape_of(expr), **self._opts)
+        if isinstance(expr, Delta):
+            return delta_tensor(len(expr.indices), self.b.size(expr.size), **self._opts)
+        if isinstance(expr, Constant):
+            return build_constant(expr.kind, expr.params, self.shape_of(expr), **self._opts)
+        if isinstance(expr, Func):
+            return self._func(expr)
+        if isinstance(expr, Sum):
+            total = None
+            for c, e in expr.terms:
+                t = self.run(e)
+                perm = [e.indices.index(i) for i in expr.indices]
+                t = t.permute(perm) if perm != list(range(len(perm))) else t
+                t = t * self.coefficient(c) if c != 1 else t
+                total = t if total is None else total + t
+            return total
+        if isinstance(expr, Product):
+            if not expr.factors:  # the number 1 (a constant term of a sum)
+                return torch.ones((), **self._opts)
+            return self._product(expr)
+        raise TNError(f"cannot evaluate node {type(expr).__name__}")
+
+    def coefficient(self, c) -> float:
+        """Numeric value of a sympy coefficient (which may contain size symbols, e.g. 1/sqrt(e))."""
+        if c.free_symbols:
+            c = c.xreplace({s: sympy.Integer(n) for s, n in self.b.symbols.items()})
+            if c.free_symbols:
+                missing = map(str, c.free_symbols)
+                raise TNError(f"coefficient {c}: {unbound_message(missing, self.b.signature)}")
+        return float(c)
+
+    def shape_of(self, expr: Expr) -> tuple[int, ...]:
+        return tuple(self.b.size(s, f"index {i!r}") for i, s in zip(expr.indices, expr.shape))
+
+    def _func(self, expr: Func) -> torch.Tensor:
+        x = self.run(expr.arg)
+        if isinstance(expr.fn, Elementwise):
+            return apply_elementwise(expr.fn, x)
+        dim = expr.arg.indices.index(expr.over)
+        if expr.fn.name == "softmax":
+            return torch.softmax(x, dim)
+        if expr.fn.name == "logsumexp":
+            return torch.logsumexp(x, dim)
+        raise TNError(f"unknown index function {expr.fn.name!r}")
+
+    def _product(self, expr: Product) -> torch.Tensor:
+        raise NotImplementedError  # StructuredEvaluator._product
+
+
+def delta_tensor(rank: int, n: int, device=None, dtype=None) -> torch.Tensor:
+    """A rank-`rank` copy tensor of size n (only when it must be materialised)."""
+    t = torch.zeros((n,) * rank, device=device, dtype=dtype)
+    idx = torch.arange(n, device=device)
+    t[(idx,) * rank] = 1
+    return t
+
+
+def product_operands(expr: Product, ev: Evaluator):
+    """Operands and integer sublists of a product, with deltas merged into index renames.
+
+    Returns (operands, sublists, output sublist, index-name per id).
+    """
+    sizes: dict[str, int] = {}
+    where: dict[str, str] = {}
+    for f in expr.factors:
+        for i, s in zip(f.indices, f.shape):
+            n = ev.b.size(s, f"index {i!r}")
+            if i in sizes and sizes[i] != n:
+                raise TNError(f"size mismatch for index {i!r}: {where[i]} has size {sizes[i]}, "
+                              f"{_describe(f)} has size {n}")
+            sizes.setdefault(i, n)
+            where.setdefault(i, _describe(f))
+    others, classes = delta_classes(expr.factors, sizes)
+    ids: dict[str, int] = {}
+    names: list[str] = []
+    for members in classes:
+        k = len(names)
+        names.append(members[0])
+        for m in members:
+            ids[m] = k
+    operands, sublists = [], []
+    for f in others:
+        operands.append(ev.run(f))
+        sublists.append([ids[i] for i in f.indices])
+    out_ids = [ids[i] for i in expr.indices]
+    extra = 1
+    for members in classes:
+        k = ids[members[0]]
+        used = any(k in sl for sl in sublists) or k in out_ids
+        if not used:  # a delta closed on itself: its trace = size
+            extra *= sizes[members[0]]
+    # a class appearing several times in the output is a diagonal: expand with identities
+    seen: dict[int, int] = {}
+    final_out = []
+    for pos, k in enumerate(out_ids):
+        if k in seen:
+            new_k = len(names)
+            names.append(expr.indices[pos])
+            eye = torch.eye(sizes[expr.indices[pos]], **ev._opts)
+            operands.append(eye)
+            sublists.append([k, new_k])
+            final_out.append(new_k)
+        else:
+            seen[k] = pos
+            final_out.append(k)
+    # classes in the output that no operand carries (delta legs only in the output)
+    carried = {k for sl in sublists for k in sl}
+    for pos, k in enumerate(final_out):
+        if k not in carried:
+            operands.append(torch.ones(sizes[expr.indices[pos]], **ev._opts))
+            sublists.append([k])
+            carried.add(k)
+    if extra != 1:
+        operands.append(torch.tensor(float(extra), **ev._opts))
+        sublists.append([])
+    return operands, sublists, final_out, names
+
+
+def _describe(f: Expr) -> str:
+    if isinstance(f, Variable):
+        return f"variable {f.name!r}"
+    return f"{type(f).__name__.lower()}[{','.join(f.indices)}]"
 
 
 class _Op:
@@ -394,10 +556,10 @@ def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     if all(X.tapinfo.get(k, 1) >= sizes[k] for k in ks):
         return None  # non-overlapping windows (dense / down-sampling): im2col is a cheap view
     positions = size_product(sizes[o] for o in order)
-    if E > 1 and E < 32:
+    if E > 1 and E < TAPS_MIN_CONTRACT:
         return None  # thin contractions: one im2col GEMM is faster
     if not widen_ok:  # strided: per-tap copies, unless per-image im2col feeds a faster GEMM
-        if E > 1 and positions >= 196 and not _im2col_gemm_wins(t):
+        if E > 1 and positions >= STRIDED_TAPS_MIN_POSITIONS and not _im2col_gemm_wins(t):
             return _gather_taps(X, Wo, geo, sizes, prefix, fw, contract, ks, order)
         if E == 1:  # strided depthwise: multiply-adds on the taps' strided views
             osz = [sizes[o] for o in order]
@@ -409,7 +571,7 @@ def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
             _depthwise_accumulate(acc, xts, _kernel_per_tap(Wo, sizes, prefix, fw, contract, ks)[:, :, 0, :])
             return acc.view([sizes[k] for k in prefix + fw] + osz)
         return None
-    if E > 1 and length < 1024:  # small stride-1 images: one im2col GEMM is faster
+    if E > 1 and length < TAPS_MIN_POSITIONS:  # small stride-1 images: one im2col GEMM is faster
         return None
     xsizes = [sizes[k] for k in prefix + contract] + [length]
     xstrides = [gs[k] for k in prefix + contract] + [1]
@@ -427,7 +589,7 @@ def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
         _depthwise_accumulate(acc, xts, wt[:, :, 0, :])
     else:  # per block of images, all taps: the block's accumulator stays in cache
         xts = [t.as_strided(xsizes, xstrides, geo.offset(ks, tap)).view(B, E, length) for tap in taps]
-        step = max(1, _cache_budget(t, _TAP_BLOCK_BYTES) // max(1, (M + E) * length * t.element_size()))
+        step = max(1, _cache_budget(t, TAP_BLOCK_BYTES) // max(1, (M + E) * length * t.element_size()))
         for b0 in range(0, B, step):
             a = acc[b0:b0 + step]
             for n, xt in enumerate(xts):
@@ -437,8 +599,6 @@ def _conv_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     return y[crop]
 
 
-_TAP_BLOCK_BYTES = 2 << 20  # images per block of the per-tap matmuls: (M + E)·length bytes each
-_DEPTHWISE_BLOCK_BYTES = 8 << 20  # input + output bytes per row block: stays in cache over the taps
 
 
 def _cache_budget(t: torch.Tensor, cpu_bytes: int) -> int:
@@ -453,7 +613,7 @@ def _depthwise_accumulate(acc: torch.Tensor, xts: list[torch.Tensor], w: torch.T
     strided; w [B, M, taps]."""
     B, M = acc.shape[:2]
     row_bytes = (acc[0].numel() + abs(xts[0].stride(0))) * acc.element_size()  # output + input
-    step = max(1, _cache_budget(acc, _DEPTHWISE_BLOCK_BYTES) // max(row_bytes, 1))
+    step = max(1, _cache_budget(acc, DEPTHWISE_BLOCK_BYTES) // max(row_bytes, 1))
     ones = (1,) * (acc.dim() - 2)
     recording = torch.is_grad_enabled() and (w.requires_grad or any(x.requires_grad for x in xts))
     for r0 in range(0, B, step):
@@ -494,7 +654,6 @@ def _gather_taps(X: _Op, Wo: _Op, geo: _Geometry, sizes: dict, prefix, fw, contr
     return y.view([sizes[k] for k in prefix + fw + order])
 
 
-_FLIP_MIN_IMAGE = 512  # input positions from which a flipped gather beats GEMM + scatter-adds
 
 
 def _flip_folds(ops: list[_Op], structs: list[_Struct], out: list[int]) -> bool:
@@ -520,7 +679,8 @@ def _flip_folds(ops: list[_Op], structs: list[_Struct], out: list[int]) -> bool:
         w = ws[0]
         shared = [x for x in w.sub if x in vs[0].sub and x not in out]
         contracted = size_product(int(vs[0].t.shape[vs[0].sub.index(x)]) for x in shared)
-        if contracted >= 32 and size_product(t.shape[2] for t in structs if t.c.kind == "pattern") < _FLIP_MIN_IMAGE:
+        if contracted >= FLIP_MIN_CONTRACT and \
+                size_product(t.shape[2] for t in structs if t.c.kind == "pattern") < FLIP_MIN_IMAGE:
             continue  # small image, real contraction: one GEMM + scatter-adds beat the gather
         w.t = w.t.flip(w.sub.index(k))
         params = (1, d * (K - 1) - pl, 0, d)
@@ -562,7 +722,8 @@ def _weight_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     ksizes = [sizes[k] for k in ks]
     kstrides = [t.stride(pos[k]) for k in ks]
     if not widen_ok:  # strided: per-tap copies of the tap views, V copied once
-        if E < 32 or Cv < 32 or size_product(sizes[o] for o in order) < 196 \
+        if E < TAPS_MIN_CONTRACT or Cv < TAPS_MIN_CONTRACT \
+                or size_product(sizes[o] for o in order) < STRIDED_TAPS_MIN_POSITIONS \
                 or all(X.tapinfo.get(k, 1) >= sizes[k] for k in ks):
             return None
         P = size_product(sizes[o] for o in order)
@@ -578,7 +739,7 @@ def _weight_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
         y = torch.stack(taps, -1).view([sizes[k] for k in batch + vfree + xfree + ks])
         order_out = batch + vfree + xfree + ks
         return y.permute([order_out.index(k) for k in out])
-    if Cv * E > 1 and length < 1024:  # small images: one im2col GEMM is faster
+    if Cv * E > 1 and length < TAPS_MIN_POSITIONS:  # small images: one im2col GEMM is faster
         return None
     xsizes = [sizes[k] for k in red + batch + xfree] + [length]
     xstrides = [t.stride(pos[k]) for k in red + batch + xfree] + [1]
@@ -596,7 +757,7 @@ def _weight_taps(ops: list[_Op], out: list[int]) -> torch.Tensor | None:
     for tap in itertools.product(*[range(n) for n in ksizes]):
         off = base + sum(a * b for a, b in zip(tap, kstrides))
         xt = t.as_strided(xsizes, xstrides, off).view(R_ * B_, E, length)
-        if Cv == 1 and E == 1 and length < 512:  # small depthwise: batched dot products
+        if Cv == 1 and E == 1 and length < DEPTHWISE_DOT_MAX_POSITIONS:  # small depthwise: batched dot products
             r = torch.linalg.vecdot(v3, xt).view(R_, B_)
         else:
             r = torch.bmm(v3, xt.transpose(1, 2)).view(R_, B_ * Cv * E)
@@ -713,8 +874,8 @@ def _fold_taps(ops: list[_Op], folds: list[_Struct], rest: list[int], inner_out:
 
 def _row_blocks(y: torch.Tensor, nrest: int) -> list[tuple]:
     """Index tuples of slices over y's first nrest dims (dims kept) that cut y into blocks of
-    about _DEPTHWISE_BLOCK_BYTES / 2 (the whole of y when it fits)."""
-    budget = _cache_budget(y, _DEPTHWISE_BLOCK_BYTES) // 2
+    about DEPTHWISE_BLOCK_BYTES / 2 (the whole of y when it fits)."""
+    budget = _cache_budget(y, DEPTHWISE_BLOCK_BYTES) // 2
     inner = y.element_size()
     for n in y.shape[nrest:]:
         inner *= n
@@ -730,3 +891,52 @@ def _row_blocks(y: torch.Tensor, nrest: int) -> list[tuple]:
         for r0 in range(0, y.shape[j - 1], step):
             blocks.append(tuple(slice(i, i + 1) for i in idx) + (slice(r0, r0 + step),))
     return blocks
+
+
+# --------------------------------------------------------------------------------------------
+# the lowering's view ops (`codegen.views`) run eagerly, through the interpreter's op functions
+# --------------------------------------------------------------------------------------------
+
+class _Recorder:
+    """A stand-in for the lowering (`emit`, `fresh_label`) that records the view ops."""
+
+    def __init__(self, fresh):
+        self.fresh = fresh
+        self.ops: list[tuple] = []
+
+    def fresh_label(self, base):
+        return self.fresh()
+
+    def emit(self, kind, inputs, labels, shape=None, payload=None):
+        (v,) = inputs
+        if shape is None:  # a sum keeps the sizes of the remaining dims
+            shape = tuple(dict(zip(v.labels, v.shape))[i] for i in labels)
+        self.ops.append((kind, v.labels, tuple(labels), tuple(int(n) for n in shape), payload))
+        return Value(f"_{len(self.ops)}", tuple(labels), tuple(shape))
+
+
+@functools.lru_cache(maxsize=1024)
+def _recorded(labels: tuple, shape: tuple, consts: tuple, fresh: tuple):
+    """The view ops of `apply_views` for one (labels, shape, constants), as tensor functions."""
+    names = iter(fresh)
+    rec = _Recorder(lambda: next(names))
+    v = apply_views(rec, Value("_in", labels, shape), list(consts), lambda i: i)
+    fns = []
+    for kind, lin, lout, shp, payload in rec.ops:
+        if kind == "einsum":  # a sum over the dims the output lacks
+            gone = tuple(d for d, i in enumerate(lin) if i not in lout)
+            fns.append(lambda ctx, t, gone=gone: t.sum(dim=gone))
+        else:
+            fns.append(view_op(kind, lin, lout, shp, payload))
+    return tuple(fns), v.labels
+
+
+def run_views(t: torch.Tensor, labels: list, consts: list[Constant], fresh: tuple):
+    """Eager `codegen.views.apply_views`: tensor `t` (dims `labels`) with the constants
+    (numeric shapes) applied as the same view ops generated code runs. `fresh`: spare labels.
+    The op list is built once per (labels, shape, constants) and replayed. Returns (tensor,
+    labels)."""
+    fns, out = _recorded(tuple(labels), tuple(int(n) for n in t.shape), tuple(consts), fresh)
+    for fn in fns:
+        t = fn(None, t)
+    return t, list(out)

@@ -12,7 +12,15 @@ from sympy.printing.pycode import PythonCodePrinter
 import torch
 
 from .errors import TNError
-from .functions import X, Elementwise
+from .functions import GELU, GELU_TANH, SILU, X, Elementwise
+
+#: functions torch has natively: their formula is printed as the torch call (same values,
+#: one fused kernel); their derivatives are still printed from the sympy formulas
+_NATIVE = {
+    GELU: "torch.nn.functional.gelu(x)",
+    GELU_TANH: "torch.nn.functional.gelu(x, approximate='tanh')",
+    SILU: "torch.nn.functional.silu(x)",
+}
 
 
 class TorchPrinter(PythonCodePrinter):
@@ -81,7 +89,7 @@ class TorchPrinter(PythonCodePrinter):
 @lru_cache(maxsize=1024)
 def torch_source(fn: Elementwise, arg: str = "x") -> str:
     """Torch expression of `fn` applied to the variable named `arg`."""
-    src = TorchPrinter().doprint(fn.formula)
+    src = _NATIVE.get(fn) or TorchPrinter().doprint(fn.formula)
     if fn.is_constant:
         src = f"torch.full_like(x, {src})"
     if arg != "x":

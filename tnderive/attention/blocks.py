@@ -12,6 +12,11 @@ prediction P (the layer output F, or the read-out F·WR for cross-entropy), or, 
 expression, of the loss written on a placeholder for the output F (`ExpressionLoss`).
 `substitute` is `tnderive.curvature.substitute` (re-exported).
 
+A `TransformerModel` (tnderive.nn.transformer, a whole stack) goes to `stack.stack_blocks`:
+the same three parts per block, derived on the stack's program as a `tnderive.network`
+(statements kept, adjoints shared), parameters chosen by fnmatch patterns over torch-style
+names, simplified statement by statement.
+
 Each part carries its structure report (`BlockPart.structure`, see `structure.py`) and its
 generated code (`BlockPart.program()`: `tnderive.compile`, which lowers a large sum of
 products term by term with the output-carrying factors hoisted out of the sum).
@@ -19,116 +24,17 @@ products term by term with the output-carrying factors hoisted out of the sum).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
-import torch
-
-from ..codegen import compile as compile_expr
 from ..curvature import ExpressionLoss, _rename_to, hessian_split, substitute  # noqa: F401  (re-exported)
 from ..derive import derivative, var_names
 from ..errors import TNError
-from ..evaluate import evaluate
-from ..ir import Expr, Func, Variable, Zero, fresh_names
+from ..ir import Expr, Func, Zero, fresh_names
 from ..simplify import simplify as simplify_expr
-from .structure import DATA, Monomial, Structure, analyse, expand
-
-
-@dataclass
-class BlockPart:
-    """One part (outer / functional / total) of a Hessian block."""
-
-    kind: str
-    expr: Expr
-    softmax_order: int
-    second_T: bool
-    _monomials: list[Monomial] | None = None
-    _structure: Structure | None = None
-    _programs: dict = field(default_factory=dict)
-
-    @property
-    def is_zero(self) -> bool:
-        return isinstance(self.expr, Zero) or not self.monomials
-
-    @property
-    def monomials(self) -> list[Monomial]:
-        if self._monomials is None:
-            self._monomials = expand(self.expr)
-        return self._monomials
-
-    @property
-    def structure(self) -> Structure:
-        if self._structure is None:
-            self._structure = analyse(self.expr, self.monomials, self.softmax_order, self.second_T)
-        return self._structure
-
-    def program(self, fn_name: str = "block", plan_sizes: Mapping[str, int] | None = None):
-        """`tnderive.compile` of the part (cached per name and plan sizes): call it with the
-        part's variables as keyword tensors; `.source` holds the code, `.plan` the plan."""
-        key = (fn_name, tuple(sorted((plan_sizes or {}).items())))
-        if key not in self._programs:
-            sizes = _size_symbols(self.expr)
-            plan = {k: v for k, v in (plan_sizes or {}).items() if k in sizes} or None
-            self._programs[key] = compile_expr(self.expr, fn_name, sizes=plan)
-        return self._programs[key]
-
-    def evaluate(self, tensors: Mapping[str, torch.Tensor], fast: bool = True) -> torch.Tensor:
-        """Numeric value; `fast` runs the generated code, else `tnderive.evaluate`."""
-        used = {k: v for k, v in tensors.items() if k in self.expr.variables}
-        missing = [k for k in self.expr.variables if k not in used]
-        if missing:
-            raise TNError(f"block part {self.kind!r}: missing tensor {missing[0]!r}")
-        if fast or isinstance(self.expr, Zero):
-            out = self.program()(**used)
-            if not used:  # a zero part: the dtype of the given tensors
-                ref = next(iter(tensors.values()), None)
-                if ref is not None:
-                    out = out.to(dtype=ref.dtype, device=ref.device)
-            return out
-        return evaluate(self.expr, **used)
-
-
-def _size_symbols(expr: Expr) -> set[str]:
-    """Names of the size symbols of `expr`."""
-    names: set[str] = set()
-    for node in expr.walk():
-        for s in node.shape:
-            names |= {str(x) for x in getattr(s, "free_symbols", ())}
-        if isinstance(node, Variable):
-            for s in node.axis_shape:
-                names |= {str(x) for x in getattr(s, "free_symbols", ())}
-    return names
-
-
-@dataclass
-class Block:
-    """Hessian block (p, q): indices [p's axes, q's axes]."""
-
-    p: str
-    q: str
-    outer: BlockPart | None
-    functional: BlockPart | None
-    total: BlockPart
-    indices: tuple[str, ...]
-    shape: tuple
-
-    def parts(self) -> dict[str, BlockPart]:
-        out = {}
-        if self.outer is not None:
-            out["outer"] = self.outer
-        if self.functional is not None:
-            out["functional"] = self.functional
-        out["total"] = self.total
-        return out
-
-
-class HessianBlocks(dict):
-    """{(p, q): Block} in parameter order, with timing and the split's ingredients."""
-
-    params: tuple[str, ...]
-    seconds: dict
-    simplifier: str
-    model: object
+from ..nn.transformer import TransformerModel
+from .stack import stack_blocks
+from .parts import Block, BlockPart, HessianBlocks  # noqa: F401  (re-exported)
+from .structure import DATA
 
 
 def _simplifier(choice) -> tuple[Callable[[Expr], Expr], str]:
@@ -140,7 +46,7 @@ def _simplifier(choice) -> tuple[Callable[[Expr], Expr], str]:
 
 
 def hessian_blocks(loss, params: Sequence[str] | None = None, include_X: bool = False,
-                   simplify=True, output: Expr | None = None, loss_of_output: Expr | None = None,
+                   simplify=None, output: Expr | None = None, loss_of_output: Expr | None = None,
                    output_name: str = "F", upper: bool = False) -> HessianBlocks:
     """Every Hessian block of `loss` for `params` (default the model's W_Q, W_K, W_V; with
     `include_X` also the data X), split into outer-product and functional parts.
@@ -149,9 +55,21 @@ def hessian_blocks(loss, params: Sequence[str] | None = None, include_X: bool = 
           expression give `output` (the network output F) and `loss_of_output` (the loss written
           on a placeholder variable `output_name` with F's indices) to get the split; without
           them only the total blocks are derived.
-    simplify: True (tnderive.simplify), False, or a callable.
+    simplify: True (tnderive.simplify), False, or a callable; default True (for a
+              TransformerModel: per statement of its network; False skips it).
     upper: derive only blocks (p_i, p_j) with i ≤ j.
+
+    A `TransformerModel` (tnderive.nn.transformer) takes `params` as fnmatch patterns over its
+    torch-style names ("*.q.weight", "b1.*") or variable names; default all its parameters.
+    Its blocks are built by `stack.stack_blocks` on the stack's network (forward over
+    reverse: the Gauss-Newton part through the loss's seed adjoint, the functional part
+    through everything else, total = their sum; one shared network for all blocks).
     """
+    if isinstance(loss, TransformerModel):
+        return stack_blocks(loss, params, simplify=simplify is not False, upper=upper,
+                            include_X=include_X)
+    if simplify is None:
+        simplify = True
     model = None
     if hasattr(loss, "loss_of_output"):
         model = loss

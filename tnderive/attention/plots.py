@@ -68,3 +68,33 @@ def draw_blocks(blocks: HessianBlocks, outdir: str, fmt: str = "svg",
                 continue
             written.append(path)
     return written
+
+
+def norm_heatmap(labels: Sequence[str], M: torch.Tensor, path: str, title: str) -> str | None:
+    """PNG heatmap of a matrix of block norms (layer × layer or parameter × parameter), log10
+    colour scale with the values written in. Returns the path, or None without matplotlib."""
+    try:  # matplotlib is optional (the `plot` extra)
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    n = len(labels)
+    mag = torch.log10(M.abs() + 1e-300)
+    finite = mag[M.abs() > 0]
+    lo = float(finite.min()) if finite.numel() else 0.0
+    fig, ax = plt.subplots(figsize=(2.6 + 0.85 * n, 2.0 + 0.75 * n))
+    im = ax.imshow(mag.clamp(min=lo).numpy(), cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="log10 ‖block‖_F")
+    if n <= 16:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{float(M[i, j]):.1e}", ha="center", va="center", color="white",
+                        fontsize=6 if n > 8 else 7)
+    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})   # deterministic bytes
+    plt.close(fig)
+    return path

@@ -1,6 +1,8 @@
-"""`tnderive hessian-blocks`: structure of the Hessian blocks of a self-attention layer.
+"""`tnderive hessian-blocks`: structure of the Hessian blocks of a self-attention layer, or of
+a whole transformer stack (`--blocks N`).
 
     tnderive hessian-blocks --seq 16 --dmodel 8 --dk 4 -o attn_report/
+    tnderive hessian-blocks --blocks 2 --pre-ln --mlp gelu --params "*.q.weight" "*.fc1.weight" -o stack/
 
 derives every block (W_Q, W_K, W_V; optionally W_O and X) split into Gauss-Newton and
 functional parts, and writes to the output folder
@@ -25,6 +27,8 @@ from ..attention import (draw_blocks, fit_slopes, heatmap, hessian_blocks, repor
 from ..draw import warn_if_no_dot
 from ..errors import TNError
 from ..nn.attention import LOSSES, self_attention
+from ..attention.stack_report import write_stack_report
+from ..nn.transformer import transformer
 from ..progress import progress
 from ._common import ensure_folder, parse_loss
 
@@ -32,12 +36,15 @@ from ._common import ensure_folder, parse_loss
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "hessian-blocks", help="Hessian blocks of a self-attention layer: structure, slopes, code",
+        "hessian-blocks", help="Hessian blocks of a self-attention layer or a transformer stack: "
+                               "structure, slopes, code",
         description="Derive the Hessian blocks of one self-attention layer's loss, split each into\n"
                     "its Gauss-Newton (outer-product) and functional part, report their structure\n"
                     "(terms, degree in the data X, softmax derivative order, norms) and the\n"
                     "predicted vs fitted log-log slope of each block's norm when X is scaled by σ.",
-        epilog="example:\n  tnderive hessian-blocks --seq 16 --dmodel 8 --dk 4 --causal -o attn/",
+        epilog="examples:\n  tnderive hessian-blocks --seq 16 --dmodel 8 --dk 4 --causal -o attn/\n"
+               "  tnderive hessian-blocks --blocks 2 --post-ln --mlp gelu --params '*.q.weight' "
+               "'*.fc1.weight' -o stack/",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", type=int, default=16, help="sequence length L (default 16)")
     p.add_argument("--dmodel", type=int, default=8, help="model width d (default 8)")
@@ -57,6 +64,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fit the σ-scaling slopes (default on; the slowest step at large --seq)")
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=True,
                    help="simplify the blocks with tnderive.simplify (default on)")
+    g = p.add_argument_group("transformer stack (--blocks N)")
+    g.add_argument("--blocks", type=int, default=0,
+                   help="number of transformer blocks; 0 (default) = one self-attention layer")
+    g.add_argument("--pre-ln", dest="pre_ln", action="store_true", default=True,
+                   help="pre-LN blocks x + Attn(LN(x)) (default)")
+    g.add_argument("--post-ln", dest="pre_ln", action="store_false", help="post-LN blocks LN(x + Attn(x))")
+    g.add_argument("--norm", default="layer", choices=("layer", "layer_noaffine", "rms"),
+                   help="LayerNorm with / without affine parameters, or RMSNorm (default layer)")
+    g.add_argument("--mlp", default="gelu", choices=("gelu", "gelu_tanh", "relu", "silu", "tanh"),
+                   help="MLP activation (default gelu, the erf form)")
+    g.add_argument("--dmlp", type=int, default=None, help="MLP hidden width (default 2·d)")
+    g.add_argument("--no-bias", dest="bias", action="store_false", help="no biases in linear maps")
+    g.add_argument("--eps", type=float, default=1e-12,
+                   help="norm ε (default 1e-12: ε ≪ σ² over the σ-fit range)")
+    g.add_argument("--params", nargs="+", default=["*.q.weight", "*.v.weight", "*.fc1.weight"],
+                   metavar="PATTERN", help="parameters (fnmatch over torch-style names such as "
+                   "b0.q.weight; default *.q.weight *.v.weight *.fc1.weight)")
+    g.add_argument("--sigmas", type=float, nargs="+", default=[1e-3, 1e-2], metavar="σ",
+                   help="σ values of the slope fit (default 1e-3 1e-2)")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="output folder (created as needed)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -82,6 +108,8 @@ def float64_and_threads(threads: int | None) -> Iterator[None]:
 
 
 def run(args) -> int:
+    if args.blocks:
+        return run_stack(args)
     for name in ("seq", "dmodel", "dk", "heads", "classes"):
         if getattr(args, name) < 1:
             raise TNError(f"--{name} must be positive, got {getattr(args, name)}")
@@ -156,3 +184,23 @@ def _code(blocks) -> str:
             src = part.program(fn_name=f"{p}_{q}_{name}").source
             code.append(src[src.index("import torch\n") + len("import torch\n"):].strip("\n"))
     return "\n\n".join(code)
+
+
+def run_stack(args) -> int:
+    """The `--blocks N` mode (tnderive.commands.hessian_stack)."""
+    for name in ("blocks", "seq", "dmodel", "heads", "classes"):
+        if getattr(args, name) < 1:
+            raise TNError(f"--{name} must be positive, got {getattr(args, name)}")
+    loss, reduction = parse_loss(args.loss, LOSSES)
+    ensure_folder(args.output)
+    with float64_and_threads(1):
+        model = transformer(args.blocks, seq=args.seq, d_model=args.dmodel, heads=args.heads,
+                            d_mlp=args.dmlp or 2 * args.dmodel, pre_ln=args.pre_ln, norm=args.norm,
+                            act=args.mlp, causal=args.causal, readout=True, classes=args.classes,
+                            loss=loss, reduction=reduction, bias=args.bias, eps=args.eps)
+        md, written = write_stack_report(model, args.params, args.output, seed=args.seed,
+                                         sigmas=args.sigmas if args.slopes else (),
+                                         quiet=args.quiet)
+    print(md)
+    print(f"wrote {', '.join(written)}")
+    return 0

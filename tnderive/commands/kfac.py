@@ -1,6 +1,7 @@
 """`tnderive kfac`: KFAC factor code for a layer written in index notation.
 
     tnderive kfac "y[n,o] = W[o,i]*x[n,i] + b[o]" --weight W --batch n --kind reduce -o kfac.py
+    tnderive kfac --module pkg.mod:factory --input-shape 8,3,32,32 -o kfac_model.py
 
 writes a standalone module (imports only torch) with
 
@@ -14,7 +15,10 @@ writes a standalone module (imports only torch) with
                               (with --loss: the model's tensors and the target `y`)
 
 and prints the factor shapes and contraction costs (FLOPs as polynomials in the sizes, and
-numbers for --sizes).
+numbers for --sizes). With --module, the torch model `factory()` is traced
+(`tnderive.from_module` at a random input of --input-shape) and one module is written with
+`input_factor_<param>` / `output_factor_<param>` for every weight it covers (each layer's
+inputs are the activations named in its docstring); what it covers and skips is printed.
 """
 from __future__ import annotations
 
@@ -41,7 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "layer output), print their shapes and contraction costs, and write standalone "
                     "torch code for them.",
         epilog='example: tnderive kfac "y[n,s,o] = W[o,i]*x[n,s,i]" --weight W --batch n --kind reduce -o kfac.py')
-    p.add_argument("expression", help="index notation (a layer, or a model with --loss), or a file")
+    p.add_argument("expression", nargs="?",
+                   help="index notation (a layer, or a model with --loss), or a file")
+    p.add_argument("--module", metavar="PKG.MOD:FACTORY",
+                   help="a torch model instead of notation: FACTORY() returns the nn.Module "
+                        "(importable from the current folder); factors for every weight")
+    p.add_argument("--input-shape", metavar="N,C,...",
+                   help="with --module: the shape of the model's (float) input, e.g. 8,3,32,32")
     p.add_argument("-w", "--weight", default="W", help="the weight (default W)")
     p.add_argument("-b", "--batch", default="n", help="the batch index (default n)")
     p.add_argument("--kind", choices=list(KINDS), default="expand",
@@ -67,6 +77,10 @@ def _choices(flavours: dict) -> str:
 
 
 def run(args) -> int:
+    if args.module:
+        return run_module(args)
+    if args.expression is None:
+        raise TNError("give an expression (index notation or a file), or --module PKG.MOD:FACTORY")
     if args.loss:
         parse_loss(args.loss, losses.names())
     if args.loss and FISHERS[args.fisher].samples_targets:
@@ -237,3 +251,108 @@ def output_factor(**tensors):
 {out_scale}    return _blocks(B, {ng})
 ''')
     return "".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# --module: every weight of a torch model
+# --------------------------------------------------------------------------------------------
+
+def _load_factory(spec: str):
+    import importlib
+    import sys
+
+    mod, _, fn = spec.partition(":")
+    if not mod or not fn:
+        raise TNError(f"--module must be PKG.MOD:FACTORY, got {spec!r}")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        factory = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as err:
+        raise TNError(f"--module {spec}: {err}") from None
+    return factory
+
+
+def run_module(args) -> int:
+    """Trace the model, derive KFAC factors for each weight, write one module."""
+    import torch
+
+    from ..models import from_module
+    from ..notation import parse
+
+    if not args.input_shape:
+        raise TNError("--module needs --input-shape (e.g. 8,3,32,32)")
+    try:
+        shape = [int(v) for v in args.input_shape.split(",")]
+    except ValueError:
+        raise TNError(f"--input-shape must be comma-separated ints, got {args.input_shape!r}") from None
+    module = _load_factory(args.module)()
+    model = from_module(module.eval(), torch.randn(*shape))
+    covered, skipped, parts = [], [], []
+    for torch_name, name in model.param_names.items():
+        prefix, _, leaf = torch_name.rpartition(".")
+        if leaf == "bias" and f"{prefix}.weight" in model.param_names:
+            continue
+        users = [st for st in model.statements if any(a.name == name for a in st.uses)]
+        if len(users) != 1:
+            skipped.append(f"{torch_name}: used by {len(users)} statements")
+            continue
+        st = users[0]
+        bias = model.param_names.get(f"{prefix}.bias" if prefix else "bias")
+        if bias is not None and not any(a.name == bias for a in st.uses):
+            bias = None
+        try:
+            fac = kfac(parse(st.text()), name, st.indices[0], kind=args.kind, bias=bias,
+                       simplify=args.simplify)
+        except TNError as err:
+            skipped.append(f"{torch_name} ({st.source}): {err}")
+            continue
+        covered.append((torch_name, st, fac))
+        parts.append(_layer_functions(fac, name, st))
+    for torch_name, st, fac in covered:
+        A, B = fac.input_expr, fac.output_expr
+        print(f"# {torch_name} ({st.source}): A [{', '.join(map(str, A.shape))}], "
+              f"B [{', '.join(map(str, B.shape))}]  {st.line if len(st.line) < 160 else st.line[:160] + ' ...'}")
+    for line in skipped:
+        print(f"# skipped {line}")
+    print(f"# covered {len(covered)} of {len(covered) + len(skipped)} weights "
+          f"({args.module}, input {tuple(shape)}, KFAC-{args.kind})")
+    if args.output and covered:
+        ensure_parent(args.output)
+        kind = covered[0][2].kind_flavour
+        head = (f'"""KFAC-{args.kind} factors of every covered weight of {args.module} at input '
+                f'{tuple(shape)}, generated by `tnderive kfac --module`.\n\n'
+                f"input_factor_<param>(**layer inputs) -> A [G, Q, Q]; output_factor_<param>(g=...) "
+                f"-> B [G, P, P] (g: output-side vectors at the layer output, [*output, col]).\n"
+                f'Imports only torch.\n"""\n\nimport math\n\nimport torch\n\n\n'
+                f"def _blocks(T, groups):\n    G = math.prod(T.shape[:groups])\n"
+                f"    K = math.isqrt(T.numel() // G)\n    return T.reshape(G, K, K)\n\n\n")
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(head + kind.source() + "\n\n" + "\n\n".join(parts))
+        print(f"# wrote {args.output}")
+    return 0
+
+
+def _layer_functions(fac, name: str, st) -> str:
+    """The generated A and B code of one layer, as input_factor_<name> / output_factor_<name>."""
+    s = fac.split
+    kind = fac.kind_flavour
+    n_code, s_code, _ = _size_code(fac, {})
+    a_expr = kind.raw_input_expr(fac)
+    A_args, B_args = sorted(a_expr.signature), sorted(fac.output_expr.signature)
+    ng, npos = len(s.group_legs), len(s.positions)
+    return (_generated(a_expr, f"kfac_input_raw_{name}", {}) + "\n"
+            + _generated(fac.output_expr, f"kfac_output_raw_{name}", {}) + f'''
+
+def input_factor_{name}(**tensors):
+    """A of {name} ({st.source}): layer {st.line[:120]}"""
+    N = {n_code}
+    S = {s_code}
+    raw = kfac_input_raw_{name}(**{{k: tensors[k] for k in {A_args!r} if k in tensors}})
+    return _blocks({kind.input_factor.__name__}(raw, N, S, {npos}, {ng}), {ng})
+
+
+def output_factor_{name}(**tensors):
+    """B of {name} = Σ g gᵀ (g: vectors at the layer output {st.target.name}, [*output, col])."""
+    return _blocks(kfac_output_raw_{name}(**{{k: tensors[k] for k in {B_args!r} if k in tensors}}), {ng})
+''')

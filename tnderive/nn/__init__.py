@@ -4,6 +4,9 @@
     tnderive.nn.conv_network(...)            convolution (tnderive.nn.conv), likewise
     tnderive.nn.conv_transpose_network(...), unfold_network(...), fold_network(...)
     tnderive.nn.functional                   torch.nn.functional-style drop-ins
+    tnderive.nn.transformer(...)             a stack of transformer blocks + loss (tnderive.nn.transformer)
+    tnderive.nn.layers                       notation builders: layer_norm, rms_norm, linear, attention, mlp
+    tnderive.nn.register(ModuleType, builder) notation for a module in tnderive.from_module
 
 The builders are imported on first use.
 """
@@ -18,8 +21,10 @@ _LAZY = {
     "conv_transpose_network": "tnderive.nn.conv",
     "unfold_network": "tnderive.nn.conv",
     "fold_network": "tnderive.nn.conv",
+    "transformer": "tnderive.nn.transformer",
+    "register": "tnderive.models.layers",     # a notation for your own module type
 }
-_SUBMODULES = ("functional",)
+_SUBMODULES = ("functional", "layers")
 
 __all__ = [*_LAZY, *_SUBMODULES]
 

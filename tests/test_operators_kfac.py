@@ -1,0 +1,217 @@
+"""tnderive.KFAC on torch models: against curvlinops' KFACLinearOperator (optional, float64,
+two batches), the exactness identity (one datum, last layer: KFAC = GGN block) on a layer
+curvlinops cannot take, and the damped inverse / trace / logdet of the blocks."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+import tnderive as tn
+
+HAVE_CURVLINOPS = importlib.util.find_spec("curvlinops") is not None
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def cnn():
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2),
+                         nn.Flatten(), nn.Linear(8, 3))
+
+
+def _data(loss, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in (3, 2):
+        X = torch.randn(n, *shape, generator=g)
+        y = torch.randint(0, 3, (n,), generator=g) if loss == "ce" else torch.randn(n, 3, generator=g)
+        out.append((X, y))
+    return out
+
+
+def _flat(ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+@pytest.mark.skipif(not HAVE_CURVLINOPS, reason="curvlinops (the bench extra) is not installed")
+@pytest.mark.parametrize("model,loss,reduction,kind,separate,fisher", [
+    ("mlp", "mse", "mean", "expand", True, "type-2"),
+    ("mlp", "ce", "sum", "reduce", False, "empirical"),
+    ("cnn", "ce", "mean", "expand", False, "type-2"),
+    ("cnn", "mse", "sum", "reduce", True, "type-2"),
+])
+def test_kfac_matches_curvlinops(model, loss, reduction, kind, separate, fisher):
+    from curvlinops import KFACLinearOperator
+    torch.manual_seed(0)
+    module = {"mlp": mlp, "cnn": cnn}[model]().double()
+    loss_func = {"mse": nn.MSELoss, "ce": nn.CrossEntropyLoss}[loss](reduction=reduction)
+    data = _data(loss, (4,) if model == "mlp" else (2, 6, 6))
+    params = list(module.parameters())
+    ref = KFACLinearOperator(module, loss_func, params, data, fisher_type=fisher, kfac_approx=kind,
+                             separate_weight_and_bias=separate, check_deterministic=False)
+    mine = tn.KFAC(module, loss_func, params, data, kind=kind, fisher=fisher,
+                   separate_weight_and_bias=separate, progressbar=False)
+    v = [torch.randn_like(p) for p in params]
+    torch.testing.assert_close(_flat(mine @ v), _flat(ref @ v), rtol=1e-10, atol=1e-12)
+    from curvlinops import KFACInverseLinearOperator
+    for options, theirs in (({}, dict(use_exact_damping=True)),
+                            ({"exact": False}, {}),
+                            ({"heuristic": True}, dict(use_heuristic_damping=True))):
+        inv = KFACInverseLinearOperator(ref, damping=1e-2, **theirs)
+        torch.testing.assert_close(_flat(mine.inverse(1e-2, **options) @ v), _flat(inv @ v),
+                                   rtol=1e-8, atol=1e-10)
+
+
+class BilinearHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)
+        self.head = nn.Bilinear(3, 2, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x)), self.b(x))
+
+
+@pytest.mark.parametrize("kind", ["expand", "reduce"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_one_datum_last_layer_kfac_is_the_ggn_block(kind, loss):
+    torch.manual_seed(3)
+    module = BilinearHead().double()
+    loss_func = {"mse": nn.MSELoss, "ce": nn.CrossEntropyLoss}[loss]()
+    data = [(torch.randn(1, 4), torch.tensor([1]) if loss == "ce" else torch.randn(1, 3))]
+    params = [module.head.weight, module.head.bias]
+    for separate in (True, False):
+        kfac = tn.KFAC(module, loss_func, params, data, kind=kind, separate_weight_and_bias=separate,
+                       progressbar=False)
+        ggn = tn.GGN(module, loss_func, params, data, progressbar=False)
+        V = torch.randn(ggn.dim, 2)
+        if separate:       # the weight block alone (the cross terms W-b are not in KFAC)
+            V[-3:] = 0
+            torch.testing.assert_close((kfac @ V)[:-3], (ggn @ V)[:-3], rtol=1e-10, atol=1e-12)
+        else:
+            torch.testing.assert_close(kfac @ V, ggn @ V, rtol=1e-10, atol=1e-12)
+
+
+def test_inverse_trace_logdet_and_precondition():
+    torch.manual_seed(4)
+    module = cnn().double()
+    data = _data("ce", (2, 6, 6), seed=4)
+    params = list(module.parameters())
+    kfac = tn.KFAC(module, nn.CrossEntropyLoss(), params, data, progressbar=False)
+    assert set(kfac.blocks) == {n for n, _ in module.named_parameters()}
+    dense = kfac @ torch.eye(kfac.dim)
+    torch.testing.assert_close(dense, dense.T, rtol=1e-10, atol=1e-12)
+    lam = 1e-2
+    damped = dense + lam * torch.eye(kfac.dim)
+    grads = [torch.randn_like(p) for p in params]
+    pre = kfac.precondition(grads, damping=lam)
+    torch.testing.assert_close(_flat(pre), torch.linalg.solve(damped, _flat(grads)), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(kfac.trace(), torch.trace(dense), rtol=1e-10, atol=1e-12)
+    inv = kfac.inverse(lam)
+    torch.testing.assert_close(inv.logdet(), -torch.logdet(damped), rtol=1e-8, atol=1e-10)
+    # damped factors, (B + λI)⁻¹ ⊗ (A + λI)⁻¹, built densely per block
+    fd = kfac.inverse(lam, exact=False) @ torch.eye(kfac.dim)
+    pos = 0
+    for p, name in zip(params, kfac.param_names):
+        blk = kfac.blocks[name]
+        if blk.B.shape[0] == 1:
+            lam_a = lam if blk.layout.ins else 0.0       # a separate bias: B alone is damped
+            dense_blk = torch.kron(blk.B[0] + lam * torch.eye(blk.B.shape[-1]),
+                                   blk.A[0] + lam_a * torch.eye(blk.A.shape[-1]))
+            k = p.numel()
+            torch.testing.assert_close(fd[pos:pos + k, pos:pos + k], torch.linalg.inv(dense_blk),
+                                       rtol=1e-8, atol=1e-10)
+        pos += p.numel()
+    h = kfac.inverse(lam, heuristic=True) @ torch.eye(kfac.dim)
+    torch.testing.assert_close(h, h.T, rtol=1e-8, atol=1e-10)
+    assert torch.linalg.eigvalsh(h).min() > 0
+    assert kfac.to_scipy().shape == (kfac.dim, kfac.dim)
+
+
+def test_mc_fisher_is_reproducible():
+    module = mlp().double()
+    data = _data("ce", (4,), seed=5)
+    params = list(module.parameters())
+    a = tn.KFAC(module, nn.CrossEntropyLoss(), params, data, fisher="mc", mc_samples=3, seed=1,
+                progressbar=False)
+    b = tn.KFAC(module, nn.CrossEntropyLoss(), params, data, fisher="mc", mc_samples=3, seed=1,
+                progressbar=False)
+    v = [torch.randn_like(p) for p in params]
+    torch.testing.assert_close(_flat(a @ v), _flat(b @ v))
+
+
+def test_kfac_errors_name_the_parameter():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.lin(x)))
+
+    module = Tied().double()
+    data = _data("mse", (3,))
+    with pytest.raises(tn.TNError, match=r"'lin.weight' is used by 2 statements"):
+        tn.KFAC(module, nn.MSELoss(), list(module.parameters()), data, progressbar=False)
+    with pytest.raises(tn.TNError, match="kind must be"):
+        tn.KFAC(module, nn.MSELoss(), list(module.parameters()), data, kind="diag")
+
+
+def test_cli_module_writes_every_layers_factors(tmp_path, monkeypatch, capsys):
+    import importlib
+    import sys
+
+    from tnderive.cli import main
+
+    (tmp_path / "my_models.py").write_text(
+        "from torch import nn\n\n\ndef cnn():\n"
+        "    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2),\n"
+        "                         nn.Flatten(), nn.Linear(8, 3))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["kfac", "--module", "my_models:cnn", "--input-shape", "3,2,6,6", "--kind", "reduce",
+                 "-o", "out/kfac_cnn.py"]) == 0
+    out = capsys.readouterr().out
+    assert "covered 3 of 3 weights" in out and "0.weight (0 (Conv2d))" in out
+    sys.path.insert(0, str(tmp_path / "out"))
+    try:
+        gen = importlib.import_module("kfac_cnn")
+    finally:
+        sys.path.remove(str(tmp_path / "out"))
+    torch.manual_seed(5)
+    module = importlib.import_module("my_models").cnn().double()
+    X, y = torch.randn(3, 2, 6, 6), torch.randint(0, 3, (3,))
+    ref = tn.KFAC(module, nn.CrossEntropyLoss(), list(module.parameters()), [(X, y)], kind="reduce",
+                  progressbar=False)
+    model = tn.from_module(module, X)
+    env = model.run(model.tensors(X), keep=True)
+    for torch_name in ("0.weight", "2.weight", "4.weight"):
+        name = model.param_names[torch_name]
+        st = next(s for s in model.statements if any(a.name == name for a in s.uses))
+        A = getattr(gen, f"input_factor_{name}")(**{a.name: env[a.name] for a in st.uses})
+        torch.testing.assert_close(A, ref.blocks[torch_name].A, rtol=1e-10, atol=1e-12)
+
+
+def test_vit_every_parameter_covered_and_head_is_exact():
+    from tests.vit_model import ViT
+
+    torch.manual_seed(6)
+    module = ViT().double()
+    loss_func = nn.CrossEntropyLoss()
+    params = list(module.parameters())
+    X, y = torch.randn(1, 3, 8, 8), torch.tensor([2])
+    kfac = tn.KFAC(module, loss_func, params, [(X, y)], progressbar=False)
+    assert set(kfac.blocks) == {n for n, _ in module.named_parameters()}
+    if HAVE_CURVLINOPS:          # the peer refuses the model
+        from curvlinops import KFACLinearOperator
+        with pytest.raises(NotImplementedError):
+            KFACLinearOperator(module, loss_func, params, [(X, y)], check_deterministic=False)
+    head = [module.head.weight]  # one datum, last layer: KFAC = GGN block
+    kh = tn.KFAC(module, loss_func, head, [(X, y)], progressbar=False)
+    gh = tn.GGN(module, loss_func, head, [(X, y)], progressbar=False)
+    V = torch.randn(kh.dim, 2)
+    torch.testing.assert_close(kh @ V, gh @ V, rtol=1e-10, atol=1e-12)
