@@ -17,23 +17,25 @@ from pathlib import Path
 import torch
 from torch.func import hessian, jacrev
 
+from tnderive import parse_network
 from tnderive.attention import block_norms, fit_slopes, group_norms, hessian_blocks, norm_heatmap
 from tnderive.demo import Artifacts
 from tnderive.nn.transformer import TARGET, reference_prediction, transformer
 
 TITLE = "What changes in a full transformer block"
-SHOW = ["layers.png", "params.png"]
+SHOW = ["layers.png", "params.png", "model.svg"]
 PARAMS = ["*.q.weight", "*.v.weight", "*.fc1.weight"]
 
 
 def main(outdir=None, fast: bool = False) -> Artifacts:
     art = Artifacts(outdir or Path(__file__).with_suffix(""), TITLE)
-    torch.set_default_dtype(torch.float64)
     size = dict(seq=3, d_model=3, heads=1, d_mlp=3, classes=2) if fast else \
         dict(seq=3, d_model=4, heads=2, d_mlp=4, classes=2)
     model = transformer(1 if fast else 2, pre_ln=False, bias=False, eps=1e-12, **size)
     params = ["*.q.weight", "*.fc1.weight"] if fast else PARAMS
     blocks = hessian_blocks(model, params=params, upper=True)
+    art.diagram(parse_network(model.text), "model",
+                "the model as a network, one statement per diagram")
     tensors = model.random_inputs(seed=0)
     _check(art, model, blocks, tensors)
     slopes = fit_slopes(blocks, model.random_inputs(seed=1), sigmas=(1e-3, 1e-2)) if not fast else {}

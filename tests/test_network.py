@@ -389,3 +389,18 @@ def test_compile_rejects_a_name_that_clashes_with_a_temporary():
     net = tn.parse_network("a[i] = x[i]*x[i]\nb[i] = a[i] + a_t0[i]\nloss = sum(b[i])")
     with pytest.raises(tn.TNError, match="a_t0"):
         net.compile()
+
+
+def test_derived_networks_keep_the_source_signature():
+    """DESIGN "Signatures": the tensors that evaluate a network evaluate every derivative of
+    it, also after simplification folded a statement or substituted an adjoint away."""
+    net = tn.parse_network("h1[n,o] = tanh(W1[o,i]*x[n,i])\n"
+                           "h2[n,p] = tanh(W2[p,o]*h1[n,o])\n"
+                           "loss = sum((h2[n,p] - t[n,p])**2)")
+    g = torch.Generator().manual_seed(3)
+    T = {k: torch.randn(*s, generator=g, dtype=torch.float64)
+         for k, s in dict(W1=(3, 4), x=(5, 4), W2=(2, 3), t=(5, 2)).items()}
+    for derived in (tn.simplify(net.grad("W1")),
+                    tn.simplify(net.hessian_blocks(pairs=[("W2", "W2")]))):
+        assert list(derived.signature) == list(net.signature)
+        assert torch.allclose(derived.compile()(**T), derived.evaluate(**T), rtol=1e-12)

@@ -56,8 +56,10 @@ class Statements:
     Checks: names are unique identifiers, a statement refers only to earlier statements,
     with that statement's index count, axis names and sizes; outputs name statements."""
 
-    def __init__(self, statements: Iterable[Statement], outputs: Sequence[str] | None = None):
+    def __init__(self, statements: Iterable[Statement], outputs: Sequence[str] | None = None,
+                 source: Signature | None = None):
         self.statements: tuple[Statement, ...] = tuple(statements)
+        self._source = source  # the signature of the network this one was derived from
         if not self.statements:
             raise TNError("a network needs at least one statement")
         self._by_name: dict[str, Statement] = {}
@@ -167,13 +169,21 @@ class Statements:
 
     @property
     def signature(self) -> Signature:
-        """The input tensors (leaves only: statements are not inputs), in first-use order."""
-        decls, sizes = [], set()
+        """The input tensors (leaves only: statements are not inputs), in first-use order.
+
+        A derived network keeps its source's signature (DESIGN "Signatures"): the tensors that
+        evaluate a network evaluate every derivative of it, even when a statement folded away
+        the last use of one. Names a derivation introduced and then removed (an adjoint that
+        simplification substituted away) are not inputs."""
+        used, sizes = [], set()
         for s in self.statements:
             sig = s.expr.signature
-            decls.extend(v for n, v in sig.items() if n not in self._by_name)
+            used.extend(v for n, v in sig.items()
+                        if n not in self._by_name and (self._source is None or n in self._source
+                                                       or n in self._leaves[s.name]))
             sizes |= sig.source_sizes
-        return Signature(decls, sizes)
+        own = Signature(used, sizes)
+        return own if self._source is None else self._source.merged(own)
 
     def node_count(self) -> int:
         """Distinct IR nodes over all statements (each statement's shared sub-trees once)."""
@@ -181,8 +191,9 @@ class Statements:
 
     # --- building ------------------------------------------------------------------------
     def rebuilt(self, statements: Iterable[Statement], outputs: Sequence[str] | None = None):
-        """A program of this class with other statements (and outputs)."""
-        return type(self)(statements, outputs)
+        """A program of this class with other statements (and outputs), keeping this one's
+        signature as its source's."""
+        return type(self)(statements, outputs, source=self.signature)
 
     def pruned(self) -> "Statements":
         """Without the statements no output needs."""

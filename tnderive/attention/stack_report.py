@@ -86,7 +86,8 @@ def stack_markdown(model, blocks, norms, slopes, t_derive: float, sigmas) -> str
            f"L={o['seq']}, d={o['d_model']}, heads={o['heads']}, MLP {o['d_mlp']} ({o['act']}), "
            f"norm {o['norm']} (ε={o['eps']:g}), {'causal, ' if o['causal'] else ''}"
            f"{'biases' if o['bias'] else 'no biases'}, loss {o['loss']} ({o['reduction']}). "
-           f"Derivation {t_derive:.2f} s (not simplified; evaluated with tnderive.evaluate).", "",
+           f"Derivation {t_derive:.2f} s on the stack's network (statements kept, adjoints "
+           f"shared; simplified per statement; evaluated statement by statement).", "",
            "Predicted slope: the tree rule with ε ≪ σ² — X outside a function node counts 1, "
            "a sum takes its lowest order, a power x^p of an argument of order δ has order pδ "
            "(LayerNorm's (var+ε)^(-1/2) ~ σ^(-δ)), so a LayerNorm of the data is O(1): every "

@@ -26,6 +26,7 @@ hidden, c read-out classes. The model's `text` is the interchange (it parses bac
 from __future__ import annotations
 
 import fnmatch
+import functools
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -34,6 +35,7 @@ import torch
 from .. import losses
 from ..errors import TNError
 from ..ir import Expr
+from ..network import parse_network
 from ..notation import parse
 from . import layers
 
@@ -66,8 +68,6 @@ class TransformerModel:
 
     text: str
     network_text: str
-    loss: Expr
-    prediction: Expr
     criterion: losses.Loss
     params: tuple[str, ...]
     names: dict[str, str]
@@ -79,9 +79,23 @@ class TransformerModel:
     def torch_names(self) -> dict[str, str]:
         return {v: k for k, v in self.names.items()}
 
-    @property
-    def variables(self):
-        return self.loss.variables
+    @functools.cached_property
+    def prediction(self) -> Expr:
+        """P as one inlined expression (`parse(network_text)`; its size grows fast with depth:
+        the Hessian blocks use the statements, `tnderive.parse_network(text)`)."""
+        return parse(self.network_text)
+
+    @functools.cached_property
+    def loss(self) -> Expr:
+        """ℓ = criterion(P) as one inlined expression (see `prediction`)."""
+        return self.criterion.expr(self.prediction)
+
+    @functools.cached_property
+    def variables(self) -> dict:
+        """The input tensors (parameters, X, Y) by name, from the statements (no inlining)."""
+        net = parse_network(self.text)
+        leaves = set().union(*(net.leaves(s.name) for s in net.statements))
+        return {n: v for n, v in net.signature.items() if n in leaves}
 
     def select(self, patterns: Sequence[str] | str | None = None) -> tuple[str, ...]:
         """Variable names of the parameters matching fnmatch `patterns` (torch-style names, e.g.
@@ -89,7 +103,7 @@ class TransformerModel:
         return select_params(self.names, patterns)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: tuple(int(s) for s in v.axis_shape) for name, v in self.loss.variables.items()}
+        return {name: tuple(int(s) for s in v.axis_shape) for name, v in self.variables.items()}
 
     def random_inputs(self, seed: int = 0, sigma: float = 1.0,
                       dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
@@ -254,12 +268,9 @@ def transformer(blocks: int = 1, seq: int = 8, d_model: int = 8, heads: int = 2,
         prog.add(f"{PREDICTION}[t,d] = {x}[t,d]")
     network_text = "\n".join(prog.lines)
     criterion = losses.get(f"{loss}:{reduction}", target=TARGET)
-    prediction = parse(network_text)
-    loss_expr = criterion.expr(prediction)
     text = network_text + "\n" + _loss_line(loss, reduction, out_idx)
     names = {p: var_name(p) for p in prog.params}
-    return TransformerModel(text=text, network_text=network_text, loss=loss_expr,
-                            prediction=prediction, criterion=criterion, params=tuple(prog.params),
+    return TransformerModel(text=text, network_text=network_text, criterion=criterion, params=tuple(prog.params),
                             names=names, sizes=sizes, options=opts)
 
 
