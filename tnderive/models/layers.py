@@ -448,18 +448,7 @@ def _conv(layer: Layer, module: nn.modules.conv._ConvNd, x) -> Act:
     O = [f"o{j + 1}" for j in range(dim)]
     pats = [_pattern(K[j], O[j], I[j], (ks[j], out[2 + j], x.shape[2 + j]), st[j], pads[j], dl[j])
             for j in range(dim)]
-    g = module.groups
-    w = layer.param("weight")
-    if g == 1:
-        factors = [w.at("c", "e", *K), x.at("n", "e", *I)]
-    else:
-        cin, cout = module.in_channels, module.out_channels
-        factors = [w.at("c", "e", *K), x.at("n", "q", *I), split("q", "g", "e", g, cin // g),
-                   split("c", "g", "r", g, cout // g)]
-    rhs = "*".join([*factors, *pats])
-    if module.bias is not None:
-        rhs += f" + {layer.param('bias').at('c')}"
-    return layer.emit(["n", "c", *O], rhs)
+    return _emit_conv(layer, module, x, ("c", "e"), ("c", "e"), K, I, pats, O)
 
 
 def _conv_transpose(layer: Layer, module: nn.modules.conv._ConvTransposeNd, x) -> Act:
@@ -474,18 +463,27 @@ def _conv_transpose(layer: Layer, module: nn.modules.conv._ConvTransposeNd, x) -
     J = [f"j{j + 1}" for j in range(dim)]
     pats = [_pattern(K[j], I[j], J[j], (ks[j], x.shape[2 + j], out[2 + j]), st[j], (pd[j], pd[j]), dl[j])
             for j in range(dim)]
+    return _emit_conv(layer, module, x, ("e", "c"), ("q", "r"), K, I, pats, J)
+
+
+def _emit_conv(layer: Layer, module: nn.Module, x, plain: tuple[str, str],
+               grouped: tuple[str, str], K: list[str], I: list[str], pats: list[str],
+               out: list[str]) -> Act:
+    """The statement y[n,c,out..] of a (transposed) convolution: weight W[plain.., K..]
+    (W[grouped.., K..] with groups, channels split as q = (g,e), c = (g,r)), input
+    x[n,e|q,I..], the index patterns `pats`, and the bias b[c] when the module has one."""
     g = module.groups
     w = layer.param("weight")
     if g == 1:
-        factors = [w.at("e", "c", *K), x.at("n", "e", *I)]
+        factors = [w.at(*plain, *K), x.at("n", "e", *I)]
     else:
         cin, cout = module.in_channels, module.out_channels
-        factors = [w.at("q", "r", *K), x.at("n", "q", *I), split("q", "g", "e", g, cin // g),
+        factors = [w.at(*grouped, *K), x.at("n", "q", *I), split("q", "g", "e", g, cin // g),
                    split("c", "g", "r", g, cout // g)]
     rhs = "*".join([*factors, *pats])
     if module.bias is not None:
         rhs += f" + {layer.param('bias').at('c')}"
-    return layer.emit(["n", "c", *J], rhs)
+    return layer.emit(["n", "c", *out], rhs)
 
 
 # --------------------------------------------------------------------------------------------
