@@ -68,6 +68,31 @@ class SelfAttention(nn.Module):
         return self.attn(x, x, x, need_weights=False)[0]
 
 
+class PaddedMHA(nn.Module):
+    """Key-padding mask (boolean, True = padding) and a boolean causal attn_mask."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+
+    def forward(self, x, padding, causal):
+        return self.attn(x, x, x, key_padding_mask=padding, attn_mask=causal,
+                         need_weights=False)[0]
+
+
+def _padding(batch: int = 2, length: int = 4) -> torch.Tensor:
+    """Boolean key padding: sequence b has its last b positions padded."""
+    pad = torch.zeros(batch, length, dtype=torch.bool)
+    for b in range(batch):
+        if b:
+            pad[b, length - b:] = True
+    return pad
+
+
+def _causal_bool(length: int = 4) -> torch.Tensor:
+    return torch.triu(torch.ones(length, length, dtype=torch.bool), 1)
+
+
 def _mask():
     m = torch.zeros(4, 4)
     m[0, 2] = m[1, 3] = -1e9
@@ -94,6 +119,8 @@ CASES = {
     "mha_self": (SelfAttention, [(2, 4, 8)]),
     "mha_masked": (lambda: MaskedMHA(False), [(4, 2, 8), "mask"]),
     "mha_masked_batch_first": (lambda: MaskedMHA(True), [(2, 4, 8), "mask"]),
+    "mha_key_padding": (lambda: PaddedMHA(True), [(2, 4, 8), "padding", "causal"]),
+    "mha_key_padding_seq_first": (lambda: PaddedMHA(False), [(4, 2, 8), "padding", "causal"]),
     "cnn": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
                                   nn.Conv2d(4, 5, 3, stride=2), nn.Flatten(), nn.Linear(45, 10)),
             [(2, 3, 8, 8)]),
@@ -105,7 +132,8 @@ def test_module_matches_torch(case):
     torch.manual_seed(0)
     make, shapes = CASES[case]
     module = make().double().eval()
-    inputs = [_mask() if s == "mask" else torch.randn(*s) for s in shapes]
+    special = {"mask": _mask, "padding": _padding, "causal": _causal_bool}
+    inputs = [special[s]() if isinstance(s, str) else torch.randn(*s) for s in shapes]
     model = from_module(module, *inputs)       # checks in float64 on import
     _close(model, module, *inputs)
     assert set(model.param_names) == {n for n, _ in module.named_parameters()}
@@ -203,3 +231,35 @@ def test_wrong_notation_is_caught():
 def test_training_dropout_is_an_error():
     with pytest.raises(tn.TNError, match="eval"):
         from_module(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train(), torch.randn(3, 2))
+
+
+def test_boolean_masks_enter_additively_and_differentiate():
+    """Boolean key-padding and attn masks (True = not attended): the value and the Hessian
+    block of the in-projection through the masked softmax match torch.func in float64."""
+    torch.manual_seed(7)
+    module = PaddedMHA(True).double().eval()
+    x, pad, causal = torch.randn(2, 4, 8), _padding(), _causal_bool()
+    model = from_module(module, x, pad, causal)
+    assert "key_padding_mask" not in model.text  # the mask is an input tensor, not a name
+    R = torch.randn(2, 4, 8)
+    net = tn.parse_network(model.text + f"\nloss = {model.output.name}[n,l,c]*R[n,l,c]"
+                           f"*{model.output.name}[n,l,c]\n# vars: R[n,l,c]=(2,4,8)")
+    w = model.param_names["attn.in_proj_weight"]
+    block = tn.simplify(net.hessian(w))
+    tensors = {**model.tensors(x, pad, causal), "R": R}
+    got = block.evaluate(**tensors)
+
+    a = module.attn
+    mask = torch.zeros(2, 1, 4, 4).masked_fill(pad[:, None, None, :] | causal, float("-inf"))
+
+    def loss(weight):  # MultiheadAttention written out (torch cannot differentiate its CPU
+        # fused kernel twice)
+        q, k, v = (x @ weight.T + a.in_proj_bias).reshape(2, 4, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        p = torch.softmax(q @ k.transpose(-1, -2) / 2.0 + mask, -1)
+        y = (p @ v).transpose(1, 2).reshape(2, 4, 8) @ a.out_proj.weight.T + a.out_proj.bias
+        return (y * R * y).sum()
+
+    assert abs(loss(a.in_proj_weight) - (module(x, pad, causal) * R * module(x, pad, causal)).sum()) < 1e-12
+    ref = torch.func.hessian(loss)(a.in_proj_weight.detach())
+    assert torch.isfinite(got).all()
+    assert (got.reshape(ref.shape) - ref).abs().max() <= 1e-10 * ref.abs().max()

@@ -524,8 +524,11 @@ def _embedding(layer: Layer, module: nn.Embedding, ids) -> Act:
 
 
 def attention(layer: Layer, q: Act, k: Act, v: Act, mask: Act | None, causal: bool,
-              scale: float | None, batch: Sequence[str], heads: Sequence[str] = ()) -> Act:
-    """softmax(q·kᵀ·scale + mask)·v over the last two axes ([*batch, L, E] layouts)."""
+              scale: float | None, batch: Sequence[str], heads: Sequence[str] = (),
+              key_mask: Act | None = None) -> Act:
+    """softmax(q·kᵀ·scale + mask + key_mask)·v over the last two axes ([*batch, L, E]
+    layouts); mask [L, S], key_mask [batch, S] (additive: a boolean model input enters as
+    −inf where True)."""
     L, S, E = q.shape[-2], k.shape[-2], q.shape[-1]
     B = [*batch, *heads]
     sc = f"/sqrt({E})" if scale is None else f"*{num(float(scale))}"
@@ -538,6 +541,11 @@ def attention(layer: Layer, q: Act, k: Act, v: Act, mask: Act | None, causal: bo
         if mask.ndim != 2:
             raise layer.fail(f"attention mask of shape {mask.shape}: only [L, S] masks have a notation")
         z += f" + {mask.at('l', 'm')}"
+    if key_mask is not None:
+        if key_mask.shape != (*q.shape[:len(batch)], S):
+            raise layer.fail(f"key_padding_mask of shape {key_mask.shape}: expected "
+                             f"{(*q.shape[:len(batch)], S)} (batch, source length)")
+        z += f" + {key_mask.at(*batch, 'm')}"
     p = layer.emit([*B, "l", "m"], f"softmax({z}, m)", shape=s.shape, base=f"{layer.base}_weights")
     return layer.emit([*B, "l", "f"], f"{p.at(*B, 'l', 'm')}*{v.at(*B, 'm', 'f')}",
                       shape=(*q.shape[:-1], v.shape[-1]))
@@ -548,8 +556,11 @@ def _sdpa(layer: Layer, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
     q, k, v = (_act(layer, t, name) for t, name in ((q, "query"), (k, "key"), (v, "value")))
     if dropout_p:
         raise layer.fail("scaled_dot_product_attention with dropout_p > 0")
-    if attn_mask is not None and not isinstance(attn_mask, Act):
-        raise layer.fail("attn_mask must be a float tensor input of the model")
+    if attn_mask is not None and (not isinstance(attn_mask, Act)
+                                  or layer.program.sources.get(attn_mask.name, (0, ""))[1] == "mask"):
+        raise layer.fail("scaled_dot_product_attention's attn_mask must be a float tensor input "
+                         "of the model (a boolean one means True = attend, the opposite of "
+                         "MultiheadAttention's)")
     if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
         raise layer.fail("scaled_dot_product_attention with broadcast batch axes")
     return attention(layer, q, k, v, attn_mask, is_causal, scale, generic(q.ndim - 2, avoid="lmef"))
@@ -564,10 +575,10 @@ def _mha(layer: Layer, module: nn.MultiheadAttention, query, key, value, key_pad
         raise layer.fail("MultiheadAttention with kdim/vdim, add_bias_kv or add_zero_attn")
     if module.training and module.dropout > 0:
         raise layer.fail("MultiheadAttention dropout in training mode; call module.eval() first")
-    if key_padding_mask is not None:
-        raise layer.fail("MultiheadAttention key_padding_mask (give a float attn_mask)")
-    if attn_mask is not None and not isinstance(attn_mask, Act):
-        raise layer.fail("attn_mask must be a float tensor input of the model")
+    for what, m in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+        if m is not None and not isinstance(m, Act):
+            raise layer.fail(f"{what} must be a tensor input of the model (float, or boolean "
+                             f"with True = not attended)")
     E, H = module.embed_dim, module.num_heads
     Dh = E // H
     bf = module.batch_first
@@ -598,7 +609,8 @@ def _mha(layer: Layer, module: nn.MultiheadAttention, query, key, value, key_pad
         heads[name] = layer.emit(["n", "h", "l", "d"], rhs, shape=(N, H, L, Dh),
                                  base=f"{layer.base}_{name}")
     mask = attn_mask
-    o = attention(layer, heads["q"], heads["k"], heads["v"], mask, False, None, ["n", "h"])
+    o = attention(layer, heads["q"], heads["k"], heads["v"], mask, False, None, ["n"], ["h"],
+                  key_mask=key_padding_mask)
     out = layer.param("out_proj.weight")
     rhs = f"{out.at('c', 'f')}*{split('f', 'h', 'd', H, Dh)}*{o.at('n', 'h', 'l', 'd')}"
     if module.out_proj.bias is not None:

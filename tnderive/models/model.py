@@ -80,14 +80,19 @@ class Model:
         """Notation name -> tensor for the module's inputs (integer ids one-hot)."""
         out = {}
         for act in self.program.inputs:
-            pos, onehot = self.program.sources[act.name]
+            pos, encoding = self.program.sources[act.name]
             if pos >= len(inputs):
                 raise TNError(f"model input {act.name!r} (position {pos}) is missing: "
                               f"got {len(inputs)} inputs")
             t = inputs[pos]
-            if onehot:
+            if encoding == "onehot":
                 t = torch.nn.functional.one_hot(t.long(), act.shape[-1])
                 t = t.to(dtype or torch.get_default_dtype())
+            elif encoding == "mask":
+                if t.dtype != torch.bool:
+                    raise TNError(f"model input {act.name!r} was traced as a boolean mask, got "
+                                  f"{t.dtype}")
+                t = additive_mask(t, dtype or torch.get_default_dtype())
             elif dtype is not None:
                 t = t.to(dtype)
             if tuple(t.shape) != act.shape:
@@ -150,6 +155,12 @@ class Model:
             raise TNError(f"{type(self.module).__name__}: the network differs from the module's "
                           f"output: max relative error {err:.2e} > {tol:.0e}")
         return err
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True: not attended, torch's convention) as the float mask
+    added to the scores: −inf where True, 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

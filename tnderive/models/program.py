@@ -78,8 +78,7 @@ class Program:
     params: dict[str, Act] = field(default_factory=dict)   # torch name -> variable
     buffers: dict[str, Act] = field(default_factory=dict)  # torch name -> variable (not trained)
     acts: dict[str, Act] = field(default_factory=dict)     # every name -> Act
-    #: input name -> (position among the module's inputs, one-hot of an integer input?)
-    sources: dict[str, tuple[int, bool]] = field(default_factory=dict)
+    sources: dict[str, tuple[int, str]] = field(default_factory=dict)  # position, encoding
 
     def fresh(self, base: str) -> str:
         """A legal, unused name built from `base` (dots and odd characters become `_`)."""
@@ -100,11 +99,12 @@ class Program:
         return act
 
     def add_input(self, base: str, shape: Sequence[int], position: int,
-                  onehot: bool = False) -> Act:
-        """Input `position` of the module (an integer one enters one-hot: last axis added)."""
+                  onehot: bool = False, mask: bool = False) -> Act:
+        """Input `position` of the module: an integer one enters one-hot (last axis added), a
+        boolean attention mask as an additive float mask (−inf where True, 0 elsewhere)."""
         act = self._new(base, shape)
         self.inputs.append(act)
-        self.sources[act.name] = (position, onehot)
+        self.sources[act.name] = (position, "onehot" if onehot else "mask" if mask else "float")
         return act
 
     def param(self, torch_name: str, shape: Sequence[int]) -> Act:

@@ -75,6 +75,8 @@ def trace(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tuple[Pr
             base = "x" if node.target == "input" else node.target
             if t.is_floating_point():
                 env[node] = program.add_input(base, t.shape, position)
+            elif t.dtype == torch.bool:  # an attention mask: enters additively
+                env[node] = program.add_input(base, t.shape, position, mask=True)
             else:
                 env[node] = L.IntInput(base, tuple(t.shape), position)
             position += 1
