@@ -5,9 +5,11 @@
 Layers: the convolutions of ResNet-18 (general and 1×1 stride-2 shortcuts), a ConvNeXt/ViT
 patchify stem (K = S = 4 and 16, dense), MobileNetV2 depthwise layers; batch 8, float32, CPU.
 
-* tnderive forward: `tnderive.nn.functional.conv2d` (the network evaluated with patterns as
-  strided views); VJPs: `Network.vjp(name)` — derived with `tnderive.vjp` on the network,
-  simplified once, evaluated the same way.
+* tnderive forward: `tnderive.nn.functional.conv2d` (the network evaluated by
+  `tnderive.evaluate`: its one product lowers to a call of torch's convolution kernel,
+  `codegen.convolution`); VJPs: `Network.vjp(name)` — derived with `tnderive.vjp` on the
+  network, simplified once, lowered the same way (torch's weight-VJP kernel, its transposed
+  convolution, or views alone for non-overlapping windows).
 * torch: `F.conv2d`; VJPs: `torch.autograd.grad` on a graph built once (backward only).
 * einconv (optional peer): `einconv.functionals.convNd`; VJPs: its input/weight-VJP einsum expressions
   (built and contracted each call, as its functional API does).
@@ -27,7 +29,6 @@ import torch.nn.functional as F
 
 from _results import keeps_peer_figures, write_section
 from _steady import steady_allocator
-from tnderive import gemm
 from tnderive.nn import functional as T
 from tnderive.nn.conv import conv_network
 
@@ -76,9 +77,6 @@ def implementations(x, w, v, stride, padding, groups):
         "weight VJP": {"torch": lambda: torch.autograd.grad(y, wg, v, retain_graph=True)[0],
                        "tnderive": lambda: w_vjp(v, x, w)},
     }
-    if gemm._probe():  # the opt-in oneDNN backend, measured side by side (issue 16, item 4)
-        for impls in ops.values():
-            impls[ONEDNN] = with_onednn(impls["tnderive"])
     if einconv is not None:
         def ein_in():
             eq, operands, shape = convNd_input_vjp.einsum_expression(
@@ -94,32 +92,6 @@ def implementations(x, w, v, stride, padding, groups):
         ops["input VJP"]["einconv"] = ein_in
         ops["weight VJP"]["einconv"] = ein_w
     return ops
-
-
-ONEDNN = "tnderive+oneDNN"
-
-
-def with_onednn(f):
-    """`f` run with the opt-in oneDNN GEMM backend switched on (off again afterwards)."""
-    def run():
-        gemm.use_onednn(True)
-        try:
-            return f()
-        finally:
-            gemm.use_onednn(False)
-    return run
-
-
-def onednn_summary(rows) -> str:
-    """What keeping the private oneDNN op off by default costs: tnderive's default time over
-    its time with the opt-in backend, per op."""
-    out = []
-    for op in ("forward", "input VJP", "weight VJP"):
-        r = [row["tnderive"] / row[ONEDNN] for row in rows if row["op"] == op and ONEDNN in row]
-        if r:
-            out.append(f"- {op}: default (torch.matmul) / opt-in oneDNN median "
-                       f"{statistics.median(r):.2f}× (range {min(r):.2f}–{max(r):.2f}×)")
-    return "\n".join(out) if out else "- oneDNN op not available in this torch build: not measured"
 
 
 def check(ops) -> None:
@@ -156,42 +128,9 @@ def measure(ops, repeats: int, min_time: float = 0.03) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def dense_floor(name, x, w, stride, torch_s, tnderive_s, repeats) -> dict:
-    """Times of the patch copy and the bare GEMM of a dense convolution (K = S, no padding)."""
-    N, C, H, W_ = x.shape
-    O, _, K, L = w.shape
-    h, wd = H // K, W_ // L
-    view = x.reshape(N, C, h, K, wd, L).permute(0, 2, 4, 1, 3, 5)
-    patches = view.contiguous().reshape(N * h * wd, C * K * L)
-    wt = w.reshape(O, -1).t()
-
-    def copy():  # the library's fastest patch copy (16-byte runs when rows allow)
-        return gemm.as_contiguous(view).view(N * h * wd, C * K * L)
-
-    ops = {"x": {"copy": copy, "oneDNN GEMM": with_onednn(lambda: gemm.matmul(patches, wt)),
-                 "MKL GEMM": lambda: torch.matmul(patches, wt),
-                 "copy + GEMM": with_onednn(lambda: gemm.matmul(copy(), wt))}}
-    med = measure(ops, repeats)
-    best = min(med[("x", "oneDNN GEMM")], med[("x", "MKL GEMM")])
-    return {"layer": name, "torch": torch_s, "tnderive": tnderive_s, "gemm": best,
-            "copy": med[("x", "copy")], "copy+gemm": med[("x", "copy + GEMM")]}
-
-
-def floor_table(floors) -> str:
-    lines = ["| layer | torch conv ms | bare GEMM ms | patch copy ms | copy + GEMM ms | tnderive ms "
-             "| bare GEMM / torch |", "|---|---|---|---|---|---|---|"]
-    for f in floors:
-        lines.append(f"| {f['layer']} | {f['torch'] * 1e3:.2f} | {f['gemm'] * 1e3:.2f} | "
-                     f"{f['copy'] * 1e3:.2f} | {f['copy+gemm'] * 1e3:.2f} | {f['tnderive'] * 1e3:.2f} | "
-                     f"{f['gemm'] / f['torch']:.2f}× |")
-    return "\n".join(lines)
-
-
 def table(rows) -> str:
     has_ein = einconv is not None
-    has_dnn = any(ONEDNN in r for r in rows)
     head = "| layer | group | op | torch ms | tnderive ms | " + ("einconv ms | " if has_ein else "") + \
-           ("oneDNN opt-in ms | " if has_dnn else "") + \
            "tnderive/torch | " + ("tnderive/einconv |" if has_ein else "")
     sep = "|" + "---|" * (head.count("|") - 1)
     lines = [head, sep]
@@ -199,8 +138,6 @@ def table(rows) -> str:
         cells = [r["layer"], r["group"], r["op"], f"{r['torch'] * 1e3:.2f}", f"{r['tnderive'] * 1e3:.2f}"]
         if has_ein:
             cells.append(f"{r['einconv'] * 1e3:.2f}")
-        if has_dnn:
-            cells.append(f"{r[ONEDNN] * 1e3:.2f}")
         cells.append(f"{r['tnderive'] / r['torch']:.2f}×")
         if has_ein:
             cells.append(f"{r['tnderive'] / r['einconv']:.2f}×")
@@ -239,7 +176,7 @@ def main(argv=None) -> None:
     allocator = steady_allocator()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows, floors = [], []
+    rows = []
     start = time.perf_counter()
     for name, group, xs, ws, stride, padding, groups in LAYERS:
         if args.only and not any(s in name for s in args.only):
@@ -249,9 +186,6 @@ def main(argv=None) -> None:
         ops = implementations(x, w, v, stride, padding, groups)
         check(ops)
         med = measure(ops, args.repeats)
-        if group == "dense":
-            floors.append(dense_floor(name, x, w, stride, med[("forward", "torch")],
-                                      med[("forward", "tnderive")], args.repeats))
         for op, impls in ops.items():
             row = {"layer": name, "group": group, "op": op}
             row.update({impl: med[(op, impl)] for impl in impls})
@@ -266,30 +200,17 @@ def main(argv=None) -> None:
         f"Batch 8, float32, CPU ({platform.processor() or platform.machine()}), "
         f"{args.threads} thread(s), torch {torch.__version__}, {peer}; median of {args.repeats} "
         f"interleaved rounds (calls under 30 ms repeated within a round); total {elapsed:.0f} s. "
-        f"Command: `python benchmarks/conv.py`; {allocator} (see benchmarks/_steady.py); "
-        "GEMMs: torch.matmul (the default); the opt-in oneDNN backend (`TNDERIVE_GEMM=onednn`, "
-        "a private torch op) is measured alongside as `tnderive+oneDNN`.",
+        f"Command: `python benchmarks/conv.py`; {allocator} (see benchmarks/_steady.py). "
+        "tnderive lowers each convolution product to one call of torch's public convolution "
+        "kernels (`codegen.convolution`: conv, its weight VJP, its transpose); non-overlapping "
+        "input VJPs stay views. The private oneDNN op and the eager kernels are gone (issue 16).",
         "VJPs: torch = autograd backward on a prebuilt graph; tnderive = `Network.vjp` (derived "
-        "with `tnderive.vjp`, simplified, patterns applied as strided views); einconv = its VJP "
+        "with `tnderive.vjp`, simplified, evaluated); einconv = its VJP "
         "einsum expressions. Shared 2-core machine: expect ±30 % noise.",
         "",
         summary(rows),
         "",
-        "What the private op's removal from the default costs (issue 16, item 4):",
-        "",
-        onednn_summary(rows),
-        "",
         table(rows),
-        "",
-        "### Dense layers: the floor of any im2col method",
-        "",
-        "A dense (K = S) convolution is one GEMM on the patch matrix [N·H'·W', C·K·K] (a permuted "
-        "copy of x). Bare GEMM = the faster of oneDNN and MKL on that matrix, warm caches; "
-        "patch copy = the fastest copy found (16-byte runs moved as complex128 when rows allow); "
-        "copy + GEMM = the least work an im2col/einsum method does. torch's oneDNN convolution "
-        "runs its own fused kernel, which is what the forward target is measured against.",
-        "",
-        floor_table(floors),
     ])
     print()
     print(section)

@@ -39,7 +39,6 @@ from _results import keeps_peer_figures, write_section  # noqa: E402
 from _steady import steady_allocator  # noqa: E402
 from tnderive.kfac import kfac  # noqa: E402
 from tnderive.nn.conv import conv_network  # noqa: E402
-from tnderive.structured import structured_evaluate  # noqa: E402
 
 try:  # optional peer
     from einconv.expressions import convNd_kfac_reduce, convNd_kfc
@@ -88,8 +87,8 @@ def einconv_factor(x, k, s, p, kind):
 
 class TNFactor:
     """tnderive's factor: `KFACFactors.input_factor` (generated code; expand in two stages:
-    X by generated code, then one Gram matrix), and the same networks through the structured
-    evaluator (`views`: patterns / splits applied as strided views)."""
+    X by generated code, then one Gram matrix), and the same networks through the interpreter
+    (`evaluated`: `tnderive.evaluate`, the same lowering run op by op)."""
 
     def __init__(self, x_shape, c_out, k, s, p, kind):
         net = conv_network(x_shape, (c_out, x_shape[1], k, k), stride=s, padding=p, bias=False)
@@ -121,12 +120,12 @@ class TNFactor:
         Xm = X.reshape(self.N * self.S, -1)
         return Xm.T @ Xm / (self.N * self.S)
 
-    def views(self, x):
+    def evaluated(self, x):
         xg = x.reshape(x.shape[0], 1, *x.shape[1:])
         if self.kind == "reduce":
-            A = structured_evaluate(self.fac.input_expr, x=xg) / (self.N * self.S * self.S)
+            A = tnderive.evaluate(self.fac.input_expr, x=xg) / (self.N * self.S * self.S)
             return A.reshape(int(math.isqrt(A.numel())), -1)
-        X = structured_evaluate(self.fac.input_side_expr, x=xg)
+        X = tnderive.evaluate(self.fac.input_side_expr, x=xg)
         Xm = X.reshape(self.N * self.S, -1)
         return Xm.T @ Xm / (self.N * self.S)
 
@@ -200,7 +199,7 @@ def run(layers, batch, repeats, device, dtype):
         x = torch.randn(batch, cin, I, I, device=device, dtype=dtype)
         for kind in ("expand", "reduce"):
             tn = TNFactor(tuple(x.shape), cout, k, s, p, kind)
-            impls = {"tnderive": lambda: tn(x), "generated": lambda: tn.generated(x), "views": lambda: tn.views(x),
+            impls = {"tnderive": lambda: tn(x), "generated": lambda: tn.generated(x), "evaluated": lambda: tn.evaluated(x),
                      "unfold": lambda: unfold_factor(x, k, s, p, kind)}
             if convNd_kfc is not None:
                 impls["einconv"] = lambda: einconv_factor(x, k, s, p, kind)
@@ -216,7 +215,7 @@ def run(layers, batch, repeats, device, dtype):
             t_tn, t_un = res["tnderive"][0], res["unfold"][0]
             ein = res.get("einconv", (float("nan"), 0))[0]
             print(f"{name:34s} {kind:6s} tnderive {t_tn * 1e3:8.2f} ms  generated {res['generated'][0] * 1e3:8.2f} ms  "
-                  f"views {res['views'][0] * 1e3:8.2f} ms  "
+                  f"evaluated {res['evaluated'][0] * 1e3:8.2f} ms  "
                   f"unfold {t_un * 1e3:8.2f} ms  "
                   f"einconv {ein * 1e3:8.2f} ms  speed-up vs unfold {t_un / t_tn:5.2f}x  "
                   f"peak MiB tn/unfold/einconv {mib(res['tnderive'][1])}/{mib(res['unfold'][1])}/"
@@ -239,19 +238,19 @@ def table(rows, args, device) -> str:
            "(torch profiler allocation events)."),
         "tnderive = `tnderive.kfac(conv_network(...).expr, 'W', 'n', kind).input_factor(x=...)` (no engine "
         "switch): reduce runs generated code (`tnderive.compile`, Π summed over its output index); expand evaluates the "
-        "input side X with convolution constants as strided views, then one Gram matrix. generated = generated code "
-        "only (expand: X by `tnderive.compile`, then the Gram matrix); views = `tnderive.structured.structured_evaluate` "
+        "input side X (`tnderive.evaluate`: convolution constants as strided views), then one Gram matrix. generated = "
+        "generated code only (expand: X by `tnderive.compile`, then the Gram matrix); evaluated = `tnderive.evaluate` "
         "for both; "
         "unfold = `F.unfold` + Gram matrix (curvlinops/BackPACK); einconv = the peer's simplified "
         "einsum expressions. \"largest\" = tnderive's largest intermediate (entries) vs the im2col size.",
         "",
-        "| layer | kind | tnderive ms (min) | generated ms | views ms | unfold ms (min) | einconv ms | ×unfold (min) | ×einconv | peak MiB tnderive / unfold / einconv | largest / im2col |",
+        "| layer | kind | tnderive ms (min) | generated ms | evaluated ms | unfold ms (min) | einconv ms | ×unfold (min) | ×einconv | peak MiB tnderive / unfold / einconv | largest / im2col |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for name, kind, res, largest, im2col in rows:
         t_tn, m_tn, b_tn = res["tnderive"]
         t_un, m_un, b_un = res["unfold"]
-        t_vi = res["views"][0]
+        t_vi = res["evaluated"][0]
         t_ge = res["generated"][0]
         t_ei, m_ei, _ = res.get("einconv", (float("nan"), float("nan"), float("nan")))
         lines.append(

@@ -10,7 +10,6 @@ line program: deltas merged, products planned, common sub-expressions shared), `
 """
 from __future__ import annotations
 
-import types
 from typing import Mapping
 
 import torch
@@ -46,44 +45,32 @@ def codegen(expr: Expr, name: str = "f", sizes: Mapping[str, int] | None = None,
 
 
 def compile(expr: Expr, name: str = "f", sizes: Mapping[str, int] | None = None,
-            default_size: int = DEFAULT_SIZE, einsum=None) -> "CompiledFunction":
+            default_size: int = DEFAULT_SIZE) -> "CompiledFunction":
     """`expr` as a callable with the keyword tensors of `expr.signature` (codegen + load; the
     tensors of the expression it was derived from, unused ones binding sizes; `sizes` may
     name any size symbol of the signature). `.source`/`.plan` hold the code and plan for `sizes`; each distinct size binding met in a call is re-planned once and
-    cached (`.specialisations`). `einsum`: the function the loaded code calls for
-    `torch.einsum` (default torch's own; `tnderive.gemm.einsum` sends its large CPU GEMMs to
-    oneDNN); the source text is the same either way."""
-    return CompiledFunction(expr, name, sizes, default_size, einsum)
+    cached (`.specialisations`)."""
+    return CompiledFunction(expr, name, sizes, default_size)
 
 
-def load(source: str, name: str, einsum=None):
-    """Execute generated `source` and return its function `name` (errors: tnderive.TNError;
-    `torch.einsum` calls go to `einsum` when given)."""
-    return load_source(source, name, einsum)
-
-
-def _torch_with_einsum(einsum) -> types.ModuleType:
-    """A stand-in for the torch module whose `einsum` is `einsum` (all else is torch's)."""
-    module = types.ModuleType("torch")
-    module.__dict__["__getattr__"] = lambda attr: getattr(torch, attr)
-    module.einsum = einsum
-    return module
+def load(source: str, name: str):
+    """Execute generated `source` and return its function `name` (errors: tnderive.TNError)."""
+    return load_source(source, name)
 
 
 class CompiledFunction:
     """Generated code for one expression, specialised per size binding."""
 
-    def __init__(self, expr: Expr, name: str, sizes, default_size: int, einsum=None):
+    def __init__(self, expr: Expr, name: str, sizes, default_size: int):
         if not isinstance(expr, Expr):
             raise TNError(f"compile expects an expression, got {type(expr).__name__}")
         self.expr = expr
         self.name = name
         self.default_size = default_size
-        self.einsum = einsum
         self.sizes = dict(sizes or {})
         self.plan = lower(expr, sizes, default_size)
         self.source = emit_module(self.plan, name, sizes=self.sizes)
-        self._default = load(self.source, name, einsum)
+        self._default = load(self.source, name)
         self._names = tuple(expr.signature)
         self._by_shapes: dict[tuple, object] = {}
         self._by_sizes: dict[tuple, tuple[object, Program, str]] = {}
@@ -124,7 +111,7 @@ class CompiledFunction:
         if hit is None:
             program = lower(self.expr, values, self.default_size)
             source = emit_module(program, self.name, sizes={**self.sizes, **values})
-            hit = (load(source, self.name, self.einsum), program, source)
+            hit = (load(source, self.name), program, source)
             self._by_sizes[skey] = hit
         return hit[0]
 

@@ -10,6 +10,7 @@ dtype)` runs it. Op by op it does what the emitter (`torch_emit`) writes for tha
     scale / lincomb        coefficient times a tensor / a linear combination (dims aligned)
     expand / diag          broadcast to new dims / a dense diagonal (identity masks)
     reshape narrow pad unfold slice unsqueeze   the views of structured constants (`views`)
+    conv                   torch's convolution / weight VJP / transpose (`convolution`)
     conv_taps              one batched matmul per kernel tap on shifted flat views (`taps`)
     depthwise_taps         the same with one multiply-add per tap, blocks of rows (`taps`)
     fold                   col2im: each kernel tap added into a strided slice (`views`)
@@ -30,6 +31,7 @@ from tnderive.constants import build_constant
 from tnderive.errors import TNError
 from tnderive.torch_fns import apply_elementwise
 
+from .convolution import runner as conv_runner
 from .program import Op, Program
 
 Step = tuple[str, Callable, tuple[str, ...], tuple[str, ...]]  # out, fn, inputs, freed after
@@ -127,6 +129,8 @@ def _step(op: Op, size, coef) -> Callable:
         return _expand(op, shape)
     if kind == "diag":
         return _diag(op, shape)
+    if kind == "conv":
+        return conv_runner(op.payload, size)
     if kind in ("conv_taps", "depthwise_taps"):
         return _conv_taps(op, size)
     if kind == "fold":

@@ -40,8 +40,10 @@ from tnderive.functions import X, Elementwise, IndexFunction
 from tnderive.ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name,
                          rename_free)
 
+from .convolution import lower as conv_lower, match as conv_match
 from .cost import FORMS_TRIED, MEMORY_WEIGHT, OP_OVERHEAD
 from .factor import factor_sums, term_forms
+from .peephole import merge_reshapes
 from .plan import DEFAULT_SIZE, ContractionPlan, plan_contraction, step_cost
 from .taps import conv_taps
 from .values import Labels, Value
@@ -58,8 +60,9 @@ class Op:
     softmax / logsumexp (dim), lincomb (coefficients), scale (coefficient), expand,
     reshape, narrow (dim, offset), diag (input dim of each output dim); views of structured
     constants (`views`): pad ((dim, left, right), ...), unfold (dim, size, step),
-    slice (dim, step), unsqueeze (dim); kernels: conv_taps (`taps`: one matmul per kernel
-    tap), depthwise_taps (`taps`: one multiply-add per tap), fold (`views`: col2im of an
+    slice (dim, step), unsqueeze (dim); kernels: conv (`convolution`: torch's convolution,
+    its weight VJP or its transpose), conv_taps (`taps`: one matmul per kernel tap),
+    depthwise_taps (`taps`: one multiply-add per tap), fold (`views`: col2im of an
     overlapping scatter)."""
 
     kind: str
@@ -187,6 +190,7 @@ def lower(expr: Expr, sizes: Mapping[str, int] | None = None,
             if cost < (best_cost[0] * 0.999, best_cost[1]):
                 best, best_cost = cand, cost
                 best.form = label
+    best.ops = merge_reshapes(best.ops)
     return best
 
 
@@ -415,7 +419,8 @@ class _Lowering:
             while isinstance(f, Sum) and len(f.terms) == 1:
                 c, f = f.terms[0]
                 coef = coef * c
-            if isinstance(f, Product) and not self._keep_whole(f):
+            if isinstance(f, Product) and not self._keep_whole(f) and \
+                    not _scatter_blocked(f, p):
                 mapping = {b: self.fresh_label(b) for b in f.summed}
                 inner = Product([rename_free(g, {k: v for k, v in mapping.items() if k in g.indices})
                                  for g in f.factors], f.indices)
@@ -462,6 +467,9 @@ class _Lowering:
                             a, b = b, a
                         parent[b] = a
         plain = [f for f in factors if not isinstance(f, Delta)]
+        conv = self._convolution(p, plain, find, sizes, coef)
+        if conv is not None:  # torch's convolution kernels (`convolution`)
+            return conv
         views = select_views(plain, find, set(find(i) for i in p.indices))
         scatters = select_scatters(plain, find, set(find(i) for i in p.indices), views)
         values = [None if k in views or k in scatters else self.value(f)
@@ -517,6 +525,46 @@ class _Lowering:
             result = self._scale(result, sympy.sympify(coef))
         return result
 
+    def _convolution(self, p: Product, plain: list[Expr], find, sizes, coef) -> Value | None:
+        """The product as one `conv` op when it is a convolution's forward, weight VJP or
+        input VJP (`convolution.match`), else None."""
+        found = conv_match(plain, find, {find(i) for i in p.indices})
+        if found is None:
+            return None
+        mode, factors, geos = found
+        operands = []
+        for f in factors:
+            v = self.value(f)
+            if v.ties:
+                return None
+            operands.append(Value(v.name, tuple(find(i) for i in v.labels), v.shape))
+        classes = tuple(dict.fromkeys(find(i) for i in p.indices))
+        legs = {find(i) for f in plain if isinstance(f, Constant) for i in f.indices}
+        for j, v in enumerate(operands):  # labels summed on one operand alone: sum them first
+            other = operands[1 - j].labels
+            kept = tuple(x for x in v.labels if x in other or x in classes or x in legs
+                         or v.shape[v.labels.index(x)] == 1)  # size 1: `convolution` drops it
+            if kept != v.labels:
+                operands[j] = self.emit("einsum", (v,), kept)
+        made = {x for v in operands for x in v.labels} | {find(i) for f in plain
+                                                           if isinstance(f, Constant)
+                                                           for i in f.indices}
+        core_out = tuple(c for c in classes if c in made)
+        result = conv_lower(self, mode, operands[0], operands[1], geos, core_out)
+        if result is None:
+            return None
+        for r in {find(i) for i in sizes}:  # closed delta loop: its trace is its size
+            if r not in made and r not in classes:
+                coef = coef * sizes[r]
+        if len(core_out) != len(classes):  # classes only delta legs bring to the output
+            result = self.emit("expand", (result,), classes, tuple(sizes[c] for c in classes))
+        if len(classes) != len(p.indices):  # an output index repeated through deltas: lazy
+            ties = tuple((i, find(i)) for i in p.indices if find(i) != i)
+            result = Value(result.name, result.labels, result.shape, ties)
+        if coef != 1:
+            result = self._scale(result, sympy.sympify(coef))
+        return result
+
     def _contract(self, p: Product, operands: list[Value], output: Labels, sizes) -> Value:
         if not operands:
             return self.emit("ones", (), ())
@@ -536,6 +584,21 @@ class _Lowering:
         if len(inputs) == 1 and inputs[0].labels == output:
             return inputs[0]
         return self.emit("einsum", inputs, output, commutative=True)
+
+
+def _scatter_blocked(f: Product, parent: Product) -> bool:
+    """Whether inlining the nested product `f` into `parent` would turn a scatter of `f` (a
+    pattern whose input leg i is a free index of f) into a dense 0/1 pattern: i is free in
+    the parent too and another factor of the parent carries it (an elementwise mask such as
+    relu' times a convolution's input VJP). Then `f` is contracted on its own (a transposed
+    convolution, or placed by `views.place_scatters`) and the mask multiplies its result."""
+    for c in f.factors:
+        if isinstance(c, Constant) and c.kind == "pattern" and len(c.params) >= 4:
+            i = c.indices[2]
+            if i in f.indices and i in parent.indices and \
+                    any(i in g.indices for g in parent.factors if g is not f):
+                return True
+    return False
 
 
 def _same_size(sizes, a: str, b: str, bound: Mapping) -> None:

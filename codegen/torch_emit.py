@@ -31,6 +31,7 @@ from tnderive.torch_fns import torch_source
 from .arguments import DEVICE_DTYPE_HELPER, argument_lines, parameters
 from .program import Op, Program, Value
 from .pysource import py_coef, py_expr, py_shape, py_size, size_var  # noqa: F401  (re-exported)
+from .convolution import source_lines as conv_source
 from .taps import emit_lines
 
 INDENT = "    "
@@ -176,6 +177,8 @@ def _op_line(op: Op) -> str:
         code = _expand(op)
     elif op.kind == "diag":
         return _diag(op)
+    elif op.kind == "conv":
+        return conv_source(op.out, op.inputs[0].name, op.inputs[1].name, op.payload, op.labels)
     elif op.kind in ("conv_taps", "depthwise_taps"):
         return emit_lines(op, py_size, py_shape)
     elif op.kind == "fold":

@@ -15,7 +15,7 @@ Scatters (the constant's input leg is an output, non-overlapping windows) are pl
 `select_scatters` / `scatter_output` / `place_scatters` (see that section).
 
 Both backends run the view ops: the emitter writes them (`torch_emit`), the interpreter runs
-them (`interpret`, which `tnderive.structured` also uses eagerly), so the view logic exists once.
+them (`interpret`), so the view logic exists once.
 """
 from __future__ import annotations
 

@@ -5,9 +5,8 @@
 The picture: an expression is bound to tensors, lowered once to a `Program` (ops chosen by the
 cost model), and run by one of two backends over that same Program: the interpreter
 (`tnderive.evaluate`) or the emitter (`tnderive.compile` / `codegen`). Applications call only
-`evaluate` / `compile`, except the convolution layers and KFAC-expand, which still run the
-eager kernels drawn dashed (their op kinds are not lowered yet). Boxes name the module that
-holds each step.
+`evaluate` / `compile` (convolutions too: their products lower to one op calling torch's
+convolution kernels). Boxes name the module that holds each step.
 """
 from __future__ import annotations
 
@@ -23,17 +22,14 @@ NODES = [
     ("derive", "derive · simplify\n(derive.py, engine.py, rules/)", "#e8f0fe"),
     ("bind", "bind tensors, solve sizes\n(binding.py, memory.check_fits)", "#fff4e0"),
     ("lower", "lower(expr, sizes) -> Program\n(codegen/program.py: deltas merged,\n"
-              "views, taps, scatters, plans, CSE)", "#fff4e0"),
+              "torch convolution calls, views,\ntaps, scatters, plans, CSE)", "#fff4e0"),
     ("cost", "cost model: every threshold\n(codegen/cost.py)", "#fde8e8"),
     ("plan", "contraction order\n(codegen/plan.py)", "#fff4e0"),
-    ("program", "Program: ops\n(einsum, const, view ops,\nconv_taps, fold, lincomb, diag, ...)", "#fff4e0"),
+    ("program", "Program: ops\n(einsum, const, view ops, conv,\nconv_taps, fold, lincomb, diag, ...)", "#fff4e0"),
     ("interp", "interpreter\n(codegen/interpret.py)\ntnderive.evaluate", "#e6f4ea"),
     ("emit", "emitter\n(codegen/torch_emit.py)\ntnderive.compile / codegen", "#e6f4ea"),
     ("apps", "applications: verify, curvature,\nkfac, nn, attention, CLI", "#f3e8fd"),
 ]
-
-#: not yet lowered (drawn dashed): nn/conv layers and KFAC-expand still call these eager kernels
-EAGER = ("eager", "eager convolution kernels\n(structured.py, pairwise.py;\nthresholds from cost.py)")
 
 EDGES = [
     ("expr", "derive", ""), ("derive", "expr", ""), ("expr", "bind", "evaluate"),
@@ -53,9 +49,6 @@ def build() -> graphviz.Digraph:
         g.node(name, label, fillcolor=colour)
     for a, b, label in EDGES:
         g.edge(a, b, label=label)
-    g.node(EAGER[0], EAGER[1], style="rounded,dashed")
-    g.edge("apps", EAGER[0], label="nn.conv, kfac expand", style="dashed")
-    g.edge("cost", EAGER[0], style="dashed")
     with g.subgraph() as same:
         same.attr(rank="same")
         for name in ("cost", "lower", "plan"):

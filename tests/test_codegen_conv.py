@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tnderive import evaluate
-from tnderive.codegen import codegen, compile
+from tnderive.codegen import codegen, compile, cost
 from tnderive.errors import TNError
 from tnderive.nn.conv import conv_network
 from tnderive.derive import vjp
@@ -16,6 +16,22 @@ from tnderive.ir import Product, Variable, size_symbol
 from tnderive.patterns import pattern_constant, pattern_sum_constant
 
 TOL = dict(rtol=1e-10, atol=1e-10)
+#: lowerings of a convolution product: torch's convolution kernels (the default, one `conv`
+#: op), or views, kernel taps and col2im folds (`cost.CONVOLUTION_KERNELS = False`)
+LOWERINGS = ["kernels", "views"]
+#: the call each contraction lowers to with kernels
+KERNEL_CALL = {"forward": "torch.nn.functional.conv", "x": "torch.nn.functional.conv_transpose",
+               "W": "torch.nn.grad.conv"}
+
+
+@pytest.fixture
+def views_only(monkeypatch):
+    """Lower convolutions to views, taps and folds (not torch's kernels) in this test."""
+    monkeypatch.setattr(cost, "CONVOLUTION_KERNELS", False)
+
+
+def _lowering(monkeypatch, lowering: str) -> None:
+    monkeypatch.setattr(cost, "CONVOLUTION_KERNELS", lowering == "kernels")
 
 # id: (x shape, w shape, stride, padding, dilation, groups)
 CONV_CASES = {
@@ -38,6 +54,15 @@ CONV_CASES = {
 }
 
 
+def _torch_conv(x, w, case):
+    """torch's convolution for `case` (asymmetric (left, right) padding padded by hand)."""
+    xs, ws, s, p, d, g = CONV_CASES[case]
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
+    if p == ((2, 1),):
+        return conv(F.pad(x, (2, 1)), w, stride=s, dilation=d, groups=g)
+    return conv(x, w, stride=s, padding=p, dilation=d, groups=g)
+
+
 def _network(case):
     xs, ws, s, p, d, g = CONV_CASES[case]
     net = conv_network(xs, ws, stride=s, padding=p, dilation=d, groups=g, bias=False)
@@ -47,32 +72,32 @@ def _network(case):
     return net, x, w
 
 
+@pytest.mark.parametrize("lowering", LOWERINGS)
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
-def test_conv_forward_generated_equals_evaluate_and_torch(case):
+def test_conv_forward_generated_equals_evaluate_and_torch(case, lowering, monkeypatch):
+    _lowering(monkeypatch, lowering)
     net, x, w = _network(case)
     xs, ws, s, p, d, g = CONV_CASES[case]
     inputs = net.prepare(x, w)
     f = compile(net.core)
     got = f(**inputs)
     torch.testing.assert_close(got, evaluate(net.core, **inputs), **TOL)
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
-    if p == ((2, 1),):  # asymmetric (left, right): pad by hand
-        ref = conv(F.pad(x, (2, 1)), w, stride=s, dilation=d, groups=g)
-    else:
-        ref = conv(x, w, stride=s, padding=p, dilation=d, groups=g)
-    torch.testing.assert_close(net.finish(got), ref, **TOL)
+    torch.testing.assert_close(net.finish(got), _torch_conv(x, w, case), **TOL)
     src = f.source
-    assert "_constant('pattern'" not in src  # every pattern is a view
+    assert "_constant('pattern'" not in src  # every pattern is a view or a kernel's argument
     assert "import" not in src.replace("import torch", "")
+    assert (KERNEL_CALL["forward"] in src) == (lowering == "kernels")
 
 
 SCATTER_AS_VIEWS = ("1d_sparse_taps", "1d_sparse_taps_tail", "2d_dense", "2d_dense_tail",
                     "2d_down_1x1_s2", "3d_dense")
 
 
-@pytest.mark.parametrize("case", ["1d_s2_d2", "2d", "2d_s2", "3d", "2d_groups", *SCATTER_AS_VIEWS])
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
 @pytest.mark.parametrize("wrt", ["x", "W"])
-def test_conv_vjp_generated_equals_evaluate(case, wrt):
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_conv_vjp_generated_equals_evaluate(case, wrt, lowering, monkeypatch):
+    _lowering(monkeypatch, lowering)
     net, x, w = _network(case)
     inputs = net.prepare(x, w)
     expr = vjp(net.core, wrt, "v")
@@ -82,15 +107,20 @@ def test_conv_vjp_generated_equals_evaluate(case, wrt):
     torch.testing.assert_close(f(**tensors), evaluate(expr, **tensors), **TOL)
     if wrt == "x":  # torch's input gradient
         xg = x.clone().requires_grad_()
-        xs, ws, s, p, d, g = CONV_CASES[case]
-        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
-        y = conv(xg, w, stride=s, padding=p, dilation=d, groups=g)
+        y = _torch_conv(xg, w, case)
         (ref,) = torch.autograd.grad(y, xg, v.reshape(y.shape))
         torch.testing.assert_close(f(**tensors).reshape(ref.shape), ref, **TOL)
         # no 0/1 pattern: non-overlapping windows are a placement (reshape / pad), overlapping
         # ones are folded (col2im, one strided add per kernel tap)
         assert "_constant('pattern'" not in f.source
-        assert ("col2im" in f.source) == (case not in SCATTER_AS_VIEWS)
+        if lowering == "views":
+            assert ("col2im" in f.source) == (case not in SCATTER_AS_VIEWS)
+    else:  # torch's weight gradient
+        wg = w.clone().requires_grad_()
+        y = _torch_conv(x, wg, case)
+        (ref,) = torch.autograd.grad(y, wg, v.reshape(y.shape))
+        torch.testing.assert_close(f(**tensors).reshape(ref.shape), ref, **TOL)
+    assert (KERNEL_CALL[wrt] in f.source) == (lowering == "kernels")
 
 
 @pytest.mark.parametrize("xs,ws,padding,dilation,groups", [
@@ -99,7 +129,7 @@ def test_conv_vjp_generated_equals_evaluate(case, wrt):
     ((1, 32, 1100), (2, 32, 5), 0, 3, 1),
     ((1, 32, 12, 11, 10), (2, 32, 2, 3, 2), 1, 1, 1),
 ])
-def test_stride1_conv_as_kernel_taps(xs, ws, padding, dilation, groups):
+def test_stride1_conv_as_kernel_taps(xs, ws, padding, dilation, groups, views_only):
     """Wide stride-1 convolutions: one matmul per kernel tap on shifted flat views."""
     net = conv_network(xs, ws, padding=padding, dilation=dilation, groups=groups, bias=False)
     gen = torch.Generator().manual_seed(1)
@@ -113,7 +143,7 @@ def test_stride1_conv_as_kernel_taps(xs, ws, padding, dilation, groups):
     torch.testing.assert_close(got, ref, **TOL)
 
 
-def test_view_kinds_in_source():
+def test_view_kinds_in_source(views_only):
     src = compile(conv_network((2, 3, 8, 8), (4, 3, 3, 3), stride=2, padding=1, dilation=2,
                                bias=False).core).source
     assert "torch.nn.functional.pad(x, (1, 1, 1, 1))" in src
@@ -141,9 +171,8 @@ def test_pattern_sum_strided_slice(stride, padding, K, I):
     torch.testing.assert_close(f(x=x), evaluate(ref_expr, x=x), **TOL)
     viewed = "_constant('pattern_sum'" not in f.source
     assert viewed == (stride > K and padding == 0)
-    # the eager evaluator applies the same views
-    from tnderive.structured import structured_evaluate
-    torch.testing.assert_close(structured_evaluate(expr, x=x), evaluate(ref_expr, x=x), **TOL)
+    # the interpreter runs the same program
+    torch.testing.assert_close(evaluate(expr, x=x), evaluate(ref_expr, x=x), **TOL)
 
 
 def test_derived_sizes_bound_from_shapes():
@@ -185,7 +214,7 @@ def test_symbolic_conv_network_compiles():
     ((3, 5, 17), (5, 1, 5), 2, 1),                # 1d
     ((1, 3, 6, 5, 7), (3, 1, 2, 3, 2), 1, 1),     # 3d
 ])
-def test_depthwise_conv_as_tap_multiply_adds(xs, ws, padding, dilation):
+def test_depthwise_conv_as_tap_multiply_adds(xs, ws, padding, dilation, views_only):
     groups = xs[1]
     net = conv_network(xs, ws, padding=padding, dilation=dilation, groups=groups, bias=False)
     x, w = torch.randn(xs, dtype=torch.float64), torch.randn(ws, dtype=torch.float64)

@@ -13,7 +13,7 @@ import torch
 import tnderive
 from tnderive import evaluate
 from tnderive.binding import bind
-from tnderive.codegen import compile, lower
+from tnderive.codegen import compile, cost, lower
 from tnderive.codegen.interpret import prepare
 from tnderive.constants import build_constant
 from tnderive.errors import TNError
@@ -123,27 +123,38 @@ def test_interpreter_matches_emitter_and_dense_reference(case):
     torch.testing.assert_close(got, dense(expr, bind(expr, tensors)), **TOL)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["torch_kernels", "views"])
 @pytest.mark.parametrize("cid,expr,tensors", CONV, ids=[c[0] for c in CONV])
-def test_interpreter_runs_convolution_op_kinds(cid, expr, tensors):
+def test_interpreter_runs_convolution_op_kinds(cid, expr, tensors, kernels, monkeypatch):
+    """Both lowerings of a convolution (`cost.CONVOLUTION_KERNELS`): one `conv` op, or views,
+    kernel taps, placements and folds."""
+    monkeypatch.setattr(cost, "CONVOLUTION_KERNELS", kernels)
     got, kinds = interpreted(expr, tensors)
+    if not kernels:
+        assert "conv" not in kinds
+    elif "forward" in cid:
+        assert "conv" in kinds  # (a VJP may have been simplified to a placement already)
     torch.testing.assert_close(got, compile(expr)(**tensors), **TOL)
     torch.testing.assert_close(got, dense(expr, bind(expr, tensors)), **TOL)
     torch.testing.assert_close(evaluate(expr, **tensors), got, **TOL)
     assert "const" not in kinds, kinds  # every pattern became a view, a placement or a fold
 
 
-def test_every_op_kind_is_covered():
-    """The cases above exercise every op kind the lowering emits."""
+def test_every_op_kind_is_covered(monkeypatch):
+    """The cases above exercise every op kind the lowering emits (both convolution
+    lowerings)."""
     seen = set()
     for expr in CASES.values():
         seen |= interpreted(expr, random_inputs(expr))[1]
-    for _, expr, tensors in CONV:
-        seen |= interpreted(expr, tensors)[1]
+    for kernels in (True, False):
+        monkeypatch.setattr(cost, "CONVOLUTION_KERNELS", kernels)
+        for _, expr, tensors in CONV:
+            seen |= interpreted(expr, tensors)[1]
     pat = pattern_constant(("k", "o", "i"), (3, 7), stride=2, padding=1)  # built: the output
     seen |= interpreted(Product((pat,), ("k", "o", "i")), {})[1]
     expected = {"einsum", "const", "zeros", "ones", "elementwise", "softmax", "logsumexp",
                 "lincomb", "scale", "expand", "diag", "reshape", "narrow", "pad", "unfold",
-                "slice", "unsqueeze", "conv_taps", "depthwise_taps", "fold"}
+                "slice", "unsqueeze", "conv", "conv_taps", "depthwise_taps", "fold"}
     assert expected <= seen, sorted(expected - seen)
 
 
@@ -203,16 +214,20 @@ def test_evaluate_errors_name_the_problem():
         evaluate("x")
 
 
-def test_kernel_op_kinds_are_differentiable_by_torch_func():
-    """fold (col2im) and depthwise_taps write in place into fresh buffers: torch.func still
-    differentiates through them (checked against torch's own convolution)."""
+@pytest.mark.parametrize("kernels", [True, False], ids=["torch_kernels", "views"])
+def test_kernel_op_kinds_are_differentiable_by_torch_func(kernels, monkeypatch):
+    """fold (col2im) and depthwise_taps write in place into fresh buffers, `conv` calls
+    torch's kernels: torch.func differentiates through all of them (checked against torch's
+    own convolution)."""
+    monkeypatch.setattr(cost, "CONVOLUTION_KERNELS", kernels)
+    EV.lowered.cache_clear()  # evaluate's programs are lowered anew under this setting
     g = torch.Generator().manual_seed(5)
     x, w = torch.randn(2, 3, 6, 6, generator=g), torch.randn(4, 3, 3, 3, generator=g)
     net = conv_network(tuple(x.shape), tuple(w.shape), padding=1, bias=False)
     e = net.vjp("x").expr  # an overlapping scatter: a fold
     W = net.prepare(x, w)["W"]
     kinds = interpreted(e, {"v": torch.randn([int(n) for n in net.core.shape]), "W": W})[1]
-    assert "fold" in kinds
+    assert ("conv" if kernels else "fold") in kinds
 
     def input_vjp(v):
         out = evaluate(e, v=v.reshape([int(n) for n in net.core.shape]), W=W)
@@ -226,3 +241,4 @@ def test_kernel_op_kinds_are_differentiable_by_torch_func():
     fwd = torch.func.jacfwd(lambda t: dw.finish(evaluate(dw.core, **dw.prepare(t, wd)), None))(xd)
     ref = torch.func.jacfwd(lambda t: torch.nn.functional.conv2d(t, wd, padding=1, groups=4))(xd)
     torch.testing.assert_close(fwd, ref, **TOL)
+    EV.lowered.cache_clear()

@@ -16,7 +16,6 @@ from tnderive.errors import TNError
 from tnderive.nn import functional as T
 from tnderive.nn.conv import conv_network
 from tnderive.patterns import build_pattern, build_pattern_sum, pattern_constant
-from tnderive.structured import structured_evaluate
 
 from tests.cases.strategies import conv_cases
 
@@ -90,7 +89,7 @@ def test_pattern_in_notation():
     x, w = torch.randn(2, 3, 11), torch.randn(4, 3, 3)
     ref = F.conv1d(x, w, stride=2, padding=1, dilation=2)
     assert torch.allclose(tnderive.evaluate(e, x=x, W=w), ref, **TOL)
-    assert torch.allclose(structured_evaluate(e, x=x, W=w), ref, **TOL)
+    assert torch.allclose(tnderive.evaluate(e, x=x, W=w), ref, **TOL)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +286,7 @@ def test_input_vjp_is_transpose_conv_and_matches_autograd(case):
     tensors = net.prepare(x, w, b)
     vv = v.reshape([int(s) for s in net.expr.shape])
     vjp_x = tnderive.vjp(net.expr, "x", "v")
-    for ev in (tnderive.evaluate, structured_evaluate):
+    for ev in (tnderive.evaluate, lambda e, **t: tnderive.compile(e)(**t)):
         got = ev(vjp_x, **_only(vjp_x, v=vv, **tensors)).reshape(x.shape)
         assert torch.allclose(got, gx, **TOL)
     # the input VJP is the transpose convolution
@@ -300,7 +299,7 @@ def test_input_vjp_is_transpose_conv_and_matches_autograd(case):
     ct = T.conv_transposend(v, w, None, st_, pd, ops, case["groups"], dl)
     assert torch.allclose(ct, gx, **TOL)
     vjp_w = tnderive.vjp(net.expr, "W", "v")
-    got_w = structured_evaluate(vjp_w, **_only(vjp_w, v=vv, **tensors)).reshape(w.shape)
+    got_w = tnderive.evaluate(vjp_w, **_only(vjp_w, v=vv, **tensors)).reshape(w.shape)
     assert torch.allclose(got_w, gw, **TOL)
     vjp_b = tnderive.vjp(net.expr, "b", "v")
     got_b = tnderive.evaluate(vjp_b, **_only(vjp_b, v=vv, **tensors)).reshape(b.shape)
@@ -317,8 +316,8 @@ def test_jvps_match_torch_func(case):
     tensors = net.prepare(x, w, b)
     ex = tnderive.jvp(net.expr, "x", "dx")
     ew = tnderive.jvp(net.expr, "W", "dW")
-    got_x = structured_evaluate(ex, **_only(ex, dx=dx.reshape(tensors["x"].shape), **tensors))
-    got_w = structured_evaluate(ew, **_only(ew, dW=dw.reshape(tensors["W"].shape), **tensors))
+    got_x = tnderive.evaluate(ex, **_only(ex, dx=dx.reshape(tensors["x"].shape), **tensors))
+    got_w = tnderive.evaluate(ew, **_only(ew, dW=dw.reshape(tensors["W"].shape), **tensors))
     assert torch.allclose(net.finish(got_x), jx, **TOL)
     assert torch.allclose(net.finish(got_w), jw, **TOL)
 
@@ -329,32 +328,19 @@ def test_grad_of_conv_loss_matches_autograd():
     net, x, w, b = _net_and_tensors(case)
     loss = tnderive.Product((net.expr, net.expr), ())
     tensors = net.prepare(x, w, b)
-    gw = structured_evaluate(tnderive.grad(loss, "W"), **tensors).reshape(w.shape)
+    gw = tnderive.evaluate(tnderive.grad(loss, "W"), **tensors).reshape(w.shape)
     w_ = w.clone().requires_grad_()
     (_torch_conv(case)(x, w_, b) ** 2).sum().backward()
     assert torch.allclose(gw, w_.grad, **TOL)
 
 
 # --------------------------------------------------------------------------------------------
-# the structured evaluation paths (per-tap matmuls, flipped scatters) at sizes that take them
+# layers at sizes real networks use: forward and both VJPs against torch
 # --------------------------------------------------------------------------------------------
 
-def _tap_paths_used(monkeypatch, names, xs, ws, kw) -> list[str]:
-    """Check conv2d and both vjps against torch, spying on the structured-evaluation helpers
-    `names` of tnderive.structured / tnderive.pairwise; returns the names of those that took their fast path."""
-    import tnderive.pairwise as PW
-    import tnderive.structured as S
-    used = []
-    for name in names:
-        P = S if hasattr(S, name) else PW  # the module whose functions call it
-        orig = getattr(P, name)
-
-        def spy(*args, _orig=orig, _name=name):
-            out = _orig(*args)
-            if out is not None:
-                used.append(_name)
-            return out
-        monkeypatch.setattr(P, name, spy)
+def _check_against_torch(xs, ws, kw) -> None:
+    """conv2d and both VJPs (tnderive.nn, evaluated: one torch convolution kernel each)
+    against torch's forward and autograd."""
     x, w = torch.randn(*xs, requires_grad=True), torch.randn(*ws, requires_grad=True)
     y = F.conv2d(x, w, **kw)
     v = torch.randn_like(y)
@@ -363,7 +349,6 @@ def _tap_paths_used(monkeypatch, names, xs, ws, kw) -> list[str]:
     net = conv_network(xs, ws, bias=False, **kw)
     assert torch.allclose(net.vjp("x")(v, x.detach(), w.detach()), gx, **TOL)
     assert torch.allclose(net.vjp("W")(v, x.detach(), w.detach()), gw, **TOL)
-    return used
 
 
 @pytest.mark.parametrize("xs,ws,kw", [
@@ -371,13 +356,16 @@ def _tap_paths_used(monkeypatch, names, xs, ws, kw) -> list[str]:
     ((1, 64, 33, 35), (6, 32, 3, 2), dict(padding=(2, 1), dilation=(2, 1), groups=2)),
     ((2, 8, 40, 40), (8, 1, 3, 3), dict(padding=1, groups=8)),          # depthwise
     ((1, 32, 36, 36), (4, 32, 2, 3), dict(padding="same", dilation=2)),
+    ((1, 32, 30, 30), (32, 32, 3, 3), dict(stride=2, padding=1)),
+    ((2, 64, 31, 41), (64, 32, 3, 2), dict(stride=(2, 3), dilation=(1, 2), padding=1, groups=2)),
+    ((3, 3, 128, 128), (64, 3, 4, 4), dict(stride=4)),                 # dense patches
+    ((2, 6, 41, 37), (12, 1, 3, 2), dict(stride=2, padding=1, groups=6)),  # channel multiplier
+    ((3, 4, 30, 30), (4, 1, 3, 3), dict(stride=(3, 2), groups=4)),
+    ((1, 4, 17, 15), (4, 1, 3, 2), dict(stride=(2, 3), padding=(1, 0), dilation=(1, 2), groups=4)),
+    ((2, 40, 28, 28), (36, 40, 3, 3), dict(padding=1)),
 ])
-@pytest.mark.parametrize("block_bytes", [1, 1 << 30])  # one image per block / all at once
-def test_tap_paths_match_torch(monkeypatch, xs, ws, kw, block_bytes):
-    import tnderive.structured as S
-    monkeypatch.setattr(S, "TAP_BLOCK_BYTES", block_bytes)
-    used = _tap_paths_used(monkeypatch, ("_conv_taps", "_weight_taps"), xs, ws, kw)
-    assert "_conv_taps" in used and "_weight_taps" in used
+def test_layer_sizes_match_torch(xs, ws, kw):
+    _check_against_torch(xs, ws, kw)
 
 
 @pytest.mark.parametrize("xs,ws,kw", [((2, 32, 34, 34), (4, 32, 3, 3), dict(padding=1)),
@@ -396,114 +384,11 @@ def test_functional_autograd_and_memory_layouts(xs, ws, kw):
         assert torch.allclose(T.conv2d(xin, w.detach(), None, **kw), F.conv2d(xin, w.detach(), None, **kw), **TOL)
 
 
-@pytest.mark.parametrize("xs,ws,kw", [((1, 32, 30, 30), (32, 32, 3, 3), dict(stride=2, padding=1)),
-                                      ((2, 64, 31, 41), (64, 32, 3, 2), dict(stride=(2, 3), dilation=(1, 2),
-                                                                              padding=1, groups=2))])
-def test_strided_tap_paths_match_torch(monkeypatch, xs, ws, kw):
-    used = _tap_paths_used(monkeypatch, ("_gather_taps", "_weight_taps"), xs, ws, kw)
-    assert set(used) == {"_gather_taps", "_weight_taps"}
-
-
-@pytest.mark.parametrize("xs,ws,kw", [((3, 3, 128, 128), (64, 3, 4, 4), dict(stride=4)),
-                                      ((3, 2, 320, 256), (64, 2, 16, 8), dict(stride=(16, 8)))])
-def test_dense_blocked_and_accumulated_paths_match_torch(monkeypatch, xs, ws, kw):
-    """Dense layers large enough for the per-image im2col copy (forward) and the matmuls
-    accumulated over the batch (weight VJP), both using the reused workspace."""
-    used = _tap_paths_used(monkeypatch, ("_blocked_matmul", "_accumulated_matmul"), xs, ws, kw)
-    assert set(used) == {"_blocked_matmul", "_accumulated_matmul"}
-
-
-@pytest.mark.parametrize("xs,ws,kw", [((2, 8, 40, 40), (8, 1, 3, 3), dict(padding=1, groups=8)),
-                                      ((2, 6, 41, 37), (12, 1, 3, 2), dict(stride=2, padding=1, groups=6)),
-                                      ((3, 4, 30, 30), (4, 1, 3, 3), dict(stride=(3, 2), groups=4))])
-@pytest.mark.parametrize("block_bytes", [1, 1 << 14, 1 << 30])
-def test_depthwise_row_blocks_match_torch(monkeypatch, xs, ws, kw, block_bytes):
-    """Depthwise (and channel-multiplier) convolutions, stride 1 and strided, as per-tap
-    multiply-adds over row blocks of every size: one row, a few rows, all rows."""
-    import tnderive.structured as P
-    calls = []
-    orig = P._depthwise_accumulate
-
-    def spy(*args):
-        calls.append(args[0].shape)
-        return orig(*args)
-    monkeypatch.setattr(P, "_depthwise_accumulate", spy)
-    monkeypatch.setattr(P, "DEPTHWISE_BLOCK_BYTES", block_bytes)
-    x, w = torch.randn(*xs), torch.randn(*ws)
-    assert torch.allclose(T.conv2d(x, w, **kw), F.conv2d(x, w, **kw), **TOL)
-    assert calls, "the depthwise path was not taken"
-    x32, w32 = x.float(), w.float()
-    assert torch.allclose(T.conv2d(x32, w32, **kw), F.conv2d(x32, w32, **kw), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("side,flipped", [(14, False), (28, True)])
-def test_input_vjp_flip_or_scatter_matches_autograd(monkeypatch, side, flipped):
-    """Stride-1 input VJP with a real contraction: small images scatter-add the GEMM result
-    (col2im), larger ones flip the kernel and gather (transpose conv = conv); both exact."""
-    import tnderive.structured as P
-    seen = []
-    orig = P._flip_folds
-
-    def spy(*args):
-        seen.append(orig(*args))
-        return seen[-1]
-    monkeypatch.setattr(P, "_flip_folds", spy)
-    xs, ws = (2, 40, side, side), (36, 40, 3, 3)
-    x, w = torch.randn(*xs, requires_grad=True), torch.randn(*ws)
-    y = F.conv2d(x, w, padding=1)
-    v = torch.randn_like(y)
-    (gx,) = torch.autograd.grad(y, (x,), v)
-    got = conv_network(xs, ws, bias=False, padding=1).vjp("x")(v, x.detach(), w)
-    assert torch.allclose(got, gx, **TOL)
-    assert any(seen) == flipped
-
-
-@pytest.mark.parametrize("xs,ws,kw", [((2, 6, 11, 11), (6, 1, 3, 3), dict(stride=2, padding=1, groups=6)),
-                                      ((1, 4, 17, 15), (4, 1, 3, 2), dict(stride=(2, 3), padding=(1, 0),
-                                                                           dilation=(1, 2), groups=4)),
-                                      ((2, 3, 12, 12), (3, 1, 4, 4), dict(stride=2, padding=1, groups=3))])
-@pytest.mark.parametrize("block_bytes", [1, 1 << 12, 1 << 30])
-def test_depthwise_strided_input_vjp_scatters_per_tap(monkeypatch, xs, ws, kw, block_bytes):
-    """A strided depthwise input VJP is a broadcast product W[g, k]·v[n, g, o] scattered by Π:
-    it multiply-adds each tap into its strided output slice (no K-times larger product), a
-    block of output rows at a time (one row, a few, all)."""
-    import tnderive.structured as P
-    monkeypatch.setattr(P, "DEPTHWISE_BLOCK_BYTES", block_bytes)
-    calls = []
-    orig = P._fold_taps
-
-    def spy(*args):
-        calls.append(1)
-        return orig(*args)
-    monkeypatch.setattr(P, "_fold_taps", spy)
-    x, w = torch.randn(*xs, requires_grad=True), torch.randn(*ws)
-    y = F.conv2d(x, w, **kw)
-    v = torch.randn_like(y)
-    (gx,) = torch.autograd.grad(y, (x,), v)
-    got = conv_network(xs, ws, bias=False, **kw).vjp("x")(v, x.detach(), w)
-    assert torch.allclose(got, gx, **TOL)
-    assert calls
-
-
-def test_workspace_results_do_not_alias():
-    """Results computed through the workspace stay valid after later calls reuse it."""
-    x, w = torch.randn(3, 3, 128, 128), torch.randn(8, 3, 4, 4)
-    y1 = T.conv2d(x, w, stride=4)
-    y2 = T.conv2d(2 * x, w, stride=4)
-    assert torch.allclose(y1, F.conv2d(x, w, stride=4), **TOL)
-    assert torch.allclose(y2, 2 * y1, **TOL)
-    with torch.inference_mode():  # the workspace made here stays usable outside, and back
-        from tnderive.pairwise import release_workspace
-        release_workspace()
-        y3 = T.conv2d(x, w, stride=4)
-    assert torch.allclose(T.conv2d(x, w, stride=4), y3, **TOL)
-
-
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2), st.integers(0, 2),
        st.sampled_from([1, 2, 32]), st.sampled_from([(32, 32), (64, 64), (32, 1)]), st.integers(20, 36))
-def test_fast_paths_vs_torch(k, s, d, n, p, groups, channels, size):
-    """Channel counts and image sizes that take the per-tap paths, any hyperparameters."""
+def test_layer_channels_vs_torch(k, s, d, n, p, groups, channels, size):
+    """Channel counts and image sizes of real layers, any hyperparameters."""
     c_in, c_out = channels
     groups = c_in if groups == 32 else groups
     if c_out == 1:
@@ -525,7 +410,7 @@ def test_fast_paths_vs_torch(k, s, d, n, p, groups, channels, size):
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conv_cases())
 def test_derived_vjps_vs_autograd(case):
-    """Network.vjp (tnderive.vjp + simplify + structured evaluation) for any hyperparameters."""
+    """Network.vjp (tnderive.vjp + simplify + evaluate) for any hyperparameters."""
     d = case["d"]
     x, w = torch.randn(*case["x"], requires_grad=True), torch.randn(*case["w"], requires_grad=True)
     kw = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"], groups=case["groups"])
@@ -535,14 +420,6 @@ def test_derived_vjps_vs_autograd(case):
     net = conv_network(case["x"], case["w"], bias=False, **kw)
     assert torch.allclose(net.vjp("x")(v, x.detach(), w.detach()), gx, **TOL)
     assert torch.allclose(net.vjp("W")(v, x.detach(), w.detach()), gw, **TOL)
-
-
-def test_cache_blocking_only_on_cpu():
-    """Blocked loops (per-tap matmuls, depthwise rows) cut work into cache-sized blocks on CPU
-    and run one block elsewhere (GPU kernels gain nothing from more launches)."""
-    from tnderive.structured import _cache_budget
-    assert _cache_budget(torch.empty(1), 1234) == 1234
-    assert _cache_budget(torch.empty(1, device="meta"), 1234) > 1 << 40
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import tnderive
 from tnderive.ir import Constant, Delta, Product, Variable
 from tnderive.nn.conv import conv_network, unfold_network
 from tnderive.patterns import pattern_constant, split_constant, window_constant
-from tnderive.structured import structured_evaluate
+from tnderive import evaluate
 from tnderive.rules import conv as R
 
 TOL = dict(atol=1e-10, rtol=1e-10)
@@ -27,7 +27,7 @@ def conv1d_net(I, K, stride=1, padding=0, dilation=1):
 def check_same_values(before, after, tensors):
     ref = tnderive.evaluate(before, **tensors)
     assert torch.allclose(tnderive.evaluate(after, **tensors), ref, **TOL)
-    assert torch.allclose(structured_evaluate(after, **tensors), ref, **TOL)
+    assert torch.allclose(evaluate(after, **tensors), ref, **TOL)
 
 
 def tensors_for(net):
@@ -60,7 +60,7 @@ def test_dense_2d_patchify_matches_torch():
     out = apply_all(R.dense_pattern, net.core)
     assert kinds(out).count("split") == 2
     x, w = torch.randn(2, 3, 8, 12), torch.randn(5, 3, 4, 4)
-    y = net.finish(structured_evaluate(out, **net.prepare(x, w)))
+    y = net.finish(evaluate(out, **net.prepare(x, w)))
     assert torch.allclose(y, F.conv2d(x, w, stride=4), **TOL)
 
 
@@ -96,11 +96,11 @@ def test_downsample_1x1_stride2_shortcut_matches_torch():
     net = conv_network((2, 4, 8, 6), (3, 4, 1, 1), stride=2, bias=False)
     out = apply_all(R.downsample_pattern, net.core)
     x, w = torch.randn(2, 4, 8, 6), torch.randn(3, 4, 1, 1)
-    y = net.finish(structured_evaluate(out, **net.prepare(x, w)))
+    y = net.finish(evaluate(out, **net.prepare(x, w)))
     assert torch.allclose(y, F.conv2d(x, w, stride=2), **TOL)
     from tnderive.simplify import simplify
     simplified = simplify(out)
-    assert torch.allclose(net.finish(structured_evaluate(simplified, **net.prepare(x, w))),
+    assert torch.allclose(net.finish(evaluate(simplified, **net.prepare(x, w))),
                           F.conv2d(x, w, stride=2), **TOL)
 
 
@@ -222,5 +222,5 @@ def test_rules_are_listed_and_engine_runs_them():
         out = simplify(net.expr)
         assert not any(isinstance(n, Constant) and n.kind == "pattern" for n in out.walk())
         x, w, b = torch.randn(*xs), torch.randn(*ws), torch.randn(ws[0])
-        y = net.finish(structured_evaluate(out, **net.prepare(x, w, b)))
+        y = net.finish(evaluate(out, **net.prepare(x, w, b)))
         assert torch.allclose(y, F.conv2d(x, w, b, **kw), **TOL)

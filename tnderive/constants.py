@@ -47,7 +47,7 @@ GENERATED_MODULE_NAMES = frozenset({"torch", "TNError"}) | frozenset(dir(builtin
 
 
 # --------------------------------------------------------------------------------------------
-# view lowering (used by tnderive.codegen.views and tnderive.structured)
+# view lowering (used by tnderive.codegen.views)
 # --------------------------------------------------------------------------------------------
 
 def _always(const: "Constant") -> bool:

@@ -24,7 +24,7 @@ are memoised per (node, variable, legs). Every result keeps the signature of its
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from .errors import TNError
 from .functions import SOFTMAX, Elementwise
@@ -278,7 +278,7 @@ def reverse(program: Statements, params: Sequence[str], names: dict[str, str] | 
     return program.rebuilt(program.statements + tuple(new), outputs).pruned()
 
 
-def forward(program: Statements, param: str, tangent: str | None = None,
+def forward(program: Statements, param: "str | Mapping[str, str]", tangent: str | None = None,
             names: dict[str, str] | None = None, var: Variable | None = None,
             only_through: dict[str, frozenset[str]] | None = None) -> Statements:
     """Forward-mode derivative of a program's outputs with respect to input tensor `param`.
@@ -294,50 +294,75 @@ def forward(program: Statements, param: str, tangent: str | None = None,
     statements. `var`: the parameter's declaration when `program` may no longer use it
     (a derived program): its tangents are then zero. `only_through`: statement name -> the
     inputs (statements or `param`) its tangent is taken through; the others are held
-    constant (a partial derivative: the Gauss-Newton part of `hessian_blocks`)."""
-    if var is None or param in program.signature:
-        var = _leaf(program, param)
+    constant (a partial derivative: the Gauss-Newton part of `hessian_blocks`).
+
+    Several directions at once: `param` a mapping {parameter: tangent tensor name}; each
+    statement gets ONE tangent `S_<tangent>[I]` = Σ_p Σ_B dS[I]/dp[B]·V_p[B] (`tangent`
+    names the combined direction, default "dir"; `var` is then unused: every parameter
+    is an input of the program or of its source)."""
+    if isinstance(param, str):
+        if var is None or param in program.signature:
+            var = _leaf(program, param)
+        seeds = [(param, var, tangent)]
+    else:
+        if not param:
+            raise TNError("forward: give at least one (parameter, tangent) pair")
+        bad = [p for p, t in param.items() if not isinstance(t, str)]
+        if bad:
+            raise TNError(f"forward: the direction of {bad[0]!r} needs a tangent tensor name")
+        seeds = [(p, _leaf(program, p), t) for p, t in param.items()]
+        tangent = tangent or "dir"
     taken = set(program.names) | set(program.signature)
-    if tangent is not None:
-        if tangent in taken:
-            raise TNError(f"tangent name {tangent!r} is already used in the network")
-        seed = Variable(tangent, var.axes, None, var.axis_shape)
-        taken.add(tangent)
-    active = program.depending_on(param) & program.needed()
+    directional = tangent is not None
+    seed_vars: dict[str, Variable | None] = {}
+    for p, v, t in seeds:
+        if t is None:
+            seed_vars[p] = None
+            continue
+        if t in taken:
+            raise TNError(f"tangent name {t!r} is already used in the network")
+        seed_vars[p] = Variable(t, v.axes, None, v.axis_shape)
+        taken.add(t)
+    decls = [v for _, v, _ in seeds]
+    var = decls[0]
+
+    def extra_legs(indices: tuple[str, ...]) -> tuple[str, ...]:
+        """The legs a tangent statement adds: the parameter's axes (a Jacobian), or none."""
+        return () if directional else fresh_names(var.axes, set(indices))
+    active: set[str] = set()
+    for p, _, _ in seeds:
+        active |= program.depending_on(p)
+    active &= program.needed()
     tangents: dict[str, Statement] = {}
     new: list[Statement] = []
     for s in program.statements:
         if s.name not in active:
             continue
-        extra = () if tangent is not None else fresh_names(var.axes, set(s.indices))
-        idx = s.indices + extra
+        idx = s.indices + extra_legs(s.indices)
         terms = []
         through = None if only_through is None else only_through.get(s.name)
         for r in sorted(program.refs(s.name), key=program.position):
             if r in tangents and (through is None or r in through):
                 terms.append(_chain_term(s.expr, r, program[r].indices, idx, None,
                                          tangents[r].reference()))
-        if param in program.leaves(s.name) and (through is None or param in through):
-            if tangent is not None:
-                terms.append(_chain_term(s.expr, param, var.axes, idx, None, seed))
-            else:
-                terms.append(_chain_term(s.expr, param, var.axes, idx, None, None))
+        for p, v, _ in seeds:
+            if p in program.leaves(s.name) and (through is None or p in through):
+                terms.append(_chain_term(s.expr, p, v.axes, idx, None, seed_vars[p]))
         expr = _total(terms, idx)
         if expr is None:
             continue
-        base = f"{s.name}_{tangent}" if tangent is not None else tangent_name(s.name, param)
-        st = Statement(_fresh_statement(base, taken), with_signature(expr, var))
+        base = f"{s.name}_{tangent}" if directional else tangent_name(s.name, seeds[0][0])
+        st = Statement(_fresh_statement(base, taken), with_signature(expr, *decls))
         tangents[s.name] = st
         new.append(st)
     outputs = []
     for o in program.outputs:
         if o not in tangents:
             e = program[o].expr
-            extra = () if tangent is not None else fresh_names(var.axes, set(e.indices))
-            zero = Zero(e.indices + extra, tuple(e.shape) + (() if tangent is not None
-                                                             else tuple(var.axis_shape)))
-            base = f"{o}_{tangent}" if tangent is not None else tangent_name(o, param)
-            tangents[o] = Statement(_fresh_statement(base, taken), with_signature(zero, var))
+            zero = Zero(e.indices + extra_legs(e.indices), tuple(e.shape) + (
+                () if directional else tuple(var.axis_shape)))
+            base = f"{o}_{tangent}" if directional else tangent_name(o, seeds[0][0])
+            tangents[o] = Statement(_fresh_statement(base, taken), with_signature(zero, *decls))
             new.append(tangents[o])
         outputs.append(tangents[o].name)
         if names is not None:
@@ -365,13 +390,7 @@ def hessian_blocks(program: Statements, pairs: Sequence[tuple[str, str]],
     grads: dict[str, str] = {}
     roles: dict[str, str] = {}
     rev = reverse(program, [a for a, _ in pairs], grads, roles)
-    through = None
-    if part == "gauss_newton":
-        through = {}
-        for st in rev.statements:
-            role = roles.get(st.name)
-            if role in ("adjoint", "gradient"):
-                through[st.name] = frozenset(r for r in rev.refs(st.name) if r in roles)
+    through = _gauss_newton_through(rev, roles) if part == "gauss_newton" else None
     statements = list(rev.statements)
     have = set(rev.names)
     block: dict[tuple[str, str], str] = {}
@@ -388,6 +407,43 @@ def hessian_blocks(program: Statements, pairs: Sequence[tuple[str, str]],
             if bb == b:
                 block[(a, b)] = names[grads[a]]
     return program.rebuilt(statements, [block[p] for p in pairs]).pruned()
+
+
+def hessian_vector_products(program: Statements, vectors: Mapping[str, str],
+                            part: str = "total", names: dict[str, str] | None = None,
+                            direction: str = "dir") -> Statements:
+    """Σ_b d²output/d a d b · V_b for every parameter a of `vectors` (parameter -> the name of
+    a new input tensor V_b shaped like it) as one program: one reverse pass for all
+    parameters, then ONE forward pass over it along all directions at once (tangent
+    statements `S_<direction>`). Outputs, in the order of `vectors`, are the tangents of the
+    gradient statements (`names` receives parameter -> output name), each laid out like the
+    parameter. `part`: "total" (the Hessian) or "gauss_newton" (as in `hessian_blocks`:
+    the directions enter the adjoints only through the loss's own derivative)."""
+    if part not in ("total", "gauss_newton"):
+        raise TNError(f"hessian_vector_products: part must be 'total' or 'gauss_newton', "
+                      f"got {part!r}")
+    params = list(vectors)
+    if not params:
+        raise TNError("hessian_vector_products needs at least one parameter")
+    grads: dict[str, str] = {}
+    roles: dict[str, str] = {}
+    rev = reverse(program, params, grads, roles)
+    through = _gauss_newton_through(rev, roles) if part == "gauss_newton" else None
+    out: dict[str, str] = {}
+    fwd = forward(rev, dict(vectors), direction, names=out, only_through=through)
+    if names is not None:
+        names.update({p: out[grads[p]] for p in params})
+    return fwd
+
+
+def _gauss_newton_through(rev: Statements, roles: dict[str, str]) -> dict[str, frozenset[str]]:
+    """For `forward`'s only_through: adjoint and gradient statements take tangents only
+    through other derived statements (the loss's seeds take them through everything)."""
+    through = {}
+    for st in rev.statements:
+        if roles.get(st.name) in ("adjoint", "gradient"):
+            through[st.name] = frozenset(r for r in rev.refs(st.name) if r in roles)
+    return through
 
 
 def block_name(a: str, b: str) -> str:

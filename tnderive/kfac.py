@@ -73,7 +73,6 @@ from .unionfind import UnionFind
 from .curvature import (_rename_to, compile_expr, maybe_simplify, relevant_sizes, sizes_from,
                         substitute)
 from .evaluate import evaluate
-from .structured import structured_evaluate
 
 __all__ = ["kfac", "KFACFactors", "LayerSplit", "split_layer", "KINDS", "FISHERS", "KFACKind",
            "FisherType"]
@@ -540,8 +539,8 @@ class KFACFactors:
             sizes = self._counts.get(key)
             if sizes is None:
                 sizes = self._counts[key] = self._sizes(tensors)
-            return structured_evaluate(self.input_side_expr,
-                                       sizes=relevant_sizes(self.input_side_expr, sizes), **used)
+            return evaluate(self.input_side_expr,
+                            sizes=relevant_sizes(self.input_side_expr, sizes), **used)
         return self._fn("input_side")(**tensors)
 
     def input_factor(self, **tensors: torch.Tensor) -> torch.Tensor:
@@ -568,11 +567,13 @@ class KFACFactors:
             B = B * float(c.xreplace(_size_values(self._sizes(tensors))))
         return B
 
-    def compute(self, generator: Optional[torch.Generator] = None, **tensors: torch.Tensor):
+    def compute(self, generator: Optional[torch.Generator] = None,
+                b_factor: Optional[torch.Tensor] = None, **tensors: torch.Tensor):
         """KronBlock of the weight (joint with the bias if `joint`); with a separate bias a dict
-        {weight: KronBlock, bias: KronBlock} is returned."""
+        {weight: KronBlock, bias: KronBlock} is returned. `b_factor`: B when the caller has
+        computed it (the value `output_factor` returns)."""
         A = self.input_factor(**tensors)
-        B = self.output_factor(generator=generator, **tensors)
+        B = self.output_factor(generator=generator, **tensors) if b_factor is None else b_factor
         layout = self.layout(tensors)
         G, P, Q = layout.G, layout.P, math.prod(layout.ins)
         Bm = B.reshape(G, P, P)

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .derive import block_name, forward, hessian_blocks, reverse
+from .derive import block_name, forward, hessian_blocks, hessian_vector_products, reverse
 from .errors import TNError
 from .evaluate import evaluate
 from .ir import Expr
@@ -129,6 +129,15 @@ class Network(Statements):
                 raise TNError("hessian_blocks: give params or pairs")
             pairs = [(a, b) for a in params for b in params]
         return hessian_blocks(self, pairs, part)
+
+    def hvps(self, vectors: Mapping[str, str], part: str = "total",
+             names: dict[str, str] | None = None) -> "Network":
+        """Hessian-vector products of a scalar output for several parameters at once:
+        Σ_b d²out/d a d b · V_b for each a of `vectors` (parameter -> name of a new input
+        tensor V shaped like it); outputs in that order, `names` receives parameter ->
+        output. One reverse pass, one forward pass along the summed directions.
+        part="gauss_newton": the Gauss-Newton part (see `hessian_blocks`)."""
+        return hessian_vector_products(self, vectors, part, names)
 
     def simplify(self) -> "Network":
         """`tnderive.simplify(self)`: each statement simplified locally."""

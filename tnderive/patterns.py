@@ -19,7 +19,7 @@ Four structured constant kinds (all 0/1 tensors, built vectorised on the target 
 
 Each kind is one `constants.ConstantKind` registered at the bottom: its builder (torch only,
 so generated modules embed its source), its caption, and its view lowering (how code
-generation and `tnderive.structured` apply it as views instead of a 0/1 tensor).
+generation and the interpreter apply it as views instead of a 0/1 tensor).
 
 `pattern_constant(indices, sizes, stride, padding, dilation)` makes a ``pattern`` node.
 """

@@ -10,7 +10,7 @@ Index names (d spatial dimensions, j = 1..d):
 Channel groups are explicit (C_in = G·E, C_out = G·C). Each builder returns a `Network`:
 `.expr` (the tensor network), `.core` (the same without bias), `.prepare(...)` (torch-layout
 tensors -> dict of network tensors, views only) and `.finish(t)` (network output -> torch
-layout). `Network.__call__` runs prepare → structured evaluation → finish.
+layout). `Network.__call__` runs prepare → `tnderive.evaluate` → finish.
 
 Builders take concrete torch shapes (sizes become ints) or, for `conv_network` and
 `unfold_network` without shapes, symbolic sizes named after the indices.
@@ -28,7 +28,7 @@ from ..errors import TNError
 from ..ir import Constant, Delta, Expr, Product, Sum, Variable, size_symbol
 from ..patterns import normalize_dilation, normalize_stride, pattern_constant
 from ..simplify import simplify
-from ..structured import structured_evaluate
+from ..evaluate import evaluate
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,12 +72,12 @@ class Network:
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
         inputs = self.prepare(*tensors)
         bias = inputs.pop(self.bias_name, None) if self.bias_name else None
-        return self.finish(structured_evaluate(self.core, **inputs), bias)
+        return self.finish(evaluate(self.core, **inputs), bias)
 
     def vjp(self, name: str) -> Callable[..., torch.Tensor]:
         """`f(v, *tensors)`: the VJP of the layer w.r.t. variable `name` ("x" or "W"), derived
         with `tnderive.vjp` on the network (no hand-written formula), simplified once and
-        evaluated with patterns as views. v and the result are in torch layout."""
+        evaluated by `tnderive.evaluate` (torch's convolution kernels). v and the result are in torch layout."""
         cache = self.info.setdefault("vjp", {})
         if name in cache:
             return cache[name]
@@ -92,7 +92,7 @@ class Network:
         def run(v: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
             inputs = self.prepare(*tensors)
             need = {k: t for k, t in inputs.items() if k in expr.variables}
-            out = structured_evaluate(expr, v=v.reshape(out_shape), **need)
+            out = evaluate(expr, v=v.reshape(out_shape), **need)
             return out.reshape(tensors[_TORCH_POSITION[name]].shape)
 
         run.expr = expr  # type: ignore[attr-defined]

@@ -2,7 +2,8 @@
 
 Each call builds (once per shapes and hyperparameters, cached) the layer's network from
 `tnderive.nn.conv` and evaluates it with patterns applied as strided views
-(`tnderive.structured.structured_evaluate`). Inputs and outputs are torch tensors in torch layout.
+(`tnderive.evaluate`: lowered once per shape; convolution products become calls of
+torch's convolution kernels, `codegen.convolution`). Inputs and outputs are torch tensors in torch layout.
 """
 from __future__ import annotations
 

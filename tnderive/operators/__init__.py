@@ -2,7 +2,9 @@
 
     linear_operator.py   the operators: `@`, `.to_scipy()`, accumulation over data
     kfac.py              KFAC (per-parameter KronBlocks, damped inverse, trace/logdet)
-    derived.py           a model program's statement derivatives (vjp, jvp, jvp of vjp), compiled
+    networks.py          the model + loss as one statement network; GGN/Hessian products derived
+                         from it as ONE compiled network for all parameters
+    diagonal.py          the exact GGN diagonal (`GGN.diagonal()`) as one derived network
 """
 from .kfac import KFAC, KFACInverse
 from .linear_operator import GGN, CurvatureOperator, Hessian

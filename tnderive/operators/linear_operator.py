@@ -7,11 +7,13 @@
 `loss_func` is a torch loss module (MSELoss, CrossEntropyLoss, BCEWithLogitsLoss; "mean" or
 "sum"), `params` any subset of `module`'s parameters, `data` an iterable of (X, y) batches.
 The curvature is that of the loss over all of `data`: batches are summed ("sum") or weighted
-by their share of the data ("mean"), as curvlinops does. Each batch runs one derived program
-(tnderive.operators.derived), compiled once per input shape.
+by their share of the data ("mean"), as curvlinops does. Each batch runs ONE derived network
+(`tnderive.operators.networks`: the model's statements, the loss, one reverse pass for all
+parameters and one forward pass along all their directions), compiled once per input shape.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -20,28 +22,18 @@ from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
 from ..errors import TNError
-from ..losses import Loss, from_torch
+from ..ir import Variable
+from ..losses import from_torch
 from ..models.model import Model, from_module
 from ..progress import track
-from .derived import DerivedProgram
-
-
-def torch_target(loss: Loss, y: torch.Tensor, out_shape: Sequence[int], dtype) -> torch.Tensor:
-    """A torch loss target in tnderive's form (class indices become one-hot rows)."""
-    if loss.kind == "ce" and not y.is_floating_point():
-        if y.dim() != 1 or len(out_shape) != 2:
-            raise TNError(f"CrossEntropyLoss: class-index targets need an output [N, C], "
-                          f"got output {tuple(out_shape)} and target {tuple(y.shape)}")
-        return torch.nn.functional.one_hot(y.long(), out_shape[1]).to(dtype)
-    if tuple(y.shape) != tuple(out_shape):
-        raise TNError(f"target has shape {tuple(y.shape)}, the model output {tuple(out_shape)}")
-    return y.to(dtype)
+from .diagonal import DiagonalNetwork, diagonal_network
+from .networks import LossNetwork, Product, curvature_product, loss_network, torch_target
 
 
 class CurvatureOperator:
     """A symmetric D×D operator over `params` (flattened and concatenated in order)."""
 
-    second_order = False
+    part = "total"
     label = "curvature"
 
     def __init__(self, module: nn.Module, loss_func: nn.Module, params: Sequence[torch.Tensor],
@@ -63,17 +55,19 @@ class CurvatureOperator:
         self.device = self.params[0].device
         self.dim = sum(p.numel() for p in self.params)
         self.shape = (self.dim, self.dim)
-        self._programs: dict[tuple, tuple[Model, DerivedProgram]] = {}
+        self._products: dict[tuple, tuple[Model, LossNetwork, Product]] = {}
 
     # ---------------------------------------------------------------- programs
-    def program(self, X: torch.Tensor) -> tuple[Model, DerivedProgram]:
-        """The model and its derived program at X's shape (traced and compiled once)."""
+    def product(self, X: torch.Tensor) -> tuple[Model, LossNetwork, Product]:
+        """The model, its loss network and the compiled product network at X's shape
+        (traced, derived and compiled once per shape and dtype)."""
         key = (tuple(X.shape), X.dtype)
-        if key not in self._programs:
+        if key not in self._products:
             model = from_module(self.module, X, check=self.check)
             active = [model.param_names[n] for n in self.param_names]
-            self._programs[key] = (model, DerivedProgram(model, active, self.loss, self.second_order))
-        return self._programs[key]
+            net = loss_network(model, self.loss)
+            self._products[key] = (model, net, curvature_product(net, active, self.part))
+        return self._products[key]
 
     def _batches(self) -> list:
         batches = list(self.data)
@@ -91,23 +85,14 @@ class CurvatureOperator:
         items = track(batches, f"{self.label} @ v") if self.progressbar else batches
         for X, y in items:
             X = X.to(self.device, self.dtype) if X.is_floating_point() else X.to(self.device)
-            model, prog = self.program(X)
+            model, net, product = self.product(X)
             weight = X.shape[0] / total if self.reduction == "mean" else 1.0
-            for k, r in enumerate(self._batch_product(model, prog, X, y.to(self.device), vs)):
-                if r is not None:
-                    out[k] += weight * r
+            tensors = model.tensors(X)
+            f_shape = model.output.shape
+            tensors[net.target] = torch_target(self.loss, y.to(self.device), f_shape, self.dtype)
+            for k, r in enumerate(product(tensors, vs)):
+                out[k] += weight * r
         return out
-
-    def _batch_product(self, model, prog, X, y, vs) -> list:
-        raise NotImplementedError
-
-    def _setup(self, model: Model, prog: DerivedProgram, X, y, vs):
-        env = model.run(model.tensors(X), keep=True)
-        f = env[model.output.name]
-        target = torch_target(self.loss, y, f.shape, f.dtype)
-        names = [model.param_names[n] for n in self.param_names]
-        dot = prog.tangents(env, dict(zip(names, vs)))
-        return env, f, target, names, dot
 
     def __matmul__(self, v):
         if isinstance(v, (list, tuple)):
@@ -118,6 +103,8 @@ class CurvatureOperator:
         if not isinstance(v, torch.Tensor) or v.dim() not in (1, 2) or v.shape[0] != self.dim:
             raise TNError(f"expected a flat vector [{self.dim}] or matrix [{self.dim}, K], "
                           f"got {getattr(v, 'shape', type(v).__name__)}")
+        # a [D, K] matrix: one run per column (a batched network was slower on the CNN of
+        # benchmarks/operators.py: its convolutions lose torch's kernels)
         cols = v.reshape(self.dim, -1).to(self.device, self.dtype)
         res = [torch.cat([r.reshape(-1) for r in self.matvec_list(self._unflatten(cols[:, k]))])
                for k in range(cols.shape[1])]
@@ -125,6 +112,7 @@ class CurvatureOperator:
         return out.reshape(v.shape)
 
     def _unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """[D] -> one tensor per parameter (its shape)."""
         out, pos = [], 0
         for p in self.params:
             out.append(flat[pos:pos + p.numel()].reshape(p.shape))
@@ -141,31 +129,70 @@ class CurvatureOperator:
 
 
 class GGN(CurvatureOperator):
-    """Generalized Gauss-Newton Jᵀ Λ J of the loss over `data` (curvlinops' GGNLinearOperator)."""
+    """Generalized Gauss-Newton Jᵀ Λ J of the loss over `data` (curvlinops' GGNLinearOperator),
+    with its exact diagonal (`diagonal()`)."""
 
     label = "GGN"
+    part = "gauss_newton"
 
-    def _batch_product(self, model, prog, X, y, vs):
-        env, f, target, names, dot = self._setup(model, prog, X, y, vs)
-        fdot = dot.get(model.output.name)
-        if fdot is None:
-            return [None] * len(vs)
-        u = prog.loss_hvp(F=f, dF=fdot, **{prog.target_name: target})
-        res = prog.backward(env, u, names)
-        return [res[n] for n in names]
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._diagonals: dict[tuple, tuple[Model, DiagonalNetwork]] = {}
+
+    @torch.no_grad()
+    def diagonal(self, mc_samples: int = 0, seed: int = 2147483647) -> torch.Tensor:
+        """The diagonal of the GGN, flat [D] (params order; `tnderive.operators.diagonal`:
+        per sample and loss-Hessian square-root column, the squared adjoints summed): exact
+        (BackPACK's DiagGGNExact), or with mc_samples=M > 0 the Monte-Carlo estimate from M
+        sampled targets per datum (DiagGGNMC; `seed` seeds the sampling)."""
+        if not isinstance(mc_samples, int) or mc_samples < 0:
+            raise TNError(f"diagonal: mc_samples must be an integer >= 0, got {mc_samples!r}")
+        batches = self._batches()
+        total = sum(int(X.shape[0]) for X, _ in batches)
+        out = [torch.zeros_like(p) for p in self.params]
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        items = track(batches, "GGN diagonal") if self.progressbar else batches
+        for X, _ in items:
+            X = X.to(self.device, self.dtype) if X.is_floating_point() else X.to(self.device)
+            model, net = self.diagonal_network(X, mc_samples or None)
+            weight = X.shape[0] / total if self.reduction == "mean" else 1.0
+            tensors = model.tensors(X)
+            if net.sqrt_input is not None:
+                tensors[net.sqrt_input] = self._sampled_columns(X, mc_samples, generator)
+            for k, r in enumerate(net(tensors)):
+                out[k] += weight * r
+        return torch.cat([t.reshape(-1) for t in out])
+
+    def _sampled_columns(self, X: torch.Tensor, samples: int, generator) -> torch.Tensor:
+        """S[*f, s] = ∇_f ℓ(f, ỹ_s) / √(c·M) for M targets ỹ_s drawn from the model's
+        predictive distribution (c: the loss's reduction scale): E[S Sᵀ] = the loss Hessian."""
+        f = self.module(X).detach()
+        cdim = f.dim() - 1
+        cols = []
+        for _ in range(samples):
+            target = self.loss.sample_target(f, cdim, generator)
+            with torch.enable_grad():
+                z = f.clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(self.loss.torch_value(z, target, cdim), z)
+            cols.append(g)
+        scale = self.loss.scale(Variable("F", tuple(f"f{k}" for k in range(f.dim())),
+                                         shape=tuple(f.shape)))
+        return torch.stack(cols, -1) / math.sqrt(float(scale) * samples)
+
+    def diagonal_network(self, X: torch.Tensor,
+                         mc_samples: int | None = None) -> tuple[Model, DiagonalNetwork]:
+        """The model and its compiled GGN-diagonal network at X's shape (once per shape;
+        mc_samples: the Monte-Carlo version's number of columns)."""
+        key = (tuple(X.shape), X.dtype, mc_samples)
+        if key not in self._diagonals:
+            model = from_module(self.module, X, check=self.check)
+            active = [model.param_names[n] for n in self.param_names]
+            self._diagonals[key] = (model, diagonal_network(model, self.loss, active, mc_samples))
+        return self._diagonals[key]
 
 
 class Hessian(CurvatureOperator):
     """Hessian of the loss over `data` w.r.t. `params` (curvlinops' HessianLinearOperator)."""
 
     label = "Hessian"
-    second_order = True
-
-    def _batch_product(self, model, prog, X, y, vs):
-        env, f, target, names, dot = self._setup(model, prog, X, y, vs)
-        out = model.output.name
-        g = prog.loss_grad(F=f, **{prog.target_name: target})
-        dg = (prog.loss_hvp(F=f, dF=dot[out], **{prog.target_name: target})
-              if out in dot else torch.zeros_like(f))
-        res = prog.backward(env, g, names, dot=dot, dcot_out=dg)
-        return [res[n] for n in names]
+    part = "total"

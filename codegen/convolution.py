@@ -1,0 +1,307 @@
+"""Convolution-shaped products as one call of torch's convolution kernels.
+
+A product of exactly two tensors and m = 1..3 `pattern` constants Π_j[k_j, o_j, i_j] (and
+nothing else) is one of the three contractions of a convolution layer, told apart by where
+the pattern legs sit (x: input, W: kernel, g: output-side tensor):
+
+    forward      x[.., i]  · W[.., k]  -> y[.., o]      torch.nn.functional.conv{m}d
+    weight VJP   x[.., i]  · g[.., o]  -> dW[.., k]     torch.nn.grad.conv{m}d_weight
+    input VJP    W[.., k]  · g[.., o]  -> dx[.., i]     torch.nn.functional.conv_transpose{m}d
+
+The other labels take the roles torch's kernels know, each a group of zero or more labels
+merged by a reshape: batch (x and the output side, not W), groups (on all three), input
+channels e (x and W) and output channels c (W and g). The hyperparameters are read off the
+patterns (`patterns.geometry`: stride, padding, dilation; asymmetric padding becomes an
+explicit zero pad, or a crop of the transposed convolution). Lowering (`program`) emits one
+`conv` op with a `ConvCall` payload instead of views and einsums; the emitter writes it
+(`source_lines`) and the interpreter runs it (`runner`), both calling the same public torch
+functions, which autograd and torch.func differentiate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import sympy
+import torch
+
+from tnderive.ir import Constant, Expr
+from tnderive.patterns import geometry, window_count
+
+from . import cost
+from .pysource import py_size
+from .values import Value
+
+MODES = ("forward", "weight", "input")
+_FN = {"forward": "torch.nn.functional.conv{m}d", "weight": "torch.nn.grad.conv{m}d_weight",
+       "input": "torch.nn.functional.conv_transpose{m}d"}
+
+
+@dataclass(frozen=True)
+class ConvCall:
+    """How a `conv` op calls torch (sizes are sympy expressions; the op's inputs are a, b).
+
+    a, b: (permutation, reshape) of each input into torch's layout; out: (reshape, permutation)
+    of torch's result into the op's labels; pre_pad: zeros (left, right) per spatial dim put
+    around x first (asymmetric padding; then `padding` is 0); crop: (left, right) per spatial
+    dim of the transposed convolution's result (negative: cropped); weight_size: the kernel
+    shape torch's weight VJP returns."""
+
+    mode: str
+    m: int
+    a: tuple
+    b: tuple
+    out: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: sympy.Expr
+    pre_pad: tuple | None = None
+    output_padding: tuple = ()
+    crop: tuple | None = None
+    weight_size: tuple = ()
+
+
+@dataclass(frozen=True)
+class _Geo:
+    k: str
+    o: str
+    i: str
+    K: int
+    O: int
+    I: int
+    S: int
+    pl: int
+    pr: int
+    D: int
+
+
+def match(factors: list[Expr], find: Callable, out: set[str]) -> tuple | None:
+    """(mode, the two tensor factors in the mode's order, pattern geometries) when `factors`
+    (delta-free, labels through `find`) form a convolution contraction, else None."""
+    if not cost.CONVOLUTION_KERNELS:
+        return None
+    pats = [f for f in factors if isinstance(f, Constant) and f.kind == "pattern"]
+    rest = [f for f in factors if not (isinstance(f, Constant) and f.kind == "pattern")]
+    if not 1 <= len(pats) <= 3 or len(rest) != 2 or any(isinstance(f, Constant) for f in rest):
+        return None
+    geos = []
+    for c in pats:
+        g = geometry(c) if len(c.params) >= 4 else None
+        if g is None or not all(sympy.sympify(v).is_Integer for v in g):
+            return None
+        if sympy.sympify(window_count(c) - g[1]) != 0:
+            return None
+        legs = tuple(find(x) for x in c.indices)
+        if len(set(legs)) != 3:
+            return None
+        geos.append(_Geo(*legs, *(int(v) for v in g)))
+    labels = [tuple(find(i) for i in f.indices) for f in rest]
+    if any(len(set(ls)) != len(ls) for ls in labels):
+        return None
+    for a, b in ((0, 1), (1, 0)):
+        A, B = set(labels[a]), set(labels[b])
+        for mode in MODES:
+            if all(_legs_fit(mode, g, A, B, out) for g in geos):
+                return mode, (rest[a], rest[b]), tuple(geos)
+    return None
+
+
+def _legs_fit(mode: str, g: _Geo, A: set, B: set, out: set) -> bool:
+    """Whether pattern legs (k, o, i) sit as `mode` needs (first tensor A, second B)."""
+    def only(label, where) -> bool:
+        return all((label in s) == (s is where) for s in (A, B, out))
+    if mode == "forward":       # x[i], W[k] -> [o]
+        return only(g.i, A) and only(g.k, B) and only(g.o, out)
+    if mode == "weight":        # x[i], g[o] -> [k]
+        return only(g.i, A) and only(g.o, B) and only(g.k, out)
+    return only(g.k, A) and only(g.o, B) and only(g.i, out)   # input: W[k], g[o] -> [i]
+
+
+def lower(low, mode: str, a: Value, b: Value, geos: tuple, out: tuple[str, ...]) -> Value | None:
+    """Emit the `conv` op for `a`, `b` (labels already merged) with result labels `out`
+    (an order of the output labels), or None when a label has no role torch knows."""
+    spatial_a = {"forward": "i", "weight": "i", "input": "k"}[mode]
+    spatial_b = {"forward": "k", "weight": "o", "input": "o"}[mode]
+    spatial_out = {"forward": "o", "weight": "k", "input": "i"}[mode]
+    sa = [getattr(g, spatial_a) for g in geos]
+    sb = [getattr(g, spatial_b) for g in geos]
+    so = [getattr(g, spatial_out) for g in geos]
+    size = dict(zip(a.labels, a.shape))
+    size.update(zip(b.labels, b.shape))
+    outs = set(out)
+    # size-1 labels summed on one operand alone carry no role: reshaped away with the rest
+    ones_a = [x for x in a.labels if x not in sa and x not in b.labels and x not in outs
+              and size[x] == 1]
+    ones_b = [x for x in b.labels if x not in sb and x not in a.labels and x not in outs
+              and size[x] == 1]
+    ra = [x for x in a.labels if x not in sa and x not in ones_a]
+    rb = [x for x in b.labels if x not in sb and x not in ones_b]
+    roles = _roles(mode, ra, rb, outs)
+    if roles is None or set(out) != set(roles["out"]) | set(so):
+        return None
+    n = lambda group: sympy.Mul(*[size[x] for x in roles[group]])  # noqa: E731
+    B_, G, E, C = n("batch"), n("groups"), n("e"), n("c")
+    if not sympy.sympify(G).is_Integer:
+        return None                                  # torch needs a number of groups
+    m = len(geos)
+    stride = tuple(g.S for g in geos)
+    dilation = tuple(g.D for g in geos)
+    symmetric = all(g.pl == g.pr for g in geos)
+    padding = tuple(g.pl for g in geos) if symmetric else (0,) * m
+    pre_pad = crop = None
+    output_padding: tuple = ()
+    weight_size: tuple = ()
+    K = [g.K for g in geos]
+    O = [g.O for g in geos]
+    I = [g.I for g in geos]
+    if mode == "forward":           # a = x [N, G·E, I], b = W [G·C, E, K]
+        ta = _layout(a, ones_a + roles["batch"] + roles["groups"] + roles["e"], sa, (B_, G * E))
+        tb = _layout(b, ones_b + roles["groups"] + roles["c"] + roles["e"], sb, (G * C, E))
+        res = roles["batch"] + roles["groups"] + roles["c"] + so
+        res_shape = [size[x] for x in roles["batch"] + roles["groups"] + roles["c"]] + O
+    elif mode == "weight":          # a = x [N, G·E, I], b = g [N, G·C, O]
+        ta = _layout(a, ones_a + roles["batch"] + roles["groups"] + roles["e"], sa, (B_, G * E))
+        tb = _layout(b, ones_b + roles["batch"] + roles["groups"] + roles["c"], sb, (B_, G * C))
+        weight_size = (G * C, E, *K)
+        res = roles["groups"] + roles["c"] + roles["e"] + so
+        res_shape = [size[x] for x in roles["groups"] + roles["c"] + roles["e"]] + K
+    else:                           # a = W [G·C, E, K], b = g [N, G·C, O]
+        ta = _layout(a, ones_a + roles["groups"] + roles["c"] + roles["e"], sa, (G * C, E))
+        tb = _layout(b, ones_b + roles["batch"] + roles["groups"] + roles["c"], sb, (B_, G * C))
+        res = roles["batch"] + roles["groups"] + roles["e"] + so
+        res_shape = [size[x] for x in roles["batch"] + roles["groups"] + roles["e"]] + I
+        full = [(g.O - 1) * g.S + g.D * (g.K - 1) + 1 for g in geos]
+        if symmetric:
+            output_padding = tuple(g.I + 2 * g.pl - f for g, f in zip(geos, full))
+            if any(not 0 <= p < max(g.S, g.D) for p, g in zip(output_padding, geos)):
+                symmetric = False
+        if not symmetric:
+            padding, output_padding = (0,) * m, (0,) * m
+            crop = tuple((-g.pl, g.I + g.pl - f) for g, f in zip(geos, full))
+    if mode != "input" and not symmetric:
+        pre_pad = tuple((g.pl, g.pr) for g in geos)
+    perm = tuple(res.index(x) for x in out)
+    call = ConvCall(mode, m, ta, tb, (tuple(res_shape), perm), stride, padding, dilation, G,
+                    pre_pad, output_padding, crop, weight_size)
+    shape = tuple(dict(zip(res, res_shape))[x] for x in out)
+    v = low.emit("conv", (a, b), tuple(out), shape, payload=call)
+    if low.ops and low.ops[-1].out == v.name:  # new op: 2 flops per multiply-add
+        low.ops[-1].flops = sympy.expand(2 * B_ * G * C * E * sympy.Mul(*K) * sympy.Mul(*O))
+    return v
+
+
+def _roles(mode: str, ra: list, rb: list, out: set) -> dict | None:
+    """The non-spatial labels of the two inputs by role, or None when one has none."""
+    roles: dict[str, list] = {"batch": [], "groups": [], "e": [], "c": []}
+    for x in ra:
+        key = (x in rb, x in out)
+        role = {"forward": {(True, True): "groups", (True, False): "e", (False, True): "batch"},
+                "weight": {(True, True): "groups", (True, False): "batch", (False, True): "e"},
+                "input": {(True, True): "groups", (True, False): "c", (False, True): "e"},
+                }[mode].get(key)
+        if role is None:
+            return None
+        roles[role].append(x)
+    for x in rb:
+        if x in ra:
+            continue
+        role = {"forward": "c", "weight": "c", "input": "batch"}[mode]
+        if x not in out:
+            return None
+        roles[role].append(x)
+    roles["out"] = {"forward": roles["batch"] + roles["groups"] + roles["c"],
+                    "weight": roles["groups"] + roles["c"] + roles["e"],
+                    "input": roles["batch"] + roles["groups"] + roles["e"]}[mode]
+    return roles
+
+
+def _layout(v: Value, lead: list, spatial: list, merged: tuple) -> tuple:
+    """(permutation, reshape) taking `v` to [*merged, *spatial sizes]."""
+    order = lead + spatial
+    perm = tuple(v.labels.index(x) for x in order)
+    size = dict(zip(v.labels, v.shape))
+    return perm, tuple(merged) + tuple(size[x] for x in spatial)
+
+
+# --------------------------------------------------------------------------------------------
+# the two backends
+# --------------------------------------------------------------------------------------------
+
+def source_lines(out: str, a: str, b: str, call: ConvCall, labels) -> str:
+    """Generated code of a `conv` op (several lines, one operation each)."""
+    def arrange(name: str, layout: tuple) -> str:
+        perm, shape = layout
+        s = name if perm == tuple(range(len(perm))) else f"{name}.permute{_tuple(perm)}"
+        return f"{s}.reshape({', '.join(py_size(x) for x in shape)})"
+
+    lines = [f"{out}_a = {arrange(a, call.a)}", f"{out}_b = {arrange(b, call.b)}"]
+    fn = _FN[call.mode].format(m=call.m)
+    opts = f"stride={_tuple(call.stride)}, padding={_tuple(call.padding)}, " \
+           f"dilation={_tuple(call.dilation)}, groups={py_size(call.groups)}"
+    first = f"{out}_a"
+    if call.pre_pad is not None:
+        pads = [py_size(p) for lr in reversed(call.pre_pad) for p in lr]
+        lines.append(f"{out}_a = torch.nn.functional.pad({out}_a, ({', '.join(pads)}))"
+                     f"  # asymmetric convolution padding")
+    if call.mode == "forward":
+        expr = f"{fn}({first}, {out}_b, {opts})"
+    elif call.mode == "weight":
+        size = "(" + ", ".join(py_size(s) for s in call.weight_size) + ")"
+        expr = f"{fn}({first}, {size}, {out}_b, {opts})"
+    else:
+        expr = f"{fn}({out}_b, {first}, stride={_tuple(call.stride)}, " \
+               f"padding={_tuple(call.padding)}, output_padding={_tuple(call.output_padding)}, " \
+               f"groups={py_size(call.groups)}, dilation={_tuple(call.dilation)})"
+        if call.crop is not None:
+            pads = [py_size(p) for lr in reversed(call.crop) for p in lr]
+            expr = f"torch.nn.functional.pad({expr}, ({', '.join(pads)}))"
+    shape, perm = call.out
+    expr += f".reshape({', '.join(py_size(s) for s in shape)})"
+    if perm != tuple(range(len(perm))):
+        expr += f".permute{_tuple(perm)}"
+    what = {"forward": "convolution", "weight": "convolution weight VJP",
+            "input": "transposed convolution: the input VJP"}[call.mode]
+    lines.append(f"{out} = {expr}  # [{','.join(labels)}]  torch's {what} kernel")
+    lines.append(f"del {out}_a, {out}_b")
+    return "\n".join(lines)
+
+
+def runner(call: ConvCall, size: Callable) -> Callable:
+    """fn(ctx, a, b) running the op with sizes made numbers by `size`."""
+    nums = lambda xs: tuple(size(x) for x in xs)  # noqa: E731
+    (pa, sa), (pb, sb), (so, po) = call.a, call.b, call.out
+    sa, sb, so, wsize = nums(sa), nums(sb), nums(so), nums(call.weight_size)
+    groups = size(call.groups)
+    kw = dict(stride=call.stride, padding=call.padding, dilation=call.dilation, groups=groups)
+    fn = {"forward": (torch.nn.functional.conv1d, torch.nn.functional.conv2d,
+                      torch.nn.functional.conv3d),
+          "weight": (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight,
+                     torch.nn.grad.conv3d_weight),
+          "input": (torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
+                    torch.nn.functional.conv_transpose3d)}[call.mode][call.m - 1]
+    pre = None if call.pre_pad is None else [p for lr in reversed(call.pre_pad) for p in lr]
+    crop = None if call.crop is None else [p for lr in reversed(call.crop) for p in lr]
+    identity = tuple(range(len(po)))
+
+    def run(ctx, a, b):
+        x = a.permute(pa).reshape(sa)
+        y = b.permute(pb).reshape(sb)
+        if pre is not None:
+            x = torch.nn.functional.pad(x, pre)
+        if call.mode == "forward":
+            r = fn(x, y, **kw)
+        elif call.mode == "weight":
+            r = fn(x, wsize, y, **kw)
+        else:
+            r = fn(y, x, stride=call.stride, padding=call.padding,
+                   output_padding=call.output_padding, groups=groups, dilation=call.dilation)
+            if crop is not None:
+                r = torch.nn.functional.pad(r, crop)
+        r = r.reshape(so)
+        return r if po == identity else r.permute(po)
+    return run
+
+
+def _tuple(xs) -> str:
+    return "(" + ", ".join(py_size(x) for x in xs) + ("," if len(xs) == 1 else "") + ")"
