@@ -82,22 +82,23 @@ def tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
 
 def time_cells(runs: list[str], select: re.Pattern) -> dict[tuple[str, str], list[float]]:
     """{(row label, column): [milliseconds per run]} of the time cells of the tables the runs
-    printed (rows matched by position; a row's label: its cells that are the same in every run
-    and are not times)."""
+    printed (rows matched by position, cells by column name: a column only one tree prints is
+    left out; a row's label: its cells that are the same in every run and are not times)."""
     parsed = [tables(text) for text in runs]
     out: dict[tuple[str, str], list[float]] = {}
     for t, (header, rows) in enumerate(parsed[0]):
-        for r, cells in enumerate(rows):
-            versions = [p[t][1][r] for p in parsed if t < len(p) and r < len(p[t][1])]
-            if len(versions) != len(parsed):
+        for r in range(len(rows)):
+            if not all(t < len(p) and r < len(p[t][1]) for p in parsed):
                 continue
+            versions = [dict(zip(p[t][0], p[t][1][r])) for p in parsed]
+            common = [col for col in header if all(col in v for v in versions)]
             times: dict[str, list[float]] = {}
-            for c, col in enumerate(header):
-                got = [_time(col, v[c]) if c < len(v) else None for v in versions]
+            for col in common:
+                got = [_time(col, v[col]) for v in versions]
                 if all(g is not None for g in got):
                     times[col] = got
-            label = " / ".join(cells[c] for c, col in enumerate(header)
-                               if col not in times and all(v[c] == cells[c] for v in versions))
+            label = " / ".join(versions[0][col] for col in common if col not in times
+                               and all(v[col] == versions[0][col] for v in versions))
             for col, values in times.items():
                 if select.search(label) or select.search(col):
                     out[(label, col)] = values

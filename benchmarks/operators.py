@@ -1,15 +1,22 @@
 """Whole-model curvature operators: tnderive.{KFAC, GGN, Hessian} vs curvlinops, same process.
 
-Model (issue 14): Conv(3→C, 3, p1) – ReLU – Conv(C→C, 3, s2, p1) – Flatten – Linear(→10),
-CrossEntropyLoss (mean), one batch of `--batch` images of `--image`² pixels. For float32 and
-float64, medians over `--repeats` of:
+Models (issue 14), CrossEntropyLoss (mean), one batch of `--batch` images of `--image`²
+pixels, width C = `--channels`:
+  * ResNet-style CNN (the KFAC rows): Conv3x3 stem – 3 residual blocks (3x3 convs; the second
+    strided, C → 2C, with a 1x1 strided skip conv) – global average pool – Linear(2C→10);
+  * 3-conv CNN (the other rows): Conv(3→C, 3, p1) – ReLU – Conv(C→C, 3, s2, p1) – Flatten –
+    Linear(→10).
+For float32 and float64, medians over `--repeats` of:
 
-  * KFAC factors (expand and reduce) and one product: tnderive recomputes them on its
-    compiled programs (`KFAC._compute`); curvlinops builds a fresh `KFACLinearOperator`
-    (its `compute_kronecker_factors()` adds to the factors it already holds);
+  * KFAC factors (expand and reduce, type-2) and one product: tnderive recomputes them with
+    its compiled pass (`KFAC._compute`: one fused network per input shape, forward and one
+    reverse pass carrying all loss-Hessian square-root columns); curvlinops builds a fresh
+    `KFACLinearOperator` (its `compute_kronecker_factors()` adds to the factors it holds);
   * the KFAC-preconditioned gradient: `(KFAC + λI)⁻¹ g` with exact damping (inverse built and
     applied; both sides);
   * one GGN-vector and one Hessian-vector product;
+  * scipy `eigsh` (top 3 by magnitude, same v0 and tol) on the Hessian's `to_scipy()`;
+  * the exact GGN diagonal (`GGN.diagonal()`; peer: BackPACK's `DiagGGNExact`);
 
 plus the one-off cost of tnderive's first call (tracing, deriving, compiling) and the largest
 deviation between the two results. Peak memory: CUDA `max_memory_allocated` on a GPU; on CPU
@@ -25,15 +32,20 @@ Writes its section of benchmarks/RESULTS.md between `<!-- BEGIN operators -->` a
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import resource
 import statistics
 import sys
 import time
+import warnings
+from importlib.metadata import version
 from typing import Callable
 
+import numpy as np
 import torch
+from scipy.sparse.linalg import eigsh
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -45,12 +57,49 @@ try:  # the peer (the bench extra)
     import curvlinops
 except ImportError:  # pragma: no cover - optional
     curvlinops = None
+try:  # the diagonal's peer
+    import backpack
+    from backpack.extensions import DiagGGNExact
+except ImportError:  # pragma: no cover - optional
+    backpack = None
 
 
 def cnn(channels: int, image: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(),
                          nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.Flatten(),
                          nn.Linear(channels * (image // 2) ** 2, 10))
+
+
+class Block(nn.Module):
+    """Residual block: Conv3x3(s)–ReLU–Conv3x3, plus the input (a strided 1x1 conv when the
+    shape changes), then ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = None if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride=stride)
+
+    def forward(self, x):
+        h = self.conv2(torch.relu(self.conv1(x)))
+        return torch.relu(h + (x if self.skip is None else self.skip(x)))
+
+
+class ResNet(nn.Module):
+    """ResNet-style CNN: Conv3x3 stem (C channels)–ReLU, a block at C, a strided block to 2C,
+    a block at 2C, global average pool, Linear(2C→10)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        c = channels
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.blocks = nn.Sequential(Block(c, c), Block(c, 2 * c, stride=2), Block(2 * c, 2 * c))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(2 * c, 10)
+
+    def forward(self, x):
+        h = self.blocks(torch.relu(self.stem(x)))
+        return self.head(torch.flatten(self.pool(h), 1))
 
 
 def _sync(device: str) -> None:
@@ -91,7 +140,6 @@ def run(dtype: torch.dtype, args) -> list[tuple]:
     loss_func = nn.CrossEntropyLoss()
     params = list(model.parameters())
     data = [(X, y)]
-    grads = torch.autograd.grad(loss_func(model(X), y), params)
     v = [torch.randn_like(p) for p in params]
     rows = []
 
@@ -106,27 +154,7 @@ def run(dtype: torch.dtype, args) -> list[tuple]:
             line[7] = f"{float((a - b).abs().max() / b.abs().max()):.1e}"
         rows.append(line)
 
-    for kind in ("expand", "reduce"):
-        t = time.perf_counter()
-        ours = tn.KFAC(model, loss_func, params, data, kind=kind, progressbar=False)
-        first = time.perf_counter() - t
-        mine = measure(lambda: (ours._compute(), ours @ v)[1], args.repeats, device)
-        peer = None
-        if curvlinops is not None:
-            def fresh():   # its compute_kronecker_factors() adds to the factors it holds
-                return curvlinops.KFACLinearOperator(model, loss_func, params, data,
-                                                     fisher_type="type-2", kfac_approx=kind,
-                                                     check_deterministic=False)
-            peer = measure(lambda: fresh() @ v, args.repeats, device)
-            ref = fresh()
-        row(f"KFAC-{kind} factors (+ one product)", mine, peer, first)
-        if kind == "expand":
-            mine = measure(lambda: ours.precondition(grads, damping=1e-3), args.repeats, device)
-            peer = None
-            if curvlinops is not None:
-                peer = measure(lambda: curvlinops.KFACInverseLinearOperator(
-                    ref, damping=1e-3, use_exact_damping=True) @ list(grads), args.repeats, device)
-            row("KFAC-preconditioned gradient (exact damping)", mine, peer)
+    _kfac_rows(dtype, args, row)
     for name, ours_cls, peer_name in (("GGN-vector product", tn.GGN, "GGNLinearOperator"),
                                       ("Hessian-vector product", tn.Hessian, "HessianLinearOperator")):
         t = time.perf_counter()
@@ -140,11 +168,91 @@ def run(dtype: torch.dtype, args) -> list[tuple]:
                                                  check_deterministic=False)
             peer = measure(lambda: ref @ v, args.repeats, device)
         row(name, mine, peer, first)
+    _eigsh_and_diagonal_rows(model, loss_func, params, data, args, row)
     return rows
 
 
+def _kfac_rows(dtype: torch.dtype, args, row) -> None:
+    """KFAC factors (expand, reduce; type-2) and the preconditioned gradient on the
+    ResNet-style CNN, batch `--batch` of `--image`² images, width `--channels`."""
+    torch.manual_seed(0)
+    device = args.device
+    model = ResNet(args.channels).to(device, dtype)
+    X = torch.randn(args.batch, 3, args.image, args.image, device=device, dtype=dtype)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    loss_func = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    data = [(X, y)]
+    grads = torch.autograd.grad(loss_func(model(X), y), params)
+    v = [torch.randn_like(p) for p in params]
+    for kind in ("expand", "reduce"):
+        t = time.perf_counter()
+        ours = tn.KFAC(model, loss_func, params, data, kind=kind, progressbar=False)
+        first = time.perf_counter() - t
+        mine = measure(lambda: (ours._compute(), ours @ v)[1], args.repeats, device)
+        peer = None
+        if curvlinops is not None:
+            def fresh():   # its compute_kronecker_factors() adds to the factors it holds
+                return curvlinops.KFACLinearOperator(model, loss_func, params, data,
+                                                     fisher_type="type-2", kfac_approx=kind,
+                                                     check_deterministic=False)
+            peer = measure(lambda: fresh() @ v, args.repeats, device)
+            ref = fresh()
+        row(f"ResNet: KFAC-{kind} factors (+ one product)", mine, peer, first)
+        if kind == "expand":
+            mine = measure(lambda: ours.precondition(grads, damping=1e-3), args.repeats, device)
+            peer = None
+            if curvlinops is not None:
+                peer = measure(lambda: curvlinops.KFACInverseLinearOperator(
+                    ref, damping=1e-3, use_exact_damping=True) @ list(grads), args.repeats, device)
+            row("ResNet: KFAC-preconditioned gradient (exact damping)", mine, peer)
+
+
+def _eigsh_and_diagonal_rows(model, loss_func, params, data, args, row) -> None:
+    """scipy eigsh (top 3 by magnitude, same v0 and tol for both) on the Hessian operators,
+    and the exact GGN diagonal (peer: BackPACK's DiagGGNExact when installed)."""
+    device = args.device
+    dim = sum(p.numel() for p in params)
+    v0 = np.random.default_rng(0).standard_normal(dim)
+
+    def top3(linop):
+        vals = eigsh(linop, k=3, which="LM", v0=v0, tol=1e-5, return_eigenvectors=False)
+        return [torch.as_tensor(np.sort(vals))]
+    reps = max(1, args.repeats // 3)     # each eigsh runs tens of products
+    op = tn.Hessian(model, loss_func, params, data, progressbar=False)
+    t = time.perf_counter()
+    op @ torch.zeros(dim, device=device, dtype=params[0].dtype)
+    first = time.perf_counter() - t
+    mine = measure(lambda: top3(op.to_scipy()), reps, device)
+    peer = None
+    if curvlinops is not None:
+        ref = curvlinops.HessianLinearOperator(model, loss_func, params, data,
+                                               check_deterministic=False).to_scipy()
+        peer = measure(lambda: top3(ref), reps, device)
+    row("eigsh top-3 of the Hessian (scipy, tol 1e-5)", mine, peer, first)
+    op = tn.GGN(model, loss_func, params, data, progressbar=False)
+    t = time.perf_counter()
+    op.diagonal()
+    first = time.perf_counter() - t
+    mine = measure(lambda: [op.diagonal()], args.repeats, device)
+    peer = None
+    if backpack is not None:
+        bp_model = backpack.extend(copy.deepcopy(model))
+        bp_loss = backpack.extend(copy.deepcopy(loss_func))
+
+        def diag_ggn_exact():
+            X, y = data[0]
+            loss = bp_loss(bp_model(X), y)
+            with backpack.backpack(DiagGGNExact()), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Full backward hook")   # X needs no grad
+                loss.backward()
+            return [p.diag_ggn_exact for p in bp_model.parameters()]
+        peer = measure(diag_ggn_exact, args.repeats, device)
+    row("exact GGN diagonal (peer: BackPACK DiagGGNExact)", mine, peer, first)
+
+
 def table(rows_by_dtype: dict) -> str:
-    head = ("| dtype | what | tnderive (median) | peak MiB | curvlinops (median) | peak MiB | "
+    head = ("| dtype | what | tnderive (median) | peak MiB | peer (median) | peak MiB | "
             "ratio | tnderive first call | max rel. difference |\n"
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     lines = []
@@ -170,17 +278,25 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = {}
+    load0 = os.getloadavg()
     for dtype in (torch.float32, torch.float64):
         rows[str(dtype).replace("torch.", "")] = run(dtype, args)
     peer = (f"curvlinops {getattr(curvlinops, '__version__', '(installed)')}" if curvlinops
             else "curvlinops: not installed (tnderive only)")
+    peer += (f"; for the diagonal BackPACK {version('backpack-for-pytorch')}"
+             if backpack else "; BackPACK not installed (diagonal: tnderive only)")
+    load = " → ".join("/".join(f"{x:.1f}" for x in avg) for avg in (load0, os.getloadavg()))
     text = (f"## Curvature operators on a CNN (`benchmarks/operators.py`)\n\n"
-            f"Conv(3→{args.channels})–ReLU–Conv(s2)–Flatten–Linear(→10), CrossEntropyLoss (mean), "
+            f"Rows \"ResNet: …\": ResNet-style CNN (Conv3x3 stem {args.channels} channels, 3 "
+            f"residual blocks of 3x3 convs, the second strided to {2 * args.channels} channels "
+            f"with a 1x1 skip conv, global average pool, Linear(→10)); other rows: "
+            f"Conv(3→{args.channels})–ReLU–Conv(s2)–Flatten–Linear(→10). CrossEntropyLoss (mean), "
             f"batch {args.batch}, {args.image}×{args.image} images; device {args.device}, "
             f"{args.threads} thread(s), torch {torch.__version__}, {platform.machine()}; "
-            f"medians over {args.repeats} calls after a warm-up; ratio = tnderive / curvlinops "
+            f"medians over {args.repeats} calls after a warm-up; ratio = tnderive / peer "
             f"(< 1: tnderive faster). Peak MiB: CUDA max_memory_allocated, or on CPU the growth of "
-            f"the process's RSS high-water mark during the timed calls (0: no new pages).\n"
+            f"the process's RSS high-water mark during the timed calls (0: no new pages). "
+            f"Load average (1/5/15 min) at start → end: {load}.\n"
             f"- peer: {peer}.\n\n" + table(rows) + "\n")
     print(text)
     if not args.no_write:

@@ -6,13 +6,15 @@ the pattern legs sit (x: input, W: kernel, g: output-side tensor):
 
     forward      x[.., i]  · W[.., k]  -> y[.., o]      torch.nn.functional.conv{m}d
     weight VJP   x[.., i]  · g[.., o]  -> dW[.., k]     torch.nn.grad.conv{m}d_weight
-    input VJP    W[.., k]  · g[.., o]  -> dx[.., i]     torch.nn.functional.conv_transpose{m}d
+    input VJP    W[.., k]  · g[.., o]  -> dx[.., i]     torch.nn.grad.conv{m}d_input
 
 The other labels take the roles torch's kernels know, each a group of zero or more labels
 merged by a reshape: batch (x and the output side, not W), groups (on all three), input
 channels e (x and W) and output channels c (W and g). The hyperparameters are read off the
 patterns (`patterns.geometry`: stride, padding, dilation; asymmetric padding becomes an
-explicit zero pad, or a crop of the transposed convolution). Lowering (`program`) emits one
+explicit zero pad of x, or a crop of the input VJP). The two VJPs call the kernels torch's
+own autograd runs (`convolution_backward`: in float64 2–4× faster than a transposed
+convolution, equal in float32). Lowering (`program`) emits one
 `conv` op with a `ConvCall` payload instead of views and einsums; the emitter writes it
 (`source_lines`) and the interpreter runs it (`runner`), both calling the same public torch
 functions, which autograd and torch.func differentiate.
@@ -34,7 +36,7 @@ from .values import Value
 
 MODES = ("forward", "weight", "input")
 _FN = {"forward": "torch.nn.functional.conv{m}d", "weight": "torch.nn.grad.conv{m}d_weight",
-       "input": "torch.nn.functional.conv_transpose{m}d"}
+       "input": "torch.nn.grad.conv{m}d_input"}
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,8 @@ class ConvCall:
     a, b: (permutation, reshape) of each input into torch's layout; out: (reshape, permutation)
     of torch's result into the op's labels; pre_pad: zeros (left, right) per spatial dim put
     around x first (asymmetric padding; then `padding` is 0); crop: (left, right) per spatial
-    dim of the transposed convolution's result (negative: cropped); weight_size: the kernel
-    shape torch's weight VJP returns."""
+    dim cut off the input VJP's result (asymmetric padding); size: the shape torch's VJP
+    returns (the kernel's for the weight VJP, the input's for the input VJP)."""
 
     mode: str
     m: int
@@ -57,9 +59,8 @@ class ConvCall:
     dilation: tuple
     groups: sympy.Expr
     pre_pad: tuple | None = None
-    output_padding: tuple = ()
     crop: tuple | None = None
-    weight_size: tuple = ()
+    size: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ def match(factors: list[Expr], find: Callable, out: set[str]) -> tuple | None:
         A, B = set(labels[a]), set(labels[b])
         for mode in MODES:
             if all(_legs_fit(mode, g, A, B, out) for g in geos):
+                if mode == "input" and not any(g.S < g.D * (g.K - 1) + 1 for g in geos):
+                    return None  # windows do not overlap: a placement (`views`) is cheaper
                 return mode, (rest[a], rest[b]), tuple(geos)
     return None
 
@@ -150,8 +153,7 @@ def lower(low, mode: str, a: Value, b: Value, geos: tuple, out: tuple[str, ...])
     symmetric = all(g.pl == g.pr for g in geos)
     padding = tuple(g.pl for g in geos) if symmetric else (0,) * m
     pre_pad = crop = None
-    output_padding: tuple = ()
-    weight_size: tuple = ()
+    torch_size: tuple = ()
     K = [g.K for g in geos]
     O = [g.O for g in geos]
     I = [g.I for g in geos]
@@ -163,7 +165,7 @@ def lower(low, mode: str, a: Value, b: Value, geos: tuple, out: tuple[str, ...])
     elif mode == "weight":          # a = x [N, G·E, I], b = g [N, G·C, O]
         ta = _layout(a, ones_a + roles["batch"] + roles["groups"] + roles["e"], sa, (B_, G * E))
         tb = _layout(b, ones_b + roles["batch"] + roles["groups"] + roles["c"], sb, (B_, G * C))
-        weight_size = (G * C, E, *K)
+        torch_size = (G * C, E, *K)
         res = roles["groups"] + roles["c"] + roles["e"] + so
         res_shape = [size[x] for x in roles["groups"] + roles["c"] + roles["e"]] + K
     else:                           # a = W [G·C, E, K], b = g [N, G·C, O]
@@ -171,19 +173,16 @@ def lower(low, mode: str, a: Value, b: Value, geos: tuple, out: tuple[str, ...])
         tb = _layout(b, ones_b + roles["batch"] + roles["groups"] + roles["c"], sb, (B_, G * C))
         res = roles["batch"] + roles["groups"] + roles["e"] + so
         res_shape = [size[x] for x in roles["batch"] + roles["groups"] + roles["e"]] + I
-        full = [(g.O - 1) * g.S + g.D * (g.K - 1) + 1 for g in geos]
         if symmetric:
-            output_padding = tuple(g.I + 2 * g.pl - f for g, f in zip(geos, full))
-            if any(not 0 <= p < max(g.S, g.D) for p, g in zip(output_padding, geos)):
-                symmetric = False
-        if not symmetric:
-            padding, output_padding = (0,) * m, (0,) * m
-            crop = tuple((-g.pl, g.I + g.pl - f) for g, f in zip(geos, full))
+            torch_size = (B_, G * E, *I)
+        else:  # the VJP of the padded input, then the padding cut off
+            torch_size = (B_, G * E, *(g.I + g.pl + g.pr for g in geos))
+            crop = tuple((-g.pl, -g.pr) for g in geos)
     if mode != "input" and not symmetric:
         pre_pad = tuple((g.pl, g.pr) for g in geos)
     perm = tuple(res.index(x) for x in out)
     call = ConvCall(mode, m, ta, tb, (tuple(res_shape), perm), stride, padding, dilation, G,
-                    pre_pad, output_padding, crop, weight_size)
+                    pre_pad, crop, torch_size)
     shape = tuple(dict(zip(res, res_shape))[x] for x in out)
     v = low.emit("conv", (a, b), tuple(out), shape, payload=call)
     if low.ops and low.ops[-1].out == v.name:  # new op: 2 flops per multiply-add
@@ -247,12 +246,11 @@ def source_lines(out: str, a: str, b: str, call: ConvCall, labels) -> str:
     if call.mode == "forward":
         expr = f"{fn}({first}, {out}_b, {opts})"
     elif call.mode == "weight":
-        size = "(" + ", ".join(py_size(s) for s in call.weight_size) + ")"
+        size = "(" + ", ".join(py_size(s) for s in call.size) + ")"
         expr = f"{fn}({first}, {size}, {out}_b, {opts})"
     else:
-        expr = f"{fn}({out}_b, {first}, stride={_tuple(call.stride)}, " \
-               f"padding={_tuple(call.padding)}, output_padding={_tuple(call.output_padding)}, " \
-               f"groups={py_size(call.groups)}, dilation={_tuple(call.dilation)})"
+        size = "(" + ", ".join(py_size(s) for s in call.size) + ")"
+        expr = f"{fn}({size}, {first}, {out}_b, {opts})"
         if call.crop is not None:
             pads = [py_size(p) for lr in reversed(call.crop) for p in lr]
             expr = f"torch.nn.functional.pad({expr}, ({', '.join(pads)}))"
@@ -261,7 +259,7 @@ def source_lines(out: str, a: str, b: str, call: ConvCall, labels) -> str:
     if perm != tuple(range(len(perm))):
         expr += f".permute{_tuple(perm)}"
     what = {"forward": "convolution", "weight": "convolution weight VJP",
-            "input": "transposed convolution: the input VJP"}[call.mode]
+            "input": "convolution input VJP"}[call.mode]
     lines.append(f"{out} = {expr}  # [{','.join(labels)}]  torch's {what} kernel")
     lines.append(f"del {out}_a, {out}_b")
     return "\n".join(lines)
@@ -271,15 +269,15 @@ def runner(call: ConvCall, size: Callable) -> Callable:
     """fn(ctx, a, b) running the op with sizes made numbers by `size`."""
     nums = lambda xs: tuple(size(x) for x in xs)  # noqa: E731
     (pa, sa), (pb, sb), (so, po) = call.a, call.b, call.out
-    sa, sb, so, wsize = nums(sa), nums(sb), nums(so), nums(call.weight_size)
+    sa, sb, so, tsize = nums(sa), nums(sb), nums(so), nums(call.size)
     groups = size(call.groups)
     kw = dict(stride=call.stride, padding=call.padding, dilation=call.dilation, groups=groups)
     fn = {"forward": (torch.nn.functional.conv1d, torch.nn.functional.conv2d,
                       torch.nn.functional.conv3d),
           "weight": (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight,
                      torch.nn.grad.conv3d_weight),
-          "input": (torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
-                    torch.nn.functional.conv_transpose3d)}[call.mode][call.m - 1]
+          "input": (torch.nn.grad.conv1d_input, torch.nn.grad.conv2d_input,
+                    torch.nn.grad.conv3d_input)}[call.mode][call.m - 1]
     pre = None if call.pre_pad is None else [p for lr in reversed(call.pre_pad) for p in lr]
     crop = None if call.crop is None else [p for lr in reversed(call.crop) for p in lr]
     identity = tuple(range(len(po)))
@@ -292,10 +290,9 @@ def runner(call: ConvCall, size: Callable) -> Callable:
         if call.mode == "forward":
             r = fn(x, y, **kw)
         elif call.mode == "weight":
-            r = fn(x, wsize, y, **kw)
+            r = fn(x, tsize, y, **kw)
         else:
-            r = fn(y, x, stride=call.stride, padding=call.padding,
-                   output_padding=call.output_padding, groups=groups, dilation=call.dilation)
+            r = fn(tsize, x, y, **kw)
             if crop is not None:
                 r = torch.nn.functional.pad(r, crop)
         r = r.reshape(so)

@@ -1,11 +1,13 @@
 """evaluate(parse(text)) against hand-written torch, and random products against torch.einsum."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tnderive import evaluate, parse
+from tnderive import TNError, evaluate, parse
 from tnderive.builder import contract, tanh, var
 
 from tests.cases.evaluate_cases import CASES, make_inputs
@@ -72,3 +74,22 @@ def test_random_products_match_einsum(spec, seed):
     got = evaluate(expr, **tensors)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert parse(str(expr)) == expr
+
+
+def test_prepared_keeps_one_binding_per_shape():
+    """`Prepared(expr)` equals `evaluate` for every shape and dtype it meets, keeps at most
+    `kept` bindings, and checks a new shape (a clear TNError for a bad one)."""
+    EV = importlib.import_module("tnderive.evaluate")  # the module (tnderive.evaluate is the function)
+    e = parse("y[n,o] = W[o,i]*x[n,i]")
+    run = EV.Prepared(e, kept=2)
+    W = torch.randn(3, 4, dtype=torch.float64)
+    for n in (2, 5, 2, 7):
+        x = torch.randn(n, 4, dtype=torch.float64)
+        torch.testing.assert_close(run(W=W, x=x), evaluate(e, W=W, x=x))
+    assert len(run._runs) == 2
+    x32 = torch.randn(2, 4, dtype=torch.float32)  # promoted to float64 like evaluate
+    out = run(W=W, x=x32)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, evaluate(e, W=W, x=x32))
+    with pytest.raises(TNError, match="size mismatch"):
+        run(W=W, x=torch.randn(2, 5, dtype=torch.float64))

@@ -1,6 +1,8 @@
 """tnderive.KFAC on torch models: against curvlinops' KFACLinearOperator (optional, float64,
-two batches), the exactness identity (one datum, last layer: KFAC = GGN block) on a layer
-curvlinops cannot take, and the damped inverse / trace / logdet of the blocks."""
+two batches; MLP, CNN, residual CNN), the exactness identity (one datum, last layer: KFAC =
+GGN block) on a layer curvlinops cannot take, the damped inverse / trace / logdet of the
+blocks, and the fused pass itself (adjoints of every layer output, all columns at once, against
+torch autograd column by column; B of KFAC-expand by GEMMs against the factor network)."""
 from __future__ import annotations
 
 import importlib.util
@@ -23,6 +25,33 @@ def cnn():
                          nn.Flatten(), nn.Linear(8, 3))
 
 
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = None if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride=stride)
+
+    def forward(self, x):
+        h = self.conv2(torch.relu(self.conv1(x)))
+        return torch.relu(h + (x if self.skip is None else self.skip(x)))
+
+
+class ResNet(nn.Module):
+    """Residual blocks (one strided, with a 1x1 skip conv), global average pool, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 2, 3, padding=1)
+        self.blocks = nn.Sequential(Block(2, 2, 1), Block(2, 3, 2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.blocks(torch.relu(self.stem(x)))
+        return self.head(torch.flatten(self.pool(h), 1))
+
+
 def _data(loss, shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -43,11 +72,14 @@ def _flat(ts):
     ("mlp", "ce", "sum", "reduce", False, "empirical"),
     ("cnn", "ce", "mean", "expand", False, "type-2"),
     ("cnn", "mse", "sum", "reduce", True, "type-2"),
+    ("resnet", "ce", "mean", "expand", True, "type-2"),
+    ("resnet", "ce", "sum", "reduce", False, "type-2"),
+    ("resnet", "mse", "mean", "expand", False, "empirical"),
 ])
 def test_kfac_matches_curvlinops(model, loss, reduction, kind, separate, fisher):
     from curvlinops import KFACLinearOperator
     torch.manual_seed(0)
-    module = {"mlp": mlp, "cnn": cnn}[model]().double()
+    module = {"mlp": mlp, "cnn": cnn, "resnet": ResNet}[model]().double()
     loss_func = {"mse": nn.MSELoss, "ce": nn.CrossEntropyLoss}[loss](reduction=reduction)
     data = _data(loss, (4,) if model == "mlp" else (2, 6, 6))
     params = list(module.parameters())
@@ -215,3 +247,72 @@ def test_vit_every_parameter_covered_and_head_is_exact():
     gh = tn.GGN(module, loss_func, head, [(X, y)], progressbar=False)
     V = torch.randn(kh.dim, 2)
     torch.testing.assert_close(kh @ V, gh @ V, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_pass_adjoints_match_autograd():
+    """The fused KFAC pass (one reverse pass, every column at once) gives each layer output
+    the vector-Jacobian products of torch autograd, column by column (float64)."""
+    from tnderive.losses import from_torch
+    from tnderive.operators.kfac_network import kfac_network
+
+    torch.manual_seed(7)
+    module = ResNet().double()
+    X = torch.randn(3, 2, 6, 6)
+    model = tn.from_module(module, X)
+    convs = {n: m for n, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    weights = [model.param_names[f"{n}.weight"] for n in convs]
+    layers = [next(st.target.name for st in model.statements if any(a.name == w for a in st.uses))
+              for w in weights]
+    net = kfac_network(model, from_torch(nn.CrossEntropyLoss()), weights, layers, "mc",
+                       mc_samples=4)
+    V = torch.randn(3, 3, 4, dtype=torch.float64)
+    tensors = model.tensors(X.double())
+    res = net(tensors, vectors=V)
+    probes = {}
+
+    def probe(name):
+        def hook(_, __, out):
+            probes[name] = torch.zeros_like(out, requires_grad=True)
+            return out + probes[name]
+        return hook
+    handles = [m.register_forward_hook(probe(n)) for n, m in convs.items()]
+    f = module(X.double())
+    for h in handles:
+        h.remove()
+    for k in range(4):
+        ref = torch.autograd.grad(f, list(probes.values()), V[..., k], retain_graph=True)
+        for layer, r in zip(layers, ref):
+            torch.testing.assert_close(res[net.adjoints[layer]][k], r, rtol=1e-10, atol=1e-12)
+    for name in net.values:      # the layer inputs, as the forward computes them
+        torch.testing.assert_close(res[name], model.run(tensors, keep=True)[name], rtol=1e-12,
+                                   atol=1e-12)
+
+
+def test_output_gram_fast_path_equals_the_factor_network():
+    """KFAC-expand's B from the adjoint by batched GEMMs equals the compiled factor network;
+    a grouped convolution (per-group blocks) falls back to the network."""
+    from tnderive.operators.kfac import _output_gram
+
+    torch.manual_seed(8)
+    module = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                           nn.Conv2d(4, 2, 3, groups=2), nn.Flatten(), nn.Linear(32, 3)).double()
+    X, y = torch.randn(3, 4, 6, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
+    kfac = tn.KFAC(module, nn.CrossEntropyLoss(), list(module.parameters()), [(X, y)],
+                   progressbar=False)
+    model, layers, net = kfac.network(X)
+    fast = 0
+    for x in (X, X.contiguous(memory_format=torch.channels_last)):   # both GEMM layouts
+        tensors = model.tensors(x)
+        env = {**tensors, **net(tensors)}
+        for layer in layers:
+            st = model.statements[layer.j]
+            adjoint = env[net.adjoints[st.target.name]]
+            ref = layer.fac.output_factor(**{a.name: env[a.name] for a in st.uses},
+                                          g_=adjoint.movedim(0, -1))
+            B = _output_gram(adjoint, layer.fac)
+            if layer.fac.split.group_legs:
+                assert B is None
+                continue
+            fast += 1
+            torch.testing.assert_close(B.reshape(ref.shape), ref, rtol=1e-12, atol=1e-12)
+    assert fast == 4

@@ -152,3 +152,24 @@ def test_network_path_cross_block_pair():
     net = tn.parse_network(model.text)
     close(tn.simplify(net.hessian_blocks(pairs=[(v0, q1)])).evaluate(**T), H)
     close(net.hessian_blocks(pairs=[(v0, q1)], part="gauss_newton").evaluate(**T), GN)
+
+
+def test_block_program_picks_the_cheaper_order():
+    """`block_program`: one block as generated code, in the forward-over-reverse order with
+    fewer flops (a LayerNorm weight's 4 tangent axes over an attention weight's 16), the
+    transposed order laid out [p's axes, q's axes] like torch.func.hessian; chunked: the
+    tangent parameter's entries a few at a time."""
+    from tnderive.attention.stack import block_program
+    model = transformer(blocks=2, seq=3, d_model=4, heads=2, d_mlp=4, classes=2, loss="ce",
+                        causal=True)
+    T = model.random_inputs(seed=8)
+    ln, v = model.names["b0.ln1.weight"], model.names["b1.v.weight"]
+    bp = block_program(model, "b0.ln1.weight", "b1.v.weight")
+    assert bp.transposed and bp.flops[v, ln] < bp.flops[ln, v]
+    H, _ = torch_blocks(model, T, ln, v)
+    close(bp(**T), H)
+    q0, fc1 = model.names["b0.q.weight"], model.names["b1.fc1.weight"]
+    bp = block_program(model, q0, fc1, chunk=5)       # 16 directions: 4 runs, the last wraps
+    assert set(bp.flops) == {(q0, fc1), (fc1, q0)} and bp.chunk == 5
+    H, _ = torch_blocks(model, T, q0, fc1)
+    close(bp(**T), H)

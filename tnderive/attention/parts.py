@@ -15,7 +15,7 @@ import torch
 from ..codegen import compile as compile_expr
 from ..errors import TNError
 from ..evaluate import evaluate
-from ..ir import Expr, Variable, Zero
+from ..ir import Expr, Signature, Variable, Zero
 from ..network import Network
 from .structure import Monomial, Structure, analyse, analyse_network, analyse_tree, expand
 
@@ -105,20 +105,29 @@ class NetworkPart:
     expanded = False
     second_T = False
 
-    def __init__(self, kind: str, network: Network, output: str, softmax_order: int):
+    def __init__(self, kind: str, network: Network, output: str, softmax_order: int,
+                 source: Signature | None = None):
         self.kind = kind
         self.network = network
         self.output = output
         self.softmax_order = softmax_order
+        #: the shared network's signature (computed once for all parts; default: here)
+        self.source = source
         self._own: Network | None = None
         self._expr: Expr | None = None
         self._structure: Structure | None = None
 
     @property
     def own(self) -> Network:
-        """The network pruned to this part's output (the statements it needs)."""
+        """The network pruned to this part's output (the statements it needs; the same as
+        `network.with_outputs([output])`, without recomputing the whole network's signature
+        for every part)."""
         if self._own is None:
-            self._own = self.network.with_outputs([self.output])
+            net = self.network
+            need = net.needed([self.output])
+            source = net.signature if self.source is None else self.source
+            self._own = type(net)([s for s in net.statements if s.name in need], [self.output],
+                                  source=source)
         return self._own
 
     @property

@@ -21,11 +21,18 @@ simplified statement by statement; a part evaluates the statements its output ne
 
 `gauss_newton` is the same outer part written on the inlined prediction for mse / ce (a
 cross-check for the tests).
+
+`block_program(model, p, q, chunk=None)` is one block (the total) as fast generated code:
+derived in both forward-over-reverse orders, the one whose code states fewer flops kept,
+optionally `chunk` tangent directions per run (`BlockProgram`; benchmarks/transformer.py).
 """
 from __future__ import annotations
 
+import re
 import time
 from typing import Sequence
+
+import torch
 
 from ..derive import derivative, forward, reverse, var_names
 from ..errors import TNError
@@ -101,11 +108,17 @@ def split_network(net: Network, pairs: Sequence[tuple[str, str]]
     signature = net.signature
     for b in dict.fromkeys(b for _, b in pairs):
         wanted = list(dict.fromkeys(grads[a] for a, bb in pairs if bb == b))
+        mine: list[Statement] = []      # this b's tangent statements so far
         for kind in ("outer", "functional"):
             found: dict[str, str] = {}
-            fwd = forward(rev.rebuilt(statements, wanted), b, names=found, var=signature[b],
-                          only_through=through[kind])
-            statements += [s for s in fwd.statements if s.name not in taken]
+            # each pass runs on the reverse network plus this b's earlier pass (so that its
+            # tangent names are fresh), not on every earlier b's statements: the passes stay
+            # linear in the number of parameters
+            fwd = forward(rev.rebuilt(list(rev.statements) + mine, wanted), b, names=found,
+                          var=signature[b], only_through=through[kind])
+            new = [s for s in fwd.statements if s.name not in taken]
+            statements += new
+            mine += new
             taken |= set(fwd.names)
             for a, bb in pairs:
                 if bb == b:
@@ -129,21 +142,42 @@ def _in_scores(net: Network, p: str) -> bool:
                if isinstance(f, Func) and f.fn is SOFTMAX)
 
 
+def _one(model: TransformerModel, name: str) -> str:
+    """The variable of one parameter (torch-style or variable name; or the data X)."""
+    if name == DATA:
+        return DATA
+    hits = model.select(name)
+    if len(hits) != 1:
+        raise TNError(f"block pair: {name!r} names {len(hits)} parameters ({', '.join(hits)}); "
+                      f"give one parameter")
+    return hits[0]
+
+
 def stack_blocks(model: TransformerModel, params: Sequence[str] | str | None = None,
                  simplify: bool = True, upper: bool = True,
-                 include_X: bool = False) -> HessianBlocks:
+                 include_X: bool = False,
+                 pairs: Sequence[tuple[str, str]] | None = None) -> HessianBlocks:
     """Every block (p, q) of the stack's Hessian for the selected parameters (fnmatch
     patterns over torch-style or variable names), each with outer / functional / total parts,
     derived on the stack's network (see the module docstring). upper: only p ≤ q in model
     order (the lower blocks are transposes). simplify: `tnderive.simplify` statement by
-    statement (default; cheap on a network)."""
-    names = model.select(params)
-    if include_X and DATA not in names:
-        names = names + (DATA,)
+    statement (default; cheap on a network).
+
+    pairs: only these blocks (p, q), each name matching one parameter (instead of `params`).
+    The derivation costs one forward pass per distinct q: pairing every parameter with a few
+    q is much cheaper than all pairs."""
+    if pairs is not None:
+        pairs = [(_one(model, p), _one(model, q)) for p, q in pairs]
+        chosen = {n for pair in pairs for n in pair}
+        names = tuple(n for n in model.select(None) + (DATA,) if n in chosen)
+    else:
+        names = model.select(params)
+        if include_X and DATA not in names:
+            names = names + (DATA,)
+        pairs = [(p, q) for i, p in enumerate(names) for j, q in enumerate(names)
+                 if not (upper and j < i)]
     t0 = time.perf_counter()
     net = parse_network(model.text)
-    pairs = [(p, q) for i, p in enumerate(names) for j, q in enumerate(names)
-             if not (upper and j < i)]
     derived, part_names = split_network(net, pairs)
     t_derive = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -152,11 +186,13 @@ def stack_blocks(model: TransformerModel, params: Sequence[str] | str | None = N
     t_simp = time.perf_counter() - t0
     in_T = {p: _in_scores(net, p) for p in names}
     shapes = model.variables
+    source = derived.signature
     out = HessianBlocks()
     for p, q in pairs:
         o1 = int(in_T[p] or in_T[q])
         o2 = 2 if (in_T[p] and in_T[q]) else o1
-        parts = [NetworkPart(kind, derived, part_names[p, q][kind], order) for kind, order in
+        parts = [NetworkPart(kind, derived, part_names[p, q][kind], order, source)
+                 for kind, order in
                  (("outer", o1), ("functional", o2), ("total", o2))]
         idx = derived[part_names[p, q]["total"]].indices
         shape = tuple(shapes[p].axis_shape) + tuple(shapes[q].axis_shape)
@@ -167,3 +203,124 @@ def stack_blocks(model: TransformerModel, params: Sequence[str] | str | None = N
     out.model = model
     out.network = derived
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# one block, evaluated fast: the cheaper of the two forward-over-reverse orders
+# --------------------------------------------------------------------------------------------
+
+_COST = re.compile(r"Contraction cost: (\d+) flops")
+
+
+def _flops(compiled) -> int:
+    """The contraction flops the generated module states in its header."""
+    found = _COST.search(compiled.source)
+    if found is None:
+        raise TNError("compiled network: no 'Contraction cost' line in its header")
+    return int(found.group(1))
+
+
+CHUNK_STEP, CHUNK_BASIS, CHUNK_INDEX = "chunk_step", "chunk_basis", "zc"
+
+
+def _chunked_text(text: str, b: str, axes: Sequence[str], chunk: int) -> str:
+    """The program with parameter b replaced by b + Σ_zc chunk_basis[zc, b's axes]·chunk_step[zc]:
+    at chunk_step = 0 it computes the same values, and ∂/∂chunk_step is the derivative along
+    the `chunk` directions in chunk_basis (unit vectors: a slice of b's entries)."""
+    lines = text.split("\n")
+    if not lines[0].startswith("# sizes:"):
+        raise TNError("chunked block: the program text must start with its '# sizes:' line")
+    for name in (CHUNK_STEP, CHUNK_BASIS, f"{b}_chunked"):
+        if re.search(rf"\b{name}\[", text):
+            raise TNError(f"chunked block: the program already uses the name {name!r}")
+    ix = ",".join(axes)
+    body = re.sub(rf"\b{re.escape(b)}\[", f"{b}_chunked[", "\n".join(lines[1:]))
+    head = (f"{lines[0]}, {CHUNK_INDEX}={chunk}\n"
+            f"{b}_chunked[{ix}] = {b}[{ix}] + {CHUNK_BASIS}[{CHUNK_INDEX},{ix}] * {CHUNK_STEP}[{CHUNK_INDEX}]")
+    return head + "\n" + body
+
+
+class BlockProgram:
+    """One Hessian block ∂²ℓ/∂a∂b of a stack's loss as generated code, laid out [a's axes,
+    b's axes].
+
+    Order: forward over reverse takes the tangent over b's axes through ∂ℓ/∂a
+    (`Network.hessian_blocks(pairs=[(a, b)])`), or over a's axes through ∂ℓ/∂b, transposed.
+    Their costs differ by orders of magnitude (a tangent over a LayerNorm weight carries 64
+    axes, one over an MLP weight 16384; a parameter late in the stack has a short reverse
+    pass): both are derived, simplified and compiled, and the one whose generated code states
+    fewer contraction flops runs.
+
+    chunk: the tangent parameter's entries `chunk` at a time (the program derived once with
+    the parameter shifted along `chunk` unit directions, `_chunked_text`, and run once per
+    slice): memory ∝ chunk instead of the parameter's size, flops about the same. None: all
+    at once. Call with the stack's tensors (extra ones are ignored). `.flops`: {order:
+    flops of one run × runs}; `.transposed`: the b-over-a order won; `.compiled`: the chosen
+    `CompiledNetwork` (`.source` its code)."""
+
+    def __init__(self, text: str, a: str, b: str, chunk: int | None = None):
+        net = parse_network(text)
+        sig = net.signature
+        self.flops: dict[tuple[str, str], int] = {}
+        best = None
+        for x, y in [(a, b)] if a == b else [(a, b), (b, a)]:
+            numel = 1
+            for n in sig[y].axis_shape:
+                numel *= int(n)
+            if chunk is None:
+                k, runs = None, 1
+                derived = simplify_net(net.hessian_blocks(pairs=[(x, y)]))
+            else:
+                k = min(chunk, numel)
+                runs = -(-numel // k)
+                chunked = parse_network(_chunked_text(text, y, sig[y].axes, k))
+                derived = simplify_net(chunked.hessian_blocks(pairs=[(x, CHUNK_STEP)]))
+            compiled = derived.compile()
+            self.flops[x, y] = _flops(compiled) * runs
+            if best is None or self.flops[x, y] < best[0]:
+                best = (self.flops[x, y], (x, y), derived, compiled, k)
+        _, (x, y), derived, self.compiled, self.chunk = best
+        self.transposed = (x, y) != (a, b)
+        self.order = (x, y)
+        self.shape_x = tuple(int(n) for n in sig[x].axis_shape)
+        self.shape_y = tuple(int(n) for n in sig[y].axis_shape)
+        self.leaves = frozenset().union(*(derived.leaves(s.name) for s in derived.statements))
+
+    def __call__(self, **tensors):
+        given = {n: t for n, t in tensors.items() if n not in (CHUNK_STEP, CHUNK_BASIS)}
+        missing = sorted(n for n in self.leaves - {CHUNK_STEP, CHUNK_BASIS} if n not in given)
+        if missing:
+            raise TNError(f"Hessian block: missing tensor {missing[0]!r}")
+        args = {n: given[n] for n in self.leaves if n in given}
+        if self.chunk is None:
+            H = self.compiled(**args)
+        else:
+            H = self._chunked(args)
+        if self.transposed:    # computed [b's axes, a's axes]
+            nx = len(self.shape_x)
+            H = H.permute(*range(nx, H.dim()), *range(nx))
+        return H
+
+    def _chunked(self, args: dict) -> torch.Tensor:
+        """[x's axes, y's axes], `chunk` of y's entries per run."""
+        ref = next(iter(args.values()))
+        numel, k = 1, self.chunk
+        for n in self.shape_y:
+            numel *= n
+        out = torch.empty(*self.shape_x, numel, dtype=ref.dtype, device=ref.device)
+        step = torch.zeros(k, dtype=ref.dtype, device=ref.device)
+        for j0 in range(0, numel, k):
+            cols = torch.arange(j0, j0 + k, device=ref.device) % numel   # the last run wraps
+            basis = torch.zeros(k, numel, dtype=ref.dtype, device=ref.device)
+            basis[torch.arange(k, device=ref.device), cols] = 1
+            val = self.compiled(**args, **{CHUNK_STEP: step,
+                                           CHUNK_BASIS: basis.reshape(k, *self.shape_y)})
+            n = min(k, numel - j0)
+            out[..., j0:j0 + n] = val[..., :n]
+        return out.reshape(*self.shape_x, *self.shape_y)
+
+
+def block_program(model: TransformerModel, p: str, q: str, chunk: int | None = None) -> BlockProgram:
+    """The Hessian block (p, q) of the stack's loss (torch-style or variable names) as the
+    cheaper generated program, `chunk` tangent directions per run (`BlockProgram`)."""
+    return BlockProgram(model.text, _one(model, p), _one(model, q), chunk)

@@ -45,7 +45,8 @@ def slope_rows(blocks, slopes) -> list[dict]:
 def write_stack_report(model, params: Sequence[str] | None, outdir: str, seed: int = 0,
                        sigmas: Sequence[float] = (1e-3, 1e-2), quiet: bool = False):
     """Derive the blocks, fit slopes over `sigmas` (none when empty), write report.md and the
-    heatmaps (layers.png, params.png) to `outdir`. Returns (markdown, written paths)."""
+    heatmaps (layers.png, params.png) to `outdir`. Returns (markdown, written paths, the
+    `HessianBlocks`)."""
     t0 = time.perf_counter()
     with progress("hessian-blocks", total=4) as bar:
         bar.note("deriving blocks")
@@ -74,19 +75,14 @@ def write_stack_report(model, params: Sequence[str] | None, outdir: str, seed: i
     path = os.path.join(outdir, "report.md")
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(md)
-    return md, [path] + written
+    return md, [path] + written, blocks
 
 
 def stack_markdown(model, blocks, norms, slopes, t_derive: float, sigmas) -> str:
     """The report as markdown: notes, the slope table, the ratio table."""
-    o = model.options
     s_ref = max(norms)
-    out = [f"# Hessian blocks of a {o['blocks']}-block {'pre' if o['pre_ln'] else 'post'}-LN "
-           f"transformer", "",
-           f"L={o['seq']}, d={o['d_model']}, heads={o['heads']}, MLP {o['d_mlp']} ({o['act']}), "
-           f"norm {o['norm']} (ε={o['eps']:g}), {'causal, ' if o['causal'] else ''}"
-           f"{'biases' if o['bias'] else 'no biases'}, loss {o['loss']} ({o['reduction']}). "
-           f"Derivation {t_derive:.2f} s on the stack's network (statements kept, adjoints "
+    out = [f"# Hessian blocks of a {model.title}", "",
+           f"{model.summary} Derivation {t_derive:.2f} s on the stack's network (statements kept, adjoints "
            f"shared; simplified per statement; evaluated statement by statement).", "",
            "Predicted slope: the tree rule with ε ≪ σ² — X outside a function node counts 1, "
            "a sum takes its lowest order, a power x^p of an argument of order δ has order pδ "

@@ -3,6 +3,7 @@ a whole transformer stack (`--blocks N`).
 
     tnderive hessian-blocks --seq 16 --dmodel 8 --dk 4 -o attn_report/
     tnderive hessian-blocks --blocks 2 --pre-ln --mlp gelu --params "*.q.weight" "*.fc1.weight" -o stack/
+    tnderive hessian-blocks --module pkg.mod:factory --input-shape 1,16,8 --params "*fc1.weight" -o m/
 
 derives every block (W_Q, W_K, W_V; optionally W_O and X) split into Gauss-Newton and
 functional parts, and writes to the output folder
@@ -11,6 +12,10 @@ functional parts, and writes to the output folder
     hessian.png        heatmap of the whole Hessian with block boundaries and norms (matplotlib)
     diagrams/*.svg     one diagram per block part (tnderive.draw)
     blocks.py          generated torch code, one function per block part
+A stack (`--blocks N`, or a torch model `--module`, traced by `tnderive.from_module` with the
+loading code of `tnderive kfac --module`) writes report.md, layers.png / params.png (norm
+heatmaps) and diagrams/<p>__<q>_<part>.svg: the statements each part needs, one diagram per
+statement (`tnderive.draw` of the part's network; --no-diagrams skips them).
 """
 from __future__ import annotations
 
@@ -24,11 +29,11 @@ import torch
 
 from ..attention import (draw_blocks, fit_slopes, heatmap, hessian_blocks, report_markdown,
                          report_rows, structure_seconds)
-from ..draw import warn_if_no_dot
+from ..draw import draw, warn_if_no_dot
 from ..errors import TNError
 from ..nn.attention import LOSSES, self_attention
 from ..attention.stack_report import write_stack_report
-from ..nn.transformer import transformer
+from ..nn.transformer import from_model, transformer
 from ..progress import progress
 from ._common import ensure_folder, parse_loss
 
@@ -44,7 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "predicted vs fitted log-log slope of each block's norm when X is scaled by σ.",
         epilog="examples:\n  tnderive hessian-blocks --seq 16 --dmodel 8 --dk 4 --causal -o attn/\n"
                "  tnderive hessian-blocks --blocks 2 --post-ln --mlp gelu --params '*.q.weight' "
-               "'*.fc1.weight' -o stack/",
+               "'*.fc1.weight' -o stack/\n"
+               "  tnderive hessian-blocks --module mymodels:tiny --input-shape 1,16,8 "
+               "--params '*.fc1.weight' -o tiny/",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", type=int, default=16, help="sequence length L (default 16)")
     p.add_argument("--dmodel", type=int, default=8, help="model width d (default 8)")
@@ -78,11 +85,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-bias", dest="bias", action="store_false", help="no biases in linear maps")
     g.add_argument("--eps", type=float, default=1e-12,
                    help="norm ε (default 1e-12: ε ≪ σ² over the σ-fit range)")
-    g.add_argument("--params", nargs="+", default=["*.q.weight", "*.v.weight", "*.fc1.weight"],
+    g.add_argument("--params", nargs="+", default=None,
                    metavar="PATTERN", help="parameters (fnmatch over torch-style names such as "
-                   "b0.q.weight; default *.q.weight *.v.weight *.fc1.weight)")
+                   "b0.q.weight; default *.q.weight *.v.weight *.fc1.weight, with --module "
+                   "every weight: *weight)")
     g.add_argument("--sigmas", type=float, nargs="+", default=[1e-3, 1e-2], metavar="σ",
                    help="σ values of the slope fit (default 1e-3 1e-2)")
+    g.add_argument("--diagrams", action=argparse.BooleanOptionalAction, default=True,
+                   help="statement diagrams of the outer and functional part of every block "
+                        "(default on; needs Graphviz's dot)")
+    m = p.add_argument_group("a torch model (--module)")
+    m.add_argument("--module", metavar="PKG.MOD:FACTORY",
+                   help="FACTORY() returns the nn.Module (importable from the current folder), "
+                        "traced with tnderive.from_module at a random input; its parameters "
+                        "keep their values, --loss goes on its output")
+    m.add_argument("--input-shape", metavar="N,L,D",
+                   help="with --module: the shape of the model's one (float) input, e.g. 1,16,8")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="output folder (created as needed)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -108,6 +126,8 @@ def float64_and_threads(threads: int | None) -> Iterator[None]:
 
 
 def run(args) -> int:
+    if args.module:
+        return run_module(args)
     if args.blocks:
         return run_stack(args)
     for name in ("seq", "dmodel", "dk", "heads", "classes"):
@@ -187,20 +207,74 @@ def _code(blocks) -> str:
 
 
 def run_stack(args) -> int:
-    """The `--blocks N` mode (tnderive.commands.hessian_stack)."""
+    """The `--blocks N` mode: a stack built by `tnderive.nn.transformer`."""
     for name in ("blocks", "seq", "dmodel", "heads", "classes"):
         if getattr(args, name) < 1:
             raise TNError(f"--{name} must be positive, got {getattr(args, name)}")
     loss, reduction = parse_loss(args.loss, LOSSES)
+    model = transformer(args.blocks, seq=args.seq, d_model=args.dmodel, heads=args.heads,
+                        d_mlp=args.dmlp or 2 * args.dmodel, pre_ln=args.pre_ln, norm=args.norm,
+                        act=args.mlp, causal=args.causal, readout=True, classes=args.classes,
+                        loss=loss, reduction=reduction, bias=args.bias, eps=args.eps)
+    return _stack_outputs(args, model, args.params or ["*.q.weight", "*.v.weight", "*.fc1.weight"])
+
+
+def run_module(args) -> int:
+    """The `--module PKG.MOD:FACTORY` mode: a torch model traced by `tnderive.from_module`
+    (loaded as `tnderive kfac --module` loads it), the loss on its output."""
+    from ..models import from_module
+    from .kfac import _load_factory
+
+    if not args.input_shape:
+        raise TNError("--module needs --input-shape (the model's input, e.g. 1,16,8)")
+    try:
+        shape = [int(v) for v in args.input_shape.split(",")]
+    except ValueError:
+        raise TNError(f"--input-shape must be comma-separated ints, got {args.input_shape!r}") from None
+    loss, reduction = parse_loss(args.loss, LOSSES)
+    module = _load_factory(args.module)()
+    imported = from_module(module.eval(), torch.randn(*shape))   # checked in float64
+    model = from_model(imported, loss=loss, reduction=reduction)
+    return _stack_outputs(args, model, args.params or ["*weight"])
+
+
+def _stack_outputs(args, model, params) -> int:
+    """Report, heatmaps and diagrams of a stack's blocks into --output."""
     ensure_folder(args.output)
     with float64_and_threads(1):
-        model = transformer(args.blocks, seq=args.seq, d_model=args.dmodel, heads=args.heads,
-                            d_mlp=args.dmlp or 2 * args.dmodel, pre_ln=args.pre_ln, norm=args.norm,
-                            act=args.mlp, causal=args.causal, readout=True, classes=args.classes,
-                            loss=loss, reduction=reduction, bias=args.bias, eps=args.eps)
-        md, written = write_stack_report(model, args.params, args.output, seed=args.seed,
-                                         sigmas=args.sigmas if args.slopes else (),
-                                         quiet=args.quiet)
+        md, written, blocks = write_stack_report(model, params, args.output, seed=args.seed,
+                                                 sigmas=args.sigmas if args.slopes else (),
+                                                 quiet=args.quiet)
+        drawn = _draw_stack(blocks, os.path.join(args.output, "diagrams")) if args.diagrams else []
     print(md)
-    print(f"wrote {', '.join(written)}")
+    ok = [d for d in drawn if not d.startswith("(")]
+    print(f"wrote {', '.join(written)}" + (f", {len(ok)} diagrams in {args.output}/diagrams" if ok else ""))
+    for line in drawn:
+        if line.startswith("("):
+            print(line)
     return 0
+
+
+def _draw_stack(blocks, ddir: str, parts=("outer", "functional")) -> list[str]:
+    """One SVG per block part: the statements the part needs (`tnderive.draw` of its
+    network, one diagram per statement). Paths written, "(not drawn: ...)" for failures;
+    nothing (one warning line) without Graphviz's dot."""
+    if warn_if_no_dot():
+        return []
+    ensure_folder(ddir)
+    model = blocks.model
+    written = []
+    for (p, q), b in blocks.items():
+        for name in parts:
+            part = b.parts()[name]
+            if part.is_zero:
+                continue
+            tp, tq = (model.torch_names.get(v, v) for v in (p, q))
+            path = os.path.join(ddir, f"{tp}__{tq}_{name}.svg")
+            try:
+                draw(part.own, path)
+            except TNError as e:     # graphviz failed on this part: skip it, say why
+                written.append(f"(not drawn: {path}: {e})")
+                continue
+            written.append(path)
+    return written

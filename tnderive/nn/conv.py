@@ -28,7 +28,7 @@ from ..errors import TNError
 from ..ir import Constant, Delta, Expr, Product, Sum, Variable, size_symbol
 from ..patterns import normalize_dilation, normalize_stride, pattern_constant
 from ..simplify import simplify
-from ..evaluate import evaluate
+from ..evaluate import Prepared
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,12 +72,14 @@ class Network:
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
         inputs = self.prepare(*tensors)
         bias = inputs.pop(self.bias_name, None) if self.bias_name else None
-        return self.finish(evaluate(self.core, **inputs), bias)
+        if "forward" not in self.info:
+            self.info["forward"] = Prepared(self.core)
+        return self.finish(self.info["forward"](**inputs), bias)
 
     def vjp(self, name: str) -> Callable[..., torch.Tensor]:
         """`f(v, *tensors)`: the VJP of the layer w.r.t. variable `name` ("x" or "W"), derived
         with `tnderive.vjp` on the network (no hand-written formula), simplified once and
-        evaluated by `tnderive.evaluate` (torch's convolution kernels). v and the result are in torch layout."""
+        evaluated by `tnderive.evaluate` (torch's convolution kernels; `Prepared`: bound once per shape). v and the result are in torch layout."""
         cache = self.info.setdefault("vjp", {})
         if name in cache:
             return cache[name]
@@ -88,11 +90,12 @@ class Network:
             raise TNError("vjp: build the network from concrete shapes (its output size is symbolic)")
         expr = simplify(derive_vjp(self.core, name, "v"))
         out_shape = [int(n) for n in self.core.shape]
+        evaluate = Prepared(expr)
 
         def run(v: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
             inputs = self.prepare(*tensors)
             need = {k: t for k, t in inputs.items() if k in expr.variables}
-            out = evaluate(expr, v=v.reshape(out_shape), **need)
+            out = evaluate(v=v.reshape(out_shape), **need)
             return out.reshape(tensors[_TORCH_POSITION[name]].shape)
 
         run.expr = expr  # type: ignore[attr-defined]

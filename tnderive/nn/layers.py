@@ -138,11 +138,13 @@ def attention(x: str, out: str, wq: str, wk: str, wv: str, wo: str, *, heads: in
             val = f"({val}) * {_split(o, heads, head_dim, h, e)}"
         lines.append(f"{out}_{part}[{t},{he}] = {val}")
     hs = f"{h}," if multi else ""
-    score = f"{out}_q[{t},{he}] * {out}_k[{k},{he}] / sqrt(size({e}))"
+    # the scores are a statement of their own: derivatives through the softmax then contract
+    # with them, not with the products they are made of (a much cheaper Hessian program)
+    lines.append(f"{out}_qk[{hs}{t},{k}] = {out}_q[{t},{he}] * {out}_k[{k},{he}] / sqrt(size({e}))")
+    score = f"{out}_qk[{hs}{t},{k}]"
     if causal:
         L = seq if seq is not None else t
-        score = f"{out}_qk[{hs}{t},{k}] + constant(\"{MASK_KIND}\", (), (\"{L}\", \"{L}\"))[{t},{k}]"
-        lines.append(f"{out}_qk[{hs}{t},{k}] = {out}_q[{t},{he}] * {out}_k[{k},{he}] / sqrt(size({e}))")
+        score += f" + constant(\"{MASK_KIND}\", (), (\"{L}\", \"{L}\"))[{t},{k}]"
     lines.append(f"{out}_a[{hs}{t},{k}] = softmax({score}, {k})")
     lines.append(f"{out}_z[{t},{he}] = {out}_a[{hs}{t},{k}] * {out}_v[{k},{he}]")
     zin = f"{out}_z[{t},{he}]" + (f" * {_split(o, heads, head_dim, h, e)}" if multi else "")
@@ -169,7 +171,9 @@ def mlp(x: str, out: str, w1: str, w2: str, b1: str | None = None, b2: str | Non
     val = f"{_check_name(w2, 'mlp weight')}[{feature},{hidden}] * {out}_h[{bh}]"
     if b2 is not None:
         val += f" + {_check_name(b2, 'mlp bias')}[{feature}]"
-    return "\n".join([f"{out}_h[{bh}] = {act}({pre})", f"{out}[{_idx(batch, feature)}] = {val}"])
+    # the pre-activation is a statement of its own (as the scores in `attention`)
+    return "\n".join([f"{out}_z[{bh}] = {pre}", f"{out}_h[{bh}] = {act}({out}_z[{bh}])",
+                      f"{out}[{_idx(batch, feature)}] = {val}"])
 
 
 def residual(x: str, y: str, out: str, *, feature: str = "d", batch: Sequence[str] = ("t",)) -> str:

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import losses
 from ..errors import TNError
@@ -74,10 +76,32 @@ class TransformerModel:
     sizes: dict[str, int]
     options: dict = field(default_factory=dict)
     data: tuple[str, ...] = (DATA, TARGET)
+    #: parameter tensors used instead of random draws (an imported module's own values)
+    fixed: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    #: the torch module the stack was imported from (`from_model`), else None
+    module: object = None
 
     @property
     def torch_names(self) -> dict[str, str]:
         return {v: k for k, v in self.names.items()}
+
+    @property
+    def title(self) -> str:
+        """One line naming the model ("2-block pre-LN transformer", or the imported module)."""
+        o = self.options
+        if "title" in o:
+            return o["title"]
+        return f"{o['blocks']}-block {'pre' if o['pre_ln'] else 'post'}-LN transformer"
+
+    @property
+    def summary(self) -> str:
+        """Its sizes and options in one sentence."""
+        o = self.options
+        if "summary" in o:
+            return o["summary"]
+        return (f"L={o['seq']}, d={o['d_model']}, heads={o['heads']}, MLP {o['d_mlp']} ({o['act']}), "
+                f"norm {o['norm']} (ε={o['eps']:g}), {'causal, ' if o['causal'] else ''}"
+                f"{'biases' if o['bias'] else 'no biases'}, loss {o['loss']} ({o['reduction']}).")
 
     @functools.cached_property
     def prediction(self) -> Expr:
@@ -113,6 +137,9 @@ class TransformerModel:
         tn = self.torch_names
         out = {}
         for name, shape in self.shapes().items():
+            if name in self.fixed:
+                out[name] = self.fixed[name].detach().to(dtype).clone()
+                continue
             t = torch.randn(shape, generator=gen, dtype=dtype)
             torch_name = tn.get(name, name)
             if name == DATA:
@@ -130,7 +157,14 @@ class TransformerModel:
         return out
 
     def torch_loss(self, **tensors: torch.Tensor) -> torch.Tensor:
-        """The same loss written directly with torch.nn.functional (an independent reference)."""
+        """The same loss written directly with torch.nn.functional (an independent reference;
+        an imported stack runs its torch module on the tensors, `torch.func.functional_call`,
+        with the math attention kernel: CPU flash attention has no forward-mode derivative)."""
+        if self.module is not None:
+            params = {t: tensors[v] for t, v in self.names.items()}
+            with sdpa_kernel([SDPBackend.MATH]):
+                P = torch.func.functional_call(self.module, params, (tensors[DATA],))
+            return self.criterion.torch_value(P, tensors[TARGET], P.dim() - 1)
         return reference_loss(self, tensors)
 
 
@@ -268,22 +302,70 @@ def transformer(blocks: int = 1, seq: int = 8, d_model: int = 8, heads: int = 2,
         prog.add(f"{PREDICTION}[t,d] = {x}[t,d]")
     network_text = "\n".join(prog.lines)
     criterion = losses.get(f"{loss}:{reduction}", target=TARGET)
-    text = network_text + "\n" + _loss_line(loss, reduction, out_idx)
+    text = network_text + "\n" + _loss_line(loss, reduction, ("t", out_idx))
     names = {p: var_name(p) for p in prog.params}
     return TransformerModel(text=text, network_text=network_text, criterion=criterion, params=tuple(prog.params),
                             names=names, sizes=sizes, options=opts)
 
 
-def _loss_line(loss: str, reduction: str, c: str) -> str:
-    """The loss statement in notation (the same value as `criterion.expr(P)`)."""
+def _loss_line(loss: str, reduction: str, idx: Sequence[str]) -> str:
+    """The loss statement in notation (the same value as `criterion.expr(P)`); `idx` are P's
+    indices, the last one the classes (ce) / outputs."""
+    ix = ",".join(idx)
     if loss == "mse":
-        value = f"sum(({PREDICTION}[t,{c}] - {TARGET}[t,{c}])**2)"
-        div = f" / (size(t)*size({c}))"
+        value = f"sum(({PREDICTION}[{ix}] - {TARGET}[{ix}])**2)"
+        div = " / (" + "*".join(f"size({i})" for i in idx) + ")"
     else:
-        value = f"sum(logsumexp({PREDICTION}[t,{c}], {c})) - sum({TARGET}[t,{c}] * {PREDICTION}[t,{c}])"
+        c = idx[-1]
+        value = f"sum(logsumexp({PREDICTION}[{ix}], {c})) - sum({TARGET}[{ix}] * {PREDICTION}[{ix}])"
         value = f"({value})"
-        div = " / size(t)"
+        sizes = [f"size({i})" for i in idx[:-1]]
+        div = "" if not sizes else f" / {sizes[0]}" if len(sizes) == 1 else f" / ({'*'.join(sizes)})"
     return f"loss = {value}{div if reduction == 'mean' else ''}"
+
+
+def from_model(imported, loss: str = "mse", reduction: str = "mean") -> TransformerModel:
+    """A torch model traced by `tnderive.from_module` (its `Model`: `.text`, `.inputs`,
+    `.output`, `.param_names`, `.param_tensors()`, `.module`) with `loss` on its output, as a
+    `TransformerModel` for `tnderive.hessian_blocks` and the stack report.
+
+    The model's one float input becomes the data `X` (its traced shape, e.g. [1, L, d]), its
+    output the prediction `P`, the target `Y` has P's shape (one-hot over P's last axis for
+    ce). Parameters keep their torch names (`b0.attn.in_proj_weight` -> `b0_attn_in_proj_weight`)
+    and the module's values: `random_inputs` draws only X and Y; `torch_loss` runs the module."""
+    if loss not in ("mse", "ce"):
+        raise TNError(f"from_model: loss must be 'mse' or 'ce', got {loss!r}")
+    inputs = list(imported.inputs)
+    if len(inputs) != 1:
+        raise TNError(f"from_model: the model must take one input tensor (the data), it takes "
+                      f"{len(inputs)}: {', '.join(a.name for a in inputs)}")
+    data = inputs[0].name
+    text = imported.text
+    for name in (DATA, TARGET, PREDICTION):
+        if re.search(rf"\b{name}\[", text):
+            raise TNError(f"from_model: the imported program already uses the name {name!r}")
+    text = re.sub(rf"\b{re.escape(data)}\[", f"{DATA}[", text)
+    out = imported.output
+    if not out.shape:
+        raise TNError("from_model: the model's output is a scalar; give a model with an output "
+                      "tensor (the loss is added here)")
+    idx = tuple(f"a{k}" for k in range(len(out.shape) - 1)) + ("c",)
+    ix = ",".join(idx)
+    network_text = text + f"\n{PREDICTION}[{ix}] = {out.name}[{ix}]"
+    criterion = losses.get(f"{loss}:{reduction}", target=TARGET)
+    text = network_text + "\n" + _loss_line(loss, reduction, idx)
+    module = imported.module
+    names = dict(imported.param_names)
+    fixed = imported.param_tensors()
+    shape = "×".join(str(n) for n in inputs[0].shape)
+    opts = dict(loss=loss, reduction=reduction, blocks=None, title=f"{type(module).__name__} (imported)",
+                summary=f"torch module {type(module).__name__} traced at input {shape} "
+                        f"(`tnderive.from_module`), its own parameter values; loss {loss} "
+                        f"({reduction}) on its output. The slope predictions assume a norm ε ≪ σ²; "
+                        f"the module's own ε (torch's default 1e-5) is not, for σ ≤ 1e-2.")
+    return TransformerModel(text=text, network_text=network_text, criterion=criterion,
+                            params=tuple(names), names=names, sizes={}, options=opts,
+                            fixed=fixed, module=module)
 
 
 # --------------------------------------------------------------------------------------------

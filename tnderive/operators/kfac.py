@@ -4,10 +4,12 @@ with curvlinops' conventions, one `KronBlock` per weight.
 Each weight's statement in the model program is a layer network (`Statement.text()`): its KFAC
 factors come from `tnderive.kfac` on it (input side A from the layer's inputs; output side B from
 vectors g given at the layer output). g are the loss-Hessian square-root columns (type-2), or the
-loss gradient at sampled (mc) / true (empirical) targets, pulled back to every layer output by one
-backward pass of the derived program per column (shared by all layers). Factors of several
-batches are summed as curvlinops does: A weighted by the batch's share of the data, B too for a
-mean reduction.
+loss gradient at sampled (mc) / true (empirical) targets, pulled back to every layer output by
+ONE fused network per input shape (`tnderive.operators.kfac_network`: the forward pass, the
+vectors, and one reverse pass carrying all columns at once; an image batch enters it in
+channels-last memory order on the CPU, where torch's convolution kernels are faster on it).
+Factors of several batches are summed as curvlinops does: A weighted by the batch's share of
+the data, B too for a mean reduction.
 """
 from __future__ import annotations
 
@@ -18,21 +20,24 @@ import torch
 from torch import nn
 
 from ..codegen import compile as tn_compile
+from ..derive import grad
 from ..errors import TNError
-from ..ir import Variable
+from ..ir import Product, Variable
 from ..kfac import kfac as derive_kfac
 from ..kronecker import KronBlock, KronInverse
+from ..models.model import Model, from_module
 from ..notation import parse
 from ..progress import track
-from .derived import DerivedProgram
-from .linear_operator import CurvatureOperator, torch_target
+from .kfac_network import KFACNetwork, kfac_network
+from .linear_operator import CurvatureOperator
+from .networks import torch_target
 
 KINDS = ("expand", "reduce")
 FISHERS = ("type-2", "mc", "empirical")
 
 
 class _Layer:
-    """A weight's statement, its KFAC factor networks and the accumulated factors."""
+    """A weight's statement (index j in the model), its bias and its KFAC factor networks."""
 
     def __init__(self, statement_index: int, weight: str, bias: str | None, fac):
         self.j, self.weight, self.bias, self.fac = statement_index, weight, bias, fac
@@ -63,7 +68,8 @@ class KFAC(CurvatureOperator):
         self.joint = not separate_weight_and_bias
         self.mc_samples, self.seed = mc_samples, seed
         self._layers: dict[tuple, list[_Layer]] = {}
-        self._square_root: dict[tuple, object] = {}
+        self._networks: dict[tuple, tuple[Model, list[_Layer], KFACNetwork]] = {}
+        self._loss_grads: dict[tuple, tuple] = {}
         self.blocks: dict[str, KronBlock] = {}
         self._compute()
 
@@ -98,26 +104,43 @@ class KFAC(CurvatureOperator):
         self._layers[key] = out
         return out
 
-    # ---------------------------------------------------------------- output-side vectors
-    def _vectors(self, model, prog, f, target, generator) -> tuple[torch.Tensor, float]:
-        """V [*f.shape, col] at the model output and the factor B is scaled by."""
-        if self.fisher == "type-2":
-            key = tuple(f.shape)
-            if key not in self._square_root:
-                F = Variable("F", tuple(f"f{k}" for k in range(f.dim())), shape=tuple(f.shape))
-                S = self.loss.hessian_sqrt(F, "col")
-                self._square_root[key] = (tn_compile(S, "loss_sqrt"), "F" in S.signature)
-            fn, uses_f = self._square_root[key]
-            S = fn(F=f) if uses_f else fn().to(f.device, f.dtype)   # MSE: a constant
-            return S, 1.0
-        F = Variable("F", tuple(f"f{k}" for k in range(f.dim())), shape=tuple(f.shape))
-        scale = 1.0 / float(self.loss.scale(F))
-        if self.fisher == "empirical":
-            return prog.loss_grad(F=f, **{prog.target_name: target}).unsqueeze(-1), scale
+    # ---------------------------------------------------------------- the fused pass
+    def network(self, X: torch.Tensor) -> tuple[Model, list[_Layer], KFACNetwork]:
+        """The model, its layers and the compiled KFAC pass at X's shape (once per shape)."""
+        key = (tuple(X.shape), X.dtype)
+        if key not in self._networks:
+            model = from_module(self.module, X, check=self.check)
+            layers = self.layers(model, key)
+            weights = list(dict.fromkeys(l.weight for l in layers))
+            targets = [model.statements[l.j].target.name for l in layers]
+            net = kfac_network(model, self.loss, weights, targets, self.fisher, self.mc_samples)
+            self._networks[key] = (model, layers, net)
+        return self._networks[key]
+
+    def _sampled_vectors(self, net: KFACNetwork, tensors: dict, generator) -> torch.Tensor:
+        """mc: the loss gradients at `mc_samples` targets drawn from the model's output,
+        stacked on a last column axis [*f.shape, mc_samples]."""
+        f = net.forward(**{k: v for k, v in tensors.items() if k in net.forward.signature})
+        key = tuple(f.shape)
+        if key not in self._loss_grads:
+            F = Variable("F", tuple(f"f{k}" for k in range(f.dim())), shape=key)
+            self._loss_grads[key] = (tn_compile(grad(self.loss.expr(F), "F"), "loss_grad"),
+                                     self.loss.target_variable(F).name)
+        fn, target = self._loss_grads[key]
         cdim = f.dim() - 1
-        cols = [prog.loss_grad(F=f, **{prog.target_name: self.loss.sample_target(f, cdim, generator)})
+        cols = [fn(F=f, **{target: self.loss.sample_target(f, cdim, generator)})
                 for _ in range(self.mc_samples)]
-        return torch.stack(cols, -1), scale / self.mc_samples
+        return torch.stack(cols, -1)
+
+    def _scale(self, model: Model) -> float:
+        """The factor B is multiplied by: 1 (type-2), 1/reduction scale (empirical; mc
+        divided by the number of samples too), so that B estimates the type-2 factor."""
+        if self.fisher == "type-2":
+            return 1.0
+        out = model.output
+        F = Variable("F", tuple(f"f{k}" for k in range(len(out.shape))), shape=tuple(out.shape))
+        scale = 1.0 / float(self.loss.scale(F))
+        return scale / self.mc_samples if self.fisher == "mc" else scale
 
     # ---------------------------------------------------------------- accumulation
     @torch.no_grad()
@@ -130,23 +153,22 @@ class KFAC(CurvatureOperator):
         items = track(batches, "KFAC factors") if self.progressbar else batches
         for X, y in items:
             X = X.to(self.device, self.dtype) if X.is_floating_point() else X.to(self.device)
-            model, prog = self.program(X)
-            layers = self.layers(model, (tuple(X.shape), X.dtype))
-            env = model.run(model.tensors(X), keep=True)
-            f = env[model.output.name]
-            target = torch_target(self.loss, y.to(self.device), f.shape, f.dtype)
-            V, scale = self._vectors(model, prog, f, target, generator)
-            outs = [model.statements[l.j].target.name for l in layers]
-            cols = [prog.backward(env, V[..., c], outs) for c in range(V.shape[-1])]
+            model, layers, net = self.network(X)
+            tensors = model.tensors(X)
+            if net.convolutional:
+                for a in model.inputs:
+                    tensors[a.name] = _channels_last(tensors[a.name])
+            target = vectors = None
+            if net.target is not None:
+                target = torch_target(self.loss, y.to(self.device), model.output.shape, self.dtype)
+            if net.vectors is not None:
+                vectors = self._sampled_vectors(net, tensors, generator)
+            env = {**tensors, **net(tensors, target, vectors)}
+            scale = self._scale(model)
             share = X.shape[0] / total
             wb = share if self.reduction == "mean" else 1.0
             for l in layers:
-                st = model.statements[l.j]
-                g = torch.stack([_or_zero(c[st.target.name], st.target.shape, f) for c in cols], -1)
-                tensors = {a.name: env[a.name] for a in st.uses}
-                res = l.fac.compute(**tensors, g_=g)
-                blocks = res if isinstance(res, dict) else {l.weight: res}
-                for name, blk in blocks.items():
+                for name, blk in self._layer_blocks(model, l, net, env).items():
                     A = blk.A * share
                     B = blk.B * (wb * scale)
                     if name in acc:
@@ -162,6 +184,20 @@ class KFAC(CurvatureOperator):
         if missing:
             raise TNError(f"KFAC: no Kronecker block for {missing} (a bias needs its weight "
                           f"among params, in the same layer)")
+
+    def _layer_blocks(self, model: Model, l: _Layer, net: KFACNetwork, env: dict) -> dict:
+        """One batch's KronBlocks of a layer (weight, and its bias separately or jointly)
+        from the pass's values `env`: the layer's inputs and the adjoint of its output."""
+        st = model.statements[l.j]
+        adjoint = net.adjoints[st.target.name]
+        if adjoint:
+            g = env[adjoint].movedim(0, -1)            # g_[*T.indices, col]
+            B = _output_gram(env[adjoint], l.fac)
+        else:                                          # the output does not depend on T
+            g = torch.zeros(*st.target.shape, 1, dtype=self.dtype, device=self.device)
+            B = None
+        res = l.fac.compute(**{a.name: env[a.name] for a in st.uses}, g_=g, b_factor=B)
+        return res if isinstance(res, dict) else {l.weight: res}
 
     # ---------------------------------------------------------------- products
     def _apply(self, blocks: dict, vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -265,5 +301,49 @@ def _factor_damped(blk: KronBlock, lam_a, lam_b) -> KronInverse:
     return KronBlock(blk.B + lam_b * eye_b, blk.A + lam_a * eye_a, blk.layout).inverse(0.0)
 
 
-def _or_zero(t, shape, like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(shape, dtype=like.dtype, device=like.device) if t is None else t
+def _output_gram(adjoint: torch.Tensor, fac) -> torch.Tensor | None:
+    """KFAC-expand's output factor B = Σ g gᵀ computed from the adjoint [col, *T.indices] by
+    GEMMs, when the layer's factor network is the plain Gram matrix of g over a block of
+    adjacent axes (its output legs; no groups, no output-side factors), else None (the
+    compiled factor network computes B). torch.einsum reorders the big operand for this
+    contraction; the batched product over the leading axes does not."""
+    expr = fac.output_expr
+    if fac.kind != "expand" or fac.split.group_legs or not isinstance(expr, Product) or \
+            len(expr.factors) != 2:
+        return None
+    a, b = expr.factors
+    if not all(isinstance(f, Variable) and f.name == fac.vector_name for f in (a, b)):
+        return None
+    ia, ib = a.occurrence, b.occurrence
+    if len(set(ia)) != len(ia) or len(set(ib)) != len(ib):
+        return None
+    legs = [k for k in range(len(ia)) if ia[k] != ib[k]]
+    summed = [ia[k] for k in range(len(ia)) if k not in legs]
+    if not legs or tuple(ia[k] for k in legs) + tuple(ib[k] for k in legs) != expr.indices or \
+            set(summed) & set(expr.indices) or legs[-1] == len(ia) - 1:
+        return None
+    first = legs[0] + 1                          # the adjoint has the column axis first
+    if legs != list(range(legs[0], legs[0] + len(legs))):
+        return None
+    shape = adjoint.shape
+    L = math.prod(shape[first:first + len(legs)])
+    last = adjoint.movedim(tuple(range(first, first + len(legs))),
+                           tuple(range(adjoint.dim() - len(legs), adjoint.dim())))
+    if last.is_contiguous():                     # legs innermost in memory (channels last)
+        Y = last.view(-1, L)
+        return Y.T @ Y
+    X = adjoint.reshape(math.prod(shape[:first]), L, -1)
+    if X.shape[2] == 1:
+        Y = X.reshape(-1, L)
+        return Y.T @ Y
+    return torch.bmm(X, X.mT).sum(0)
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """A CPU image batch [N, C, H, W] of a convolutional model in channels-last memory order
+    (same values, same shape). The layout carries through the fused pass, and torch's CPU
+    convolution kernels, above all the input VJPs (`conv_transpose2d` over col × batch), run
+    about 2× faster on it (float32 and float64, the ResNet of benchmarks/operators.py)."""
+    if t.dim() == 4 and t.is_floating_point() and t.device.type == "cpu":
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
