@@ -6,15 +6,17 @@ the pattern legs sit (x: input, W: kernel, g: output-side tensor):
 
     forward      x[.., i]  · W[.., k]  -> y[.., o]      torch.nn.functional.conv{m}d
     weight VJP   x[.., i]  · g[.., o]  -> dW[.., k]     torch.nn.grad.conv{m}d_weight
-    input VJP    W[.., k]  · g[.., o]  -> dx[.., i]     torch.nn.grad.conv{m}d_input
+    input VJP    W[.., k]  · g[.., o]  -> dx[.., i]     torch.nn.grad.conv{m}d_input (float64)
+                                                         or F.conv_transpose{m}d (others)
 
 The other labels take the roles torch's kernels know, each a group of zero or more labels
 merged by a reshape: batch (x and the output side, not W), groups (on all three), input
 channels e (x and W) and output channels c (W and g). The hyperparameters are read off the
 patterns (`patterns.geometry`: stride, padding, dilation; asymmetric padding becomes an
-explicit zero pad of x, or a crop of the input VJP). The two VJPs call the kernels torch's
-own autograd runs (`convolution_backward`: in float64 2–4× faster than a transposed
-convolution, equal in float32). Lowering (`program`) emits one
+explicit zero pad of x, or a crop of the input VJP). The input VJP's kernel depends on the
+dtype, which generated code only learns when it runs: in float64 torch's input-VJP kernel
+(`convolution_backward`, 2–4× faster there), otherwise the transposed convolution (2× faster
+in float32 on channels-last inputs, equal otherwise). Lowering (`program`) emits one
 `conv` op with a `ConvCall` payload instead of views and einsums; the emitter writes it
 (`source_lines`) and the interpreter runs it (`runner`), both calling the same public torch
 functions, which autograd and torch.func differentiate.
@@ -47,7 +49,8 @@ class ConvCall:
     of torch's result into the op's labels; pre_pad: zeros (left, right) per spatial dim put
     around x first (asymmetric padding; then `padding` is 0); crop: (left, right) per spatial
     dim cut off the input VJP's result (asymmetric padding); size: the shape torch's VJP
-    returns (the kernel's for the weight VJP, the input's for the input VJP)."""
+    returns (the kernel's for the weight VJP, the input's for the input VJP); transpose: the
+    input VJP as a transposed convolution, (padding, output_padding, crop or None)."""
 
     mode: str
     m: int
@@ -61,6 +64,7 @@ class ConvCall:
     pre_pad: tuple | None = None
     crop: tuple | None = None
     size: tuple = ()
+    transpose: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,7 @@ def lower(low, mode: str, a: Value, b: Value, geos: tuple, out: tuple[str, ...])
     padding = tuple(g.pl for g in geos) if symmetric else (0,) * m
     pre_pad = crop = None
     torch_size: tuple = ()
+    transpose: tuple = ()
     K = [g.K for g in geos]
     O = [g.O for g in geos]
     I = [g.I for g in geos]
@@ -178,11 +183,18 @@ def lower(low, mode: str, a: Value, b: Value, geos: tuple, out: tuple[str, ...])
         else:  # the VJP of the padded input, then the padding cut off
             torch_size = (B_, G * E, *(g.I + g.pl + g.pr for g in geos))
             crop = tuple((-g.pl, -g.pr) for g in geos)
+        full = [(g.O - 1) * g.S + g.D * (g.K - 1) + 1 for g in geos]  # conv_transpose's size
+        extra = tuple(g.I + 2 * g.pl - f for g, f in zip(geos, full))
+        if symmetric and all(0 <= p < max(g.S, g.D) for p, g in zip(extra, geos)):
+            transpose = (padding, extra, None)
+        else:  # unpadded, then cropped / zero-padded to the input
+            transpose = ((0,) * m, (0,) * m, tuple((-g.pl, g.I + g.pl - f)
+                                                   for g, f in zip(geos, full)))
     if mode != "input" and not symmetric:
         pre_pad = tuple((g.pl, g.pr) for g in geos)
     perm = tuple(res.index(x) for x in out)
     call = ConvCall(mode, m, ta, tb, (tuple(res_shape), perm), stride, padding, dilation, G,
-                    pre_pad, crop, torch_size)
+                    pre_pad, crop, torch_size, transpose)
     shape = tuple(dict(zip(res, res_shape))[x] for x in out)
     v = low.emit("conv", (a, b), tuple(out), shape, payload=call)
     if low.ops and low.ops[-1].out == v.name:  # new op: 2 flops per multiply-add
@@ -250,10 +262,17 @@ def source_lines(out: str, a: str, b: str, call: ConvCall, labels) -> str:
         expr = f"{fn}({first}, {size}, {out}_b, {opts})"
     else:
         size = "(" + ", ".join(py_size(s) for s in call.size) + ")"
-        expr = f"{fn}({size}, {first}, {out}_b, {opts})"
-        if call.crop is not None:
-            pads = [py_size(p) for lr in reversed(call.crop) for p in lr]
-            expr = f"torch.nn.functional.pad({expr}, ({', '.join(pads)}))"
+        by_input = _cropped(f"{fn}({size}, {first}, {out}_b, {opts})", call.crop)
+        tp, top, tcrop = call.transpose
+        by_transpose = _cropped(
+            f"torch.nn.functional.conv_transpose{call.m}d({out}_b, {first}, "
+            f"stride={_tuple(call.stride)}, padding={_tuple(tp)}, output_padding={_tuple(top)}, "
+            f"groups={py_size(call.groups)}, dilation={_tuple(call.dilation)})", tcrop)
+        lines.append(f"if {out}_b.dtype == torch.float64:  # torch's input-VJP kernel: faster in float64")
+        lines.append(f"    {out}_y = {by_input}")
+        lines.append("else:  # the transposed convolution: faster in float32 on channels-last inputs")
+        lines.append(f"    {out}_y = {by_transpose}")
+        expr = f"{out}_y"
     shape, perm = call.out
     expr += f".reshape({', '.join(py_size(s) for s in shape)})"
     if perm != tuple(range(len(perm))):
@@ -261,8 +280,16 @@ def source_lines(out: str, a: str, b: str, call: ConvCall, labels) -> str:
     what = {"forward": "convolution", "weight": "convolution weight VJP",
             "input": "convolution input VJP"}[call.mode]
     lines.append(f"{out} = {expr}  # [{','.join(labels)}]  torch's {what} kernel")
-    lines.append(f"del {out}_a, {out}_b")
+    lines.append(f"del {out}_a, {out}_b" + (f", {out}_y" if call.mode == "input" else ""))
     return "\n".join(lines)
+
+
+def _cropped(expr: str, crop: tuple | None) -> str:
+    """`expr` with (left, right) per spatial dim cut off (negative) or zero-padded."""
+    if crop is None:
+        return expr
+    pads = [py_size(p) for lr in reversed(crop) for p in lr]
+    return f"torch.nn.functional.pad({expr}, ({', '.join(pads)}))"
 
 
 def runner(call: ConvCall, size: Callable) -> Callable:
@@ -280,6 +307,11 @@ def runner(call: ConvCall, size: Callable) -> Callable:
                     torch.nn.grad.conv3d_input)}[call.mode][call.m - 1]
     pre = None if call.pre_pad is None else [p for lr in reversed(call.pre_pad) for p in lr]
     crop = None if call.crop is None else [p for lr in reversed(call.crop) for p in lr]
+    if call.mode == "input":
+        tp, top, tcrop = call.transpose
+        tcrop = None if tcrop is None else [p for lr in reversed(tcrop) for p in lr]
+        transpose = (torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
+                     torch.nn.functional.conv_transpose3d)[call.m - 1]
     identity = tuple(range(len(po)))
 
     def run(ctx, a, b):
@@ -291,10 +323,15 @@ def runner(call: ConvCall, size: Callable) -> Callable:
             r = fn(x, y, **kw)
         elif call.mode == "weight":
             r = fn(x, tsize, y, **kw)
-        else:
+        elif y.dtype == torch.float64:  # the kernel choice of `source_lines`
             r = fn(tsize, x, y, **kw)
             if crop is not None:
                 r = torch.nn.functional.pad(r, crop)
+        else:
+            r = transpose(y, x, stride=call.stride, padding=tp, output_padding=top,
+                          groups=groups, dilation=call.dilation)
+            if tcrop is not None:
+                r = torch.nn.functional.pad(r, tcrop)
         r = r.reshape(so)
         return r if po == identity else r.permute(po)
     return run

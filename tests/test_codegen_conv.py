@@ -233,3 +233,25 @@ def test_depthwise_conv_as_tap_multiply_adds(xs, ws, padding, dilation, views_on
     gx, gw = torch.autograd.grad(ref, (xg, wg), v)
     torch.testing.assert_close(xa.grad, gx, **TOL)
     torch.testing.assert_close(wa.grad, gw, **TOL)
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_input_vjp_in_float32_takes_the_transposed_convolution(case):
+    """The input VJP's kernel depends on the dtype (float64: torch's input-VJP kernel, tested
+    above; else the transposed convolution): float32 through generated code and the
+    interpreter against torch's autograd."""
+    net, x, w = _network(case)
+    x, w = x.float(), w.float()
+    expr = vjp(net.core, "x", "v")
+    inputs = net.prepare(x, w)
+    v = torch.randn([int(n) for n in net.core.shape], dtype=torch.float32)
+    tensors = {k: t for k, t in {**inputs, "v": v}.items() if k in expr.variables}
+    xg = x.clone().requires_grad_()
+    y = _torch_conv(xg, w, case)
+    (ref,) = torch.autograd.grad(y, xg, v.reshape(y.shape))
+    f = compile(expr)
+    for got in (f(**tensors), evaluate(expr, **tensors)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.reshape(ref.shape), ref, rtol=1e-4, atol=1e-4)
+    if case not in SCATTER_AS_VIEWS:
+        assert "conv_transpose" in f.source and "d_input(" in f.source
