@@ -516,6 +516,13 @@ class _Lowering:
             result = conv_taps(self, operands, core_out)
             if result is None:
                 result = self._contract(p, operands, core_out, sizes)
+        return self._finish(p, result, core_out, classes, find, sizes, coef)
+
+    def _finish(self, p: Product, result: Value, core_out: Labels, classes: Labels, find, sizes,
+                coef) -> Value:
+        """A product's contracted `result` [core_out] as its value: the classes only copy
+        tensors bring expanded, output indices repeated through copy tensors kept lazy (ties),
+        the coefficient applied."""
         if len(core_out) != len(classes):  # classes only delta legs bring to the output
             result = self.emit("expand", (result,), classes, tuple(sizes[c] for c in classes))
         if len(classes) != len(p.indices):  # an output index repeated through deltas: lazy
@@ -556,14 +563,7 @@ class _Lowering:
         for r in {find(i) for i in sizes}:  # closed delta loop: its trace is its size
             if r not in made and r not in classes:
                 coef = coef * sizes[r]
-        if len(core_out) != len(classes):  # classes only delta legs bring to the output
-            result = self.emit("expand", (result,), classes, tuple(sizes[c] for c in classes))
-        if len(classes) != len(p.indices):  # an output index repeated through deltas: lazy
-            ties = tuple((i, find(i)) for i in p.indices if find(i) != i)
-            result = Value(result.name, result.labels, result.shape, ties)
-        if coef != 1:
-            result = self._scale(result, sympy.sympify(coef))
-        return result
+        return self._finish(p, result, core_out, classes, find, sizes, coef)
 
     def _contract(self, p: Product, operands: list[Value], output: Labels, sizes) -> Value:
         if not operands:

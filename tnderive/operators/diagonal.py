@@ -36,11 +36,12 @@ from ..errors import TNError
 from ..ir import Delta, Expr, Func, Product, Sum, Variable, fresh_name, map_children, rewrite
 from ..losses import Loss
 from ..models.model import Model
-from ..network import Network, parse_network
+from ..network import Network
 from ..network_codegen import CompiledNetwork
 from ..notation import substitute
 from ..simplify import simplify
 from ..statements import Statement
+from .networks import model_network
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,7 @@ def diagonal_network(model: Model, loss: Loss, params: Sequence[str],
     simplified and compiled (see the module docstring). columns=M: the Monte-Carlo version
     instead, where S[*f, col] (M columns) is an input tensor `sqrt_input` the caller fills
     with sampled gradients (BackPACK's DiagGGNMC)."""
-    net = parse_network(model.text)
-    taken = set(net.names) | set(net.signature)
-
-    def fresh(base: str) -> str:
-        name = fresh_name(base, taken)
-        taken.add(name)
-        return name
+    net, fresh = model_network(model)
 
     acts = _check_samples_apart(net, model)
     copies = {p: fresh(f"{p}_n") for p in params}

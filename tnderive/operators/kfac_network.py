@@ -33,10 +33,11 @@ from ..errors import TNError
 from ..ir import Constant, Delta, Product, Variable, fresh_name
 from ..losses import Loss
 from ..models.model import Model
-from ..network import Network, parse_network
+from ..network import Network
 from ..network_codegen import CompiledNetwork
 from ..simplify import simplify
 from ..statements import Statement
+from .networks import model_network
 
 
 @dataclass(frozen=True)
@@ -77,15 +78,9 @@ def kfac_network(model: Model, loss: Loss, weights: Sequence[str], layers: Seque
     """The fused KFAC pass of `model` (see the module docstring): adjoints of the statements
     `layers` (layer outputs of the selected `weights`, notation names) and the forward values
     those statements read, for vectors of `fisher` ("type-2", "empirical", "mc")."""
-    net = parse_network(model.text)
-    taken = set(net.names) | set(net.signature)
+    net, fresh = model_network(model)
 
-    def fresh(base: str) -> str:
-        name = fresh_name(base, taken)
-        taken.add(name)
-        return name
-
-    clash = [t for t in layers if adjoint_name(t) in taken]
+    clash = [t for t in layers if adjoint_name(t) in net.names or adjoint_name(t) in net.signature]
     if clash:
         raise TNError(f"KFAC: the model has a tensor named {adjoint_name(clash[0])!r}, the name "
                       f"of the adjoint of layer output {clash[0]!r}; rename it")

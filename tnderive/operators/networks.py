@@ -10,7 +10,7 @@ The target keeps the model output's indices (class indices one-hot, see `torch_t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -34,6 +34,19 @@ class LossNetwork:
     model: Model
     network: Network
     target: str
+
+
+def model_network(model: Model) -> tuple[Network, Callable[[str], str]]:
+    """The model program as a network (`model.text`, every statement kept), and `fresh(base)`:
+    a name no statement, input or earlier `fresh` name of it uses."""
+    net = parse_network(model.text)
+    taken = set(net.names) | set(net.signature)
+
+    def fresh(base: str) -> str:
+        name = fresh_name(base, taken)
+        taken.add(name)
+        return name
+    return net, fresh
 
 
 def loss_network(model: Model, loss: Loss) -> LossNetwork:
