@@ -23,6 +23,7 @@ functions, which autograd and torch.func differentiate.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,7 +51,10 @@ class ConvCall:
     around x first (asymmetric padding; then `padding` is 0); crop: (left, right) per spatial
     dim cut off the input VJP's result (asymmetric padding); size: the shape torch's VJP
     returns (the kernel's for the weight VJP, the input's for the input VJP); transpose: the
-    input VJP as a transposed convolution, (padding, output_padding, crop or None)."""
+    input VJP as a transposed convolution, (padding, output_padding, crop or None); taps: the
+    input VJP per image instead (few input channels, large kernels: `cost`), as a matmul to
+    the kernel taps' columns and one strided add per tap into the unpadded result, then
+    transpose's crop (its padding is 0 then)."""
 
     mode: str
     m: int
@@ -65,6 +69,7 @@ class ConvCall:
     crop: tuple | None = None
     size: tuple = ()
     transpose: tuple = ()
+    taps: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,7 @@ def lower(low, mode: str, a: Value, b: Value, geos: tuple, out: tuple[str, ...])
     pre_pad = crop = None
     torch_size: tuple = ()
     transpose: tuple = ()
+    taps = False
     K = [g.K for g in geos]
     O = [g.O for g in geos]
     I = [g.I for g in geos]
@@ -185,7 +191,9 @@ def lower(low, mode: str, a: Value, b: Value, geos: tuple, out: tuple[str, ...])
             crop = tuple((-g.pl, -g.pr) for g in geos)
         full = [(g.O - 1) * g.S + g.D * (g.K - 1) + 1 for g in geos]  # conv_transpose's size
         extra = tuple(g.I + 2 * g.pl - f for g, f in zip(geos, full))
-        if symmetric and all(0 <= p < max(g.S, g.D) for p, g in zip(extra, geos)):
+        taps = (G == 1 and sympy.sympify(E).is_Integer and E <= cost.INPUT_VJP_TAPS_MAX_CHANNELS
+                and sympy.Mul(*K) >= cost.INPUT_VJP_TAPS_MIN_TAPS)
+        if symmetric and not taps and all(0 <= p < max(g.S, g.D) for p, g in zip(extra, geos)):
             transpose = (padding, extra, None)
         else:  # unpadded, then cropped / zero-padded to the input
             transpose = ((0,) * m, (0,) * m, tuple((-g.pl, g.I + g.pl - f)
@@ -194,7 +202,7 @@ def lower(low, mode: str, a: Value, b: Value, geos: tuple, out: tuple[str, ...])
         pre_pad = tuple((g.pl, g.pr) for g in geos)
     perm = tuple(res.index(x) for x in out)
     call = ConvCall(mode, m, ta, tb, (tuple(res_shape), perm), stride, padding, dilation, G,
-                    pre_pad, crop, torch_size, transpose)
+                    pre_pad, crop, torch_size, transpose, taps)
     shape = tuple(dict(zip(res, res_shape))[x] for x in out)
     v = low.emit("conv", (a, b), tuple(out), shape, payload=call)
     if low.ops and low.ops[-1].out == v.name:  # new op: 2 flops per multiply-add
@@ -260,6 +268,9 @@ def source_lines(out: str, a: str, b: str, call: ConvCall, labels) -> str:
     elif call.mode == "weight":
         size = "(" + ", ".join(py_size(s) for s in call.size) + ")"
         expr = f"{fn}({first}, {size}, {out}_b, {opts})"
+    elif call.taps:
+        lines += _taps_lines(out, call)
+        expr = f"{out}_y"
     else:
         size = "(" + ", ".join(py_size(s) for s in call.size) + ")"
         by_input = _cropped(f"{fn}({size}, {first}, {out}_b, {opts})", call.crop)
@@ -277,11 +288,67 @@ def source_lines(out: str, a: str, b: str, call: ConvCall, labels) -> str:
     expr += f".reshape({', '.join(py_size(s) for s in shape)})"
     if perm != tuple(range(len(perm))):
         expr += f".permute{_tuple(perm)}"
-    what = {"forward": "convolution", "weight": "convolution weight VJP",
-            "input": "convolution input VJP"}[call.mode]
-    lines.append(f"{out} = {expr}  # [{','.join(labels)}]  torch's {what} kernel")
+    what = {"forward": "torch's convolution kernel", "weight": "torch's convolution weight VJP kernel",
+            "input": "per image: a matmul, then one add per kernel tap" if call.taps
+            else "torch's convolution input VJP kernel"}[call.mode]
+    lines.append(f"{out} = {expr}  # [{','.join(labels)}]  {what}")
     lines.append(f"del {out}_a, {out}_b" + (f", {out}_y" if call.mode == "input" else ""))
     return "\n".join(lines)
+
+
+def _taps_geometry(call: ConvCall) -> tuple:
+    """(B, C, E, kernel sizes, output sizes, unpadded result sizes) of a per-image input VJP:
+    a = W [C, E, *K], b = g [B, C, *O] in torch's layout."""
+    C, E, *K = call.a[1]
+    B, _, *O = call.b[1]
+    full = [s * (o - 1) + d * (k - 1) + 1 for s, d, k, o in zip(call.stride, call.dilation, K, O)]
+    return B, C, E, K, O, full
+
+
+def _taps_lines(out: str, call: ConvCall) -> list[str]:
+    """Generated code of the per-image input VJP (`ConvCall.taps`)."""
+    B, C, E, K, O, full = _taps_geometry(call)
+    m = call.m
+    taps = sympy.Mul(*K)
+    lines = [f"{out}_w = {out}_a.reshape({py_size(C)}, {py_size(E * taps)}).t()"
+             f"  # kernel [(e, taps), c]",
+             f"{out}_v = {out}_b.reshape({py_size(B)}, {py_size(C)}, -1)",
+             f"{out}_y = {out}_v.new_zeros({', '.join(py_size(x) for x in (B, E, *full))})"
+             f"  # the input VJP before the padding is cut off",
+             f"for _n in range({py_size(B)}):  # one image at a time: its columns stay in cache",
+             f"    {out}_c = ({out}_w @ {out}_v[_n]).view("
+             f"{', '.join(py_size(x) for x in (E, *K, *O))})  # [e, taps, positions]"]
+    indent = "    "
+    for j in range(m):
+        lines.append(f"{indent}for _k{j} in range({py_size(K[j])}):")
+        indent += "    "
+    where = ", ".join(f"_k{j} * {call.dilation[j]}:_k{j} * {call.dilation[j]} + "
+                      f"{py_size(call.stride[j] * (O[j] - 1) + 1)}:{call.stride[j]}" for j in range(m))
+    tap = ", ".join(f"_k{j}" for j in range(m))
+    lines.append(f"{indent}{out}_y[_n, :, {where}] += {out}_c[:, {tap}]  # this tap's strided slice")
+    lines.append(f"{out}_y = {_cropped(f'{out}_y', call.transpose[2])}  # cut off the padding")
+    lines.append(f"del {out}_w, {out}_v, {out}_c")
+    return lines
+
+
+def _taps_runner(call: ConvCall, size: Callable) -> Callable:
+    """The interpreter's per-image input VJP (`ConvCall.taps`): a, b in torch's layout."""
+    B, C, E, K, O, full = (size(x) if not isinstance(x, list) else [size(y) for y in x]
+                           for x in _taps_geometry(call))
+    crop = [p for lr in reversed(call.transpose[2]) for p in lr]
+    slices = [[slice(k * d, k * d + s * (o - 1) + 1, s) for k in range(kk)]
+              for kk, d, s, o in zip(K, call.dilation, call.stride, O)]
+
+    def run(a, b):
+        w = a.reshape(C, -1).t()
+        v = b.reshape(B, C, -1)
+        y = v.new_zeros(B, E, *full)
+        for n in range(B):
+            cols = (w @ v[n]).view(E, *K, *O)
+            for tap in itertools.product(*(range(k) for k in K)):
+                y[(n, slice(None), *(sl[k] for sl, k in zip(slices, tap)))] += cols[(slice(None), *tap)]
+        return torch.nn.functional.pad(y, crop)
+    return run
 
 
 def _cropped(expr: str, crop: tuple | None) -> str:
@@ -313,6 +380,7 @@ def runner(call: ConvCall, size: Callable) -> Callable:
         transpose = (torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
                      torch.nn.functional.conv_transpose3d)[call.m - 1]
     identity = tuple(range(len(po)))
+    per_image = _taps_runner(call, size) if call.taps else None
 
     def run(ctx, a, b):
         x = a.permute(pa).reshape(sa)
@@ -323,6 +391,8 @@ def runner(call: ConvCall, size: Callable) -> Callable:
             r = fn(x, y, **kw)
         elif call.mode == "weight":
             r = fn(x, tsize, y, **kw)
+        elif per_image is not None:
+            r = per_image(x, y)
         elif y.dtype == torch.float64:  # the kernel choice of `source_lines`
             r = fn(tsize, x, y, **kw)
             if crop is not None:

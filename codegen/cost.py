@@ -24,6 +24,12 @@ FORMS_TRIED = 3
 #: pattern constants with numeric geometry) becomes one call of torch's convolution kernels;
 #: False lowers it to views, kernel taps and col2im folds instead (tests pin those paths)
 CONVOLUTION_KERNELS = True
+#: an input VJP with at most this many input channels (per group, groups = 1) ...
+INPUT_VJP_TAPS_MAX_CHANNELS = 4
+#: ... and at least this many kernel taps runs per image: one matmul to the taps' columns,
+#: then each tap added into a strided slice (ResNet-18's 7×7/2 stem: 42 ms against 97 ms for
+#: torch's input-VJP kernel; with 3×3 kernels or more channels torch's kernel is faster)
+INPUT_VJP_TAPS_MIN_TAPS = 25
 
 # --- stride-1 convolutions without kernels: one batched matmul per kernel tap (`taps`) -------
 

@@ -50,6 +50,10 @@ CONV_CASES = {
     "2d_same": ((1, 2, 6, 7), (3, 2, 4, 3), 1, "same", 1, 1),
     "3d": ((1, 2, 5, 6, 4), (3, 2, 3, 2, 2), (1, 2, 1), 1, 1, 1),
     "3d_dense": ((1, 2, 4, 6, 4), (3, 2, 2, 2, 2), 2, 0, 1, 1),
+    # few input channels, ≥ 25 taps: the input VJP runs per image (`cost.INPUT_VJP_TAPS_*`)
+    "2d_stem": ((2, 3, 17, 16), (4, 3, 5, 5), 2, 2, 1, 1),
+    "2d_stem_dil": ((2, 3, 19, 18), (4, 3, 5, 5), 2, 3, 2, 1),
+    "1d_stem_asym": ((2, 2, 40), (3, 2, 25), 2, ((2, 1),), 1, 1),
 }
 
 
@@ -120,7 +124,8 @@ def test_conv_vjp_generated_equals_evaluate(case, wrt, lowering, monkeypatch):
         (ref,) = torch.autograd.grad(y, wg, v.reshape(y.shape))
         torch.testing.assert_close(f(**tensors).reshape(ref.shape), ref, **TOL)
     placed = wrt == "x" and case in SCATTER_AS_VIEWS  # non-overlapping windows: a placement
-    assert (KERNEL_CALL[wrt] in f.source) == (lowering == "kernels" and not placed)
+    per_image = wrt == "x" and "stem" in case  # few channels, large kernel: per image
+    assert (KERNEL_CALL[wrt] in f.source) == (lowering == "kernels" and not placed and not per_image)
 
 
 @pytest.mark.parametrize("xs,ws,padding,dilation,groups", [
@@ -253,5 +258,27 @@ def test_input_vjp_in_float32_takes_the_transposed_convolution(case):
     for got in (f(**tensors), evaluate(expr, **tensors)):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.reshape(ref.shape), ref, rtol=1e-4, atol=1e-4)
-    if case not in SCATTER_AS_VIEWS:
+    if case.startswith(("2d_stem", "1d_stem")):
+        assert "for _n in range(" in f.source and "d_input(" not in f.source
+    elif case not in SCATTER_AS_VIEWS:
         assert "conv_transpose" in f.source and "d_input(" in f.source
+
+
+def test_per_image_input_vjp_is_differentiable_by_torch_func():
+    """The per-image input VJP adds into slices of a fresh buffer: torch.func.jacrev and
+    jacfwd still differentiate it (generated code and the interpreter)."""
+    xs, ws = (1, 2, 9, 8), (3, 2, 5, 5)
+    net = conv_network(xs, ws, stride=2, padding=2, bias=False)
+    w = torch.randn(ws, dtype=torch.float64)
+    expr = vjp(net.core, "x", "v")
+    W = net.prepare(torch.zeros(xs, dtype=torch.float64), w)["W"]
+    f = compile(expr)
+    assert "for _n in range(" in f.source
+    shape = [int(n) for n in net.core.shape]
+    v = torch.randn(shape, dtype=torch.float64)
+    ref = torch.func.jacrev(lambda t: torch.nn.grad.conv2d_input(
+        xs, w, t.reshape(1, 3, 5, 4), stride=2, padding=2))(v)
+    for run in (lambda t: f(v=t, W=W), lambda t: evaluate(expr, v=t, W=W)):
+        for jac in (torch.func.jacrev, torch.func.jacfwd):
+            got = jac(lambda t: run(t).reshape(xs))(v)
+            torch.testing.assert_close(got, ref, **TOL)
