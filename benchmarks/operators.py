@@ -51,6 +51,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import tnderive as tn  # noqa: E402
+from tests.vit_model import ViT  # noqa: E402
 from _results import write_section  # noqa: E402
 
 try:  # the peer (the bench extra)
@@ -169,7 +170,39 @@ def run(dtype: torch.dtype, args) -> list[tuple]:
             peer = measure(lambda: ref @ v, args.repeats, device)
         row(name, mine, peer, first)
     _eigsh_and_diagonal_rows(model, loss_func, params, data, args, row)
+    _vit_rows(dtype, args, row)
     return rows
+
+
+def _vit_rows(dtype: torch.dtype, args, row) -> None:
+    """The ViT-style model (tests/vit_model.py: patchify conv, 2 pre-LN blocks with
+    MultiheadAttention and GELU MLPs, LayerNorm, mean pooling, head; d = 32, 4 heads, 64
+    tokens), every parameter: tnderive only (curvlinops' KFAC refuses the model, its
+    Hessian operator needs forward-mode AD through CPU flash attention)."""
+    torch.manual_seed(0)
+    device = args.device
+    model = ViT(d=32, heads=4, depth=2, classes=10, patch=4).to(device, dtype).eval()
+    X = torch.randn(args.batch, 3, args.image, args.image, device=device, dtype=dtype)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    loss_func = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    data = [(X, y)]
+    v = [torch.randn_like(p) for p in params]
+    for what, make in (("KFAC-expand factors (+ one product)",
+                        lambda: tn.KFAC(model, loss_func, params, data, progressbar=False)),
+                       ("GGN-vector product", lambda: tn.GGN(model, loss_func, params, data,
+                                                             progressbar=False)),
+                       ("Hessian-vector product", lambda: tn.Hessian(model, loss_func, params, data,
+                                                                     progressbar=False))):
+        t = time.perf_counter()
+        op = make()
+        op @ v
+        first = time.perf_counter() - t
+        if isinstance(op, tn.KFAC):
+            mine = measure(lambda: (op._compute(), op @ v)[1], args.repeats, device)
+        else:
+            mine = measure(lambda: op @ v, args.repeats, device)
+        row(f"ViT ({sum(p.numel() for p in params):,} parameters): {what}", mine, None, first)
 
 
 def _kfac_rows(dtype: torch.dtype, args, row) -> None:
@@ -289,7 +322,10 @@ def main(argv=None) -> int:
     text = (f"## Curvature operators on a CNN (`benchmarks/operators.py`)\n\n"
             f"Rows \"ResNet: …\": ResNet-style CNN (Conv3x3 stem {args.channels} channels, 3 "
             f"residual blocks of 3x3 convs, the second strided to {2 * args.channels} channels "
-            f"with a 1x1 skip conv, global average pool, Linear(→10)); other rows: "
+            f"with a 1x1 skip conv, global average pool, Linear(→10)); rows \"ViT …\": "
+            f"patchify conv (4×4), 2 pre-LN blocks (MultiheadAttention, 4 heads, d = 32, GELU "
+            f"MLP), LayerNorm, mean pooling, Linear(→10), every parameter, tnderive only "
+            f"(curvlinops' KFAC refuses it); other rows: "
             f"Conv(3→{args.channels})–ReLU–Conv(s2)–Flatten–Linear(→10). CrossEntropyLoss (mean), "
             f"batch {args.batch}, {args.image}×{args.image} images; device {args.device}, "
             f"{args.threads} thread(s), torch {torch.__version__}, {platform.machine()}; "
