@@ -34,44 +34,6 @@ def _device_dtype(fn, tensors):
     return dev, dt
 
 
-def _pattern_resolve_padding(params: tuple, kernel: int) -> tuple[int, int]:
-    """Numeric (P_left, P_right) of pattern params `(S, Pl, Pr, D)` for a numeric kernel size."""
-    _, pl, pr, d = params[:4]
-    if pl == 'same':
-        total = d * (kernel - 1)
-        return (total // 2, total - total // 2)
-    return (int(pl), int(pr))
-
-def _pattern_build_pattern(params: tuple, shape: tuple, device, dtype) -> torch.Tensor:
-    """Π of numeric `shape` (K, O, I): broadcast comparison i == S·o + D·k − P_left."""
-    K, O, I = shape
-    s, d = (params[0], params[3])
-    pl, _ = _pattern_resolve_padding(params, K)
-    k = torch.arange(K, device=device).view(K, 1, 1)
-    o = torch.arange(O, device=device).view(1, O, 1)
-    i = torch.arange(I, device=device).view(1, 1, I)
-    return (i == s * o + d * k - pl).to(dtype)
-
-
-_BUILDERS = {
-    'pattern': _pattern_build_pattern,
-}
-_CONSTANTS = {}
-_CONSTANTS_KEPT = 32
-
-
-def _constant(kind, params, shape, device, dtype):
-    """Structured constant `kind`, built once per (params, shape, device, dtype)."""
-    key = (kind, params, shape, str(device), dtype)
-    t = _CONSTANTS.get(key)
-    if t is None:
-        t = _BUILDERS[kind](params, shape, device, dtype)
-        if len(_CONSTANTS) >= _CONSTANTS_KEPT:  # bounded: forget the oldest
-            del _CONSTANTS[next(iter(_CONSTANTS))]
-        _CONSTANTS[key] = t
-    return t
-
-
 def input_vjp(*_positional, W=_MISSING, x=_MISSING, v=_MISSING, **_unexpected):
     """Compute the expression below from keyword tensors.
 
@@ -85,8 +47,8 @@ def input_vjp(*_positional, W=_MISSING, x=_MISSING, v=_MISSING, **_unexpected):
         v: [n, c, o1=floor(i1/2 - k1/2) + 2, o2=floor(i2/2 - k2/2) + 2]
     Returns: [n, e, i1, i2]
 
-    Contraction cost: 2*c*e*i1*k1*k2*n*floor(i2/2 - k2/2) + 4*c*e*i1*k1*k2*n + 2*c*i1*k1*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 4*c*i1*k1*n*floor(i1/2 - k1/2) + 4*c*i1*k1*n*floor(i2/2 - k2/2) + 8*c*i1*k1*n + 2*e*i1*i2*k2*n*floor(i2/2 - k2/2) + 4*e*i1*i2*k2*n flops (naive single einsum per product: 4*c*e*i1*i2*k1*k2*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 8*c*e*i1*i2*k1*k2*n*floor(i1/2 - k1/2) + 8*c*e*i1*i2*k1*k2*n*floor(i2/2 - k2/2) + 16*c*e*i1*i2*k1*k2*n)
-    Largest intermediate: c*i1*k1*n*(floor(i2/2 - k2/2) + 2) entries
+    Contraction cost: 2*c*e*k1*k2*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 4*c*e*k1*k2*n*floor(i1/2 - k1/2) + 4*c*e*k1*k2*n*floor(i2/2 - k2/2) + 8*c*e*k1*k2*n + e*i1*k2*n*floor(i2/2 - k2/2) + 2*e*i1*k2*n + e*k1*k2*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 2*e*k1*k2*n*floor(i1/2 - k1/2) + 2*e*k1*k2*n*floor(i2/2 - k2/2) + 4*e*k1*k2*n flops (naive single einsum per product: 2*c*e*k1*k2*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 4*c*e*k1*k2*n*floor(i1/2 - k1/2) + 4*c*e*k1*k2*n*floor(i2/2 - k2/2) + 8*c*e*k1*k2*n)
+    Largest intermediate: e*k1*k2*n*(floor(i1/2 - k1/2) + 2)*(floor(i2/2 - k2/2) + 2) entries
     Contraction order planned for sizes c=3, e=2, i1=7, i2=6, k1=3, k2=3, n=2.
     """
     if _positional:
@@ -142,12 +104,15 @@ def input_vjp(*_positional, W=_MISSING, x=_MISSING, v=_MISSING, **_unexpected):
         raise TNError(f"input_vjp(): size mismatch for v[o2]: expected floor(i2/2 - k2/2) + 2 = {((size_i2 - size_k2) // 2 + 2)}, got {v.shape[3]}")
     _dev, _dt = _device_dtype('input_vjp', {'W': W, 'x': x, 'v': v})
     W, v = W.to(_dt), v.to(_dt)
-    t0 = _constant('pattern', (2, 1, 1, 1), (size_k1, ((size_i1 - size_k1) // 2 + 2), size_i1), _dev, _dt)  # [k1,o1,i1]
-    t1 = _constant('pattern', (2, 1, 1, 1), (size_k2, ((size_i2 - size_k2) // 2 + 2), size_i2), _dev, _dt)  # [k2,o2,i2]
-    t2 = torch.einsum("ncoa,koi->cakni", v, t0)  # [c,o2,k1,n,i1]  2*c*i1*k1*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 4*c*i1*k1*n*floor(i1/2 - k1/2) + 4*c*i1*k1*n*floor(i2/2 - k2/2) + 8*c*i1*k1*n flops
+    t0 = torch.einsum("ncoa,cekb->neokab", v, W)  # [n,e,o1,k1,o2,k2]  2*c*e*k1*k2*n*floor(i1/2 - k1/2)*floor(i2/2 - k2/2) + 4*c*e*k1*k2*n*floor(i1/2 - k1/2) + 4*c*e*k1*k2*n*floor(i2/2 - k2/2) + 8*c*e*k1*k2*n flops
+    t1 = t0.new_zeros((size_n, size_e, max(size_i1 + 1, size_k1 + 2 * ((size_i1 - size_k1) // 2) + 2), ((size_i2 - size_k2) // 2 + 2), size_k2))  # col2im: (o1, k1) folded into i1 = 2*o1 + 1*k1 - 1 (overlapping windows add up)
+    for _k in range(size_k1):
+        t1.narrow(2, 1 * _k, (2 * ((size_i1 - size_k1) // 2) + 3))[:, :, ::2].add_(t0.select(3, _k))
+    t1 = t1.narrow(2, 1, size_i1)  # [n,e,i1,o2,k2]  crop the padding
     del t0
-    t3 = torch.einsum("ceka,cokni->aonei", W, t2)  # [k2,o2,n,e,i1]  2*c*e*i1*k1*k2*n*floor(i2/2 - k2/2) + 4*c*e*i1*k1*k2*n flops
-    del t2
-    t4 = torch.einsum("koi,konea->neai", t1, t3)  # [n,e,i1,i2]  2*e*i1*i2*k2*n*floor(i2/2 - k2/2) + 4*e*i1*i2*k2*n flops
-    del t1, t3
-    return t4
+    t2 = t1.new_zeros((size_n, size_e, size_i1, max(size_i2 + 1, size_k2 + 2 * ((size_i2 - size_k2) // 2) + 2)))  # col2im: (o2, k2) folded into i2 = 2*o2 + 1*k2 - 1 (overlapping windows add up)
+    for _k in range(size_k2):
+        t2.narrow(3, 1 * _k, (2 * ((size_i2 - size_k2) // 2) + 3))[:, :, :, ::2].add_(t1.select(4, _k))
+    t2 = t2.narrow(3, 1, size_i2)  # [n,e,i1,i2]  crop the padding
+    del t1
+    return t2
