@@ -63,7 +63,7 @@ def as_coef(c) -> sympy.Expr:
 class Expr:
     """Base class of all IR nodes."""
 
-    __slots__ = ("_hash", "_indices", "_shape", "_all", "_sig")
+    __slots__ = ("_hash", "_indices", "_shape", "_all", "_sig", "_signature", "_size_symbols")
 
     # --- to be provided by subclasses -------------------------------------------------------
     def _key(self) -> tuple:
@@ -151,7 +151,12 @@ class Expr:
         """The tensors this expression is evaluated from: the signature of the expression it
         was derived from (explicit, see `with_signature`; not part of equality or hash) merged
         with the variables it uses, name -> declaration. Tensors of the signature bind sizes
-        even where the expression no longer uses them."""
+        even where the expression no longer uses them. Computed once per node (nodes are
+        immutable; a copy with another explicit signature does not inherit it, `_attach`)."""
+        try:
+            return self._signature
+        except AttributeError:
+            pass
         decls: list[Variable] = []
         sizes: set[sympy.Symbol] = set()
         for node in self.walk():
@@ -161,7 +166,9 @@ class Expr:
                 sizes |= explicit.source_sizes
             if isinstance(node, Variable):
                 decls.append(node.declaration)
-        return Signature(decls, sizes)
+        signature = Signature(decls, sizes)
+        object.__setattr__(self, "_signature", signature)
+        return signature
 
     @property
     def all_indices(self) -> frozenset[str]:
@@ -542,7 +549,12 @@ class Signature(Mapping[str, Variable]):
 
 
 def size_symbols(expr: Expr) -> set[sympy.Symbol]:
-    """Size symbols of `expr`: in its nodes' shapes, variables' axes and sums' coefficients."""
+    """Size symbols of `expr`: in its nodes' shapes, variables' axes and sums' coefficients
+    (computed once per node; a new set each call)."""
+    try:
+        return set(expr._size_symbols)
+    except AttributeError:
+        pass
     out: set[sympy.Symbol] = set()
     for node in expr.walk():
         for s in node.shape:
@@ -552,6 +564,7 @@ def size_symbols(expr: Expr) -> set[sympy.Symbol]:
                 out |= s.free_symbols
         for c, _ in getattr(node, "terms", ()):
             out |= c.free_symbols
+    object.__setattr__(expr, "_size_symbols", frozenset(out))
     return out
 
 
@@ -583,7 +596,7 @@ def _attach(expr: Expr, signature: Signature) -> Expr:
     out = object.__new__(type(expr))
     for cls in type(expr).__mro__:
         for slot in getattr(cls, "__slots__", ()):
-            if slot != "_sig" and hasattr(expr, slot):
+            if slot not in ("_sig", "_signature") and hasattr(expr, slot):
                 object.__setattr__(out, slot, getattr(expr, slot))
     object.__setattr__(out, "_sig", signature)
     return out
