@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tnderive import evaluate
 from tnderive.codegen import codegen, compile, cost
@@ -14,6 +16,8 @@ from tnderive.nn.conv import conv_network
 from tnderive.derive import vjp
 from tnderive.ir import Product, Variable, size_symbol
 from tnderive.patterns import pattern_constant, pattern_sum_constant
+
+from tests.cases.strategies import conv_cases
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 #: lowerings of a convolution product: torch's convolution kernels (the default, one `conv`
@@ -282,3 +286,28 @@ def test_per_image_input_vjp_is_differentiable_by_torch_func():
         for jac in (torch.func.jacrev, torch.func.jacfwd):
             got = jac(lambda t: run(t).reshape(xs))(v)
             torch.testing.assert_close(got, ref, **TOL)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases(), st.sampled_from([torch.float64, torch.float32]))
+def test_generated_convolution_kernels_vs_torch(case, dtype):
+    """Random hyperparameters (1–3 spatial dims, groups, stride, dilation, 'same' and
+    asymmetric padding): the generated forward and both VJPs (torch's kernels, the per-image
+    input VJP, placements) equal torch's convolution and autograd, in float64 and float32."""
+    d = case["d"]
+    kw = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
+              groups=case["groups"])
+    x = torch.randn(case["x"], dtype=dtype, requires_grad=True)
+    w = torch.randn(case["w"], dtype=dtype, requires_grad=True)
+    y = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[d](x, w, None, **kw)
+    v = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), v)
+    net = conv_network(case["x"], case["w"], bias=False, **kw)
+    tol = TOL if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    inputs = net.prepare(x.detach(), w.detach())
+    torch.testing.assert_close(net.finish(compile(net.core)(**inputs)), y.detach(), **tol)
+    vv = v.reshape([int(n) for n in net.core.shape])
+    for name, ref in (("x", gx), ("W", gw)):
+        expr = net.vjp(name).expr
+        tensors = {k: t for k, t in {**inputs, "v": vv}.items() if k in expr.variables}
+        torch.testing.assert_close(compile(expr)(**tensors).reshape(ref.shape), ref, **tol)
