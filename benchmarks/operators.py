@@ -51,6 +51,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import tnderive as tn  # noqa: E402
+from tests.resnet_model import ResNet  # noqa: E402
 from tests.vit_model import ViT  # noqa: E402
 from _results import write_section  # noqa: E402
 
@@ -69,38 +70,6 @@ def cnn(channels: int, image: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(),
                          nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.Flatten(),
                          nn.Linear(channels * (image // 2) ** 2, 10))
-
-
-class Block(nn.Module):
-    """Residual block: Conv3x3(s)–ReLU–Conv3x3, plus the input (a strided 1x1 conv when the
-    shape changes), then ReLU."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = None if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride=stride)
-
-    def forward(self, x):
-        h = self.conv2(torch.relu(self.conv1(x)))
-        return torch.relu(h + (x if self.skip is None else self.skip(x)))
-
-
-class ResNet(nn.Module):
-    """ResNet-style CNN: Conv3x3 stem (C channels)–ReLU, a block at C, a strided block to 2C,
-    a block at 2C, global average pool, Linear(2C→10)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        c = channels
-        self.stem = nn.Conv2d(3, c, 3, padding=1)
-        self.blocks = nn.Sequential(Block(c, c), Block(c, 2 * c, stride=2), Block(2 * c, 2 * c))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(2 * c, 10)
-
-    def forward(self, x):
-        h = self.blocks(torch.relu(self.stem(x)))
-        return self.head(torch.flatten(self.pool(h), 1))
 
 
 def _sync(device: str) -> None:
@@ -132,16 +101,21 @@ def _flat(ts) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in ts])
 
 
+def _problem(model: nn.Module, args, dtype: torch.dtype):
+    """(CrossEntropyLoss, every parameter, one batch of `--batch` random `--image`² images
+    with 10-class targets, a random vector shaped like the parameters)."""
+    device = args.device
+    X = torch.randn(args.batch, 3, args.image, args.image, device=device, dtype=dtype)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    params = list(model.parameters())
+    return nn.CrossEntropyLoss(), params, [(X, y)], [torch.randn_like(p) for p in params]
+
+
 def run(dtype: torch.dtype, args) -> list[tuple]:
     torch.manual_seed(0)
     device = args.device
     model = cnn(args.channels, args.image).to(device, dtype)
-    X = torch.randn(args.batch, 3, args.image, args.image, device=device, dtype=dtype)
-    y = torch.randint(0, 10, (args.batch,), device=device)
-    loss_func = nn.CrossEntropyLoss()
-    params = list(model.parameters())
-    data = [(X, y)]
-    v = [torch.randn_like(p) for p in params]
+    loss_func, params, data, v = _problem(model, args, dtype)
     rows = []
 
     def row(what, ours, theirs, first=None):
@@ -182,12 +156,7 @@ def _vit_rows(dtype: torch.dtype, args, row) -> None:
     torch.manual_seed(0)
     device = args.device
     model = ViT(d=32, heads=4, depth=2, classes=10, patch=4).to(device, dtype).eval()
-    X = torch.randn(args.batch, 3, args.image, args.image, device=device, dtype=dtype)
-    y = torch.randint(0, 10, (args.batch,), device=device)
-    loss_func = nn.CrossEntropyLoss()
-    params = list(model.parameters())
-    data = [(X, y)]
-    v = [torch.randn_like(p) for p in params]
+    loss_func, params, data, v = _problem(model, args, dtype)
     for what, make in (("KFAC-expand factors (+ one product)",
                         lambda: tn.KFAC(model, loss_func, params, data, progressbar=False)),
                        ("GGN-vector product", lambda: tn.GGN(model, loss_func, params, data,
@@ -210,14 +179,10 @@ def _kfac_rows(dtype: torch.dtype, args, row) -> None:
     ResNet-style CNN, batch `--batch` of `--image`² images, width `--channels`."""
     torch.manual_seed(0)
     device = args.device
-    model = ResNet(args.channels).to(device, dtype)
-    X = torch.randn(args.batch, 3, args.image, args.image, device=device, dtype=dtype)
-    y = torch.randint(0, 10, (args.batch,), device=device)
-    loss_func = nn.CrossEntropyLoss()
-    params = list(model.parameters())
-    data = [(X, y)]
+    model = ResNet(3, (args.channels, args.channels, 2 * args.channels, 2 * args.channels), (1, 2, 1), 10).to(device, dtype)
+    loss_func, params, data, v = _problem(model, args, dtype)
+    (X, y), = data
     grads = torch.autograd.grad(loss_func(model(X), y), params)
-    v = [torch.randn_like(p) for p in params]
     for kind in ("expand", "reduce"):
         t = time.perf_counter()
         ours = tn.KFAC(model, loss_func, params, data, kind=kind, progressbar=False)

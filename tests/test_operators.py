@@ -122,6 +122,17 @@ LOSSES = {"mse": nn.MSELoss, "ce": nn.CrossEntropyLoss, "bce": nn.BCEWithLogitsL
 MODELS = {"mlp": (mlp, (4,)), "cnn": (cnn, (2, 6, 6)), "exotic": (lambda: Exotic(), (4, 5))}
 
 
+def _products_match_dense(module, loss_func, params, data) -> None:
+    """GGN and Hessian products with a random vector equal the dense torch.func matrices."""
+    v = torch.randn(sum(p.numel() for p in params))
+    for op, dense in ((tn.GGN, dense_ggn), (tn.Hessian, dense_hessian)):
+        got = op(module, loss_func, params, data, progressbar=False) @ v
+        # torch has no 2nd derivative of CPU flash attention
+        with sdpa_kernel(SDPBackend.MATH), explicit_layer_norms(module):
+            A = dense(module, loss_func, params, data)
+        torch.testing.assert_close(got, A @ v, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("model,loss,reduction", [
     ("mlp", "mse", "mean"), ("mlp", "bce", "sum"), ("cnn", "ce", "mean"), ("exotic", "ce", "sum")])
 def test_ggn_and_hessian_match_torch_func(model, loss, reduction):
@@ -133,13 +144,7 @@ def test_ggn_and_hessian_match_torch_func(model, loss, reduction):
     if model == "exotic":     # a subset keeps the dense reference small
         params = [module.conv.weight, module.norm.weight, module.attn.in_proj_weight, module.bil.weight]
     data = _data(loss, shape, 3)
-    v = torch.randn(sum(p.numel() for p in params))
-    for op, dense in ((tn.GGN, dense_ggn), (tn.Hessian, dense_hessian)):
-        got = op(module, loss_func, params, data, progressbar=False) @ v
-        # torch has no 2nd derivative of CPU flash attention
-        with sdpa_kernel(SDPBackend.MATH), explicit_layer_norms(module):
-            A = dense(module, loss_func, params, data)
-        torch.testing.assert_close(got, A @ v, rtol=1e-10, atol=1e-12)
+    _products_match_dense(module, loss_func, params, data)
 
 
 def test_vit_blocks_match_torch_func():
@@ -152,12 +157,7 @@ def test_vit_blocks_match_torch_func():
               module.head.weight]
     g = torch.Generator().manual_seed(3)
     data = [(torch.randn(2, 3, 8, 8, generator=g), torch.tensor([0, 2]))]
-    v = torch.randn(sum(p.numel() for p in params))
-    for op, dense in ((tn.GGN, dense_ggn), (tn.Hessian, dense_hessian)):
-        got = op(module, loss_func, params, data, progressbar=False) @ v
-        with sdpa_kernel(SDPBackend.MATH), explicit_layer_norms(module):
-            A = dense(module, loss_func, params, data)
-        torch.testing.assert_close(got, A @ v, rtol=1e-10, atol=1e-12)
+    _products_match_dense(module, loss_func, params, data)
 
 
 def test_subset_of_params_lists_matrices_and_scipy():

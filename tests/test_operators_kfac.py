@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import tnderive as tn
+from tests.resnet_model import ResNet
 
 HAVE_CURVLINOPS = importlib.util.find_spec("curvlinops") is not None
 
@@ -25,31 +26,9 @@ def cnn():
                          nn.Flatten(), nn.Linear(8, 3))
 
 
-class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = None if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride=stride)
-
-    def forward(self, x):
-        h = self.conv2(torch.relu(self.conv1(x)))
-        return torch.relu(h + (x if self.skip is None else self.skip(x)))
-
-
-class ResNet(nn.Module):
-    """Residual blocks (one strided, with a 1x1 skip conv), global average pool, Linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(2, 2, 3, padding=1)
-        self.blocks = nn.Sequential(Block(2, 2, 1), Block(2, 3, 2))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(3, 3)
-
-    def forward(self, x):
-        h = self.blocks(torch.relu(self.stem(x)))
-        return self.head(torch.flatten(self.pool(h), 1))
+def resnet():
+    """Two residual blocks (one strided, with a 1x1 skip conv) on 2-channel images."""
+    return ResNet(2, (2, 2, 3), (1, 2), 3)
 
 
 def _data(loss, shape, seed=0):
@@ -79,7 +58,7 @@ def _flat(ts):
 def test_kfac_matches_curvlinops(model, loss, reduction, kind, separate, fisher):
     from curvlinops import KFACLinearOperator
     torch.manual_seed(0)
-    module = {"mlp": mlp, "cnn": cnn, "resnet": ResNet}[model]().double()
+    module = {"mlp": mlp, "cnn": cnn, "resnet": resnet}[model]().double()
     loss_func = {"mse": nn.MSELoss, "ce": nn.CrossEntropyLoss}[loss](reduction=reduction)
     data = _data(loss, (4,) if model == "mlp" else (2, 6, 6))
     params = list(module.parameters())
@@ -256,7 +235,7 @@ def test_fused_pass_adjoints_match_autograd():
     from tnderive.operators.kfac_network import kfac_network
 
     torch.manual_seed(7)
-    module = ResNet().double()
+    module = resnet().double()
     X = torch.randn(3, 2, 6, 6)
     model = tn.from_module(module, X)
     convs = {n: m for n, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}

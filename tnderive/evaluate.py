@@ -61,12 +61,18 @@ def evaluate(expr: Expr, sizes: Mapping[str, int] | None = None, **tensors: torc
     return run_bound(expr, binding)
 
 
+def _runner(expr: Expr, binding: Binding) -> tuple[Runner, torch.device, torch.dtype]:
+    """The interpreter's cached program for `expr` at the binding's sizes, and the device and
+    dtype it runs in."""
+    values = tuple(sorted((str(k), v) for k, v in binding.symbols.items()))
+    dtype = binding.dtype if binding.dtype is not None else torch.get_default_dtype()
+    return lowered(expr, values), binding.device or torch.device("cpu"), dtype
+
+
 def run_bound(expr: Expr, binding: Binding) -> torch.Tensor:
     """`expr` evaluated under a checked binding (the interpreter on its cached program)."""
-    values = tuple(sorted((str(k), v) for k, v in binding.symbols.items()))
-    runner = lowered(expr, values)
-    dtype = binding.dtype if binding.dtype is not None else torch.get_default_dtype()
-    out = runner(binding.tensors, binding.device or torch.device("cpu"), dtype)
+    runner, device, dtype = _runner(expr, binding)
+    out = runner(binding.tensors, device, dtype)
     want = tuple(binding.size(s, f"index {i!r}") for i, s in zip(expr.indices, expr.shape))
     if tuple(out.shape) != want:
         raise TNError(f"internal shape error evaluating {expr!r}: got {tuple(out.shape)}, want {want}")
@@ -93,10 +99,8 @@ class Prepared:
         if run is None:
             binding = bind(self.expr, tensors)
             check_fits(self.expr, binding)
-            values = tuple(sorted((str(k), v) for k, v in binding.symbols.items()))
-            dtype = binding.dtype if binding.dtype is not None else torch.get_default_dtype()
-            run = (lowered(self.expr, values), tuple(binding.tensors), binding.device
-                   or torch.device("cpu"), dtype)
+            runner, device, dtype = _runner(self.expr, binding)
+            run = (runner, tuple(binding.tensors), device, dtype)
             if len(self._runs) >= self.kept:
                 self._runs.pop(next(iter(self._runs)))
         self._runs[key] = run  # most recently used last

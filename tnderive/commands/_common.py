@@ -66,6 +66,17 @@ def parse_sizes(spec: str | None) -> dict[str, int]:
     return out
 
 
+def parse_input_shape(spec: str | None, example: str) -> list[int]:
+    """`--input-shape` ("8,3,32,32") as ints; TNError when missing or malformed (`example`
+    shows a valid one)."""
+    if not spec:
+        raise TNError(f"--module needs --input-shape (the model's input, e.g. {example})")
+    try:
+        return [int(v) for v in spec.split(",")]
+    except ValueError:
+        raise TNError(f"--input-shape must be comma-separated ints, got {spec!r}") from None
+
+
 def size_names(expr) -> set[str]:
     """The names `--sizes` may fix: every index of the expression's tensors, every declared
     axis and every size symbol (of the expression and its signature)."""

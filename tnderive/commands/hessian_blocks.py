@@ -35,7 +35,7 @@ from ..nn.attention import LOSSES, self_attention
 from ..attention.stack_report import write_stack_report
 from ..nn.transformer import from_model, transformer
 from ..progress import progress
-from ._common import ensure_folder, parse_loss
+from ._common import ensure_folder, parse_input_shape, parse_loss
 
 
 
@@ -225,12 +225,7 @@ def run_module(args) -> int:
     from ..models import from_module
     from .kfac import _load_factory
 
-    if not args.input_shape:
-        raise TNError("--module needs --input-shape (the model's input, e.g. 1,16,8)")
-    try:
-        shape = [int(v) for v in args.input_shape.split(",")]
-    except ValueError:
-        raise TNError(f"--input-shape must be comma-separated ints, got {args.input_shape!r}") from None
+    shape = parse_input_shape(args.input_shape, "1,16,8")
     loss, reduction = parse_loss(args.loss, LOSSES)
     module = _load_factory(args.module)()
     imported = from_module(module.eval(), torch.randn(*shape))   # checked in float64

@@ -34,7 +34,7 @@ from ..codegen.pysource import py_expr, size_var
 from ..curvature import relevant_sizes
 from ..errors import TNError
 from ..kfac import FISHERS, KINDS, kfac
-from ._common import ensure_parent, load_expression, parse_loss, parse_sizes
+from ._common import ensure_parent, load_expression, parse_input_shape, parse_loss, parse_sizes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -280,12 +280,7 @@ def run_module(args) -> int:
     from ..models import from_module
     from ..notation import parse
 
-    if not args.input_shape:
-        raise TNError("--module needs --input-shape (e.g. 8,3,32,32)")
-    try:
-        shape = [int(v) for v in args.input_shape.split(",")]
-    except ValueError:
-        raise TNError(f"--input-shape must be comma-separated ints, got {args.input_shape!r}") from None
+    shape = parse_input_shape(args.input_shape, "8,3,32,32")
     module = _load_factory(args.module)()
     model = from_module(module.eval(), torch.randn(*shape))
     covered, skipped, parts = [], [], []
