@@ -263,3 +263,15 @@ def test_boolean_masks_enter_additively_and_differentiate():
     ref = torch.func.hessian(loss)(a.in_proj_weight.detach())
     assert torch.isfinite(got).all()
     assert (got.reshape(ref.shape) - ref).abs().max() <= 1e-10 * ref.abs().max()
+
+
+def test_boolean_sdpa_mask_is_refused_with_the_reason():
+    """scaled_dot_product_attention reads a boolean mask as True = attend (MultiheadAttention:
+    True = not attended); a boolean model input enters as the latter, so SDPA refuses it."""
+    class BoolSDPA(nn.Module):
+        def forward(self, q, mask):
+            return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+    q = torch.randn(1, 4, 3)
+    with pytest.raises(tn.TNError, match="attn_mask.*True = attend"):
+        from_module(BoolSDPA(), q, torch.ones(4, 4, dtype=torch.bool))
