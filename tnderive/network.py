@@ -15,14 +15,14 @@ statement.
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
 from .derive import block_name, forward, hessian_blocks, hessian_vector_products, reverse
 from .errors import TNError
-from .evaluate import evaluate
-from .ir import Expr
+from .evaluate import Prepared, evaluate
+from .ir import Expr, Signature
 from .network_codegen import CompiledNetwork
 from .notation import parse_statements
 from .simplify import simplify
@@ -49,6 +49,11 @@ class Network(Statements):
     """A program of named statements (see `tnderive.statements`) that evaluates, compiles
     and differentiates itself. `str(net)` is its notation, one statement per line."""
 
+    def __init__(self, statements: Iterable[Statement], outputs: Sequence[str] | None = None,
+                 source: Signature | None = None):
+        super().__init__(statements, outputs, source)
+        self._runs: dict[str, Prepared] = {}  # statement name -> its evaluation (`_prepared`)
+
     # --- running -------------------------------------------------------------------------
     def evaluate(self, sizes: Mapping[str, int] | None = None, **tensors: torch.Tensor):
         """Run each needed statement once, in order (`tnderive.evaluate` per statement, the
@@ -73,8 +78,19 @@ class Network(Statements):
             if s.name not in need:
                 continue
             args = {n: env[n] for n in s.expr.signature if n in env}
-            out[s.name] = env[s.name] = evaluate(s.expr, sizes, **args)
+            if sizes:
+                value = evaluate(s.expr, sizes, **args)
+            else:
+                value = self._prepared(s)(**args)
+            out[s.name] = env[s.name] = value
         return out
+
+    def _prepared(self, statement: Statement) -> Prepared:
+        """The statement's `Prepared` evaluation, kept as long as this network: a network run
+        again at the same shapes (a σ sweep, another batch) reuses every lowered program."""
+        if statement.name not in self._runs:
+            self._runs[statement.name] = Prepared(statement.expr, kept=2)
+        return self._runs[statement.name]
 
     def compile(self, name: str = "f", sizes: Mapping[str, int] | None = None) -> CompiledNetwork:
         """One generated module computing the outputs, each statement once (see
