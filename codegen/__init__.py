@@ -61,14 +61,14 @@ def load(source: str, name: str):
 class CompiledFunction:
     """Generated code for one expression, specialised per size binding."""
 
-    def __init__(self, expr: Expr, name: str, sizes, default_size: int):
+    def __init__(self, expr: Expr, name: str, sizes, default_size: int, plan: Program | None = None):
         if not isinstance(expr, Expr):
             raise TNError(f"compile expects an expression, got {type(expr).__name__}")
         self.expr = expr
         self.name = name
         self.default_size = default_size
         self.sizes = dict(sizes or {})
-        self.plan = lower(expr, sizes, default_size)
+        self.plan = lower(expr, sizes, default_size) if plan is None else plan
         self.source = emit_module(self.plan, name, sizes=self.sizes)
         self._default = load(self.source, name)
         self._names = tuple(expr.signature)
@@ -114,6 +114,10 @@ class CompiledFunction:
             hit = (load(source, self.name), program, source)
             self._by_sizes[skey] = hit
         return hit[0]
+
+    def renamed(self, name: str) -> "CompiledFunction":
+        """The same plan emitted and loaded as a function called `name` (no re-planning)."""
+        return CompiledFunction(self.expr, name, self.sizes, self.default_size, plan=self.plan)
 
     @property
     def specialisations(self) -> dict[tuple, tuple[Program, str]]:

@@ -60,12 +60,16 @@ class BlockPart:
     def program(self, fn_name: str = "block", plan_sizes: Mapping[str, int] | None = None):
         """`tnderive.compile` of the part (cached per name and plan sizes): call it with the
         part's variables as keyword tensors; `.source` holds the code, `.plan` the plan."""
-        key = (fn_name, tuple(sorted((plan_sizes or {}).items())))
-        if key not in self._programs:
-            sizes = _size_symbols(self.expr)
-            plan = {k: v for k, v in (plan_sizes or {}).items() if k in sizes} or None
-            self._programs[key] = compile_expr(self.expr, fn_name, sizes=plan)
-        return self._programs[key]
+        planned = tuple(sorted((plan_sizes or {}).items()))
+        if (fn_name, planned) not in self._programs:
+            same_plan = [f for (_, p), f in self._programs.items() if p == planned]
+            if same_plan:  # another name for a planned part: emit its plan again, no re-planning
+                self._programs[fn_name, planned] = same_plan[0].renamed(fn_name)
+            else:
+                sizes = _size_symbols(self.expr)
+                plan = {k: v for k, v in (plan_sizes or {}).items() if k in sizes} or None
+                self._programs[fn_name, planned] = compile_expr(self.expr, fn_name, sizes=plan)
+        return self._programs[fn_name, planned]
 
     def evaluate(self, tensors: Mapping[str, torch.Tensor], fast: bool | None = None) -> torch.Tensor:
         """Numeric value; `fast` runs the generated code, else `tnderive.evaluate` (default:
