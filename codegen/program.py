@@ -41,7 +41,7 @@ from tnderive.ir import (Constant, Delta, Expr, Func, Product, Sum, Variable, Ze
                          rename_free)
 
 from .convolution import lower as conv_lower, match as conv_match
-from .cost import FORMS_TRIED, MEMORY_WEIGHT, OP_OVERHEAD
+from .cost import FORMS_MIN_COST, FORMS_TRIED, MEMORY_WEIGHT, OP_OVERHEAD
 from .factor import factor_sums, term_forms
 from .peephole import merge_reshapes
 from .plan import DEFAULT_SIZE, ContractionPlan, plan_contraction, step_cost
@@ -175,12 +175,15 @@ def lower(expr: Expr, sizes: Mapping[str, int] | None = None,
 
     factor: first pull factors shared by all terms of a sum out of it (`factor.factor_sums`).
     forms: how many term-wise forms of a large sum to lower and cost besides the structural
-    one (default `FORMS_TRIED`; 0 lowers the structural form only)."""
+    one (default `FORMS_TRIED`; 0 lowers the structural form only); none are tried when the
+    structural form costs less than `FORMS_MIN_COST`."""
     if not isinstance(expr, Expr):
         raise TNError(f"codegen expects an expression, got {type(expr).__name__}")
     best = _Lowering(expr, sizes or {}, default_size, method, factor).run()
     if factor:  # a large sum of products: also cost its term-wise forms, keep the cheapest
         best_cost = _cost(best)
+        if best_cost[0] < FORMS_MIN_COST:
+            forms = 0
         size = lambda e: best.at(e)  # noqa: E731  (numeric value at the planning sizes)
         limit = FORMS_TRIED if forms is None else forms
         for label, form in (term_forms(expr, size, limit=limit) if limit > 0 else ()):

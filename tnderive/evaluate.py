@@ -13,8 +13,9 @@ pipeline as generated code, without writing source:
 Lowering setting for one-off evaluation (`EVALUATE_METHOD`, `EVALUATE_FORMS`): the same
 `lower()`, the same Program and ops as `compile`, but contraction orders from opt_einsum's
 "auto" search (exhaustive up to 4 operands, as the eager evaluator this replaces had) instead
-of the exhaustive search up to 8, and only the structural form of a large sum (compile also
-lowers and costs three term-wise forms). On the test expressions that makes lowering a Hessian
+of the exhaustive search up to 8. Both lower and cost three term-wise forms of a large sum
+besides its structural form, when the structural form is expensive enough
+(`codegen.cost.FORMS_MIN_COST`). On the test expressions that makes lowering a Hessian
 block 4-10x cheaper (MLP Hessian 15-23 ms -> 2 ms, attention Q-K Hessian 80 -> 24 ms; median
 expression 0.2 ms), while a cached call costs about 80 µs
 (`python benchmarks/codegen.py --lowering`). Use `compile` for code that runs many times.
@@ -46,8 +47,10 @@ LOWERED_KEPT = 256
 #: 4 operands per product, then branch-and-bound / greedy), as the eager evaluator had
 EVALUATE_METHOD = "auto"
 
-#: term-wise forms of a large sum costed besides the structural one (compile tries `FORMS_TRIED`)
-EVALUATE_FORMS = 0
+#: term-wise forms of a large sum costed besides the structural one, as compile: `FORMS_TRIED`,
+#: only when the structural form costs at least `codegen.cost.FORMS_MIN_COST` (a sum of
+#: Hessian terms at L = 128 runs 100x faster term-wise; a small one is not worth the lowering)
+EVALUATE_FORMS = None
 
 
 def evaluate(expr: Expr, sizes: Mapping[str, int] | None = None, **tensors: torch.Tensor) -> torch.Tensor:

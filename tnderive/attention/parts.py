@@ -71,11 +71,10 @@ class BlockPart:
                 self._programs[fn_name, planned] = compile_expr(self.expr, fn_name, sizes=plan)
         return self._programs[fn_name, planned]
 
-    def evaluate(self, tensors: Mapping[str, torch.Tensor], fast: bool | None = None) -> torch.Tensor:
-        """Numeric value; `fast` runs the generated code, else `tnderive.evaluate` (default:
-        generated code for expanded single-layer parts, `evaluate` for whole-stack parts)."""
-        if fast is None:
-            fast = self.expanded
+    def evaluate(self, tensors: Mapping[str, torch.Tensor], fast: bool = False) -> torch.Tensor:
+        """Numeric value: `tnderive.evaluate` (the interpreter, whose program is lowered once
+        and cached), or with `fast` the generated code of `program()` (the same lowering with
+        a longer contraction-order search; it costs a compile first)."""
         used = {k: v for k, v in tensors.items() if k in self.expr.variables}
         missing = [k for k in self.expr.variables if k not in used]
         if missing:
