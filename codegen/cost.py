@@ -17,6 +17,9 @@ MEMORY_WEIGHT = 16
 OP_OVERHEAD = 20_000
 #: term-wise forms of a large sum that `lower` builds and costs besides the structural form
 FORMS_TRIED = 3
+#: ... when the structural form costs at least this much: below it, running the structural
+#: form takes less time than lowering the other forms (about 10 ms each) would save
+FORMS_MIN_COST = 20_000_000
 
 # --- convolutions (`convolution`) -----------------------------------------------------------
 
