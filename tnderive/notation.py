@@ -40,6 +40,7 @@ import re
 import tokenize
 import warnings
 from collections import Counter
+from functools import lru_cache
 from typing import Callable, Iterable, Mapping, Sequence
 
 import sympy
@@ -650,7 +651,7 @@ class _Parser:
             op = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: _times(a, b),
                   ast.Div: lambda: _times(a, 1 / b), ast.Pow: lambda: a ** b}[type(node.op)]
             v = op()
-            return v if v.free_symbols else sympy.nsimplify(v)
+            return v if v.free_symbols else _exact_number(v)
         name = _call_name(node)
         if name == "size":
             return self.size_ref(node)
@@ -1060,3 +1061,10 @@ def substitute(e: Expr, target: tuple[str, ...], idx: tuple[str, ...]) -> Expr:
     renamed = rename_free(e, dict(zip(target, names)))
     out = tuple(dict.fromkeys(idx))
     return Product([renamed] + [Delta([a, b], s) for a, b, s in deltas], out)
+
+
+@lru_cache(maxsize=4096)
+def _exact_number(v: sympy.Expr) -> sympy.Expr:
+    """`sympy.nsimplify` of a constant number expression (2 / sqrt(pi), 0.5 ** 2): exact where
+    sympy recognises it. Cached: the search takes ~5 ms, and imported models repeat constants."""
+    return sympy.nsimplify(v)
