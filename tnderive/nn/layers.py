@@ -56,11 +56,8 @@ def layer_norm(x: str, out: str, weight: str | None = None, bias: str | None = N
     b, d = _idx(batch), feature
     bd = _idx(batch, d)
     _check_name(out, "layer_norm output")
-    scaled = f"{out}_c[{bd}] * ({out}_var[{b}] + {_number(eps)})**(-1/2)"
-    if weight is not None:
-        scaled += f" * {_check_name(weight, 'layer_norm weight')}[{d}]"
-    if bias is not None:
-        scaled += f" + {_check_name(bias, 'layer_norm bias')}[{d}]"
+    scaled = _affine(f"{out}_c[{bd}] * ({out}_var[{b}] + {_number(eps)})**(-1/2)",
+                     weight, bias, d, "layer_norm")
     return "\n".join([
         f"{out}_mu[{b}] = sum({x}[{bd}], {d}) / size({d})",
         f"{out}_c[{bd}] = {x}[{bd}] - {out}_mu[{b}]",
@@ -75,11 +72,19 @@ def rms_norm(x: str, out: str, weight: str | None = None, *, eps: float = 1e-6,
     b, d = _idx(batch), feature
     bd = _idx(batch, d)
     _check_name(out, "rms_norm output")
-    value = f"{x}[{bd}] * ({out}_ms[{b}] + {_number(eps)})**(-1/2)"
-    if weight is not None:
-        value += f" * {_check_name(weight, 'rms_norm weight')}[{d}]"
+    value = _affine(f"{x}[{bd}] * ({out}_ms[{b}] + {_number(eps)})**(-1/2)", weight, None, d,
+                    "rms_norm")
     return "\n".join([f"{out}_ms[{b}] = sum({x}[{bd}]**2, {d}) / size({d})",
                       f"{out}[{bd}] = {value}"])
+
+
+def _affine(value: str, weight: str | None, bias: str | None, d: str, layer: str) -> str:
+    """`value` (notation over index d among others) times weight[d] plus bias[d], where given."""
+    if weight is not None:
+        value += f" * {_check_name(weight, f'{layer} weight')}[{d}]"
+    if bias is not None:
+        value += f" + {_check_name(bias, f'{layer} bias')}[{d}]"
+    return value
 
 
 def linear(x: str, out: str, weight: str, bias: str | None = None, *, in_index: str = "d",
