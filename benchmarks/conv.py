@@ -8,8 +8,9 @@ patchify stem (K = S = 4 and 16, dense), MobileNetV2 depthwise layers; batch 8, 
 * tnderive forward: `tnderive.nn.functional.conv2d` (the network evaluated by
   `tnderive.evaluate`: its one product lowers to a call of torch's convolution kernel,
   `codegen.convolution`); VJPs: `Network.vjp(name)` — derived with `tnderive.vjp` on the
-  network, simplified once, lowered the same way (torch's weight-VJP and input-VJP kernels,
-  or views alone for non-overlapping windows).
+  network, simplified once, lowered the same way (torch's weight-VJP and input-VJP kernels;
+  for non-overlapping windows one matmul and one copy into the layout, or views; for the
+  7×7 stem one matmul per group of images and one add per kernel tap).
 * torch: `F.conv2d`; VJPs: `torch.autograd.grad` on a graph built once (backward only).
 * einconv (optional peer): `einconv.functionals.convNd`; VJPs: its input/weight-VJP einsum expressions
   (built and contracted each call, as its functional API does).
@@ -202,8 +203,10 @@ def main(argv=None) -> None:
         f"interleaved rounds (calls under 30 ms repeated within a round); total {elapsed:.0f} s. "
         f"Command: `python benchmarks/conv.py`; {allocator} (see benchmarks/_steady.py). "
         "tnderive lowers each convolution product to one call of torch's public convolution "
-        "kernels (`codegen.convolution`: conv, its weight VJP, its input VJP); non-overlapping "
-        "input VJPs stay views. The private oneDNN op and the eager kernels are gone (issue 16).",
+        "kernels (`codegen.convolution`: conv, its weight VJP, its input VJP), except two input "
+        "VJPs: non-overlapping windows (one matmul, one copy into the layout; views for few "
+        "positions) and the 7×7 stem (per group of images: one matmul, one add per kernel tap "
+        "into its stride phase). The private oneDNN op and the eager kernels are gone (issue 16).",
         "VJPs: torch = autograd backward on a prebuilt graph; tnderive = `Network.vjp` (derived "
         "with `tnderive.vjp`, simplified, evaluated); einconv = its VJP "
         "einsum expressions. Shared 2-core machine: expect ±30 % noise.",

@@ -20,10 +20,20 @@ in float32 on channels-last inputs, equal otherwise). Lowering (`program`) emits
 `conv` op with a `ConvCall` payload instead of views and einsums; the emitter writes it
 (`source_lines`) and the interpreter runs it (`runner`), both calling the same public torch
 functions, which autograd and torch.func differentiate.
+
+Two input VJPs run without torch's input-VJP kernel (`cost` chooses, at lowering):
+
+* few input channels and many kernel taps (a 7×7 stem): for a group of images at a time,
+  one matmul to the kernel taps' columns, then one add per tap into the stride phase it
+  hits (`ConvCall.taps`): the result is kept as S^m phase images of contiguous rows, so each
+  add streams through rows, and interleaved into the input layout by one copy at the end;
+* windows that do not overlap (dense K = S patches, 1×1 strided layers: a placement): one
+  batched matmul whose result is copied once into the input layout (`ConvCall.place`).
 """
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -51,10 +61,12 @@ class ConvCall:
     around x first (asymmetric padding; then `padding` is 0); crop: (left, right) per spatial
     dim cut off the input VJP's result (asymmetric padding); size: the shape torch's VJP
     returns (the kernel's for the weight VJP, the input's for the input VJP); transpose: the
-    input VJP as a transposed convolution, (padding, output_padding, crop or None); taps: the
-    input VJP per image instead (few input channels, large kernels: `cost`), as a matmul to
-    the kernel taps' columns and one strided add per tap into the unpadded result, then
-    transpose's crop (its padding is 0 then)."""
+    input VJP as a transposed convolution, (padding, output_padding, crop or None); taps
+    (> 0): the input VJP for `taps` images at a time instead (few input channels, large
+    kernels: `cost`), a matmul to the kernel taps' columns and one add per tap into its
+    stride phase, interleaved and cut to transpose's crop (its padding is 0 then); place: a
+    non-overlapping input VJP as a placement (one matmul, one copy into the layout), the
+    (left, right) padding (negative: crop) per spatial dim of its O·S positions."""
 
     mode: str
     m: int
@@ -69,7 +81,8 @@ class ConvCall:
     crop: tuple | None = None
     size: tuple = ()
     transpose: tuple = ()
-    taps: bool = False
+    taps: int = 0
+    place: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -113,8 +126,9 @@ def match(factors: list[Expr], find: Callable, out: set[str]) -> tuple | None:
         A, B = set(labels[a]), set(labels[b])
         for mode in MODES:
             if all(_legs_fit(mode, g, A, B, out) for g in geos):
-                if mode == "input" and not any(g.S < g.D * (g.K - 1) + 1 for g in geos):
-                    return None  # windows do not overlap: a placement (`views`) is cheaper
+                if mode == "input" and all(g.S >= g.D * (g.K - 1) + 1 for g in geos) and \
+                        math.prod(g.O for g in geos) < cost.PLACE_MIN_POSITIONS:
+                    return None  # a placement of few positions: by views, one GEMM (`cost`)
                 return mode, (rest[a], rest[b]), tuple(geos)
     return None
 
@@ -164,7 +178,8 @@ def lower(low, mode: str, a: Value, b: Value, geos: tuple, out: tuple[str, ...])
     pre_pad = crop = None
     torch_size: tuple = ()
     transpose: tuple = ()
-    taps = False
+    taps = 0
+    place = None
     K = [g.K for g in geos]
     O = [g.O for g in geos]
     I = [g.I for g in geos]
@@ -191,8 +206,14 @@ def lower(low, mode: str, a: Value, b: Value, geos: tuple, out: tuple[str, ...])
             crop = tuple((-g.pl, -g.pr) for g in geos)
         full = [(g.O - 1) * g.S + g.D * (g.K - 1) + 1 for g in geos]  # conv_transpose's size
         extra = tuple(g.I + 2 * g.pl - f for g, f in zip(geos, full))
-        taps = (G == 1 and sympy.sympify(E).is_Integer and E <= cost.INPUT_VJP_TAPS_MAX_CHANNELS
-                and sympy.Mul(*K) >= cost.INPUT_VJP_TAPS_MIN_TAPS)
+        if all(g.S >= g.D * (g.K - 1) + 1 for g in geos):  # windows do not overlap
+            place = tuple((-g.pl, g.I + g.pl - g.O * g.S) for g in geos)
+        elif (G == 1 and sympy.sympify(E).is_Integer and E <= cost.INPUT_VJP_TAPS_MAX_CHANNELS
+              and sympy.Mul(*K) >= cost.INPUT_VJP_TAPS_MIN_TAPS):
+            columns = int(E * sympy.Mul(*K) * sympy.Mul(*O))  # per image
+            taps = max(1, cost.INPUT_VJP_TAPS_BLOCK // columns)
+            if sympy.sympify(B_).is_Integer:
+                taps = min(taps, int(B_))
         if symmetric and not taps and all(0 <= p < max(g.S, g.D) for p, g in zip(extra, geos)):
             transpose = (padding, extra, None)
         else:  # unpadded, then cropped / zero-padded to the input
@@ -202,7 +223,7 @@ def lower(low, mode: str, a: Value, b: Value, geos: tuple, out: tuple[str, ...])
         pre_pad = tuple((g.pl, g.pr) for g in geos)
     perm = tuple(res.index(x) for x in out)
     call = ConvCall(mode, m, ta, tb, (tuple(res_shape), perm), stride, padding, dilation, G,
-                    pre_pad, crop, torch_size, transpose, taps)
+                    pre_pad, crop, torch_size, transpose, taps, place)
     shape = tuple(dict(zip(res, res_shape))[x] for x in out)
     v = low.emit("conv", (a, b), tuple(out), shape, payload=call)
     if low.ops and low.ops[-1].out == v.name:  # new op: 2 flops per multiply-add
@@ -271,6 +292,9 @@ def source_lines(out: str, a: str, b: str, call: ConvCall, labels) -> str:
     elif call.taps:
         lines += _taps_lines(out, call)
         expr = f"{out}_y"
+    elif call.place is not None:
+        lines += _place_lines(out, call)
+        expr = f"{out}_y"
     else:
         size = "(" + ", ".join(py_size(s) for s in call.size) + ")"
         by_input = _cropped(f"{fn}({size}, {first}, {out}_b, {opts})", call.crop)
@@ -289,7 +313,8 @@ def source_lines(out: str, a: str, b: str, call: ConvCall, labels) -> str:
     if perm != tuple(range(len(perm))):
         expr += f".permute{_tuple(perm)}"
     what = {"forward": "torch's convolution kernel", "weight": "torch's convolution weight VJP kernel",
-            "input": "per image: a matmul, then one add per kernel tap" if call.taps
+            "input": "per group of images: a matmul, then one add per kernel tap" if call.taps
+            else "a placement: one matmul, one copy" if call.place is not None
             else "torch's convolution input VJP kernel"}[call.mode]
     lines.append(f"{out} = {expr}  # [{','.join(labels)}]  {what}")
     lines.append(f"del {out}_a, {out}_b" + (f", {out}_y" if call.mode == "input" else ""))
@@ -297,57 +322,164 @@ def source_lines(out: str, a: str, b: str, call: ConvCall, labels) -> str:
 
 
 def _taps_geometry(call: ConvCall) -> tuple:
-    """(B, C, E, kernel sizes, output sizes, unpadded result sizes) of a per-image input VJP:
-    a = W [C, E, *K], b = g [B, C, *O] in torch's layout."""
+    """Sizes of the per-image input VJP (`ConvCall.taps`; a = W [C, E, *K], b = g [B, C, *O]
+    in torch's layout): (B, C, E, K, O, H, left padding, I), where the unpadded result's
+    positions along spatial dim j are S·h + phase, h < H_j rows per stride phase (enough for
+    every tap and for the input's positions once its left padding is cut off)."""
     C, E, *K = call.a[1]
     B, _, *O = call.b[1]
+    K, O = [int(k) for k in K], [int(o) for o in O]
     full = [s * (o - 1) + d * (k - 1) + 1 for s, d, k, o in zip(call.stride, call.dilation, K, O)]
-    return B, C, E, K, O, full
+    left = [-lr[0] for lr in call.transpose[2]]
+    inputs = [f + lr[0] + lr[1] for f, lr in zip(full, call.transpose[2])]
+    rows = [max(o + d * (k - 1) // s, -(-(p + i) // s))
+            for s, d, k, o, p, i in zip(call.stride, call.dilation, K, O, left, inputs)]
+    return B, C, E, K, O, rows, left, inputs
+
+
+def _interleave(m: int) -> tuple:
+    """The permutation of [B, E, phases (m), rows (m)] to [B, E, (row, phase) per dim]."""
+    return (0, 1, *(x for j in range(m) for x in (2 + m + j, 2 + j)))
 
 
 def _taps_lines(out: str, call: ConvCall) -> list[str]:
     """Generated code of the per-image input VJP (`ConvCall.taps`)."""
-    B, C, E, K, O, full = _taps_geometry(call)
-    m = call.m
-    taps = sympy.Mul(*K)
-    lines = [f"{out}_w = {out}_a.reshape({py_size(C)}, {py_size(E * taps)}).t()"
+    B, C, E, K, O, H, left, inputs = _taps_geometry(call)
+    m, S, D = call.m, call.stride, call.dilation
+    sizes = lambda xs: ", ".join(py_size(x) for x in xs)  # noqa: E731
+    lines = [f"{out}_w = {out}_a.reshape({py_size(C)}, {py_size(E * sympy.Mul(*K))}).t()"
              f"  # kernel [(e, taps), c]",
-             f"{out}_v = {out}_b.reshape({py_size(B)}, {py_size(C)}, -1)",
-             f"{out}_y = {out}_v.new_zeros({', '.join(py_size(x) for x in (B, E, *full))})"
-             f"  # the input VJP before the padding is cut off",
-             f"for _n in range({py_size(B)}):  # one image at a time: its columns stay in cache",
-             f"    {out}_c = ({out}_w @ {out}_v[_n]).view("
-             f"{', '.join(py_size(x) for x in (E, *K, *O))})  # [e, taps, positions]"]
+             f"{out}_v = {out}_b.reshape({py_size(B)}, {py_size(C)}, {sympy.Mul(*O)})",
+             f"{out}_y = {out}_v.new_zeros({sizes((B, E, *S, *H))})"
+             f"  # [n, e, stride phases, rows]: the input VJP before its padding is cut off",
+             f"for _n in range(0, {py_size(B)}, {call.taps}):"
+             f"  # {call.taps} image(s) at a time: their columns stay in cache",
+             f"    {out}_c = ({out}_w @ {out}_v[_n:_n + {call.taps}])"
+             f".view(-1, {sizes((E, *K, *O))})  # [n, e, taps, positions]"]
     indent = "    "
     for j in range(m):
-        lines.append(f"{indent}for _k{j} in range({py_size(K[j])}):")
+        lines.append(f"{indent}for _k{j} in range({K[j]}):")
         indent += "    "
-    where = ", ".join(f"_k{j} * {call.dilation[j]}:_k{j} * {call.dilation[j]} + "
-                      f"{py_size(call.stride[j] * (O[j] - 1) + 1)}:{call.stride[j]}" for j in range(m))
+        tap = f"_k{j}" if D[j] == 1 else f"_k{j} * {D[j]}"
+        lines.append(f"{indent}_q{j}, _p{j} = divmod({tap}, {S[j]})"
+                     f"  # this tap's first row and stride phase")
+    where = ", ".join([f"_p{j}" for j in range(m)] + [f"_q{j}:_q{j} + {O[j]}" for j in range(m)])
     tap = ", ".join(f"_k{j}" for j in range(m))
-    lines.append(f"{indent}{out}_y[_n, :, {where}] += {out}_c[:, {tap}]  # this tap's strided slice")
-    lines.append(f"{out}_y = {_cropped(f'{out}_y', call.transpose[2])}  # cut off the padding")
+    lines.append(f"{indent}{out}_y[_n:_n + {call.taps}, :, {where}].add_({out}_c[:, :, {tap}])")
+    cut = ", ".join(f"{p}:{p + i}" for p, i in zip(left, inputs))
+    lines.append(f"{out}_y = {out}_y.permute{_tuple(_interleave(m))}.reshape("
+                 f"{sizes((B, E, *(h * s for h, s in zip(H, S))))})[:, :, {cut}]"
+                 f"  # phases interleaved, padding cut off")
     lines.append(f"del {out}_w, {out}_v, {out}_c")
     return lines
 
 
 def _taps_runner(call: ConvCall, size: Callable) -> Callable:
     """The interpreter's per-image input VJP (`ConvCall.taps`): a, b in torch's layout."""
-    B, C, E, K, O, full = (size(x) if not isinstance(x, list) else [size(y) for y in x]
-                           for x in _taps_geometry(call))
-    crop = [p for lr in reversed(call.transpose[2]) for p in lr]
-    slices = [[slice(k * d, k * d + s * (o - 1) + 1, s) for k in range(kk)]
-              for kk, d, s, o in zip(K, call.dilation, call.stride, O)]
+    B, C, E, K, O, H, left, inputs = _taps_geometry(call)
+    B, C, E = size(B), size(C), size(E)
+    m, S, D, n_img = call.m, call.stride, call.dilation, call.taps
+    every = (slice(None), slice(None))
+    taps = []  # (tap, where its columns are added)
+    for tap in itertools.product(*(range(k) for k in K)):
+        qp = [divmod(k * d, s) for k, d, s in zip(tap, D, S)]  # (first row, stride phase)
+        taps.append((every + tap, every + tuple(p for _, p in qp)
+                     + tuple(slice(q, q + o) for (q, _), o in zip(qp, O))))
+    perm, shape = _interleave(m), (B, E, *(h * s for h, s in zip(H, S)))
+    cut = every + tuple(slice(p, p + i) for p, i in zip(left, inputs))
 
     def run(a, b):
         w = a.reshape(C, -1).t()
         v = b.reshape(B, C, -1)
-        y = v.new_zeros(B, E, *full)
-        for n in range(B):
-            cols = (w @ v[n]).view(E, *K, *O)
-            for tap in itertools.product(*(range(k) for k in K)):
-                y[(n, slice(None), *(sl[k] for sl, k in zip(slices, tap)))] += cols[(slice(None), *tap)]
-        return torch.nn.functional.pad(y, crop)
+        y = v.new_zeros(B, E, *S, *H)
+        for n in range(0, B, n_img):
+            cols = (w @ v[n:n + n_img]).view(-1, E, *K, *O)
+            block = y[n:n + n_img]
+            for tap, where in taps:
+                block[where].add_(cols[tap])
+        return y.permute(perm).reshape(shape)[cut]
+    return run
+
+
+def _place_geometry(call: ConvCall) -> tuple:
+    """Sizes of a placement (`ConvCall.place`; a = W [G·C, E, *K], b = g [B, G·C, *O] in
+    torch's layout): (B, G, C, E, K, O, dense: no zeros between windows)."""
+    GC, E, *K = call.a[1]
+    B, _, *O = call.b[1]
+    K, O = [int(k) for k in K], [int(o) for o in O]
+    G = call.groups
+    dense = all(k == s and (d == 1 or k == 1) for k, s, d in zip(K, call.stride, call.dilation))
+    return B, G, sympy.sympify(GC) / G, E, K, O, dense
+
+
+def _place_lines(out: str, call: ConvCall) -> list[str]:
+    """Generated code of a placement (`ConvCall.place`)."""
+    B, G, C, E, K, O, dense = _place_geometry(call)
+    m, S, D = call.m, call.stride, call.dilation
+    sizes = lambda xs: ", ".join(py_size(x) for x in xs)  # noqa: E731
+    taps = sympy.Mul(*K)
+    lines = [f"{out}_w = {out}_a.reshape({sizes((G, C, E * taps))})  # kernel [g, c, (e, taps)]",
+             f"{out}_v = {out}_b.reshape({sizes((B, G, C, sympy.Mul(*O)))})"]
+    if taps == 1:  # [n, g, e, positions]: already in the input's order
+        windows = (B, G, E, *(x for o in O for x in (o, 1)))
+        lines.append(f"{out}_r = ({out}_w.mT @ {out}_v).view({sizes(windows)})"
+                     f"  # [n, g, e, (o, k) per dim]")
+    else:
+        lines.append(f"{out}_r = ({out}_v.mT @ {out}_w).view({sizes((B, G, *O, E, *K))})"
+                     f".permute{_tuple(_place_order(m))}  # [n, g, e, (o, k) per dim]")
+    placed = (B, G * E, *(o * s for o, s in zip(O, S)))
+    if dense:
+        lines.append(f"{out}_y = {out}_r.reshape({sizes(placed)})  # one copy into the layout")
+    else:
+        lines.append(f"{out}_y = {out}_r.new_zeros({sizes(_spaced(B, G, E, O, S))})"
+                     f"  # zeros between the windows")
+        where = ", ".join(f":, :{d * (k - 1) + 1}" + (f":{d}" if d > 1 else "")
+                          for k, d in zip(K, D))
+        lines.append(f"{out}_y[:, :, :, {where}] = {out}_r  # one copy into the layout")
+        lines.append(f"{out}_y = {out}_y.view({sizes(placed)})")
+    if any(p != 0 for lr in call.place for p in lr):
+        lines.append(f"{out}_y = {_cropped(f'{out}_y', call.place)}  # to the input's positions")
+    lines.append(f"del {out}_w, {out}_v, {out}_r")
+    return lines
+
+
+def _place_order(m: int) -> tuple:
+    """The permutation of [B, G, O (m), E, K (m)] to [B, G, E, (o, k) per dim]."""
+    return (0, 1, 2 + m, *(x for j in range(m) for x in (2 + j, 3 + m + j)))
+
+
+def _spaced(B, G, E, O: list, S: tuple) -> tuple:
+    """[B, G, E, (o, S) per dim]: every window followed by zeros up to the next one."""
+    return (B, G, E, *(x for o, s in zip(O, S) for x in (o, s)))
+
+
+def _place_runner(call: ConvCall, size: Callable) -> Callable:
+    """The interpreter's placement (`ConvCall.place`): a, b in torch's layout."""
+    B, G, C, E, K, O, dense = _place_geometry(call)
+    B, G, C, E = size(B), size(G), size(C), size(E)
+    m, S, D = call.m, call.stride, call.dilation
+    taps = math.prod(K)
+    windows = (B, G, E, *(x for o in O for x in (o, 1)))
+    placed = (B, G * E, *(o * s for o, s in zip(O, S)))
+    where = (slice(None),) * 3 + tuple(x for k, d in zip(K, D)
+                                       for x in (slice(None), slice(None, d * (k - 1) + 1, d)))
+    pads = [p for lr in reversed(call.place) for p in lr]
+    order = _place_order(m)
+
+    def run(a, b):
+        w = a.reshape(G, C, E * taps)
+        v = b.reshape(B, G, C, -1)
+        if taps == 1:
+            r = (w.mT @ v).view(windows)
+        else:
+            r = (v.mT @ w).view(B, G, *O, E, *K).permute(order)
+        if dense:
+            y = r.reshape(placed)
+        else:
+            y = r.new_zeros(_spaced(B, G, E, O, S))
+            y[where] = r
+            y = y.view(placed)
+        return torch.nn.functional.pad(y, pads) if any(pads) else y
     return run
 
 
@@ -380,7 +512,8 @@ def runner(call: ConvCall, size: Callable) -> Callable:
         transpose = (torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
                      torch.nn.functional.conv_transpose3d)[call.m - 1]
     identity = tuple(range(len(po)))
-    per_image = _taps_runner(call, size) if call.taps else None
+    own = _taps_runner(call, size) if call.taps else \
+        _place_runner(call, size) if call.place is not None else None  # no input-VJP kernel
 
     def run(ctx, a, b):
         x = a.permute(pa).reshape(sa)
@@ -391,8 +524,8 @@ def runner(call: ConvCall, size: Callable) -> Callable:
             r = fn(x, y, **kw)
         elif call.mode == "weight":
             r = fn(x, tsize, y, **kw)
-        elif per_image is not None:
-            r = per_image(x, y)
+        elif own is not None:
+            r = own(x, y)
         elif y.dtype == torch.float64:  # the kernel choice of `source_lines`
             r = fn(tsize, x, y, **kw)
             if crop is not None:

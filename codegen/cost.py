@@ -29,10 +29,20 @@ FORMS_MIN_COST = 20_000_000
 CONVOLUTION_KERNELS = True
 #: an input VJP with at most this many input channels (per group, groups = 1) ...
 INPUT_VJP_TAPS_MAX_CHANNELS = 4
-#: ... and at least this many kernel taps runs per image: one matmul to the taps' columns,
-#: then each tap added into a strided slice (ResNet-18's 7×7/2 stem: 42 ms against 97 ms for
-#: torch's input-VJP kernel; with 3×3 kernels or more channels torch's kernel is faster)
+#: ... and at least this many kernel taps runs per group of images: one matmul to the taps'
+#: columns, then each tap added into its stride phase (ResNet-18's 7×7/2 stem: 32 ms against
+#: 97 ms for torch's input-VJP kernel; with 3×3 kernels or more channels torch's is faster)
 INPUT_VJP_TAPS_MIN_TAPS = 25
+#: ... with the columns of at most this many entries (at least one image) per matmul: larger
+#: groups make fewer, larger calls; the stem's 4 images (7.4 MB each in float32) run about
+#: 10 % faster than one at a time
+INPUT_VJP_TAPS_BLOCK = 8 << 20
+#: an input VJP whose windows do not overlap (a placement: dense K = S patches, 1×1 strided
+#: layers) with at least this many output positions per image is one matmul per image and
+#: one copy into the input's layout (ConvNeXt's 4×4/4 stem: 4.5 ms against 8.3 ms for the
+#: views' einsum and reshape); with fewer (ResNet-18's last 1×1/2 shortcut, 7×7 positions)
+#: the views' one GEMM over all images is faster, so it stays a placement by views
+PLACE_MIN_POSITIONS = 128
 
 # --- stride-1 convolutions without kernels: one batched matmul per kernel tap (`taps`) -------
 

@@ -3,6 +3,8 @@ slice), results equal to `evaluate` (dense patterns) and torch in float64, deriv
 bound from argument shapes."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,8 @@ from tnderive.ir import Product, Variable, size_symbol
 from tnderive.patterns import pattern_constant, pattern_sum_constant
 
 from tests.cases.strategies import conv_cases
+
+EV = importlib.import_module("tnderive.evaluate")  # the module (`tnderive.evaluate` is the function)
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 #: lowerings of a convolution product: torch's convolution kernels (the default, one `conv`
@@ -311,3 +315,88 @@ def test_generated_convolution_kernels_vs_torch(case, dtype):
         expr = net.vjp(name).expr
         tensors = {k: t for k, t in {**inputs, "v": vv}.items() if k in expr.variables}
         torch.testing.assert_close(compile(expr)(**tensors).reshape(ref.shape), ref, **tol)
+
+
+def _input_vjp_vs_autograd(net, x, w, tol) -> str:
+    """The generated and the interpreted input VJP of `net` against torch's autograd at x, w;
+    returns the generated source."""
+    expr = vjp(net.core, "x", "v")
+    xg = x.clone().requires_grad_()
+    y = net.finish(evaluate(net.core, **net.prepare(xg, w)), None)
+    v = torch.randn(y.shape, dtype=x.dtype)
+    (ref,) = torch.autograd.grad(y, xg, v)
+    tensors = {k: t for k, t in {**net.prepare(x, w), "v": v.reshape(
+        [int(n) for n in net.core.shape])}.items() if k in expr.variables}
+    f = compile(expr)
+    EV.lowered.cache_clear()  # evaluate lowers anew under the thresholds set by the caller
+    for got in (f(**tensors), evaluate(expr, **tensors)):
+        torch.testing.assert_close(got.reshape(ref.shape), ref, **tol)
+    EV.lowered.cache_clear()
+    return f.source
+
+
+@pytest.mark.parametrize("case", SCATTER_AS_VIEWS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_placement_is_one_matmul(case, dtype, monkeypatch):
+    """Non-overlapping input VJPs with enough positions per image (here: any) are one matmul
+    and one copy into the input's layout (zeros between windows, padding cut or added)."""
+    monkeypatch.setattr(cost, "PLACE_MIN_POSITIONS", 1)
+    net, x, w = _network(case)
+    tol = TOL if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    src = _input_vjp_vs_autograd(net, x.to(dtype), w.to(dtype), tol)
+    assert "a placement: one matmul" in src and "d_input(" not in src
+
+
+def test_placement_threshold():
+    """By default a placement of many positions per image (a ConvNeXt-like 4×4/4 stem) is the
+    one-matmul op, one of few positions (a 1×1/2 layer on a 9×9 image) stays views."""
+    xs, ws = (1, 3, 48, 44), (4, 3, 4, 4)
+    net = conv_network(xs, ws, stride=4, bias=False)
+    x, w = torch.randn(xs, dtype=torch.float64), torch.randn(ws, dtype=torch.float64)
+    assert "a placement: one matmul" in _input_vjp_vs_autograd(net, x, w, TOL)
+    few = conv_network((1, 3, 9, 9), (4, 3, 1, 1), stride=2, bias=False)
+    src = _input_vjp_vs_autograd(few, torch.randn(1, 3, 9, 9, dtype=torch.float64),
+                                 torch.randn(4, 3, 1, 1, dtype=torch.float64), TOL)
+    assert "a placement: one matmul" not in src and "d_input(" not in src
+
+
+def test_placement_is_differentiable_by_torch_func(monkeypatch):
+    """The placement writes into a fresh zero buffer: torch.func.jacrev and jacfwd still
+    differentiate it (generated code and the interpreter)."""
+    monkeypatch.setattr(cost, "PLACE_MIN_POSITIONS", 1)
+    xs, ws = (1, 2, 9, 7), (3, 2, 2, 2)
+    net = conv_network(xs, ws, stride=3, padding=(1, 0), bias=False)
+    w = torch.randn(ws, dtype=torch.float64)
+    expr = vjp(net.core, "x", "v")
+    W = net.prepare(torch.zeros(xs, dtype=torch.float64), w)["W"]
+    f = compile(expr)
+    assert "a placement: one matmul" in f.source
+    shape = [int(n) for n in net.core.shape]
+    v = torch.randn(shape, dtype=torch.float64)
+    ref = torch.func.jacrev(lambda t: torch.nn.grad.conv2d_input(
+        xs, w, t.reshape(1, 3, *shape[-2:]), stride=3, padding=(1, 0)))(v)
+    EV.lowered.cache_clear()
+    for run in (lambda t: f(v=t, W=W), lambda t: evaluate(expr, v=t, W=W)):
+        for jac in (torch.func.jacrev, torch.func.jacfwd):
+            torch.testing.assert_close(jac(lambda t: run(t).reshape(xs))(v), ref, **TOL)
+    EV.lowered.cache_clear()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases(), st.integers(1, 400))
+def test_input_vjp_without_torch_kernel_vs_torch(case, block):
+    """Random hyperparameters with the thresholds lowered so that every input VJP that can
+    runs without torch's kernel: placements (non-overlapping windows) and per-image taps
+    (groups = 1), in groups of images of random size; float64 against torch's autograd."""
+    kw = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
+              groups=case["groups"])
+    net = conv_network(case["x"], case["w"], bias=False, **kw)
+    x = torch.randn(case["x"], dtype=torch.float64)
+    w = torch.randn(case["w"], dtype=torch.float64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cost, "PLACE_MIN_POSITIONS", 1)
+        mp.setattr(cost, "INPUT_VJP_TAPS_MIN_TAPS", 1)
+        mp.setattr(cost, "INPUT_VJP_TAPS_MAX_CHANNELS", 8)
+        mp.setattr(cost, "INPUT_VJP_TAPS_BLOCK", block)
+        src = _input_vjp_vs_autograd(net, x, w, TOL)
+    assert "d_input(" not in src or case["groups"] > 1
