@@ -88,15 +88,13 @@ def networks(quick: bool) -> list[Network]:
 
 def network_expr(net: Network, device, dtype):
     """(expr, tensors, description) of a network spec; for (c) the real derived KFAC-reduce
-    input factor (tnderive.kfac on tnderive.nn.conv) when those modules are available."""
+    input factor (tnderive.kfac on tnderive.nn.conv)."""
     from tnderive.ir import Delta, Product, Variable
     from tnderive.patterns import pattern_constant
 
     gen = torch.Generator().manual_seed(0)
     if net.patterns:
-        derived = kfac_reduce_expr(net, device, dtype, gen)
-        if derived is not None:
-            return derived
+        return kfac_reduce_expr(net, device, dtype, gen)
     tensors: dict[str, torch.Tensor] = {}
     factors = []
     var_axes: dict[str, str] = {}
@@ -119,17 +117,13 @@ def network_expr(net: Network, device, dtype):
 
 
 def kfac_reduce_expr(net: Network, device, dtype, gen):
-    """The KFAC-reduce input factor derived by tnderive.kfac (None if the derivation fails)."""
+    """The KFAC-reduce input factor derived by tnderive.kfac."""
     from tnderive.kfac import kfac
     from tnderive.nn.conv import conv_network
 
     N, C, H = net.sizes["n"], net.sizes["c"], net.sizes["i"]
-    try:
-        conv = conv_network((N, C, H, H), (C, C, 3, 3), stride=1, padding=1, bias=False)
-        expr = kfac(conv.expr, weight="W", batch="n", kind="reduce").input_expr
-    except Exception as e:  # a module still changing: fall back to the hand-written network
-        print(f"  (kfac derivation failed: {e}; using the einsum-level network)", file=sys.stderr)
-        return None
+    conv = conv_network((N, C, H, H), (C, C, 3, 3), stride=1, padding=1, bias=False)
+    expr = kfac(conv.expr, weight="W", batch="n", kind="reduce").input_expr
     x = torch.randn(N, C, H, H, generator=gen, dtype=torch.float64).to(device, dtype)
     w = torch.zeros(C, C, 3, 3, device=device, dtype=dtype)
     tensors = {k: v for k, v in conv.prepare(x, w).items() if k in expr.variables}
@@ -142,9 +136,11 @@ def flat_network(expr, tensors, device, dtype):
     import opt_einsum
     from tnderive.constants import build_constant
     from tnderive.ir import Constant, Delta, Variable
-    from tnderive.structured import flatten_product
+    from tnderive.rules.algebra import flatten_product
 
-    flat = flatten_product(expr)
+    flat = expr
+    while (spliced := flatten_product(flat)) is not None:  # one level of nesting per call
+        flat = spliced
     letters: dict[str, str] = {}
     terms, ops = [], []
     sizes: dict[str, int] = {}
@@ -241,6 +237,7 @@ def derived_mlp(device, dtype, quick: bool):
     from tnderive.codegen import compile as tn_compile
     from tnderive.functions import get_elementwise, power
     from tnderive.ir import Delta, Func, Product, Sum, Variable
+    from tnderive.simplify import simplify
 
     W = Variable("W", ("o", "i"))
     x = Variable("x", ("n", "i"))
@@ -249,12 +246,7 @@ def derived_mlp(device, dtype, quick: bool):
     z = Sum(((1, Product((W, x), ("n", "o"))), (1, Product((b, Delta(("n",), "n")), ("n", "o")))))
     r = Sum(((1, Func(get_elementwise("tanh"), z)), (-1, t)))
     loss = Sum(((0.5, Product((Func(power(2), r),), ())),))
-    H = derive.hessian(loss, "W")
-    try:
-        from tnderive.simplify import simplify
-        H = simplify(H)
-    except Exception:  # simplify missing or failing: the raw derivative is still correct
-        pass
+    H = simplify(derive.hessian(loss, "W"))
     n, i, o = (256 if quick else 512), 64, 16
     gen = torch.Generator().manual_seed(1)
     T = {"W": torch.randn(o, i, generator=gen, dtype=torch.float64) / 8,
@@ -388,24 +380,21 @@ def run(device: torch.device, dtype, repeats: int, quick: bool) -> tuple[str, li
                         f"= {plan.flops_at():,}; naive single loop nest {plan.naive_flops_at():,}; "
                         f"largest intermediate {plan.largest_at():,} entries")
     # end-to-end derived block
-    try:
-        peers, compiled, note = derived_mlp(device, dtype, quick)
-        results = measure_all(peers, device, repeats, MIN_TIME,
-                              log=lambda n: print(f"  derived: {n} ...", file=sys.stderr, flush=True))
-        ref = results["torch.func.hessian"][2]
-        for name, res in results.items():
-            if isinstance(res, Exception):
-                rows.append(f"| (d) derived MLP Hessian d²L/dW² ({note}) | {name} | failed: "
-                            f"{str(res).splitlines()[0][:80]} | | |")
-                continue
-            t, m, out = res
-            err = (out.double() - ref.double()).abs().max().item() / max(ref.double().abs().max().item(), 1e-30)
-            rows.append(f"| (d) derived MLP Hessian d²L/dW² ({note}) | {name} | {_fmt_time(t)} | "
-                        f"{_fmt_mem(m)} | {err:.1e} |")
-        prog = next(iter(compiled.specialisations.values()))[0]
-        sections.append(f"- (d) derived MLP Hessian block ({note}): generated plan {prog.flops} flops")
-    except Exception as e:  # derive/simplify still changing: report and keep the einsum rows
-        sections.append(f"- (d) derived MLP Hessian block skipped: {type(e).__name__}: {e}")
+    peers, compiled, note = derived_mlp(device, dtype, quick)
+    results = measure_all(peers, device, repeats, MIN_TIME,
+                          log=lambda n: print(f"  derived: {n} ...", file=sys.stderr, flush=True))
+    ref = results["torch.func.hessian"][2]
+    for name, res in results.items():
+        if isinstance(res, Exception):
+            rows.append(f"| (d) derived MLP Hessian d²L/dW² ({note}) | {name} | failed: "
+                        f"{str(res).splitlines()[0][:80]} | | |")
+            continue
+        t, m, out = res
+        err = (out.double() - ref.double()).abs().max().item() / max(ref.double().abs().max().item(), 1e-30)
+        rows.append(f"| (d) derived MLP Hessian d²L/dW² ({note}) | {name} | {_fmt_time(t)} | "
+                    f"{_fmt_mem(m)} | {err:.1e} |")
+    prog = next(iter(compiled.specialisations.values()))[0]
+    sections.append(f"- (d) derived MLP Hessian block ({note}): generated plan {prog.flops} flops")
     head = ["| case | peer | median time | peak extra memory | max rel. diff |",
             "| --- | --- | --- | --- | --- |"]
     return "\n".join(head + rows), verdicts + [""] + sections
