@@ -73,6 +73,7 @@ def main(argv=None) -> int:
         return 0
     from tnderive import evaluate
     from tnderive.codegen import codegen, load
+    from tnderive.errors import TNError
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)
     print(f"device: {name}, torch {torch.__version__}")
@@ -85,10 +86,7 @@ def main(argv=None) -> int:
         try:
             fn = load(codegen(expr, "f"), "f")
             ref = fn(**tensors)                                # CPU float64
-            try:
-                ev = _rel(ref, evaluate(expr, **tensors)) if ref.numel() < 10**6 else float("nan")
-            except Exception:  # evaluate lacks a feature (e.g. symbolic coefficients)
-                ev = float("nan")
+            ev = _rel(ref, evaluate(expr, **tensors)) if ref.numel() < 10**6 else float("nan")
             t64 = {k: v.to(dev) for k, v in tensors.items()}
             t32 = {k: v.to(dev, torch.float32) for k, v in tensors.items()}
             out64, out32 = fn(**t64), fn(**t32)
@@ -99,7 +97,7 @@ def main(argv=None) -> int:
             failures += not ok
             print(f"| {name[:42]:42} | {e64:11.1e} | {e32:11.1e} | {ms:10.3f} ms | {ev:11.1e} |"
                   f"{'' if ok else '  <-- FAIL'}")
-        except Exception as e:  # report and go on
+        except (TNError, RuntimeError, AssertionError) as e:  # a failing case: report, go on
             failures += 1
             print(f"| {name[:42]:42} | error: {type(e).__name__}: {str(e)[:80]}")
     print(f"{failures} failure(s)")
