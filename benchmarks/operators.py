@@ -1,7 +1,7 @@
 """Whole-model curvature operators: tnderive.{KFAC, GGN, Hessian} vs curvlinops, same process.
 
 Models (issue 14), CrossEntropyLoss (mean), one batch of `--batch` images of `--image`²
-pixels, width C = `--channels`:
+pixels (default 64 of 32², as in issue 14), width C = `--channels` (default 16):
   * ResNet-style CNN (the KFAC rows): Conv3x3 stem – 3 residual blocks (3x3 convs; the second
     strided, C → 2C, with a 1x1 strided skip conv) – global average pool – Linear(2C→10);
   * 3-conv CNN (the other rows): Conv(3→C, 3, p1) – ReLU – Conv(C→C, 3, s2, p1) – Flatten –
@@ -10,7 +10,8 @@ For float32 and float64, medians over `--repeats` of:
 
   * KFAC factors (expand and reduce, type-2) and one product: tnderive recomputes them with
     its compiled pass (`KFAC._compute`: one fused network per input shape, forward and one
-    reverse pass carrying all loss-Hessian square-root columns); curvlinops builds a fresh
+    reverse pass carrying all C−1 loss-Hessian square-root columns, the batch in pieces of
+    `operators.batching.MICRO_BATCH_BYTES`); curvlinops builds a fresh
     `KFACLinearOperator` (its `compute_kronecker_factors()` adds to the factors it holds);
   * the KFAC-preconditioned gradient: `(KFAC + λI)⁻¹ g` with exact damping (inverse built and
     applied; both sides);
@@ -23,8 +24,15 @@ deviation between the two results. Peak memory: CUDA `max_memory_allocated` on a
 the torch profiler's allocation events are not used (too slow for whole operators), so the
 column shows the process's resident-set high-water mark growth during the timed calls.
 
-    python benchmarks/operators.py [--batch 16] [--image 16] [--channels 8] [--repeats 5]
+    python benchmarks/operators.py [--batch 64] [--image 32] [--channels 16] [--repeats 5]
                                    [--device cpu|cuda] [--no-write]
+
+It re-executes itself once under glibc tunables that keep freed memory in the process
+(benchmarks/_steady.py, as benchmarks/kfac.py and conv.py do): otherwise a call that
+allocates tens of MB pays page faults or not depending on what ran before it (both sides:
+tnderive's float32 KFAC-reduce measured 275–350 ms in one process depending on the calls
+before it, curvlinops' float64 KFAC-expand 4.1 s against 2.4 s steady).
+TNDERIVE_BENCH_NO_REEXEC=1 keeps the default allocator.
 
 Writes its section of benchmarks/RESULTS.md between `<!-- BEGIN operators -->` and
 `<!-- END operators -->`.
@@ -54,6 +62,7 @@ import tnderive as tn  # noqa: E402
 from tests.resnet_model import ResNet  # noqa: E402
 from tests.vit_model import ViT  # noqa: E402
 from _results import write_section  # noqa: E402
+from _steady import steady_allocator  # noqa: E402
 
 try:  # the peer (the bench extra)
     import curvlinops
@@ -266,14 +275,15 @@ def table(rows_by_dtype: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--image", type=int, default=16)
-    ap.add_argument("--channels", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--image", type=int, default=32)
+    ap.add_argument("--channels", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args(argv)
+    allocator = steady_allocator()
     torch.set_num_threads(args.threads)
     rows = {}
     load0 = os.getloadavg()
@@ -284,7 +294,10 @@ def main(argv=None) -> int:
     peer += (f"; for the diagonal BackPACK {version('backpack-for-pytorch')}"
              if backpack else "; BackPACK not installed (diagonal: tnderive only)")
     load = " → ".join("/".join(f"{x:.1f}" for x in avg) for avg in (load0, os.getloadavg()))
+    command = " ".join(["python", "benchmarks/operators.py",
+                        *(sys.argv[1:] if argv is None else argv)])
     text = (f"## Curvature operators on a CNN (`benchmarks/operators.py`)\n\n"
+            f"Command: `{command}`; {allocator} (benchmarks/_steady.py).\n"
             f"Rows \"ResNet: …\": ResNet-style CNN (Conv3x3 stem {args.channels} channels, 3 "
             f"residual blocks of 3x3 convs, the second strided to {2 * args.channels} channels "
             f"with a 1x1 skip conv, global average pool, Linear(→10)); rows \"ViT …\": "

@@ -398,14 +398,17 @@ def _rename_builder(kind: str, src: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------
 
 def emit_ops_module(entry: Program, ops: list[Op], name: str, returns: str, doc: str,
-                    keep: frozenset[str] = frozenset(), sizes: dict | None = None) -> str:
+                    keep: frozenset[str] = frozenset(), sizes: dict | None = None,
+                    inplace: bool = False) -> str:
     """Source of a module (imports only torch) whose function `name` checks its keyword
     arguments once (those of `entry.expr.signature`, the sizes its ops need), then runs `ops`
     in order, one line each as `emit_module` writes them, deleting every temporary after its
     last reader unless it is in `keep`, and returns the python expression `returns`.
 
     For straight-line code assembled from several lowered programs (their ops renamed apart
-    and shared by the caller); `doc` is the module and function docstring."""
+    and shared by the caller); `doc` is the module and function docstring. inplace: products
+    and sums may overwrite an operand read for the last time when autograd is off
+    (`_inplace_line`; not for code a user may run under torch.func.vmap)."""
     if not name.isidentifier() or keyword.iskeyword(name):
         raise TNError(f"codegen: function name {name!r} is not a python identifier")
     kinds = sorted({op.payload[0] for op in ops if op.kind == "const"})
@@ -414,22 +417,86 @@ def emit_ops_module(entry: Program, ops: list[Op], name: str, returns: str, doc:
     if kinds:
         parts += ["", _constant_support(kinds)]
     body = argument_lines(entry, name, sizes or {})
+    head = len(body)
     made = {op.out for op in ops} - set(keep)
     last: dict[str, int] = {}
     for k, op in enumerate(ops):
         for v in op.inputs:
             if v.name in made:
                 last[v.name] = k
+    owners = _owners(ops)
+    reuse = False
     for k, op in enumerate(ops):
-        body.append(_matmul_line(op) or _op_line(op))
+        line = _inplace_line(op, k, made, last, owners) if inplace else None
+        reuse = reuse or line is not None
+        body.append(line or _matmul_line(op) or _op_line(op))
         dead = list(dict.fromkeys(v.name for v in op.inputs if last.get(v.name) == k))
         if dead:  # free intermediates early: lower peak memory
             body.append(f"del {', '.join(dead)}")
+    if reuse:   # autograd may have saved a tensor an in-place step would overwrite
+        body.insert(head, "_fresh = torch.is_grad_enabled()")
     body.append(f"return {returns}")
     fn = f"def {name}({parameters(entry)}):\n" + \
         "\n".join(INDENT + l if l else "" for l in "\n".join(body).split("\n")) + "\n"
     parts += ["", fn]
     return "\n".join(parts).rstrip() + "\n"
+
+
+#: op kinds whose line makes a new tensor (no view of an operand, no cached constant)
+_FRESH_KINDS = frozenset({"conv", "lincomb"})
+
+
+def _owners(ops: list[Op]) -> dict[str, str]:
+    """name -> the op output whose memory it uses: itself for a new tensor (a product of two
+    operands, a linear combination of two or more, a convolution), else (views, reshapes,
+    constants from the cache, ...) its first operand's owner, or "" (never reused in place)
+    when it has none: a conservative alias map."""
+    owner: dict[str, str] = {}
+    for op in ops:
+        fresh = op.kind in _FRESH_KINDS and len(op.inputs) >= 2 or \
+            op.kind == "einsum" and len(op.inputs) == 2
+        if fresh:
+            owner[op.out] = op.out
+        elif op.inputs:
+            owner[op.out] = owner.get(op.inputs[0].name, "")
+        else:
+            owner[op.out] = ""
+    return owner
+
+
+def _inplace_line(op: Op, k: int, made: set, last: dict, owners: dict) -> str | None:
+    """A product `a * b[...]` or sum `a + b` whose operand a (same labels and shape as the
+    result) is a new tensor of this function read for the last time here, with no other
+    value sharing its memory: `a.mul_(...)` / `a.add_(...)` instead, which writes no fresh
+    tensor (a fresh tensor of several MB costs page faults and cache misses on the CPU).
+    Under autograd (`_fresh`) the out-of-place form runs. None otherwise."""
+    if op.kind == "einsum" and len(op.inputs) == 2:
+        method = "mul_"
+    elif op.kind == "lincomb" and len(op.inputs) == 2 and \
+            all(sympy.sympify(c) == 1 for c in op.payload):
+        method = "add_"
+    else:
+        return None
+    for a, b in (op.inputs, op.inputs[::-1]):
+        if len(set(b.labels)) != len(b.labels) or b.ties or a.ties or \
+                not set(b.labels) <= set(op.labels):
+            continue
+        if a.name not in made or last.get(a.name) != k or a.labels != op.labels or \
+                tuple(a.shape) != tuple(op.shape) or owners.get(a.name) != a.name or \
+                owners.get(b.name) == a.name:
+            continue
+        shared = [n for n, o in owners.items() if o == a.name and n != a.name and
+                  (n not in made or last.get(n, -1) > k)]
+        if shared:
+            continue
+        kept = [i for i in op.labels if i in b.labels]
+        other = _arrange(b, kept)
+        if len(kept) != len(op.labels):
+            other += "[" + ", ".join(":" if i in b.labels else "None" for i in op.labels) + "]"
+        sign = "*" if method == "mul_" else "+"
+        return (f"{op.out} = {a.name} {sign} {other} if _fresh else {a.name}.{method}({other})"
+                f"  # [{','.join(op.labels)}]  in place when no autograd")
+    return None
 
 
 def _matmul_line(op: Op) -> str | None:

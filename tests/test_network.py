@@ -407,3 +407,22 @@ def test_derived_networks_keep_the_source_signature():
                     tn.simplify(net.hessian_blocks(pairs=[("W2", "W2")]))):
         assert list(derived.signature) == list(net.signature)
         assert torch.allclose(derived.compile()(**T), derived.evaluate(**T), rtol=1e-12)
+
+
+def test_compiled_network_runs_under_vmap_without_autograd():
+    """Generated network code makes no in-place step by default: under torch.func.vmap an
+    intermediate of the weights alone (unbatched) cannot take a batched operand in place.
+    `compile(inplace=True)` (KFAC's internal pass) writes in place, with the same values."""
+    net = tn.parse_network("a[o] = W[o,k]*u[k]\nb[o] = exp(x[o])\ny[o] = a[o]*b[o]",
+                           sizes={"o": 3, "k": 2})
+    gen = torch.Generator().manual_seed(0)
+    W, u, X = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((3, 2), (2,), (5, 3)))
+    want = torch.stack([(W @ u) * x.exp() for x in X])
+    f = net.compile()
+    with torch.no_grad():
+        got = torch.func.vmap(lambda x: f(W=W, u=u, x=x))(X)
+    assert "_fresh" not in f.source and _close(got, want)
+    g = net.compile(inplace=True)
+    assert ".mul_(" in g.source
+    with torch.no_grad():
+        assert _close(torch.stack([g(W=W, u=u, x=x) for x in X]), want)

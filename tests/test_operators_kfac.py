@@ -267,9 +267,10 @@ def test_fused_pass_adjoints_match_autograd():
                                    atol=1e-12)
 
 
-def test_output_gram_fast_path_equals_the_factor_network():
-    """KFAC-expand's B from the adjoint by batched GEMMs equals the compiled factor network;
-    a grouped convolution (per-group blocks) falls back to the network."""
+@pytest.mark.parametrize("kind", ["expand", "reduce"])
+def test_output_gram_fast_path_equals_the_factor_network(kind):
+    """B from the adjoint by a position sum (reduce) and GEMMs equals the compiled factor
+    network; a grouped convolution (per-group blocks) falls back to the network."""
     from tnderive.operators.kfac import _output_gram
 
     torch.manual_seed(8)
@@ -277,7 +278,7 @@ def test_output_gram_fast_path_equals_the_factor_network():
                            nn.Conv2d(4, 2, 3, groups=2), nn.Flatten(), nn.Linear(32, 3)).double()
     X, y = torch.randn(3, 4, 6, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
     kfac = tn.KFAC(module, nn.CrossEntropyLoss(), list(module.parameters()), [(X, y)],
-                   progressbar=False)
+                   kind=kind, progressbar=False)
     model, layers, net = kfac.network(X)
     fast = 0
     for x in (X, X.contiguous(memory_format=torch.channels_last)):   # both GEMM layouts
@@ -295,3 +296,143 @@ def test_output_gram_fast_path_equals_the_factor_network():
             fast += 1
             torch.testing.assert_close(B.reshape(ref.shape), ref, rtol=1e-12, atol=1e-12)
     assert fast == 4
+
+
+@pytest.mark.parametrize("kind,fisher,reduction", [
+    ("expand", "type-2", "mean"), ("reduce", "type-2", "sum"),
+    ("expand", "mc", "sum"), ("reduce", "empirical", "mean"),
+])
+def test_micro_batches_give_the_whole_batch_factors(kind, fisher, reduction):
+    """Pieces of a batch (7 samples as 3 + 2 + 2: two compiled shapes; 4 as 2 + 2) give the
+    factors of the whole batches (float64, a residual CNN, the MC targets drawn for the whole
+    batch), and the same preconditioned gradient with exact damping."""
+    torch.manual_seed(9)
+    module = resnet().double()
+    g = torch.Generator().manual_seed(9)
+    data = [(torch.randn(n, 2, 6, 6, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (n,), generator=g)) for n in (7, 4)]
+    params = list(module.parameters())
+    loss = nn.CrossEntropyLoss(reduction=reduction)
+    options = dict(kind=kind, fisher=fisher, mc_samples=2, progressbar=False)
+    whole = tn.KFAC(module, loss, params, data, micro_batch=None, **options)
+    split = tn.KFAC(module, loss, params, data, micro_batch=3, **options)
+    assert whole.micro_batches(data[0][0]) == [7]
+    assert split.micro_batches(data[0][0]) == [3, 2, 2]
+    assert split.micro_batches(data[1][0]) == [2, 2]
+    assert whole.blocks.keys() == split.blocks.keys()
+    for name, blk in whole.blocks.items():
+        torch.testing.assert_close(split.blocks[name].A, blk.A, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(split.blocks[name].B, blk.B, rtol=1e-12, atol=1e-13)
+    grads = [torch.randn_like(p) for p in params]
+    torch.testing.assert_close(_flat(split.precondition(grads, damping=1e-2)),
+                               _flat(whole.precondition(grads, damping=1e-2)),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_micro_batch_sizes_and_sample_mixing():
+    """Pieces cover the batch, stay within the budget, take at most two sizes (one when a
+    divisor fits); a model that mixes samples is never split; bad values are refused."""
+    from tnderive.operators.batching import micro_batch_sizes
+
+    for n in range(1, 40):
+        for most in (1, 3, 8, 16):
+            sizes = micro_batch_sizes(n, 10, 10 * most)
+            assert sum(sizes) == n and max(sizes) <= most and len(set(sizes)) <= 2
+    assert micro_batch_sizes(64, 1, 10) == [8] * 8
+    assert micro_batch_sizes(11, 1, 3) == [3, 3, 3, 2]
+
+    class Centred(nn.Module):       # subtracts the batch mean: samples mix
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x - x.mean(0))
+
+    module = Centred().double()
+    data = [(torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64))]
+    kfac = tn.KFAC(module, nn.MSELoss(), list(module.parameters()), data, micro_batch=2,
+                   progressbar=False)
+    assert kfac.micro_batches(data[0][0]) == [6]
+    with pytest.raises(tn.TNError, match="micro_batch must be"):
+        tn.KFAC(module, nn.MSELoss(), list(module.parameters()), data, micro_batch=0)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_reduced_cross_entropy_sqrt_has_c_minus_1_columns(reduction):
+    """The cross-entropy loss-Hessian square root with C−1 columns (what KFAC and the GGN
+    diagonal pull back) has S Sᵀ = the Hessian block of torch's loss (float64), also at
+    saturated logits; other losses keep their C columns."""
+    from tnderive import losses
+    from tnderive.curvature import evaluate
+    from tnderive.ir import Variable
+
+    N, C = 4, 5
+    f = Variable("f", ["n", "c"], shape=(N, C))
+    fv = torch.randn(N, C, dtype=torch.float64) * 3
+    fv[0, -1], fv[1, 0] = 40.0, 40.0          # the last class / another class near certain
+    loss = losses.get(f"ce:{reduction}")
+    S = evaluate(loss.hessian_sqrt(f, "col", reduced=True), context=f, f=fv)
+    assert S.shape == (N, C, C - 1)
+    y = torch.softmax(torch.randn(N, C, dtype=torch.float64), -1)
+    H = torch.func.hessian(lambda z: loss.torch_value(z, y, 1))(fv)
+    blocks = torch.stack([H[k, :, k, :] for k in range(N)])
+    torch.testing.assert_close(S @ S.mT, blocks, rtol=1e-10, atol=1e-14)
+    mse = losses.get(f"mse:{reduction}")
+    assert mse.hessian_sqrt(f, "col", reduced=True).shape == (N, C, C)
+
+
+@pytest.mark.parametrize("kind", ["expand", "reduce"])
+def test_conv_input_factor_fast_paths_equal_the_factor_network(kind):
+    """A of 2-d convolutions without the factor network equals it (float64): expand by
+    per-row GEMMs (stride 1 and dilation 1 along the first spatial axis; a stride or dilation
+    there falls back to the network), reduce by two small matrix products (any stride,
+    dilation); padding on both sides or none, 'same', an even kernel, stride 2."""
+    from tnderive.operators.kfac import _conv_input_gram, _conv_reduce_input
+
+    torch.manual_seed(10)
+    module = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, (2, 3), padding="same"),
+        nn.Tanh(), nn.Conv2d(3, 2, (3, 2), stride=(1, 2), padding=(0, 1)), nn.ReLU(),
+        nn.Conv2d(2, 2, 3, stride=(2, 1)), nn.ReLU(), nn.Conv2d(2, 2, (2, 3), dilation=(2, 1)),
+        nn.Flatten(), nn.Linear(2, 3)).double()
+    X, y = torch.randn(3, 2, 10, 9, dtype=torch.float64), torch.randint(0, 3, (3,))
+    kfac = tn.KFAC(module, nn.CrossEntropyLoss(), list(module.parameters()), [(X, y)],
+                   kind=kind, progressbar=False)
+    model, layers, net = kfac.network(X)
+    env = {**model.tensors(X), **net(model.tensors(X))}
+    fast = 0
+    for layer in layers:
+        tensors = {a.name: env[a.name] for a in model.statements[layer.j].uses}
+        A = (_conv_input_gram if kind == "expand" else _conv_reduce_input)(layer.fac, tensors)
+        if A is None:
+            continue
+        fast += 1
+        ref = layer.fac.input_factor(**tensors)
+        torch.testing.assert_close(A, ref, rtol=1e-12, atol=1e-14)
+    assert fast == (3 if kind == "expand" else 5)
+
+
+def test_fused_pass_reuses_dead_temporaries_in_place_without_autograd():
+    """The generated pass multiplies relu' masks into, and adds residual adjoints onto, dead
+    temporaries in place (`.mul_`, `.add_`) when autograd is off; with autograd on it runs
+    the out-of-place forms and gives the same values, and gradients flow."""
+    torch.manual_seed(11)
+    module = resnet().double()
+    X, y = torch.randn(3, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
+    kfac = tn.KFAC(module, nn.CrossEntropyLoss(), list(module.parameters()), [(X, y)],
+                   progressbar=False)
+    model, _, net = kfac.network(X)
+    source = net.fn.source
+    assert ".mul_(" in source and ".add_(" in source and "_fresh = torch.is_grad_enabled()" in source
+    tensors = model.tensors(X)
+    with torch.no_grad():
+        quick = net(tensors)
+    with torch.enable_grad():
+        leaves = {k: v.detach().requires_grad_(True) for k, v in tensors.items()}
+        slow = net(leaves)
+        total = sum(v.sum() for v in slow.values())
+        grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    for name, value in quick.items():
+        torch.testing.assert_close(value, slow[name].detach(), rtol=1e-13, atol=1e-13)

@@ -219,7 +219,7 @@ FISHERS: dict[str, "FisherType"] = {}
 
 def expand_input_factor(X, n, s, positions, groups):
     """A = Σ_{n,pos} X Xᵀ / (N·S) as [*groups, *in, *in'] from the input side X
-    [N, *positions, *groups, *in]: one Gram matrix (a GEMM). Uses only torch and math (the
+    [N, *positions, *groups, *in]: one Gram matrix (GEMMs). Uses only torch and math (the
     `tnderive kfac` command copies this source into the module it writes)."""
     lead = 1 + positions
     gshape, ishape = tuple(X.shape[lead:lead + groups]), tuple(X.shape[lead + groups:])
@@ -229,7 +229,17 @@ def expand_input_factor(X, n, s, positions, groups):
         # outermost-first reads memory in order (faster than the [N·S, Q] copy)
         order = tuple(range(lead + groups, X.dim())) + tuple(range(lead + groups))
         XT = X.permute(order).reshape(Q, -1)
-        A = (XT @ XT.T).unsqueeze(0)
+        # symmetric: from 3×3 row blocks, the 6 on and above the diagonal (2/3 of the flops;
+        # the blocks below are their transposes)
+        b = -(-Q // 3) if Q >= 96 else Q
+        A = XT.new_empty(Q, Q)
+        for i in range(0, Q, b):
+            for j in range(i, Q, b):
+                blk = XT[i:i + b] @ XT[j:j + b].T
+                A[i:i + b, j:j + b] = blk
+                if j != i:
+                    A[j:j + b, i:i + b] = blk.T
+        A = A.unsqueeze(0)
     else:
         Xm = X.reshape(n * s, G, Q)
         A = torch.einsum("mgq,mgr->gqr", Xm, Xm)
@@ -568,11 +578,12 @@ class KFACFactors:
         return B
 
     def compute(self, generator: Optional[torch.Generator] = None,
-                b_factor: Optional[torch.Tensor] = None, **tensors: torch.Tensor):
+                b_factor: Optional[torch.Tensor] = None, a_factor: Optional[torch.Tensor] = None,
+                **tensors: torch.Tensor):
         """KronBlock of the weight (joint with the bias if `joint`); with a separate bias a dict
-        {weight: KronBlock, bias: KronBlock} is returned. `b_factor`: B when the caller has
-        computed it (the value `output_factor` returns)."""
-        A = self.input_factor(**tensors)
+        {weight: KronBlock, bias: KronBlock} is returned. `b_factor` / `a_factor`: B / A when
+        the caller has computed them (the values `output_factor` / `input_factor` return)."""
+        A = self.input_factor(**tensors) if a_factor is None else a_factor
         B = self.output_factor(generator=generator, **tensors) if b_factor is None else b_factor
         layout = self.layout(tensors)
         G, P, Q = layout.G, layout.P, math.prod(layout.ins)

@@ -36,9 +36,11 @@ from typing import ClassVar, Optional, Sequence
 import sympy
 import torch
 
+from .constants import ConstantKind, register
 from .errors import TNError
 from .functions import LOGSUMEXP, SOFTMAX, X, Elementwise, elementwise, get_elementwise, power, sigmoid
-from .ir import Delta, Expr, Func, Product, Signature, Sum, Variable, fresh_name, rename_free, scale
+from .ir import (Constant, Delta, Expr, Func, Product, Signature, Sum, Variable, fresh_name,
+                 rename_free, scale)
 
 REDUCTIONS = ("sum", "mean")
 
@@ -50,6 +52,24 @@ SQUARE = power(2)
 BCE_SQRT = Elementwise("bce_hessian_sqrt", sympy.sqrt(sigmoid(X) * (1 - sigmoid(X))))
 #: σ(x)(1−σ(x)): the BCE loss Hessian's diagonal
 BCE_HESS = Elementwise("bce_hessian", sigmoid(X) * (1 - sigmoid(X)))
+#: 1/(1+x): the normaliser of the cross-entropy's C−1-column square root
+RECIP_ONE_PLUS = Elementwise("recip_one_plus", 1 / (1 + X))
+
+
+def build_class_embed(params, shape, device, dtype):
+    """E[c, j] = δ(c, j) for C classes c and the first C−1 classes j: [C, C−1]."""
+    return torch.eye(shape[0], shape[1], device=device, dtype=dtype)
+
+
+def build_class_last(params, shape, device, dtype):
+    """e[c] = δ(c, C−1), the last class as a one-hot vector [C]."""
+    out = torch.zeros(shape, device=device, dtype=dtype)
+    out[-1] = 1
+    return out
+
+
+CLASS_EMBED = register(ConstantKind("class_embed", build_class_embed, symbol="E"))
+CLASS_LAST = register(ConstantKind("class_last", build_class_last, symbol="e_C"))
 
 #: kind -> loss class, filled by `Loss.__init_subclass__` (one entry per class)
 _CLASSES: dict[str, type["Loss"]] = {}
@@ -160,18 +180,21 @@ class Loss:
         out = list(f.indices) + [primed[i] for i in f.indices]
         return _combine(self.hessian_terms(f, cls, primed[cls]), deltas, out, self.scale(f))
 
-    def hessian_sqrt(self, f: Expr, column: Optional[str] = None) -> Expr:
+    def hessian_sqrt(self, f: Expr, column: Optional[str] = None, reduced: bool = False) -> Expr:
         """The batched square root S[*f.indices, column]: for every position of the non-class
         indices (n, s, …) the C×C matrix S[n, s, :, :] satisfies S Sᵀ = that diagonal block of
         ∂²loss/∂f² (the Hessian is zero off these blocks). Backpropagating S through a model
-        sums the columns of all positions, as curvlinops does for outputs [N, S, C]."""
+        sums the columns of all positions, as curvlinops does for outputs [N, S, C].
+        reduced=True: a square root with as many columns as the block's rank where that is
+        fewer (cross-entropy: C−1, `reduced_sqrt_terms`); S Sᵀ is the same."""
         cls = self.class_of(f)
         col = column or fresh_name(cls, f.all_indices)
         if col in f.all_indices:
             raise TNError(f"column index {col!r} is already used by the model output")
         sizes = dict(zip(f.indices, f.shape))
         out = list(f.indices) + [col]
-        terms = self.sqrt_terms(f, cls, col)
+        terms = (self.reduced_sqrt_terms(f, cls, col) if reduced else None) or \
+            self.sqrt_terms(f, cls, col)
         carried = {i for _, factors in terms for x in factors for i in x.indices}
         ones = [Delta((i,), sizes[i]) for i in f.indices if i != cls and i not in carried]
         return _combine(terms, ones, out, sympy.sqrt(self.scale(f)))
@@ -193,6 +216,11 @@ class Loss:
     def sqrt_terms(self, f: Expr, cls: str, col: str) -> Terms:
         """A square root of Λ (S Sᵀ = Λ over cls, col) as coefficient-weighted products."""
         raise NotImplementedError
+
+    def reduced_sqrt_terms(self, f: Expr, cls: str, col: str) -> Optional[Terms]:
+        """A square root of Λ with rank(Λ) columns when Λ is singular, else None (then
+        `sqrt_terms`)."""
+        return None
 
     def sample_target(self, f_value: torch.Tensor, class_dim: int,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -287,6 +315,30 @@ class CrossEntropy(Loss):
         p = Func(SOFTMAX, f, cls)
         sqrt_p_col = rename_free(Func(SQRT, p), {cls: col})
         return [(1, [sqrt_p_col, _class_delta(f, cls, col)]), (-1, [sqrt_p_col, p])]
+
+    def reduced_sqrt_terms(self, f, cls, col):
+        """Λ = diag p − ppᵀ has rank C−1 (Λ·1 = 0), so Λ = Pᵀ Λ_r P with P = I − 1·e_Cᵀ and
+        Λ_r = diag p_r − p_r p_rᵀ its leading (C−1)×(C−1) block, whose symmetric square root
+        is diag √p_r − p_r √p_rᵀ / (1 + √p_C) (no cancellation: 1 + √p_C ≥ 1). Together,
+        for the first C−1 classes j:
+
+            S[c, j] = √p_j (δ(c, j) − (p_c + √p_C δ(c, C)) / (1 + √p_C))
+
+        (one column fewer than `sqrt_terms`; every backpropagated column costs a pass)."""
+        size = dict(zip(f.indices, f.shape))[cls]
+        if size.is_number and size < 2:
+            return None
+        p = Func(SOFTMAX, f, cls)
+        root = Func(SQRT, p)
+        other = fresh_name(cls + "_", set(f.all_indices) | {col})
+        root_other = rename_free(root, {cls: other})
+        rest = tuple(i for i in f.indices if i != cls)
+        embed = Constant(CLASS_EMBED.name, (), (cls, col), (size, size - 1))
+        last = Constant(CLASS_LAST.name, (), (cls,), (size,))
+        q = Product((embed.with_indices((other, col)), root_other), (*rest, col))   # √p_j
+        s = Product((last.with_indices((other,)), root_other), rest)                 # √p_C
+        r = Func(RECIP_ONE_PLUS, s)
+        return [(1, [embed, root]), (-1, [q, p, r]), (-1, [q, last, s, r])]
 
     def sample_target(self, f_value, class_dim, generator=None):
         logits = f_value.detach().movedim(class_dim, -1)

@@ -92,10 +92,14 @@ class Network(Statements):
             self._runs[statement.name] = Prepared(statement.expr, kept=2)
         return self._runs[statement.name]
 
-    def compile(self, name: str = "f", sizes: Mapping[str, int] | None = None) -> CompiledNetwork:
+    def compile(self, name: str = "f", sizes: Mapping[str, int] | None = None,
+                inplace: bool = False) -> CompiledNetwork:
         """One generated module computing the outputs, each statement once (see
-        `tnderive.network_codegen`); call it with keyword tensors, `.source` is the code."""
-        return CompiledNetwork(self, name, sizes)
+        `tnderive.network_codegen`); call it with keyword tensors, `.source` is the code.
+        inplace: a product or sum whose operand is an intermediate read for the last time
+        runs in place when autograd is off (for internal passes such as KFAC's, never called
+        under torch.func.vmap, where an unbatched operand cannot take a batched one in place)."""
+        return CompiledNetwork(self, name, sizes, inplace)
 
     # --- calculus ------------------------------------------------------------------------
     def grad(self, param: str) -> "Network":

@@ -97,12 +97,13 @@ class CompiledNetwork:
     of every input-shape binding met so far."""
 
     def __init__(self, program: "Statements", name: str = "f",
-                 sizes: Mapping[str, int] | None = None):
+                 sizes: Mapping[str, int] | None = None, inplace: bool = False):
         if not name.isidentifier():
             raise TNError(f"compile: function name {name!r} is not an identifier")
         self.program = program
         self.name = name
         self.sizes = dict(sizes or {})
+        self.inplace = inplace
         self.statements = merged_statements(program)
         self.signature = program.signature
         self.inputs = tuple(self.signature)
@@ -129,7 +130,7 @@ class CompiledNetwork:
         return emit_ops_module(entry, ops, self.name, returns,
                                self._doc(len(ops), shared, flops, numeric),
                                keep=frozenset(results.values()),
-                               sizes={**self.sizes, **sizes})
+                               sizes={**self.sizes, **sizes}, inplace=self.inplace)
 
     def _ops(self, sizes: Mapping[str, int]):
         """All statements' ops, renamed apart, with equal ops shared across statements.

@@ -3,7 +3,8 @@
     diag G[a] = Σ_n Σ_col ( Σ_c J[n, c, a] · S[n, c, col] )²        (per parameter entry a)
 
 J the model's Jacobian for sample n, S[n, :, :] a square root of the loss Hessian of sample n
-(`Loss.hessian_sqrt`: S Sᵀ = ∂²ℓ/∂f², C columns). The network (built per input shape):
+(`Loss.hessian_sqrt`: S Sᵀ = ∂²ℓ/∂f², C columns, C−1 for cross-entropy). The network (built
+per input shape):
 
   1. the model's statements, each selected parameter p replaced by a per-sample copy
      `p_n[b, ...]` (b: the batch index of the statement that uses it): its gradient keeps
@@ -41,6 +42,7 @@ from ..network_codegen import CompiledNetwork
 from ..notation import substitute
 from ..simplify import simplify
 from ..statements import Statement
+from .batching import depending_on_input, sample_mixing
 from .networks import model_network
 
 
@@ -76,7 +78,7 @@ def diagonal_network(model: Model, loss: Loss, params: Sequence[str],
     out = net[model.output.name]
     f = out.reference()
     col = fresh_name("col", set(f.indices))
-    sqrt_expr = loss.hessian_sqrt(f, col)
+    sqrt_expr = loss.hessian_sqrt(f, col, reduced=True)
     if columns is not None:     # sampled columns: S is the caller's
         sqrt_expr = None
         S = Variable(fresh("loss_sqrt"), f.indices + (col,), None, tuple(f.shape) + (columns,))
@@ -106,7 +108,7 @@ def diagonal_network(model: Model, loss: Loss, params: Sequence[str],
     final = Network([Statement(s.name, _shared(s.expr, shared))
                      for s in statements + sqrt + rest + diag],
                     list(outputs.values()))
-    fn = simplify(final.pruned()).compile("ggn_diagonal")
+    fn = simplify(final.pruned()).compile("ggn_diagonal", inplace=True)
     return DiagonalNetwork(fn, copies, outputs, None if sqrt_expr is not None else S.name)
 
 
@@ -137,20 +139,13 @@ def _check_samples_apart(net: Network, model: Model) -> set[str]:
     """Every statement that depends on the model's input keeps its first index as the batch
     index and reads every activation and model input at it (no statement mixes samples).
     Returns those statements' names."""
-    acts = {a.name for a in model.inputs}
-    for a in model.inputs:
-        acts |= net.depending_on(a.name)
-    for s in net.statements:
-        if s.name not in acts:
-            continue
-        b = s.indices[0] if s.indices else None
-        for node in s.expr.walk():
-            if isinstance(node, Variable) and node.name in acts and \
-                    (not node.indices or node.indices[0] != b):
-                raise TNError(f"GGN diagonal: statement {s.name!r} reads {node.name!r} at "
-                              f"{list(node.indices)}, not at its batch index {b!r}: it mixes "
-                              f"samples, so per-sample Jacobians are not defined")
-    return acts
+    mixed = sample_mixing(net, model)
+    if mixed is not None:
+        s, name, indices, b = mixed
+        raise TNError(f"GGN diagonal: statement {s!r} reads {name!r} at {list(indices)}, not at "
+                      f"its batch index {b!r}: it mixes samples, so per-sample Jacobians are "
+                      f"not defined")
+    return depending_on_input(net, model)
 
 
 def _per_sample_program(net: Network, copies: Mapping[str, str], acts: set[str],

@@ -13,7 +13,8 @@ adjoint dT[col, *T.indices] = Σ_f V[f, col] ∂F[f]/∂T: every column's pullba
 the column axis carried along like a second batch axis (V is held constant in the reverse
 pass). V is then computed by a statement of the same network, right after F:
 
-  * type-2:    S, the loss-Hessian square root (`Loss.hessian_sqrt`, C columns);
+  * type-2:    S, the loss-Hessian square root (`Loss.hessian_sqrt`; reduced: C−1 columns
+               for cross-entropy, whose Hessian block has rank C−1);
   * empirical: the loss gradient at the true targets (one column);
   * mc:        V is an input, the gradients at targets sampled from F (`forward` computes F).
 
@@ -89,7 +90,7 @@ def kfac_network(model: Model, loss: Loss, weights: Sequence[str], layers: Seque
     col = fresh_name("col", set(f.indices))
     target = None
     if fisher == "type-2":
-        vec_expr = loss.hessian_sqrt(f, col)
+        vec_expr = loss.hessian_sqrt(f, col, reduced=True)
     elif fisher == "empirical":
         target = fresh("target")
         loss = Loss(loss.kind, loss.reduction, target, loss.class_index)
@@ -112,7 +113,7 @@ def kfac_network(model: Model, loss: Loss, weights: Sequence[str], layers: Seque
         raise TNError("KFAC: no layer output reaches the model output")
     head = [Statement(V.name, vec_expr)] if vec_expr is not None else []
     fused = Network(net.statements + tuple(head) + tuple(backward), outputs).pruned()
-    fn = simplify(fused).compile("kfac_pass")
+    fn = simplify(fused).compile("kfac_pass", inplace=True)
     forward = None
     if vec_expr is None:
         forward = simplify(net.with_outputs([out.name])).compile("kfac_forward")

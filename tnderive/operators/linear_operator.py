@@ -26,6 +26,7 @@ from ..ir import Variable
 from ..losses import from_torch
 from ..models.model import Model, from_module
 from ..progress import track
+from .batching import check_micro_batch, pieces, plan, sqrt_columns
 from .diagonal import DiagonalNetwork, diagonal_network
 from .networks import LossNetwork, Product, curvature_product, loss_network, torch_target
 
@@ -138,15 +139,19 @@ class GGN(CurvatureOperator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._diagonals: dict[tuple, tuple[Model, DiagonalNetwork]] = {}
+        self._diagonal_plans: dict[tuple, list[int]] = {}
 
     @torch.no_grad()
-    def diagonal(self, mc_samples: int = 0, seed: int = 2147483647) -> torch.Tensor:
+    def diagonal(self, mc_samples: int = 0, seed: int = 2147483647,
+                 micro_batch="auto") -> torch.Tensor:
         """The diagonal of the GGN, flat [D] (params order; `tnderive.operators.diagonal`:
         per sample and loss-Hessian square-root column, the squared adjoints summed): exact
         (BackPACK's DiagGGNExact), or with mc_samples=M > 0 the Monte-Carlo estimate from M
-        sampled targets per datum (DiagGGNMC; `seed` seeds the sampling)."""
+        sampled targets per datum (DiagGGNMC; `seed` seeds the sampling). `micro_batch` as
+        for `KFAC` ("auto": on the CPU, batches run in pieces; the result does not change)."""
         if not isinstance(mc_samples, int) or mc_samples < 0:
             raise TNError(f"diagonal: mc_samples must be an integer >= 0, got {mc_samples!r}")
+        check_micro_batch(micro_batch)
         batches = self._batches()
         total = sum(int(X.shape[0]) for X, _ in batches)
         out = [torch.zeros_like(p) for p in self.params]
@@ -154,14 +159,28 @@ class GGN(CurvatureOperator):
         items = track(batches, "GGN diagonal") if self.progressbar else batches
         for X, _ in items:
             X = X.to(self.device, self.dtype) if X.is_floating_point() else X.to(self.device)
-            model, net = self.diagonal_network(X, mc_samples or None)
-            weight = X.shape[0] / total if self.reduction == "mean" else 1.0
-            tensors = model.tensors(X)
-            if net.sqrt_input is not None:
-                tensors[net.sqrt_input] = self._sampled_columns(X, mc_samples, generator)
-            for k, r in enumerate(net(tensors)):
-                out[k] += weight * r
+            S = self._sampled_columns(X, mc_samples, generator) if mc_samples else None
+            sizes = self._diagonal_pieces(X, mc_samples, micro_batch)
+            for rows in pieces(sizes):
+                Xp = X[rows]
+                model, net = self.diagonal_network(Xp, mc_samples or None)
+                weight = Xp.shape[0] / total if self.reduction == "mean" else 1.0
+                tensors = model.tensors(Xp)
+                if net.sqrt_input is not None:      # the whole batch's draws, this piece's scale
+                    tensors[net.sqrt_input] = S[rows] * math.sqrt(X.shape[0] / Xp.shape[0]) \
+                        if self.reduction == "mean" else S[rows]
+                for k, r in enumerate(net(tensors)):
+                    out[k] += weight * r
         return torch.cat([t.reshape(-1) for t in out])
+
+    def _diagonal_pieces(self, X: torch.Tensor, mc_samples: int, micro_batch) -> list[int]:
+        """The piece sizes of the batch X for the diagonal network (`batching.plan`)."""
+        key = (tuple(X.shape), X.dtype, X.device, mc_samples, micro_batch)
+        if key not in self._diagonal_plans:
+            def columns(model: Model) -> int:
+                return mc_samples or sqrt_columns(self.loss, model)
+            self._diagonal_plans[key] = plan(self.module, X, columns, micro_batch)
+        return self._diagonal_plans[key]
 
     def _sampled_columns(self, X: torch.Tensor, samples: int, generator) -> torch.Tensor:
         """S[*f, s] = ∇_f ℓ(f, ỹ_s) / √(c·M) for M targets ỹ_s drawn from the model's
