@@ -400,3 +400,34 @@ def test_input_vjp_without_torch_kernel_vs_torch(case, block):
         mp.setattr(cost, "INPUT_VJP_TAPS_BLOCK", block)
         src = _input_vjp_vs_autograd(net, x, w, TOL)
     assert "d_input(" not in src or case["groups"] > 1
+
+
+@pytest.mark.parametrize("groups,dilation,padding", [(1, 1, 1), (2, 2, 2), (1, 1, "asym")])
+def test_float64_stride1_forward_runs_the_input_vjp_kernel(groups, dilation, padding):
+    """A stride-1 forward in float64 runs as torch's input-VJP kernel on the flipped,
+    transposed kernel (2-5x faster than its float64 convolution); values, and jacrev/jacfwd
+    through it, equal torch's convolution; float32 keeps torch's convolution kernel."""
+    pad = ((1, 0), (1, 0)) if padding == "asym" else padding
+    net = conv_network((2, 4, 7, 7), (6, 4 // groups, 3, 3), padding=pad, dilation=dilation,
+                       groups=groups, bias=False)
+    src = compile(net.core).source
+    assert "conv2d_input(" in src and "torch.nn.functional.conv2d(" in src
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 7, 7, generator=gen, dtype=torch.float64)
+    w = torch.randn(6, 4 // groups, 3, 3, generator=gen, dtype=torch.float64)
+
+    def ours(x, w):
+        return net(x, w).sin().sum()
+
+    def theirs(x, w):
+        xp = F.pad(x, (1, 0, 1, 0)) if padding == "asym" else x
+        return F.conv2d(xp, w, padding=0 if padding == "asym" else pad, dilation=dilation,
+                        groups=groups).sin().sum()
+
+    assert torch.allclose(ours(x, w), theirs(x, w), rtol=1e-12, atol=1e-12)
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        for got, want in zip(transform(ours, argnums=(0, 1))(x, w),
+                             transform(theirs, argnums=(0, 1))(x, w)):
+            assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(net(x.float(), w.float()).double(),
+                          net(x, w), rtol=1e-4, atol=1e-4)

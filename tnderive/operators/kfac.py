@@ -401,6 +401,28 @@ def _output_gram(adjoint: torch.Tensor, fac) -> torch.Tensor | None:
     return torch.bmm(X, X.mT).sum(0)
 
 
+def _image_and_constants(fac, tensors: dict, kind: str, constant: str) -> tuple | None:
+    """(x variable, x, constant on the first spatial axis, constant on the second) when the
+    `kind` factor's input side is one 4-d image x[n, e, i1, i2] times two constants of kind
+    `constant` (`pattern` [k, o, i] or `pattern_sum` [k, i]), one per spatial input axis."""
+    expr = fac.input_side_expr
+    if fac.kind != kind or fac.split.group_legs or not isinstance(expr, Product) or \
+            len(expr.factors) != 3:
+        return None
+    xs = [f for f in expr.factors if isinstance(f, Variable)]
+    cs = [f for f in expr.factors if isinstance(f, Constant) and f.kind == constant]
+    if len(xs) != 1 or len(cs) != 2 or xs[0].name not in tensors:
+        return None
+    x_var, x = xs[0], tensors[xs[0].name]
+    if x.dim() != 4 or len(x_var.indices) != 4 or len(set(x_var.indices)) != 4:
+        return None
+    by_input = {c.indices[-1]: c for c in cs}
+    _, _, i1, i2 = x_var.indices
+    if set(by_input) != {i1, i2}:
+        return None
+    return x_var, x, by_input[i1], by_input[i2]
+
+
 def _conv_input_gram(fac, tensors: dict) -> torch.Tensor | None:
     """KFAC-expand's input factor A = Σ_{n,o} X Xᵀ / (N·S) of a 2-d convolution, stride 1 and
     dilation 1 along its first spatial axis (any padding; dilation 1 along the second), without
@@ -410,23 +432,12 @@ def _conv_input_gram(fac, tensors: dict) -> torch.Tensor | None:
     the diagonal are transposes) replace the Gram of X: ≈ H / (K1·O1) of its flops (a third
     for 3×3), and a K2-fold instead of a K1·K2-fold copy of the input. None when the input
     side is not that (then the factor network and one Gram matrix compute A)."""
-    expr = fac.input_side_expr
-    s = fac.split
-    if fac.kind != "expand" or s.group_legs or not isinstance(expr, Product) or \
-            len(expr.factors) != 3:
+    found = _image_and_constants(fac, tensors, "expand", "pattern")
+    if found is None:
         return None
-    xs = [f for f in expr.factors if isinstance(f, Variable)]
-    pats = [f for f in expr.factors if isinstance(f, Constant) and f.kind == "pattern"]
-    if len(xs) != 1 or len(pats) != 2 or xs[0].name not in tensors:
-        return None
-    x_var, x = xs[0], tensors[xs[0].name]
-    if x.dim() != 4 or len(x_var.indices) != 4 or len(set(x_var.indices)) != 4:
-        return None
+    x_var, x, rows, cols = found
     n, e, i1, i2 = x_var.indices
-    by_input = {p.indices[2]: p for p in pats}
-    if set(by_input) != {i1, i2}:
-        return None
-    rows, cols = by_input[i1], by_input[i2]
+    s, expr = fac.split, fac.input_side_expr
     (k1, o1, _), (k2, o2, _) = rows.indices, cols.indices
     if expr.indices != (n, o1, o2, e, k1, k2) or s.in_legs != (e, k1, k2) or \
             s.batch != n or s.positions != (o1, o2):
@@ -458,23 +469,12 @@ def _conv_reduce_input(fac, tensors: dict) -> torch.Tensor | None:
     [C·K1·K2]: its network Σ_{i1,i2} x[n,e,i1,i2]·Σ1[k1,i1]·Σ2[k2,i2] (Σ the patterns summed
     over their outputs) as two small matrix products Σ1 · x · Σ2ᵀ on x as it is, then one
     Gram matrix; None for any other input side (then the factor network computes A)."""
-    expr = fac.input_side_expr
-    s = fac.split
-    if fac.kind != "reduce" or s.group_legs or not isinstance(expr, Product) or \
-            len(expr.factors) != 3:
+    found = _image_and_constants(fac, tensors, "reduce", "pattern_sum")
+    if found is None:
         return None
-    xs = [f for f in expr.factors if isinstance(f, Variable)]
-    sums = [f for f in expr.factors if isinstance(f, Constant) and f.kind == "pattern_sum"]
-    if len(xs) != 1 or len(sums) != 2 or xs[0].name not in tensors:
-        return None
-    x_var, x = xs[0], tensors[xs[0].name]
-    if x.dim() != 4 or len(x_var.indices) != 4 or len(set(x_var.indices)) != 4:
-        return None
+    x_var, x, rows, cols = found
     n, e, i1, i2 = x_var.indices
-    by_input = {c.indices[1]: c for c in sums}
-    if set(by_input) != {i1, i2}:
-        return None
-    rows, cols = by_input[i1], by_input[i2]
+    s, expr = fac.split, fac.input_side_expr
     k1, k2 = rows.indices[0], cols.indices[0]
     if expr.indices != (n, e, k1, k2) or s.in_legs != (e, k1, k2) or s.batch != n:
         return None
