@@ -194,7 +194,8 @@ def lower(low, mode: str, a: Value, b: Value, geos: tuple, out: tuple[str, ...])
         res = roles["batch"] + roles["groups"] + roles["c"] + so
         res_shape = [size[x] for x in roles["batch"] + roles["groups"] + roles["c"]] + O
         back = tuple(g.D * (g.K - 1) - p for g, p in zip(geos, padding))
-        if all(g.S == 1 for g in geos) and all(q >= 0 for q in back):
+        if all(g.S == 1 for g in geos) and all(q >= 0 for q in back) and \
+                _flipped_forward_pays(B_ * sympy.Mul(*O), E, C):
             flipped, torch_size = back, (B_, G * C, *O)
     elif mode == "weight":          # a = x [N, G·E, I], b = g [N, G·C, O]
         ta = _layout(a, ones_a + roles["batch"] + roles["groups"] + roles["e"], sa, (B_, G * E))
@@ -237,6 +238,16 @@ def lower(low, mode: str, a: Value, b: Value, geos: tuple, out: tuple[str, ...])
     if low.ops and low.ops[-1].out == v.name:  # new op: 2 flops per multiply-add
         low.ops[-1].flops = sympy.expand(2 * B_ * G * C * E * sympy.Mul(*K) * sympy.Mul(*O))
     return v
+
+
+def _flipped_forward_pays(positions, E, C) -> bool:
+    """Whether a float64 stride-1 forward over `positions` output positions (batch included),
+    E input and C output channels per group runs faster as torch's input-VJP kernel on the
+    flipped kernel (`cost.FLIPPED_FORWARD_*`; sizes must be numbers)."""
+    if not all(sympy.sympify(v).is_Integer for v in (positions, E, C)):
+        return False
+    return E >= max(C, cost.FLIPPED_FORWARD_MIN_CHANNELS) and \
+        positions >= cost.FLIPPED_FORWARD_MIN_POSITIONS
 
 
 def _roles(mode: str, ra: list, rb: list, out: set) -> dict | None:

@@ -43,6 +43,16 @@ INPUT_VJP_TAPS_BLOCK = 8 << 20
 #: views' einsum and reshape); with fewer (ResNet-18's last 1×1/2 shortcut, 7×7 positions)
 #: the views' one GEMM over all images is faster, so it stays a placement by views
 PLACE_MIN_POSITIONS = 128
+#: a stride-1 forward in float64 with at least this many input channels per group, no fewer
+#: input than output channels per group ...
+FLIPPED_FORWARD_MIN_CHANNELS = 16
+#: ... and at least this many output positions over the batch runs torch's input-VJP kernel
+#: on the flipped kernel: 16 → 16 channels at 32², batch 64: 12.6 ms against 66 ms for
+#: torch's float64 convolution (which slows down more than linearly with the batch), 64 → 16
+#: at 28², batch 8: 3 against 14 ms, 32 → 32 at 16², batch 4: 0.6 against 0.8-1.8 ms; near
+#: this threshold the two are within ±15 %; with more output than input channels torch's
+#: convolution is faster (2-5x for 3 → 64)
+FLIPPED_FORWARD_MIN_POSITIONS = 1024
 
 # --- stride-1 convolutions without kernels: one batched matmul per kernel tap (`taps`) -------
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tnderive import evaluate
-from tnderive.codegen import codegen, compile, cost
+from tnderive.codegen import codegen, compile, convolution, cost
 from tnderive.errors import TNError
 from tnderive.nn.conv import conv_network
 from tnderive.derive import vjp
@@ -293,11 +293,21 @@ def test_per_image_input_vjp_is_differentiable_by_torch_func():
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(conv_cases(), st.sampled_from([torch.float64, torch.float32]))
-def test_generated_convolution_kernels_vs_torch(case, dtype):
+@given(conv_cases(), st.sampled_from([torch.float64, torch.float32]), st.booleans())
+def test_generated_convolution_kernels_vs_torch(case, dtype, flip_forward):
     """Random hyperparameters (1–3 spatial dims, groups, stride, dilation, 'same' and
     asymmetric padding): the generated forward and both VJPs (torch's kernels, the per-image
-    input VJP, placements) equal torch's convolution and autograd, in float64 and float32."""
+    input VJP, placements; with `flip_forward` every stride-1 forward as the input-VJP kernel
+    on the flipped kernel) equal torch's convolution and autograd, in float64 and float32."""
+    with pytest.MonkeyPatch.context() as mp:
+        if flip_forward:
+            mp.setattr(cost, "FLIPPED_FORWARD_MIN_CHANNELS", 0)
+            mp.setattr(cost, "FLIPPED_FORWARD_MIN_POSITIONS", 0)
+            mp.setattr(convolution, "_flipped_forward_pays", lambda positions, E, C: True)
+        _kernels_vs_torch(case, dtype)
+
+
+def _kernels_vs_torch(case, dtype) -> None:
     d = case["d"]
     kw = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
               groups=case["groups"])
@@ -403,18 +413,22 @@ def test_input_vjp_without_torch_kernel_vs_torch(case, block):
 
 
 @pytest.mark.parametrize("groups,dilation,padding", [(1, 1, 1), (2, 2, 2), (1, 1, "asym")])
-def test_float64_stride1_forward_runs_the_input_vjp_kernel(groups, dilation, padding):
-    """A stride-1 forward in float64 runs as torch's input-VJP kernel on the flipped,
-    transposed kernel (2-5x faster than its float64 convolution); values, and jacrev/jacfwd
-    through it, equal torch's convolution; float32 keeps torch's convolution kernel."""
+def test_float64_stride1_forward_runs_the_input_vjp_kernel(groups, dilation, padding,
+                                                          monkeypatch):
+    """A stride-1 forward in float64 with enough input channels and positions
+    (`cost.FLIPPED_FORWARD_*`, lowered here to reach small sizes) runs as torch's input-VJP
+    kernel on the flipped, transposed kernel; values, and jacrev/jacfwd through it, equal
+    torch's convolution; float32 keeps torch's convolution kernel."""
+    monkeypatch.setattr(cost, "FLIPPED_FORWARD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(cost, "FLIPPED_FORWARD_MIN_POSITIONS", 1)
     pad = ((1, 0), (1, 0)) if padding == "asym" else padding
-    net = conv_network((2, 4, 7, 7), (6, 4 // groups, 3, 3), padding=pad, dilation=dilation,
+    net = conv_network((2, 4, 7, 7), (4, 4 // groups, 3, 3), padding=pad, dilation=dilation,
                        groups=groups, bias=False)
     src = compile(net.core).source
     assert "conv2d_input(" in src and "torch.nn.functional.conv2d(" in src
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 7, 7, generator=gen, dtype=torch.float64)
-    w = torch.randn(6, 4 // groups, 3, 3, generator=gen, dtype=torch.float64)
+    w = torch.randn(4, 4 // groups, 3, 3, generator=gen, dtype=torch.float64)
 
     def ours(x, w):
         return net(x, w).sin().sum()
@@ -431,3 +445,12 @@ def test_float64_stride1_forward_runs_the_input_vjp_kernel(groups, dilation, pad
             assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
     assert torch.allclose(net(x.float(), w.float()).double(),
                           net(x, w), rtol=1e-4, atol=1e-4)
+
+
+def test_float64_forward_keeps_torchs_kernel_where_it_is_faster():
+    """More output than input channels (3 → 16), or few positions: torch's convolution."""
+    wide = compile(conv_network((8, 3, 32, 32), (16, 3, 3, 3), padding=1, bias=False).core)
+    small = compile(conv_network((1, 16, 8, 8), (16, 16, 3, 3), padding=1, bias=False).core)
+    deep = compile(conv_network((8, 32, 28, 28), (16, 32, 3, 3), padding=1, bias=False).core)
+    assert "conv2d_input(" not in wide.source and "conv2d_input(" not in small.source
+    assert "conv2d_input(" in deep.source
