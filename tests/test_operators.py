@@ -16,6 +16,7 @@ from torch.func import functional_call, hessian, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tnderive as tn
+from tests.sample_mixing_model import Centred
 
 
 def _flat_fn(module, params, data, fn):
@@ -285,14 +286,6 @@ def test_ggn_diagonal_matches_dense(make, shape, loss, reduction):
 
 
 def test_ggn_diagonal_refuses_what_has_no_per_sample_jacobian():
-    class Centred(nn.Module):       # subtracts the batch mean: samples mix
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.fc(x - x.mean(0))
-
     data = _data("mse", (4,), 3)
     module = Centred().double()
     op = tn.GGN(module, nn.MSELoss(), list(module.parameters()),

@@ -13,6 +13,7 @@ from torch import nn
 
 import tnderive as tn
 from tests.resnet_model import ResNet
+from tests.sample_mixing_model import Centred
 
 HAVE_CURVLINOPS = importlib.util.find_spec("curvlinops") is not None
 
@@ -340,14 +341,6 @@ def test_micro_batch_sizes_and_sample_mixing():
             assert sum(sizes) == n and max(sizes) <= most and len(set(sizes)) <= 2
     assert micro_batch_sizes(64, 1, 10) == [8] * 8
     assert micro_batch_sizes(11, 1, 3) == [3, 3, 3, 2]
-
-    class Centred(nn.Module):       # subtracts the batch mean: samples mix
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.fc(x - x.mean(0))
 
     module = Centred().double()
     data = [(torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64))]
