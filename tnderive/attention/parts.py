@@ -17,7 +17,8 @@ from ..errors import TNError
 from ..evaluate import evaluate
 from ..ir import Expr, Signature, Variable, Zero
 from ..network import Network
-from .structure import Monomial, Structure, analyse, analyse_network, analyse_tree, expand
+from .structure import (Monomial, Structure, analyse, analyse_network, analyse_tree, expand,
+                        network_degrees)
 
 
 @dataclass
@@ -109,13 +110,17 @@ class NetworkPart:
     second_T = False
 
     def __init__(self, kind: str, network: Network, output: str, softmax_order: int,
-                 source: Signature | None = None):
+                 source: Signature | None = None, degrees: dict[str, float] | None = None):
         self.kind = kind
         self.network = network
         self.output = output
         self.softmax_order = softmax_order
         #: the shared network's signature (computed once for all parts; default: here)
         self.source = source
+        #: σ-degrees of the shared network's statements, one dict for all its parts (filled
+        #: by the first `structure`; a statement's degree depends only on the statements it
+        #: uses, so the shared network's equals this part's own)
+        self.degrees = {} if degrees is None else degrees
         self._own: Network | None = None
         self._expr: Expr | None = None
         self._structure: Structure | None = None
@@ -147,7 +152,10 @@ class NetworkPart:
     @property
     def structure(self) -> Structure:
         if self._structure is None:
-            self._structure = analyse_network(self.own, self.output, self.softmax_order)
+            if not self.degrees:
+                self.degrees.update(network_degrees(self.network))
+            self._structure = analyse_network(self.network, self.output, self.softmax_order,
+                                              self.degrees)
         return self._structure
 
     def program(self, fn_name: str = "block", plan_sizes: Mapping[str, int] | None = None):

@@ -187,11 +187,12 @@ def stack_blocks(model: TransformerModel, params: Sequence[str] | str | None = N
     in_T = {p: _in_scores(net, p) for p in names}
     shapes = model.variables
     source = derived.signature
+    degrees: dict[str, float] = {}  # σ-degrees of the shared network's statements, filled once
     out = HessianBlocks()
     for p, q in pairs:
         o1 = int(in_T[p] or in_T[q])
         o2 = 2 if (in_T[p] and in_T[q]) else o1
-        parts = [NetworkPart(kind, derived, part_names[p, q][kind], order, source)
+        parts = [NetworkPart(kind, derived, part_names[p, q][kind], order, source, degrees)
                  for kind, order in
                  (("outer", o1), ("functional", o2), ("total", o2))]
         idx = derived[part_names[p, q]["total"]].indices

@@ -175,9 +175,10 @@ def network_degrees(net: Statements, data: str = DATA, ignore_constants: bool = 
 
 
 def analyse_network(net: Statements, output: str, softmax_order: int,
-                    data: str = DATA) -> Structure:
-    """`analyse_tree` of statement `output` of a network, read over its statements."""
-    td = network_degrees(net, data)[output]
+                    degrees: Mapping[str, float] | None = None, data: str = DATA) -> Structure:
+    """`analyse_tree` of statement `output` of a network, read over its statements (or looked
+    up in `degrees`, the `network_degrees` of a network holding it)."""
+    td = (network_degrees(net, data) if degrees is None else degrees)[output]
     zero = isinstance(net[output].expr, Zero) or td == math.inf
     return Structure(zero=zero, n_terms=0, degrees={}, powers={}, inside={},
                      softmax_order=0 if zero else softmax_order, second_T=False,
