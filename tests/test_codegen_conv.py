@@ -275,21 +275,28 @@ def test_input_vjp_in_float32_takes_the_transposed_convolution(case):
 def test_per_image_input_vjp_is_differentiable_by_torch_func():
     """The per-image input VJP adds into slices of a fresh buffer: torch.func.jacrev and
     jacfwd still differentiate it (generated code and the interpreter)."""
-    xs, ws = (1, 2, 9, 8), (3, 2, 5, 5)
-    net = conv_network(xs, ws, stride=2, padding=2, bias=False)
+    _input_vjp_under_torch_func((1, 2, 9, 8), (3, 2, 5, 5), dict(stride=2, padding=2),
+                                "for _n in range(")
+
+
+def _input_vjp_under_torch_func(xs, ws, kw: dict, marker: str) -> None:
+    """jacrev and jacfwd of the derived input VJP (generated code containing `marker`, and the
+    interpreter) equal torch.func.jacrev of torch's input-VJP kernel (float64)."""
+    net = conv_network(xs, ws, bias=False, **kw)
     w = torch.randn(ws, dtype=torch.float64)
     expr = vjp(net.core, "x", "v")
     W = net.prepare(torch.zeros(xs, dtype=torch.float64), w)["W"]
     f = compile(expr)
-    assert "for _n in range(" in f.source
+    assert marker in f.source
     shape = [int(n) for n in net.core.shape]
     v = torch.randn(shape, dtype=torch.float64)
     ref = torch.func.jacrev(lambda t: torch.nn.grad.conv2d_input(
-        xs, w, t.reshape(1, 3, 5, 4), stride=2, padding=2))(v)
+        xs, w, t.reshape(xs[0], ws[0], *shape[-2:]), **kw))(v)
+    EV.lowered.cache_clear()  # the interpreter lowers under the caller's cost settings
     for run in (lambda t: f(v=t, W=W), lambda t: evaluate(expr, v=t, W=W)):
         for jac in (torch.func.jacrev, torch.func.jacfwd):
-            got = jac(lambda t: run(t).reshape(xs))(v)
-            torch.testing.assert_close(got, ref, **TOL)
+            torch.testing.assert_close(jac(lambda t: run(t).reshape(xs))(v), ref, **TOL)
+    EV.lowered.cache_clear()
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -374,22 +381,8 @@ def test_placement_is_differentiable_by_torch_func(monkeypatch):
     """The placement writes into a fresh zero buffer: torch.func.jacrev and jacfwd still
     differentiate it (generated code and the interpreter)."""
     monkeypatch.setattr(cost, "PLACE_MIN_POSITIONS", 1)
-    xs, ws = (1, 2, 9, 7), (3, 2, 2, 2)
-    net = conv_network(xs, ws, stride=3, padding=(1, 0), bias=False)
-    w = torch.randn(ws, dtype=torch.float64)
-    expr = vjp(net.core, "x", "v")
-    W = net.prepare(torch.zeros(xs, dtype=torch.float64), w)["W"]
-    f = compile(expr)
-    assert "a placement: one matmul" in f.source
-    shape = [int(n) for n in net.core.shape]
-    v = torch.randn(shape, dtype=torch.float64)
-    ref = torch.func.jacrev(lambda t: torch.nn.grad.conv2d_input(
-        xs, w, t.reshape(1, 3, *shape[-2:]), stride=3, padding=(1, 0)))(v)
-    EV.lowered.cache_clear()
-    for run in (lambda t: f(v=t, W=W), lambda t: evaluate(expr, v=t, W=W)):
-        for jac in (torch.func.jacrev, torch.func.jacfwd):
-            torch.testing.assert_close(jac(lambda t: run(t).reshape(xs))(v), ref, **TOL)
-    EV.lowered.cache_clear()
+    _input_vjp_under_torch_func((1, 2, 9, 7), (3, 2, 2, 2), dict(stride=3, padding=(1, 0)),
+                                "a placement: one matmul")
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

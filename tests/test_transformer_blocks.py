@@ -17,6 +17,7 @@ from tnderive.attention.stack import gauss_newton
 from tnderive.curvature import hessian_split
 from tnderive.errors import TNError
 from tnderive.nn.transformer import TARGET, reference_prediction, transformer
+from tests.cases.transformer_reference import torch_hessian
 
 TOL = 1e-9
 
@@ -30,12 +31,6 @@ def close(a, b, tol=TOL):
 
 def torch_blocks(model, T, p, q):
     """(H, GN) of block (p, q) from torch.func on the reference implementation."""
-    def loss(a, b):
-        t = dict(T)
-        t[p] = a
-        t[q] = b if q != p else a + b      # p = q: the Hessian of ℓ(a + b) in (a, b) is ∂²ℓ
-        return model.torch_loss(**t)
-
     def pred(a):
         t = dict(T)
         t[p] = a
@@ -46,7 +41,7 @@ def torch_blocks(model, T, p, q):
         t[q] = b
         return reference_prediction(model, t)
 
-    H = hessian(loss, argnums=(0, 1))(T[p], T[q] if q != p else torch.zeros_like(T[q]))[0][1]
+    H = torch_hessian(model, T, p, q)
     P = reference_prediction(model, T)
     Lam = hessian(lambda f: model.criterion.torch_value(f, T[TARGET], 1))(P)
     Jp, Jq = jacrev(pred)(T[p]), jacrev(pred_q)(T[q])

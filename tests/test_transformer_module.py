@@ -12,6 +12,7 @@ from tnderive.cli import main
 from tnderive.draw import dot_available
 from tnderive.errors import TNError
 from tnderive.nn.transformer import from_model
+from tests.cases.transformer_reference import torch_hessian
 
 MODULE = textwrap.dedent('''
     import torch
@@ -58,15 +59,6 @@ def toy(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     import hb_toy_model
     return hb_toy_model
-
-
-def torch_hessian(model, T, p, q):
-    def loss(a, b):
-        t = dict(T)
-        t[p] = a
-        t[q] = b if q != p else a + b      # p = q: the Hessian of ℓ(a + b) in (a, b) is ∂²ℓ
-        return model.torch_loss(**t)
-    return torch.func.hessian(loss, argnums=(0, 1))(T[p], T[q] if q != p else torch.zeros_like(T[q]))[0][1]
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])

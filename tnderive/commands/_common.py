@@ -1,8 +1,10 @@
 """Helpers shared by the sub-commands: reading notation, --sizes, --wrt, --loss, output paths."""
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Mapping
+import sys
+from typing import Callable, Mapping
 
 from ..derive import derivative, new_leg_names
 from ..errors import TNError
@@ -183,3 +185,21 @@ def ensure_parent(path: str | os.PathLike, flag: str = "-o/--output") -> str:
     if parent:
         ensure_folder(parent, flag)
     return path
+
+
+def load_factory(spec: str) -> Callable:
+    """The factory `FN` of `--module PKG.MOD:FN`, importable from the working folder (as
+    `python -m` would; sys.path is restored afterwards)."""
+    mod, _, fn = spec.partition(":")
+    if not mod or not fn:
+        raise TNError(f"--module must be PKG.MOD:FACTORY, got {spec!r}")
+    added = "" not in sys.path
+    if added:
+        sys.path.insert(0, "")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as err:
+        raise TNError(f"--module {spec}: {err}") from None
+    finally:
+        if added:
+            sys.path.remove("")

@@ -35,7 +35,7 @@ from ..nn.attention import LOSSES, self_attention
 from ..attention.stack_report import write_stack_report
 from ..nn.transformer import from_model, transformer
 from ..progress import progress
-from ._common import ensure_folder, parse_input_shape, parse_loss
+from ._common import ensure_folder, load_factory, parse_input_shape, parse_loss
 
 
 
@@ -223,11 +223,10 @@ def run_module(args) -> int:
     """The `--module PKG.MOD:FACTORY` mode: a torch model traced by `tnderive.from_module`
     (loaded as `tnderive kfac --module` loads it), the loss on its output."""
     from ..models import from_module
-    from .kfac import _load_factory
 
     shape = parse_input_shape(args.input_shape, "1,16,8")
     loss, reduction = parse_loss(args.loss, LOSSES)
-    module = _load_factory(args.module)()
+    module = load_factory(args.module)()
     imported = from_module(module.eval(), torch.randn(*shape))   # checked in float64
     model = from_model(imported, loss=loss, reduction=reduction)
     return _stack_outputs(args, model, args.params or ["*weight"])

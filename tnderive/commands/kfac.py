@@ -34,7 +34,8 @@ from ..codegen.pysource import py_expr, size_var
 from ..curvature import relevant_sizes
 from ..errors import TNError
 from ..kfac import FISHERS, KINDS, kfac
-from ._common import ensure_parent, load_expression, parse_input_shape, parse_loss, parse_sizes
+from ._common import (ensure_parent, load_expression, load_factory, parse_input_shape, parse_loss,
+                      parse_sizes)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -257,22 +258,6 @@ def output_factor(**tensors):
 # --module: every weight of a torch model
 # --------------------------------------------------------------------------------------------
 
-def _load_factory(spec: str):
-    import importlib
-    import sys
-
-    mod, _, fn = spec.partition(":")
-    if not mod or not fn:
-        raise TNError(f"--module must be PKG.MOD:FACTORY, got {spec!r}")
-    if "" not in sys.path:
-        sys.path.insert(0, "")
-    try:
-        factory = getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as err:
-        raise TNError(f"--module {spec}: {err}") from None
-    return factory
-
-
 def run_module(args) -> int:
     """Trace the model, derive KFAC factors for each weight, write one module."""
     import torch
@@ -281,7 +266,7 @@ def run_module(args) -> int:
     from ..notation import parse
 
     shape = parse_input_shape(args.input_shape, "8,3,32,32")
-    module = _load_factory(args.module)()
+    module = load_factory(args.module)()
     model = from_module(module.eval(), torch.randn(*shape))
     covered, skipped, parts = [], [], []
     for torch_name, name in model.param_names.items():
