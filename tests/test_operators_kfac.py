@@ -9,6 +9,8 @@ import importlib.util
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import tnderive as tn
@@ -86,6 +88,29 @@ class BilinearHead(nn.Module):
 
     def forward(self, x):
         return self.head(torch.tanh(self.a(x)), self.b(x))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 5), st.integers(2, 8), st.floats(0.1, 30.0), st.sampled_from(["sum", "mean"]),
+       st.integers(0, 2**16))
+def test_reduced_cross_entropy_sqrt_fuzzed(N, C, spread, reduction, seed):
+    """Random batch sizes, class counts (2 classes: one column) and logit spreads up to
+    near-certain classes: S Sᵀ of the C−1-column square root equals torch.func.hessian of
+    torch's loss, block by block (float64)."""
+    from tnderive import losses
+    from tnderive.curvature import evaluate
+    from tnderive.ir import Variable
+
+    gen = torch.Generator().manual_seed(seed)
+    f = Variable("f", ["n", "c"], shape=(N, C))
+    fv = torch.randn(N, C, generator=gen, dtype=torch.float64) * spread
+    loss = losses.get(f"ce:{reduction}")
+    S = evaluate(loss.hessian_sqrt(f, "col", reduced=True), context=f, f=fv)
+    y = torch.softmax(torch.randn(N, C, generator=gen, dtype=torch.float64), -1)
+    H = torch.func.hessian(lambda z: loss.torch_value(z, y, 1))(fv)
+    blocks = torch.stack([H[k, :, k, :] for k in range(N)])
+    assert S.shape == (N, C, C - 1)
+    torch.testing.assert_close(S @ S.mT, blocks, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("kind", ["expand", "reduce"])
