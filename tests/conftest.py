@@ -1,7 +1,16 @@
-import torch
+def _runs_tests(config) -> bool:
+    """False in pytest-xdist's controller, which only hands tests to its workers."""
+    return hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None)
 
-torch.set_num_threads(1)
-torch.set_default_dtype(torch.float64)
+
+def pytest_configure(config):
+    """Tests run in float64 on one thread per process; the xdist controller skips the torch
+    import (about a second of every `-n` run)."""
+    if _runs_tests(config):
+        import torch
+
+        torch.set_num_threads(1)
+        torch.set_default_dtype(torch.float64)
 
 
 def pytest_collection_finish(session):

@@ -1,14 +1,13 @@
 """`tnderive demo`: every showcase item derives, draws, compiles and verifies (fast sizes)."""
 from __future__ import annotations
 
-import os
+import runpy
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests import background
 from tnderive import demo
 from tnderive.cli import main
 from tnderive.draw import NO_DOT_WARNING, dot_available
@@ -79,41 +78,20 @@ def test_cli_exit_codes(tmp_path, monkeypatch, capsys):
     assert not hasattr(demo, "_missing_feature")
 
 
-def _path_without_dot(tmp_path: Path) -> str:
-    """PATH with every folder that holds `dot` replaced by a copy of its links, minus `dot`."""
-    folders = []
-    for k, folder in enumerate(os.environ.get("PATH", "").split(os.pathsep)):
-        if not folder or not (Path(folder) / "dot").exists():
-            folders.append(folder)
-            continue
-        shadow = tmp_path / f"bin{k}"
-        shadow.mkdir()
-        for entry in Path(folder).iterdir():
-            if entry.name != "dot" and not entry.name.startswith("dot"):
-                (shadow / entry.name).symlink_to(entry)
-        folders.append(str(shadow))
-    return os.pathsep.join(folders)
-
-
-def _demo_without_dot(folder: Path) -> tuple[list[str], dict]:
-    env = {**os.environ, "PATH": _path_without_dot(folder)}
-    return ([sys.executable, "-m", "tnderive", "demo", "--fast", "--only", "mlp-hessian",
-             "--only", "bilinear-kfac", "-o", str(folder / "demo")], {"env": env})
-
-
-#: a fresh process; it starts in the background when collection ends (tests/background.py)
-WITHOUT_DOT = background.register("test_demo.py::test_without_graphviz_the_demo_skips_diagrams",
-                                  _demo_without_dot)
-
-
-def test_without_graphviz_the_demo_skips_diagrams():
-    """No `dot` on PATH: one warning line, every item ok, no diagrams, exit code 0."""
-    proc, folder = WITHOUT_DOT.result()
-    assert shutil.which("dot", path=WITHOUT_DOT.kwargs["env"]["PATH"]) is None
-    out = folder / "demo"
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stderr.count(NO_DOT_WARNING) == 1, proc.stderr
-    assert "error" not in proc.stdout and "FAILED" not in proc.stdout
+def test_without_graphviz_the_demo_skips_diagrams(tmp_path, monkeypatch, capsys):
+    """No `dot` on PATH: one warning line, every item ok, no diagrams, exit code 0; run as
+    `python -m tnderive demo ...` (the package's __main__)."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert shutil.which("dot") is None
+    out = tmp_path / "demo"
+    monkeypatch.setattr(sys, "argv", ["tnderive", "demo", "--fast", "--only", "mlp-hessian",
+                                      "--only", "bilinear-kfac", "-o", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("tnderive", run_name="__main__", alter_sys=True)
+    captured = capsys.readouterr()
+    assert exit_.value.code == 0, captured.out + captured.err
+    assert captured.err.count(NO_DOT_WARNING) == 1, captured.err
+    assert "error" not in captured.out and "FAILED" not in captured.out
     assert not list(out.rglob("*.svg"))
     assert list(out.rglob("*.py")) and (out / "summary.md").is_file()
 

@@ -12,10 +12,13 @@ applications → CLI. Checked on the source with `ast`, without importing it:
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
 import pytest
+
+from tests.source_trees import parsed
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"tnderive": ROOT / "tnderive", "tnderive.rules": ROOT / "rules",
@@ -86,10 +89,11 @@ def _function_level_imports(tree: ast.Module):
                     yield node
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     graph = {}
     for module, path in MODULES.items():
-        tree = ast.parse(path.read_text(), str(path))
+        tree = parsed(path)
         graph[module] = {t for node in _module_level_imports(tree) for t in _targets(module, node)
                          if t in MODULES and t != module}
     return graph
@@ -141,7 +145,7 @@ def test_function_level_imports_are_optional_dependencies_or_documented():
     for module, path in MODULES.items():
         if UNCHECKED.match(module):
             continue
-        for node in _function_level_imports(ast.parse(path.read_text())):
+        for node in _function_level_imports(parsed(path)):
             for target in _targets(module, node):
                 if target.split(".")[0] in OPTIONAL_THIRD_PARTY:
                     continue
@@ -174,7 +178,7 @@ def _blanket(handler: ast.ExceptHandler) -> bool:
 
 def test_no_blanket_exception_handlers():
     hits = [f"{p.relative_to(ROOT)}:{node.lineno}" for p in _library_files()
-            for node in ast.walk(ast.parse(p.read_text()))
+            for node in ast.walk(parsed(p))
             if isinstance(node, ast.ExceptHandler) and _blanket(node)]
     assert not hits, "handlers that swallow every exception: " + ", ".join(hits)
 

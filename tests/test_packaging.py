@@ -14,6 +14,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.source_trees import parsed
+
 ROOT = Path(__file__).resolve().parents[1]
 tomllib = pytest.importorskip("tomllib")  # Python ≥ 3.11 (3.10 has no TOML reader built in)
 
@@ -109,7 +111,7 @@ def test_no_own_module_is_optional():
     offenders = []
     for folder in [*SOURCES, "gallery", "benchmarks"]:
         for path in sorted((ROOT / folder).rglob("*.py")):
-            tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+            tree = parsed(path)
             for node in ast.walk(tree):
                 if (isinstance(node, ast.Try) and any(_imports_own_module(s) for s in node.body)
                         and any(_catches_import_error(h) for h in node.handlers)):
