@@ -170,6 +170,100 @@ def _derive_all_only(cfg: dict, args) -> None:
     write_section(MARK, "\n".join(kept) + "\n\n" + line + "\n")
 
 
+FLOOR_MARK = "transformer_floor"
+
+
+def _gemm_rate(device: str, n: int = 2048, repeats: int = 3) -> float:
+    """Measured float64 matrix-product rate in GFLOP/s (n × n by n × n, median of repeats)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / sorted(times[1:])[repeats // 2] / 1e9
+
+
+def _per_direction(run, directions: int, device: str) -> float:
+    """Seconds per tangent direction of `run()` (one warm-up, then the median of three)."""
+    run()
+    times = []
+    for _ in range(3):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[1] / directions
+
+
+def floor_section(cfg: dict, blocks, device: str, chunks=(16, 64, 256)) -> str:
+    """Why a block costs what it costs: per block, the flops of one tangent direction
+    (torch.func's jvp-of-jacrev counted by torch's FlopCounterMode; tnderive's from its
+    generated code's header), the whole block's flops, the time they take at the measured
+    GEMM rate (a floor: every flop at matrix-product speed), and the measured seconds per
+    direction of both methods at several chunk sizes, extrapolated to the whole block."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from tnderive.attention.stack import CHUNK_BASIS, CHUNK_STEP, block_program
+    torch.set_default_dtype(torch.float64)
+    model = _model(cfg)
+    T = {k: v.to(device) for k, v in model.random_inputs(seed=0).items()}
+    rate = _gemm_rate(device)
+    rows = ["| block | directions (torch.func / tnderive) | torch.func MFLOP / direction | tnderive MFLOP / direction "
+            "| tnderive GFLOP (block) | at GEMM rate s | "
+            + " | ".join(f"jvp-vmap s (chunk {c}) | tnderive s (chunk {c})" for c in chunks) + " |",
+            "| --- " * (6 + 2 * len(chunks)) + "|"]
+    for p, q in blocks:
+        f, a0, b0 = _loss_of(model, T, model.names[p], model.names[q])
+        over_a = a0.numel() <= b0.numel()
+        x0, y0 = (a0, b0) if over_a else (b0, a0)
+        g = (torch.func.jacrev(f, argnums=1) if over_a
+             else torch.func.jacrev(lambda y, x: f(y, x), argnums=0))
+
+        def column(v):
+            return torch.func.jvp(lambda x: g(x, y0) if over_a else g(y0, x), (x0,), (v,))[1]
+        with FlopCounterMode(display=False) as counter:
+            column(torch.randn_like(x0))
+        n = x0.numel()
+        cells, ours_flops, directions = [], 0, 0
+        for c in chunks:
+            k = min(c, n)
+            basis = torch.eye(n, device=device)[:k].reshape(k, *x0.shape)
+            peer = _per_direction(lambda: torch.func.vmap(column)(basis), k, device)
+            prog = block_program(model, p, q, chunk=c)
+            ours_flops = min(prog.flops.values())
+            directions = 1
+            for size in prog.shape_y:
+                directions *= size
+            m = prog.chunk or directions
+            unit = torch.zeros(m, directions, device=device)
+            unit[torch.arange(m), torch.arange(m)] = 1
+            args = {name: T[name] for name in prog.leaves if name in T}
+            extra = {CHUNK_STEP: torch.zeros(m, device=device),
+                     CHUNK_BASIS: unit.reshape(m, *prog.shape_y)}
+            ours = _per_direction(lambda: prog.compiled(**args, **extra), m, device)
+            cells += [f"{peer * n:.3g}", f"{ours * directions:.3g}"]
+        rows.append(f"| {p} × {q} | {n} / {directions} | {counter.get_total_flops() / 1e6:.3g} | "
+                    f"{ours_flops / directions / 1e6:.3g} | {ours_flops / 1e9:.3g} | "
+                    f"{ours_flops / 1e9 / rate:.3g} | " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+    return ("## Transformer Hessian blocks: where the time goes (benchmarks/transformer.py --floor)\n\n"
+            f"Same stack and blocks as above, device {device}, {torch.get_num_threads()} thread(s), "
+            f"float64 GEMM rate {rate:.0f} GFLOP/s (2048², measured). Both methods push one tangent "
+            "direction at a time through the token-mixing softmax of the second block, so the work "
+            "grows with the directions; columns \"s\" are seconds per direction (median of 3 runs of "
+            "one chunk) times the directions, i.e. the whole block's run time without derivation. "
+            "\"at GEMM rate\": tnderive's stated contraction flops divided by the GEMM rate, a floor "
+            "that ignores the elementwise softmax/LayerNorm/GELU work (memory-bound, most of the "
+            "measured time).\n\n" + "\n".join(rows) + "\n")
+
+
 def _fmt(r: dict, what: str) -> str:
     if r is None:
         return "not run"
@@ -186,10 +280,11 @@ def main() -> None:
     ap.add_argument("--dmodel", type=int, default=None, help="d (default 64)")
     ap.add_argument("--heads", type=int, default=None, help="heads (default 4)")
     ap.add_argument("--dmlp", type=int, default=None, help="MLP width (default 256)")
-    ap.add_argument("--chunk", type=int, default=256,
-                    help="vmap chunk_size of the jvp-vmap peer (default 256 directions)")
-    ap.add_argument("--tn-chunk", type=int, default=256,
-                    help="tangent directions per run of tnderive's block program (default 256, "
+    ap.add_argument("--chunk", type=int, default=16,
+                    help="vmap chunk_size of the jvp-vmap peer (default 16 directions: the "
+                         "fastest of 16/64/256 for both methods on the 2-core CPU)")
+    ap.add_argument("--tn-chunk", type=int, default=16,
+                    help="tangent directions per run of tnderive's block program (default 16, "
                          "the peer's; 0 = all at once)")
     ap.add_argument("--mem-gb", type=float, default=14.0,
                     help="address-space cap of each CPU measurement in GB (default 14)")
@@ -203,6 +298,8 @@ def main() -> None:
     ap.add_argument("--derive-all-only", action="store_true",
                     help="only the 4-block derive time: replace that paragraph of the section")
     ap.add_argument("--no-peer", action="store_true", help="skip the torch.func peers")
+    ap.add_argument("--floor", action="store_true",
+                    help="only the flop and per-direction analysis (its own section)")
     ap.add_argument("--no-write", action="store_true", help="do not write RESULTS.md")
     args = ap.parse_args()
     cfg = dict(d=8, H=2, L=8, f=16) if args.small else dict(d=64, H=4, L=128, f=256)
@@ -212,6 +309,12 @@ def main() -> None:
     blocks = [tuple(b.split(":")) for b in args.blocks] if args.blocks else BLOCKS
     if args.derive_all_only:
         return _derive_all_only(cfg, args)
+    if args.floor:
+        text = floor_section(cfg, blocks, args.device)
+        print(text)
+        if not args.no_write:
+            write_section(FLOOR_MARK, text)
+        return None
     load0 = os.getloadavg()
     lines = [f"2-block pre-LN stack, d = {cfg['d']}, {cfg['H']} heads, L = {cfg['L']}, MLP {cfg['f']}, "
              f"float64, device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} "
