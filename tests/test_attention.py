@@ -141,7 +141,9 @@ def test_plain_expression_gives_totals_only():
 
 
 def test_functional_VV_is_symbolically_zero():
-    for kw in [dict(), dict(out_proj=True), dict(heads=2, causal=True), dict(loss="ce")]:
+    # the layers test_blocks_match_torch_func and the slope tests derive (shared blocks):
+    # mse and ce, one and two heads, with and without the output projection
+    for kw in [dict(), CASES["out_proj"], CASES["heads2_causal"], CASES["heads2_out_proj_ce"]]:
         model, blocks = _blocks(**kw)
         assert isinstance(blocks["WV", "WV"].functional.expr, Zero)
         assert blocks["WV", "WV"].functional.structure.zero

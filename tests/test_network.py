@@ -203,7 +203,7 @@ _OPS = ["h{k}[n,o] = tanh(W{k}[o,p]*{prev}[n,p])",
 
 @settings(max_examples=12, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, len(_OPS) - 1), st.integers(0, 10)), min_size=1,
-                max_size=4), st.integers(0, 2**16))
+                max_size=3), st.integers(0, 2**16))
 def test_random_chains_match_inlined_expression(ops, seed):
     lines, names = [], ["x"]
     for k, (op, pick) in enumerate(ops, 1):

@@ -50,10 +50,37 @@ def torch_blocks(model, T, p, q):
     return H, GN.reshape(H.shape)
 
 
+def torch_blocks_of(model, T, pairs):
+    """{(p, q): (H, GN)} for several pairs from one torch.func.hessian over every parameter
+    they name and one jacrev per parameter (the same quantities as `torch_blocks`)."""
+    names = list(dict.fromkeys(n for pair in pairs for n in pair))
+
+    def loss(*ws):
+        return model.torch_loss(**{**T, **dict(zip(names, ws))})
+
+    def pred(*ws):
+        return reference_prediction(model, {**T, **dict(zip(names, ws))})
+
+    args = [T[n] for n in names]
+    argnums = tuple(range(len(names)))
+    H = hessian(loss, argnums=argnums)(*args)
+    J = jacrev(pred, argnums=argnums)(*args)
+    P = reference_prediction(model, T)
+    Lam = hessian(lambda f: model.criterion.torch_value(f, T[TARGET], 1))(P)
+    n = P.numel()
+    out = {}
+    for p, q in pairs:
+        i, j = names.index(p), names.index(q)
+        GN = J[i].reshape(n, -1).T @ Lam.reshape(n, n) @ J[j].reshape(n, -1)
+        out[p, q] = H[i][j], GN.reshape(H[i][j].shape)
+    return out
+
+
 def check(model, blocks, T, pairs):
+    refs = torch_blocks_of(model, T, pairs)
     for p, q in pairs:
         b = blocks[p, q]
-        H, GN = torch_blocks(model, T, p, q)
+        H, GN = refs[p, q]
         total = b.total.evaluate(T)
         outer = b.outer.evaluate(T)
         func = b.functional.evaluate(T)
@@ -71,7 +98,7 @@ def test_one_block_every_kind(causal):
     model = transformer(**ONE, causal=causal)
     T = model.random_inputs(seed=3)
     pats = ["b0.q.weight", "b0.v.weight", "b0.ln1.weight", "b0.fc1.weight", "b0.ln2.bias"]
-    blocks = tn.hessian_blocks(model, params=pats)
+    blocks = tn.hessian_blocks(model, params=pats, upper=True)   # the pairs below are upper
     ln1, q, v, ln2b, fc1 = blocks.params     # model order
     assert (ln1, q, fc1) == ("b0_ln1_weight", "b0_q_weight", "b0_fc1_weight")
     check(model, blocks, T, [(q, q), (q, v), (q, fc1), (ln1, q), (ln1, fc1), (v, ln2b), (fc1, fc1)])
@@ -80,13 +107,14 @@ def test_one_block_every_kind(causal):
 def test_post_ln_ce_rms_gelu_tanh():
     model = transformer(**ONE, pre_ln=False, loss="ce", causal=True, act="gelu_tanh")
     T = model.random_inputs(seed=4)
-    blocks = tn.hessian_blocks(model, params=["*.k.weight", "*.ln1.*", "*.fc2.weight"])
+    blocks = tn.hessian_blocks(model, params=["*.k.weight", "*.ln1.*", "*.fc2.weight"], upper=True)
     k, g, b, fc2 = blocks.params
     check(model, blocks, T, [(k, k), (k, g), (g, b), (b, fc2), (k, fc2)])
     model = transformer(**ONE, norm="rms", act="relu", loss="ce", reduction="sum")
     T = model.random_inputs(seed=5)
-    blocks = tn.hessian_blocks(model, params=["*.ln1.weight", "*.q.weight"])
-    check(model, blocks, T, [(blocks.params[0], blocks.params[1])])
+    blocks = tn.hessian_blocks(model, params=["*.ln1.weight", "*.q.weight"])   # all four blocks
+    g, q = blocks.params
+    check(model, blocks, T, [(g, q), (q, g)])      # an upper and a lower block
 
 
 @pytest.mark.parametrize("pre_ln", [True, False], ids=["pre-LN", "post-LN"])
@@ -102,7 +130,7 @@ def test_two_blocks_cross_block(pre_ln):
 def test_split_agrees_with_curvature_hessian_split():
     model = transformer(blocks=1, seq=3, d_model=4, heads=1, d_mlp=4, classes=2, loss="ce")
     T = model.random_inputs(seed=7)
-    blocks = tn.hessian_blocks(model, params=["*.v.weight", "*.fc1.weight"])
+    blocks = tn.hessian_blocks(model, params=["*.v.weight", "*.fc1.weight"], upper=True)
     v, fc1 = blocks.params
     g, f = hessian_split(model.prediction, model.criterion, v, fc1, simplify=False)
     close(blocks[v, fc1].outer.evaluate(T), tn.evaluate(g, **T))
@@ -124,7 +152,7 @@ def test_patterns_and_errors():
 def test_single_layer_behaviour_kept():
     """An AttentionModel still goes through curvature.hessian_split, simplified and expanded."""
     from tnderive.nn.attention import self_attention
-    blocks = tn.hessian_blocks(self_attention(seq=4, d_model=3, d_k=2))
+    blocks = tn.hessian_blocks(self_attention(seq=4, d_model=3, d_k=2), params=("WQ", "WK"))
     assert blocks.simplifier == "tnderive.simplify"
     assert blocks["WQ", "WK"].functional.structure.predicted_slope == 3
 
@@ -161,10 +189,8 @@ def test_block_program_picks_the_cheaper_order():
     ln, v = model.names["b0.ln1.weight"], model.names["b1.v.weight"]
     bp = block_program(model, "b0.ln1.weight", "b1.v.weight")
     assert bp.transposed and bp.flops[v, ln] < bp.flops[ln, v]
-    H, _ = torch_blocks(model, T, ln, v)
-    close(bp(**T), H)
+    close(bp(**T), torch_hessian(model, T, ln, v))
     q0, fc1 = model.names["b0.q.weight"], model.names["b1.fc1.weight"]
     bp = block_program(model, q0, fc1, chunk=5)       # 16 directions: 4 runs, the last wraps
     assert set(bp.flops) == {(q0, fc1), (fc1, q0)} and bp.chunk == 5
-    H, _ = torch_blocks(model, T, q0, fc1)
-    close(bp(**T), H)
+    close(bp(**T), torch_hessian(model, T, q0, fc1))
