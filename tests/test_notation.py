@@ -277,3 +277,13 @@ def test_random_programs_round_trip(r):
         assume(False)
     text = str(expr)
     assert parse(text) == expr, text
+
+
+def test_printed_notation_follows_later_registrations():
+    """The printer remembers its text per expression, but a function registered afterwards
+    is printed by its name (the memory is keyed by the registry's version)."""
+    expr = parse("y[i] = elementwise('x**3 + 11*x', A[i])")
+    assert "elementwise('x**3 + 11*x'" in str(expr)
+    elementwise("cube_plus_11x", lambda x: x**3 + 11 * x)
+    assert str(expr) == "out[i] = cube_plus_11x(A[i])"
+    assert parse(str(expr)) == expr

@@ -101,6 +101,7 @@ SOFTMAX = IndexFunction("softmax")
 LOGSUMEXP = IndexFunction("logsumexp")
 
 _ELEMENTWISE: dict[str, Elementwise] = {}
+_REGISTRATIONS = [0]  # how many registrations so far: printed notation depends on the registry
 
 
 def elementwise(name: str, formula: sympy.Expr | Callable[[sympy.Symbol], sympy.Expr]) -> Elementwise:
@@ -119,6 +120,7 @@ def elementwise(name: str, formula: sympy.Expr | Callable[[sympy.Symbol], sympy.
         raise TNError(f"function {name!r}: formula may only use the symbol x, found {sorted(map(str, extra))}")
     fn = Elementwise(name, formula)
     _ELEMENTWISE[name] = fn
+    _REGISTRATIONS[0] += 1
     return fn
 
 
@@ -134,6 +136,12 @@ def get_elementwise(name: str) -> Elementwise:
 
 def registered_elementwise() -> dict[str, Elementwise]:
     return dict(_ELEMENTWISE)
+
+
+def registry_version() -> int:
+    """Changes whenever an elementwise function is registered (a key for remembered output
+    that depends on the registry, such as printed notation)."""
+    return _REGISTRATIONS[0]
 
 
 def power(p: int | float | sympy.Expr) -> Elementwise:

@@ -24,13 +24,14 @@ from __future__ import annotations
 import ast
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Sequence
 
 import sympy
 from sympy.printing.str import StrPrinter
 
 from .errors import TNError
-from .functions import Elementwise, IndexFunction, X, registered_elementwise
+from .functions import Elementwise, IndexFunction, X, registered_elementwise, registry_version
 from .ir import (ONE, Constant, Delta, Expr, Func, Product, Sum, Variable, Zero, fresh_name,
                  size_symbol)
 from .notation import _times, parse
@@ -45,6 +46,15 @@ def to_notation(expr: Expr, name: str = "out") -> str:
     """Index notation for `expr`; the last statement (named `name`) is the result."""
     if not isinstance(expr, Expr):
         raise TNError(f"to_notation expects an expression, got {type(expr).__name__}")
+    return _checked_notation(expr, name, registry_version())
+
+
+@lru_cache(maxsize=2048)
+def _checked_notation(expr: Expr, name: str, registry: int) -> str:
+    """The implicit spelling when it parses back to `expr`, else the explicit one. Remembered
+    per (expression, name, registry version of the elementwise functions), bounded: generated
+    code prints the same statements in the docstring of every compile, and the check (a
+    parse) costs more than the printing."""
     text = _Printer(expr, explicit=False).program(name)
     try:
         if parse(text) == expr:
