@@ -150,7 +150,11 @@ def _leaf(program: Statements, name: str) -> Variable:
 
 
 def _fresh_statement(base: str, taken: set[str]) -> str:
-    name = fresh_name(base, taken)
+    """`fresh_name(base, taken)`, added to `taken` (which is not copied: it holds every name
+    of a large derived program)."""
+    name = base
+    while name in taken:
+        name += "_"
     taken.add(name)
     return name
 
@@ -300,19 +304,47 @@ def forward(program: Statements, param: "str | Mapping[str, str]", tangent: str 
     statement gets ONE tangent `S_<tangent>[I]` = Σ_p Σ_B dS[I]/dp[B]·V_p[B] (`tangent`
     names the combined direction, default "dir"; `var` is then unused: every parameter
     is an input of the program or of its source)."""
+    seeds, tangent = _seeds(program, param, tangent, var)
+    taken = set(program.names) | set(program.signature)
+    new, found = tangent_statements(program, seeds, tangent, program.outputs, taken, only_through)
+    if names is not None:
+        names.update(found)
+    return program.rebuilt(program.statements + tuple(new), list(found.values())).pruned()
+
+
+Seed = tuple[str, Variable, "str | None"]  # (parameter, its declaration, tangent tensor name)
+
+
+def _seeds(program: Statements, param: "str | Mapping[str, str]", tangent: str | None,
+           var: Variable | None) -> tuple[list[Seed], str | None]:
+    """`forward`'s directions as (parameter, declaration, tangent tensor or None) and the
+    name of the tangent (None: a Jacobian; several directions: default "dir")."""
     if isinstance(param, str):
         if var is None or param in program.signature:
             var = _leaf(program, param)
-        seeds = [(param, var, tangent)]
-    else:
-        if not param:
-            raise TNError("forward: give at least one (parameter, tangent) pair")
-        bad = [p for p, t in param.items() if not isinstance(t, str)]
-        if bad:
-            raise TNError(f"forward: the direction of {bad[0]!r} needs a tangent tensor name")
-        seeds = [(p, _leaf(program, p), t) for p, t in param.items()]
-        tangent = tangent or "dir"
-    taken = set(program.names) | set(program.signature)
+        return [(param, var, tangent)], tangent
+    if not param:
+        raise TNError("forward: give at least one (parameter, tangent) pair")
+    bad = [p for p, t in param.items() if not isinstance(t, str)]
+    if bad:
+        raise TNError(f"forward: the direction of {bad[0]!r} needs a tangent tensor name")
+    return [(p, _leaf(program, p), t) for p, t in param.items()], tangent or "dir"
+
+
+def tangent_statements(program: Statements, seeds: Sequence[Seed], tangent: str | None,
+                       outputs: Sequence[str], taken: set[str],
+                       only_through: dict[str, frozenset[str]] | None = None,
+                       tangents: dict[str, Statement] | None = None
+                       ) -> tuple[list[Statement], dict[str, str]]:
+    """The statements `forward` appends for the outputs `outputs` of `program`, named apart
+    from `taken` (which receives the new names), without building the derived program: a
+    caller running many passes over one program (one per Hessian-block column) keeps its
+    statements instead of rebuilding (and re-checking) the whole program for every pass.
+    Returns the new statements in order and output -> its tangent statement's name.
+
+    tangents: statement name -> its tangent statement, derived already (by an earlier pass in
+    the same direction whose tangent of that statement is the same: the caller vouches for
+    it) and used as it is; receives this pass's new tangent statements."""
     directional = tangent is not None
     seed_vars: dict[str, Variable | None] = {}
     for p, v, t in seeds:
@@ -329,14 +361,18 @@ def forward(program: Statements, param: "str | Mapping[str, str]", tangent: str 
     def extra_legs(indices: tuple[str, ...]) -> tuple[str, ...]:
         """The legs a tangent statement adds: the parameter's axes (a Jacobian), or none."""
         return () if directional else fresh_names(var.axes, set(indices))
+
+    def base(name: str) -> str:
+        return f"{name}_{tangent}" if directional else tangent_name(name, seeds[0][0])
+
     active: set[str] = set()
     for p, _, _ in seeds:
         active |= program.depending_on(p)
-    active &= program.needed()
-    tangents: dict[str, Statement] = {}
+    active &= program.needed(outputs)
+    tangents = {} if tangents is None else tangents
     new: list[Statement] = []
     for s in program.statements:
-        if s.name not in active:
+        if s.name not in active or s.name in tangents:
             continue
         idx = s.indices + extra_legs(s.indices)
         terms = []
@@ -351,23 +387,19 @@ def forward(program: Statements, param: "str | Mapping[str, str]", tangent: str 
         expr = _total(terms, idx)
         if expr is None:
             continue
-        base = f"{s.name}_{tangent}" if directional else tangent_name(s.name, seeds[0][0])
-        st = Statement(_fresh_statement(base, taken), with_signature(expr, *decls))
+        st = Statement(_fresh_statement(base(s.name), taken), with_signature(expr, *decls))
         tangents[s.name] = st
         new.append(st)
-    outputs = []
-    for o in program.outputs:
+    found: dict[str, str] = {}
+    for o in outputs:
         if o not in tangents:
             e = program[o].expr
             zero = Zero(e.indices + extra_legs(e.indices), tuple(e.shape) + (
                 () if directional else tuple(var.axis_shape)))
-            base = f"{o}_{tangent}" if directional else tangent_name(o, seeds[0][0])
-            tangents[o] = Statement(_fresh_statement(base, taken), with_signature(zero, *decls))
+            tangents[o] = Statement(_fresh_statement(base(o), taken), with_signature(zero, *decls))
             new.append(tangents[o])
-        outputs.append(tangents[o].name)
-        if names is not None:
-            names[o] = tangents[o].name
-    return program.rebuilt(program.statements + tuple(new), outputs).pruned()
+        found[o] = tangents[o].name
+    return new, found
 
 
 def hessian_blocks(program: Statements, pairs: Sequence[tuple[str, str]],
@@ -392,17 +424,13 @@ def hessian_blocks(program: Statements, pairs: Sequence[tuple[str, str]],
     rev = reverse(program, [a for a, _ in pairs], grads, roles)
     through = _gauss_newton_through(rev, roles) if part == "gauss_newton" else None
     statements = list(rev.statements)
-    have = set(rev.names)
+    taken = set(rev.names) | set(rev.signature)
     block: dict[tuple[str, str], str] = {}
     for b in dict.fromkeys(b for _, b in pairs):
-        wanted = [grads[a] for a, bb in pairs if bb == b]
-        names: dict[str, str] = {}
-        fwd = forward(rev.with_outputs(list(dict.fromkeys(wanted))), b, names=names,
-                      var=_leaf(program, b), only_through=through)
-        for st in fwd.statements:
-            if st.name not in have:
-                statements.append(st)
-                have.add(st.name)
+        wanted = list(dict.fromkeys(grads[a] for a, bb in pairs if bb == b))
+        seeds, _ = _seeds(rev, b, None, _leaf(program, b))
+        new, names = tangent_statements(rev, seeds, None, wanted, taken, through)
+        statements += new
         for a, bb in pairs:
             if bb == b:
                 block[(a, b)] = names[grads[a]]

@@ -37,7 +37,7 @@ from .binding import Binding, bind, unbound_message
 from .codegen.interpret import Runner, prepare
 from .codegen.program import lower
 from .errors import TNError
-from .ir import Expr, size_symbol, size_symbols
+from .ir import Expr, Variable, rewrite, size_symbol, size_symbols
 from .memory import check_fits
 
 #: lowered-and-prepared programs kept (least recently used dropped first)
@@ -64,12 +64,14 @@ def evaluate(expr: Expr, sizes: Mapping[str, int] | None = None, **tensors: torc
     return run_bound(expr, binding)
 
 
-def _runner(expr: Expr, binding: Binding) -> tuple[Runner, torch.device, torch.dtype]:
-    """The interpreter's cached program for `expr` at the binding's sizes, and the device and
-    dtype it runs in."""
+def _runner(expr: Expr, binding: Binding, shared: "SharedLowerings | None" = None
+            ) -> tuple[Runner, torch.device, torch.dtype]:
+    """The interpreter's cached program for `expr` at the binding's sizes (from `shared` when
+    given, else the module's bounded LRU), and the device and dtype it runs in."""
     values = tuple(sorted((str(k), v) for k, v in binding.symbols.items()))
     dtype = binding.dtype if binding.dtype is not None else torch.get_default_dtype()
-    return lowered(expr, values), binding.device or torch.device("cpu"), dtype
+    runner = lowered(expr, values) if shared is None else shared.runner(expr, values)
+    return runner, binding.device or torch.device("cpu"), dtype
 
 
 def run_bound(expr: Expr, binding: Binding) -> torch.Tensor:
@@ -86,13 +88,17 @@ class Prepared:
     """`evaluate(expr, **tensors)` for one expression called many times (a layer): the binding
     (checks, sizes, device, dtype) and the lowered program are kept per key of the tensors'
     names, shapes, dtypes and devices (the last `kept` keys), so a repeated call only casts
-    and runs the program (about 0.2 ms less per call than `evaluate`)."""
+    and runs the program (about 0.2 ms less per call than `evaluate`).
 
-    def __init__(self, expr: Expr, kept: int = 8):
+    shared: lower through these `SharedLowerings` (programs shared with the other expressions
+    of one network that differ only in their variables' names) instead of the module's LRU."""
+
+    def __init__(self, expr: Expr, kept: int = 8, shared: "SharedLowerings | None" = None):
         if not isinstance(expr, Expr):
             raise TNError(f"evaluate expects an expression, got {type(expr).__name__}")
         self.expr = expr
         self.kept = kept
+        self.shared = shared
         self._runs: dict[tuple, tuple] = {}
 
     def __call__(self, **tensors: torch.Tensor) -> torch.Tensor:
@@ -102,7 +108,7 @@ class Prepared:
         if run is None:
             binding = bind(self.expr, tensors)
             check_fits(self.expr, binding)
-            runner, device, dtype = _runner(self.expr, binding)
+            runner, device, dtype = _runner(self.expr, binding, self.shared)
             run = (runner, tuple(binding.tensors), device, dtype)
             if len(self._runs) >= self.kept:
                 self._runs.pop(next(iter(self._runs)))
@@ -116,8 +122,96 @@ class Prepared:
 def lowered(expr: Expr, values: tuple[tuple[str, int], ...]) -> Runner:
     """The interpreter's prepared program for `expr` at the sizes `values` ((symbol name, int),
     sorted): the same `lower` as `compile`, with evaluate's planning setting."""
+    _check_bound(expr, values)
+    return _lower(expr, values)
+
+
+def _check_bound(expr: Expr, values: tuple[tuple[str, int], ...]) -> None:
+    """TNError naming a size symbol of `expr` that `values` leaves unbound."""
     missing = {str(s) for s in size_symbols(expr)} - {k for k, _ in values}
     if missing:  # a size only a coefficient or an unused tensor would bind (e.g. the 1/n of a mean)
         raise TNError(f"evaluate: {unbound_message(missing, expr.signature)}")
+
+
+def _lower(expr: Expr, values: tuple[tuple[str, int], ...]) -> Runner:
+    """`lower` + `prepare` with evaluate's planning setting (uncached)."""
     program = lower(expr, dict(values), method=EVALUATE_METHOD, forms=EVALUATE_FORMS)
     return prepare(program, {size_symbol(k): v for k, v in values})
+
+
+# --------------------------------------------------------------------------------------------
+# lowerings shared by the statements of one network
+# --------------------------------------------------------------------------------------------
+
+def canonical_names(expr: Expr, made: dict[tuple, Variable] | None = None
+                    ) -> tuple[Expr, tuple[str, ...]]:
+    """`expr` with its variables renamed `v0, v1, ...` in first-seen order (`Expr.walk`; axes,
+    occurrences and sizes kept), and the original names in that order. Two expressions that
+    differ only in their tensors' names (the tangent statements of two same-shaped
+    parameters) have the same canonical form, hence the same lowered program. `made`: the
+    renamed variables built so far, reused (a caller renaming many expressions)."""
+    order: dict[str, str] = {}
+    for node in expr.walk():
+        if isinstance(node, Variable) and node.name not in order:
+            order[node.name] = f"v{len(order)}"
+    made = {} if made is None else made
+
+    def rename(node: Expr) -> Expr | None:
+        if isinstance(node, Variable):
+            key = (order[node.name], node.axes, node.occurrence, node.axis_shape)
+            if key not in made:
+                made[key] = Variable(*key)
+            return made[key]
+        return None
+
+    return rewrite(expr, rename), tuple(order)
+
+
+class _RenamedRunner:
+    """A canonical form's `Runner` called with the original tensor names."""
+
+    def __init__(self, runner: Runner, names: tuple[str, ...]):
+        self.runner = runner
+        self.renaming = tuple((name, f"v{k}") for k, name in enumerate(names))
+
+    def __call__(self, tensors, device, dtype) -> torch.Tensor:
+        return self.runner({new: tensors[old] for old, new in self.renaming}, device, dtype)
+
+
+class SharedLowerings:
+    """The lowered programs of one network's statements, shared by statements that differ
+    only in their tensors' names (`canonical_names`): the 2529 statements of a 2-block
+    stack's Hessian-block network lower to 327 programs. Owned by the network (its parts
+    pruned to one output share it: `Network.part`), so it lives and dies with it; it holds
+    the programs of the last `kept_sizes` bindings of the size symbols (a network run at
+    another batch size lowers again, the oldest sizes' programs are dropped). `count`: the
+    programs lowered so far, `held`: those held now."""
+
+    def __init__(self, kept_sizes: int = 2):
+        self.kept_sizes = kept_sizes
+        # sizes of the whole binding -> {(canonical statement, its own sizes): program}
+        self._programs: dict[tuple, dict[tuple[Expr, tuple], Runner]] = {}
+        self._variables: dict[tuple, Variable] = {}  # renamed variables (`canonical_names`)
+        self.count = 0
+
+    @property
+    def held(self) -> int:
+        return sum(len(p) for p in self._programs.values())
+
+    def runner(self, expr: Expr, values: tuple[tuple[str, int], ...]) -> _RenamedRunner:
+        """The program of `expr` at sizes `values` (the binding's, sorted), called with
+        `expr`'s tensor names."""
+        _check_bound(expr, values)
+        programs = self._programs.pop(values, None)
+        if programs is None:
+            programs = {}
+            if len(self._programs) >= self.kept_sizes:
+                self._programs.pop(next(iter(self._programs)))
+        self._programs[values] = programs  # most recently used last
+        form, names = canonical_names(expr, self._variables)
+        own = {str(s) for s in size_symbols(form)}  # not the sizes only its signature has
+        key = (form, tuple((k, v) for k, v in values if k in own))
+        if key not in programs:
+            programs[key] = _lower(*key)
+            self.count += 1
+        return _RenamedRunner(programs[key], names)

@@ -43,6 +43,10 @@ def as_size(size: SizeLike, what: str = "size") -> Size:
         return sympy.Integer(size)
     if isinstance(size, str):
         return sympy.Symbol(size, integer=True, positive=True)
+    if isinstance(size, sympy.Integer):  # the common case, without sympy's comparison
+        if size.p <= 0:
+            raise TNError(f"{what} must be a positive integer, got {size}")
+        return size
     if isinstance(size, sympy.Basic):
         if size.is_number and (not size.is_integer or size <= 0):
             raise TNError(f"{what} must be a positive integer, got {size}")

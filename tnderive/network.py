@@ -21,7 +21,7 @@ import torch
 
 from .derive import block_name, forward, hessian_blocks, hessian_vector_products, reverse
 from .errors import TNError
-from .evaluate import Prepared, evaluate
+from .evaluate import Prepared, SharedLowerings, evaluate
 from .ir import Expr, Signature
 from .network_codegen import CompiledNetwork
 from .notation import parse_statements
@@ -53,6 +53,25 @@ class Network(Statements):
                  source: Signature | None = None):
         super().__init__(statements, outputs, source)
         self._runs: dict[str, Prepared] = {}  # statement name -> its evaluation (`_prepared`)
+        #: lowered programs shared by statements that differ only in their tensors' names
+        self._lowerings = SharedLowerings()
+
+    @property
+    def lowerings(self) -> SharedLowerings:
+        """The lowered programs `evaluate` ran so far (`.count`), shared by statements that
+        differ only in their tensors' names and by the networks `part` made of this one."""
+        return self._lowerings
+
+    def part(self, outputs: Sequence[str], source: Signature | None = None) -> "Network":
+        """The statements `outputs` need, as a network that shares this one's prepared
+        evaluations and lowered programs (the same statements run the same programs: the
+        parts of a set of Hessian blocks, `tnderive.attention`). `source`: this network's
+        signature, when the caller has it already (default: computed)."""
+        need = self.needed(outputs)
+        out = type(self)([s for s in self.statements if s.name in need], outputs,
+                         source=self.signature if source is None else source)
+        out._runs, out._lowerings = self._runs, self._lowerings
+        return out
 
     # --- running -------------------------------------------------------------------------
     def evaluate(self, sizes: Mapping[str, int] | None = None, **tensors: torch.Tensor):
@@ -89,7 +108,7 @@ class Network(Statements):
         """The statement's `Prepared` evaluation, kept as long as this network: a network run
         again at the same shapes (a σ sweep, another batch) reuses every lowered program."""
         if statement.name not in self._runs:
-            self._runs[statement.name] = Prepared(statement.expr, kept=2)
+            self._runs[statement.name] = Prepared(statement.expr, kept=2, shared=self._lowerings)
         return self._runs[statement.name]
 
     def compile(self, name: str = "f", sizes: Mapping[str, int] | None = None,

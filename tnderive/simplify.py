@@ -114,8 +114,9 @@ def simplify_program(program: Statements,
     Outputs keep their names, indices and index order."""
     engine = Engine(_rule_list(rules))
     replaced: dict[str, tuple[tuple[str, ...], Expr]] = {}
-    seen: dict[Expr, str] = {}
+    seen: dict[Expr, Statement] = {}  # a kept statement by its simplified expression
     kept: list[Statement] = []
+    outputs = set(program.outputs)  # a set: a network of blocks has thousands of outputs
 
     def sub(node: Expr) -> Expr | None:
         if isinstance(node, Variable) and node.name in replaced:
@@ -125,29 +126,24 @@ def simplify_program(program: Statements,
 
     for s in program.statements:
         expr = s.expr
-        if program.refs(s.name) & replaced.keys():
+        if any(r in replaced for r in program.refs(s.name)):
             expr = rewrite(expr, sub)
         out = engine.run(expr)
         if out.indices != s.indices:
             out = transpose(out, s.indices)
         out = with_signature(out, s.expr)
-        if s.name not in program.outputs:
+        if s.name not in outputs:
             if _is_cheap(out):
                 replaced[s.name] = (s.indices, out)
                 continue
             if out in seen:  # the same tensor as an earlier statement
-                replaced[s.name] = (s.indices, program_reference(kept, seen[out]))
+                replaced[s.name] = (s.indices, seen[out].reference())
                 continue
-            seen[out] = s.name
+            seen[out] = Statement(s.name, out)
+            kept.append(seen[out])
+            continue
         kept.append(Statement(s.name, out))
     return program.rebuilt(kept, program.outputs).pruned()
-
-
-def program_reference(statements: list[Statement], name: str) -> Variable:
-    for st in statements:
-        if st.name == name:
-            return st.reference()
-    raise TNError(f"no statement {name!r}")
 
 
 def _is_cheap(e: Expr) -> bool:

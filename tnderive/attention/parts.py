@@ -129,13 +129,9 @@ class NetworkPart:
     def own(self) -> Network:
         """The network pruned to this part's output (the statements it needs; the same as
         `network.with_outputs([output])`, without recomputing the whole network's signature
-        for every part)."""
+        for every part), sharing the network's lowered programs (`Network.part`)."""
         if self._own is None:
-            net = self.network
-            need = net.needed([self.output])
-            source = net.signature if self.source is None else self.source
-            self._own = type(net)([s for s in net.statements if s.name in need], [self.output],
-                                  source=source)
+            self._own = self.network.part([self.output], self.source)
         return self._own
 
     @property

@@ -17,7 +17,9 @@ then, per distinct b, two forward passes over it (`tnderive.derive.forward` with
 By linearity of the tangent in the seed the two passes add up to the forward-over-reverse
 Hessian (`Network.hessian_blocks`). All parts of all blocks live in one `Network`,
 simplified statement by statement; a part evaluates the statements its output needs
-(`Network.evaluate`), `HessianBlocks.evaluate_parts` all parts at once.
+(`Network.evaluate`, with the lowered programs of the shared network: `Network.part`),
+`HessianBlocks.evaluate_parts` all parts at once. The functional pass of a b reuses the
+outer pass's tangents of the network's own statements (J_b, the same in both).
 
 `gauss_newton` is the same outer part written on the inlined prediction for mse / ce (a
 cross-check for the tests).
@@ -34,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from ..derive import derivative, forward, reverse, var_names
+from ..derive import derivative, reverse, tangent_statements, var_names
 from ..errors import TNError
 from ..functions import SOFTMAX
 from ..ir import Expr, Func, Product, Sum, Zero, scale
@@ -103,23 +105,22 @@ def split_network(net: Network, pairs: Sequence[tuple[str, str]]
         elif role == "seed":
             through["functional"][st.name] = frozenset()
     statements = list(rev.statements)
-    taken = set(rev.names) | set(net.signature)
+    taken = set(rev.names) | set(rev.signature)   # every name so far: new ones are fresh
     names: dict[tuple[str, str], dict[str, str]] = {pair: {} for pair in pairs}
     signature = net.signature
     for b in dict.fromkeys(b for _, b in pairs):
         wanted = list(dict.fromkeys(grads[a] for a, bb in pairs if bb == b))
-        mine: list[Statement] = []      # this b's tangent statements so far
+        seeds = [(b, signature[b], None)]
+        tangents: dict[str, Statement] = {}
         for kind in ("outer", "functional"):
-            found: dict[str, str] = {}
-            # each pass runs on the reverse network plus this b's earlier pass (so that its
-            # tangent names are fresh), not on every earlier b's statements: the passes stay
-            # linear in the number of parameters
-            fwd = forward(rev.rebuilt(list(rev.statements) + mine, wanted), b, names=found,
-                          var=signature[b], only_through=through[kind])
-            new = [s for s in fwd.statements if s.name not in taken]
+            # each pass runs on the reverse network only (`tangent_statements`: no copy of
+            # it per pass), so the passes stay linear in the number of parameters; the
+            # functional pass reuses the outer pass's tangents of the network's own
+            # statements (both take them through everything: the same J_b)
+            tangents = {n: st for n, st in tangents.items() if n not in roles}
+            new, found = tangent_statements(rev, seeds, None, wanted, taken, through[kind],
+                                            tangents)
             statements += new
-            mine += new
-            taken |= set(fwd.names)
             for a, bb in pairs:
                 if bb == b:
                     names[a, b][kind] = found[grads[a]]
