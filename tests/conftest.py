@@ -13,6 +13,14 @@ def pytest_configure(config):
         torch.set_default_dtype(torch.float64)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, the end-to-end checks marked slow (several seconds each) go first,
+    so that the workers do not end on one long test while the other waits; a plain run keeps
+    the file order (its subprocess checks overlap the rest in the background instead)."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_collection_finish(session):
     """Start the collected end-to-end subprocess checks (tests/background.py) in the background,
     so that they overlap the in-process tests; not under pytest-xdist (its workers share the

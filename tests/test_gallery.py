@@ -66,6 +66,7 @@ if HAS_DOT:  # a fresh process; it starts in the background when collection ends
                                         _example_in_a_fresh_process, timeout=300)
 
 
+@pytest.mark.slow
 @needs_dot
 def test_regeneration_is_deterministic(tmp_path):
     """The same example twice in this process and once in a fresh one (another hash seed)."""

@@ -86,6 +86,7 @@ if __name__ != "__main__" and dot_available():  # as a test module (the script o
                                         _python_blocks_job)
 
 
+@pytest.mark.slow
 @needs_dot
 def test_python_blocks_run_top_to_bottom():
     """In a fresh process (as a reader runs them: no test settings such as the default dtype).
