@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Mapping, Sequence
 
 import opt_einsum
@@ -48,8 +48,22 @@ class Step:
     inputs: tuple[int, ...]
     labels: tuple[Labels, ...]
     output: Labels
-    flops: sympy.Expr
-    size: sympy.Expr
+    sizes: Mapping[str, sympy.Expr] = field(compare=False, repr=False)  # label -> size
+
+    @cached_property
+    def _cost(self) -> tuple[sympy.Expr, sympy.Expr]:
+        # symbolic, so worked out on first use: a plan compares its candidates by the numeric
+        # cost (`_numeric_cost`) and only the chosen one's polynomials are ever read
+        return step_cost(self.labels, self.output, self.sizes)
+
+    @property
+    def flops(self) -> sympy.Expr:
+        return self._cost[0]
+
+    @property
+    def size(self) -> sympy.Expr:
+        """Entries of the step's output."""
+        return self._cost[1]
 
     def equation(self) -> str:
         """The step as `[a,b],[b,c]->[a,c]`."""
@@ -67,10 +81,11 @@ class ContractionPlan:
     steps: list[Step]
     method: str
     symbols: dict = field(default_factory=dict)  # size symbol -> planning value (all of them)
-    naive_flops: sympy.Expr = field(init=False)
 
-    def __post_init__(self):
-        self.naive_flops = naive_flops(self.operands, self.output, self.sizes)
+    @cached_property
+    def naive_flops(self) -> sympy.Expr:
+        """Cost of one einsum over all indices at once (symbolic: worked out on first use)."""
+        return naive_flops(self.operands, self.output, self.sizes)
 
     # --- symbolic cost --------------------------------------------------------------------
     @property
@@ -225,8 +240,7 @@ def _pre_reductions(operands, output, sizes):
         others = set(output) | {x for j, (_, l) in enumerate(live) if j != pos for x in l}
         keep = tuple(x for x in labels if x in others)
         if len(keep) < len(labels):
-            flops, size = step_cost((labels,), keep, sizes)
-            pre.append(Step((i,), (labels,), keep, flops, size))
+            pre.append(Step((i,), (labels,), keep, sizes))
             live[pos] = (next_id, keep)
             next_id += 1
     return live, pre
@@ -244,19 +258,23 @@ def _path(operands, output, numeric, method):
             method = "dp-combo"
         else:
             method = "cotengra" if _has_cotengra() else "greedy"
-    return _cached_path(operands, output, tuple(sorted(numeric.items())), method), method
+    position: dict[str, int] = {}  # labels numbered in order of first appearance
+    for o in (*operands, output):
+        for i in o:
+            position.setdefault(i, len(position))
+    numbered = tuple(tuple(position[i] for i in o) for o in operands)
+    return (_cached_path(numbered, tuple(position[i] for i in output),
+                         tuple(numeric[i] for i in position), method), method)
 
 
 @lru_cache(maxsize=4096)
-def _cached_path(operands, output, numeric_items, method):
-    numeric = dict(numeric_items)
-    letters: dict[str, str] = {}
-    for o in list(operands) + [output]:
-        for i in o:
-            letters.setdefault(i, opt_einsum.get_symbol(len(letters)))
-    eq = ",".join("".join(letters[i] for i in o) for o in operands) + "->" + \
-        "".join(letters[i] for i in output)
-    shapes = [tuple(numeric[i] for i in o) for o in operands]
+def _cached_path(operands, output, sizes, method):
+    """opt_einsum's path for operands and output written with numbered labels (0, 1, ... in
+    order of first appearance; `sizes[k]` is label k's size): contractions that differ only
+    in their index names share one entry."""
+    eq = ",".join("".join(opt_einsum.get_symbol(i) for i in o) for o in operands) + "->" + \
+        "".join(opt_einsum.get_symbol(i) for i in output)
+    shapes = [tuple(sizes[i] for i in o) for o in operands]
     if method == "dp-combo":
         optimize = opt_einsum.paths.DynamicProgramming(minimize="combo")
     elif method == "cotengra":
@@ -308,12 +326,10 @@ def _steps(live, output, path, sizes, next_id: int) -> list[Step]:
         if len(taken) == 1 and labs[0] == out:
             live.append(taken[0])  # nothing to do
             continue
-        flops, size = step_cost(labs, out, sizes)
-        steps.append(Step(ids, labs, out, flops, size))
+        steps.append(Step(ids, labs, out, sizes))
         live.append((next_id, out))
         next_id += 1
     if live and len(live) == 1 and live[0][1] != output:
         i, l = live[0]
-        flops, size = step_cost((l,), output, sizes)
-        steps.append(Step((i,), (l,), output, flops, size))
+        steps.append(Step((i,), (l,), output, sizes))
     return steps

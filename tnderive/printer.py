@@ -56,12 +56,29 @@ def _checked_notation(expr: Expr, name: str, registry: int) -> str:
     code prints the same statements in the docstring of every compile, and the check (a
     parse) costs more than the printing."""
     text = _Printer(expr, explicit=False).program(name)
+    if not _spellings_differ(expr):  # both spellings are this text: nothing to choose
+        return text
     try:
         if parse(text) == expr:
             return text
     except TNError:  # a best-effort check: fall back to the explicit spelling
         pass
     return _Printer(expr, explicit=True).program(name)
+
+
+def _spellings_differ(expr: Expr) -> bool:
+    """Whether the explicit spelling differs from the implicit one: only a delta whose size
+    is not its first index's symbol (also the one-index deltas a zero is written with), or a
+    pattern constant, is written differently (`_Render.delta`, `_Render.constant`)."""
+    for node in expr.walk():
+        if isinstance(node, Delta) and node.size != size_symbol(node.indices[0]):
+            return True
+        if isinstance(node, Zero) and any(size != size_symbol(i)
+                                          for i, size in zip(node.indices, node.shape)):
+            return True
+        if isinstance(node, Constant) and node.kind == "pattern":
+            return True
+    return False
 
 
 def statements_notation(statements: Sequence[tuple[str, Expr]], explicit: bool = False) -> str:
