@@ -12,6 +12,7 @@ Two kinds:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable
 
 import sympy
@@ -144,8 +145,10 @@ def registry_version() -> int:
     return _REGISTRATIONS[0]
 
 
+@lru_cache(maxsize=1024)
 def power(p: int | float | sympy.Expr) -> Elementwise:
-    """x**p as an elementwise function (used for `e**p` in notation)."""
+    """x**p as an elementwise function (used for `e**p` in notation; cached: `nsimplify`
+    takes milliseconds and programs repeat their powers)."""
     p = sympy.nsimplify(p)
     return Elementwise(f"pow{p}", X ** p)
 

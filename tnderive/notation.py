@@ -638,7 +638,7 @@ class _Parser:
             if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
                 raise self.error(node, f"unexpected constant {node.value!r}")
             return sympy.Integer(node.value) if isinstance(node.value, int) \
-                else sympy.nsimplify(node.value, rational=True)
+                else _rational(node.value)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             v = self.number(node.operand)
             return None if v is None else (_times(-1, v) if isinstance(node.op, ast.USub) else v)
@@ -1061,6 +1061,13 @@ def substitute(e: Expr, target: tuple[str, ...], idx: tuple[str, ...]) -> Expr:
     renamed = rename_free(e, dict(zip(target, names)))
     out = tuple(dict.fromkeys(idx))
     return Product([renamed] + [Delta([a, b], s) for a, b, s in deltas], out)
+
+
+@lru_cache(maxsize=4096)
+def _rational(value: float) -> sympy.Rational:
+    """A float literal as the rational sympy reads it (`nsimplify(rational=True)`, ~9 ms a
+    call; cached: printed programs repeat their constants)."""
+    return sympy.nsimplify(value, rational=True)
 
 
 @lru_cache(maxsize=4096)
