@@ -65,9 +65,9 @@ def _loss_of(model, T, vp, vq):
     return f, T[vp], (T[vq] if vq != vp else torch.zeros_like(T[vq]))
 
 
-def _jvp_vmap(f, a0, b0, chunk: int) -> torch.Tensor:
-    """∂²f/∂a∂b [a's axes, b's axes]: vmap (chunk_size) of jvp of jacrev over the unit
-    directions of the argument with fewer entries."""
+def _hvp_column(f, a0, b0):
+    """(column, x0, y0, over_a): column(v) = jvp of jacrev of f along v, a direction of the
+    argument with fewer entries (x0; y0 is the other, over_a whether x0 is a)."""
     over_a = a0.numel() <= b0.numel()
     x0, y0 = (a0, b0) if over_a else (b0, a0)
     g = (torch.func.jacrev(f, argnums=1) if over_a
@@ -75,6 +75,13 @@ def _jvp_vmap(f, a0, b0, chunk: int) -> torch.Tensor:
 
     def column(v):
         return torch.func.jvp(lambda x: g(x, y0) if over_a else g(y0, x), (x0,), (v,))[1]
+    return column, x0, y0, over_a
+
+
+def _jvp_vmap(f, a0, b0, chunk: int) -> torch.Tensor:
+    """∂²f/∂a∂b [a's axes, b's axes]: vmap (chunk_size) of jvp of jacrev over the unit
+    directions of the argument with fewer entries."""
+    column, x0, y0, over_a = _hvp_column(f, a0, b0)
     basis = torch.eye(x0.numel(), dtype=x0.dtype, device=x0.device).reshape(x0.numel(), *x0.shape)
     H = torch.func.vmap(column, chunk_size=chunk)(basis).reshape(*x0.shape, *y0.shape)
     if not over_a:
@@ -220,14 +227,7 @@ def floor_section(cfg: dict, blocks, device: str, chunks=(16, 64, 256)) -> str:
             + " | ".join(f"jvp-vmap s (chunk {c}) | tnderive s (chunk {c})" for c in chunks) + " |",
             "| --- " * (6 + 2 * len(chunks)) + "|"]
     for p, q in blocks:
-        f, a0, b0 = _loss_of(model, T, model.names[p], model.names[q])
-        over_a = a0.numel() <= b0.numel()
-        x0, y0 = (a0, b0) if over_a else (b0, a0)
-        g = (torch.func.jacrev(f, argnums=1) if over_a
-             else torch.func.jacrev(lambda y, x: f(y, x), argnums=0))
-
-        def column(v):
-            return torch.func.jvp(lambda x: g(x, y0) if over_a else g(y0, x), (x0,), (v,))[1]
+        column, x0, _, _ = _hvp_column(*_loss_of(model, T, model.names[p], model.names[q]))
         with FlopCounterMode(display=False) as counter:
             column(torch.randn_like(x0))
         n = x0.numel()
