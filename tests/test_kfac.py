@@ -697,3 +697,20 @@ def test_symbolic_conv_network_with_sizes_and_missing_size_error(kind):
     else:
         ue = u.transpose(1, 2).reshape(-1, 27)
         close(blk.A[0], ue.T @ ue / 50)
+
+
+@pytest.mark.parametrize("Q", [36, 128, 129, 290])
+def test_expand_gram_kernel_equals_the_plain_gram(Q):
+    """`expand_input_factor`'s one-GEMM path (≤ 128 inputs) and its symmetric 3×3-block path
+    (above; 129 and 290 leave uneven blocks) both give X Xᵀ / (N·S), also with groups."""
+    from tnderive.kfac import expand_input_factor
+
+    torch.manual_seed(Q)
+    X = torch.randn(3, 5, 2, 1, Q)       # [N, positions (5, 2), groups (1), in]
+    XT = X.reshape(-1, Q)
+    want = (XT.T @ XT / 30).reshape(1, Q, Q)
+    torch.testing.assert_close(expand_input_factor(X, 3, 10, 2, 1), want, rtol=1e-12, atol=1e-12)
+    Xg = torch.randn(4, 6, 2, Q)         # two groups
+    got = expand_input_factor(Xg, 4, 6, 1, 1)
+    want_g = torch.einsum("mgq,mgr->gqr", Xg.reshape(24, 2, Q), Xg.reshape(24, 2, Q)) / 24
+    torch.testing.assert_close(got, want_g, rtol=1e-12, atol=1e-12)
