@@ -232,15 +232,18 @@ def expand_input_factor(X, n, s, positions, groups):
         # symmetric: from 3×3 row blocks, the 6 on and above the diagonal (2/3 of the flops;
         # the blocks below are their transposes); it pays above 128 inputs (at 128 the one
         # GEMM is 1.4× faster than six on 43-row blocks, measured on the 2-core CPU)
-        b = -(-Q // 3) if Q > 128 else Q
-        A = XT.new_empty(Q, Q)
-        for i in range(0, Q, b):
-            for j in range(i, Q, b):
-                blk = XT[i:i + b] @ XT[j:j + b].T
-                A[i:i + b, j:j + b] = blk
-                if j != i:
-                    A[j:j + b, i:i + b] = blk.T
-        A = A.unsqueeze(0)
+        if Q <= 128:
+            A = (XT @ XT.T).unsqueeze(0)
+        else:
+            b = -(-Q // 3)
+            A = XT.new_empty(Q, Q)
+            for i in range(0, Q, b):
+                for j in range(i, Q, b):
+                    blk = XT[i:i + b] @ XT[j:j + b].T
+                    A[i:i + b, j:j + b] = blk
+                    if j != i:
+                        A[j:j + b, i:i + b] = blk.T
+            A = A.unsqueeze(0)
     else:
         Xm = X.reshape(n * s, G, Q)
         A = torch.einsum("mgq,mgr->gqr", Xm, Xm)
