@@ -150,11 +150,8 @@ def _leaf(program: Statements, name: str) -> Variable:
 
 
 def _fresh_statement(base: str, taken: set[str]) -> str:
-    """`fresh_name(base, taken)`, added to `taken` (which is not copied: it holds every name
-    of a large derived program)."""
-    name = base
-    while name in taken:
-        name += "_"
+    """`fresh_name(base, taken)`, added to `taken`."""
+    name = fresh_name(base, taken)
     taken.add(name)
     return name
 

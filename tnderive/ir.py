@@ -639,8 +639,10 @@ def scale(expr: Expr, c) -> Expr:
 
 
 def fresh_name(base: str, taken: Iterable[str]) -> str:
-    """`base` suffixed with '_' until it is not in `taken` (DESIGN.md convention)."""
-    taken = set(taken)
+    """`base` suffixed with '_' until it is not in `taken` (DESIGN.md convention; a set is
+    read as it is, not copied: a large derived program's names are many)."""
+    if not isinstance(taken, (set, frozenset, dict)):
+        taken = set(taken)
     name = base
     while name in taken:
         name += "_"
