@@ -404,7 +404,8 @@ def _output_gram(adjoint: torch.Tensor, fac) -> torch.Tensor | None:
 def _image_and_constants(fac, tensors: dict, kind: str, constant: str) -> tuple | None:
     """(x variable, x, constant on the first spatial axis, constant on the second) when the
     `kind` factor's input side is one 4-d image x[n, e, i1, i2] times two constants of kind
-    `constant` (`pattern` [k, o, i] or `pattern_sum` [k, i]), one per spatial input axis."""
+    `constant` (`pattern` [k, o, i] or `pattern_sum` [k, i]), one per spatial input axis, with
+    batch n and the weight's input legs (e, k1, k2) (the constants' first indices)."""
     expr = fac.input_side_expr
     if fac.kind != kind or fac.split.group_legs or not isinstance(expr, Product) or \
             len(expr.factors) != 3:
@@ -417,10 +418,13 @@ def _image_and_constants(fac, tensors: dict, kind: str, constant: str) -> tuple 
     if x.dim() != 4 or len(x_var.indices) != 4 or len(set(x_var.indices)) != 4:
         return None
     by_input = {c.indices[-1]: c for c in cs}
-    _, _, i1, i2 = x_var.indices
+    n, e, i1, i2 = x_var.indices
     if set(by_input) != {i1, i2}:
         return None
-    return x_var, x, by_input[i1], by_input[i2]
+    rows, cols = by_input[i1], by_input[i2]
+    if fac.split.batch != n or fac.split.in_legs != (e, rows.indices[0], cols.indices[0]):
+        return None
+    return x_var, x, rows, cols
 
 
 def _conv_input_gram(fac, tensors: dict) -> torch.Tensor | None:
@@ -436,11 +440,9 @@ def _conv_input_gram(fac, tensors: dict) -> torch.Tensor | None:
     if found is None:
         return None
     x_var, x, rows, cols = found
-    n, e, i1, i2 = x_var.indices
-    s, expr = fac.split, fac.input_side_expr
+    n, e, _, _ = x_var.indices
     (k1, o1, _), (k2, o2, _) = rows.indices, cols.indices
-    if expr.indices != (n, o1, o2, e, k1, k2) or s.in_legs != (e, k1, k2) or \
-            s.batch != n or s.positions != (o1, o2):
+    if fac.input_side_expr.indices != (n, o1, o2, e, k1, k2) or fac.split.positions != (o1, o2):
         return None
     if rows.params[0] != 1 or rows.params[3] != 1 or cols.params[3] != 1:
         return None
@@ -473,10 +475,8 @@ def _conv_reduce_input(fac, tensors: dict) -> torch.Tensor | None:
     if found is None:
         return None
     x_var, x, rows, cols = found
-    n, e, i1, i2 = x_var.indices
-    s, expr = fac.split, fac.input_side_expr
-    k1, k2 = rows.indices[0], cols.indices[0]
-    if expr.indices != (n, e, k1, k2) or s.in_legs != (e, k1, k2) or s.batch != n:
+    n, e, _, _ = x_var.indices
+    if fac.input_side_expr.indices != (n, e, rows.indices[0], cols.indices[0]):
         return None
     shape1, shape2 = tuple(int(v) for v in rows.shape), tuple(int(v) for v in cols.shape)
     if shape1[1] != x.shape[2] or shape2[1] != x.shape[3]:
