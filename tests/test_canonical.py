@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import networkx as nx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tnderive.canonical import canonical_hash, coarse_key, isomorphic, like_term_groups, to_graph
+from tnderive.canonical import (canonical_hash, coarse_key, graphs_isomorphic, isomorphic,
+                                like_term_groups, to_graph)
 from tnderive.functions import LOGSUMEXP, SOFTMAX
 from tnderive.ir import Delta, Func, Product, Sum
 
@@ -139,3 +142,39 @@ def test_transpose_is_transparent():
     assert isomorphic(dlt, wrapped) and coarse_key(dlt) == coarse_key(wrapped)
     A = v("A", "i", "k")
     assert not isomorphic(Product((A,), ("k", "i")), Product((v("A", "k", "i"),), ("k", "i")))
+
+
+@st.composite
+def labelled_graph_pairs(draw):
+    """A random labelled graph and either a relabelled copy (isomorphic) or a copy with one
+    edge moved or one label changed (usually not): few labels, so colours collide often."""
+    n = draw(st.integers(2, 9))
+    labels = st.sampled_from("ab")
+    g = nx.Graph()
+    g.add_nodes_from((k, {"label": draw(labels)}) for k in range(n))
+    for u, v in draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)),
+                              max_size=2 * n)):
+        if u != v:
+            g.add_edge(u, v, label=draw(labels))
+    order = draw(st.permutations(range(n)))
+    h = nx.relabel_nodes(g, dict(zip(range(n), order)))
+    change = draw(st.sampled_from(["none", "edge", "label"]))
+    if change == "edge" and h.number_of_edges():
+        u, v, label = next(iter(h.edges(data="label")))
+        w = draw(st.integers(0, n - 1))
+        h.remove_edge(u, v)
+        if w != u:
+            h.add_edge(u, w, label=label)
+    if change == "label":
+        node = draw(st.integers(0, n - 1))
+        h.nodes[order[node]]["label"] = "c"
+    return g, h
+
+
+@settings(max_examples=300, deadline=None)
+@given(labelled_graph_pairs())
+def test_refined_isomorphism_agrees_with_vf2(pair):
+    """The colour-refinement check (linear when colours are all distinct) against plain VF2."""
+    g, h = pair
+    match = lambda x, y: x["label"] == y["label"]  # noqa: E731
+    assert graphs_isomorphic(g, h) == nx.is_isomorphic(g, h, node_match=match, edge_match=match)

@@ -37,6 +37,7 @@ can be merged. The converse does not hold (rules normalise first). Isomorphism i
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from functools import lru_cache
 
 import networkx as nx
@@ -212,7 +213,64 @@ def isomorphic(a: Expr, b: Expr) -> bool:
         return False
     if coarse_key(a) != coarse_key(b) or canonical_hash(a) != canonical_hash(b):
         return False
-    return nx.is_isomorphic(_graph(a), _graph(b), node_match=_match, edge_match=_match)
+    return graphs_isomorphic(_graph(a), _graph(b))
+
+
+def graphs_isomorphic(g: nx.Graph, h: nx.Graph) -> bool:
+    """Exact isomorphism of two labelled graphs (node and edge attribute ``label``).
+
+    Colour refinement first, with one palette for both graphs: an isomorphism maps each node
+    to a node of the same refined colour. When the colour counts differ there is none; when
+    every colour of `g` is one node (the usual case for expression graphs, whose free indices
+    are named) the only candidate map is checked edge by edge, in linear time. Otherwise VF2
+    runs with the refined colours as node labels."""
+    if g.number_of_nodes() != h.number_of_nodes() or g.number_of_edges() != h.number_of_edges():
+        return False
+    colours = _refine(g, h)
+    if colours is None:
+        return False
+    cg, ch = colours
+    if len(set(cg.values())) == len(cg):
+        node_of = {c: n for n, c in ch.items()}
+        return all(h.has_edge(node_of[cg[u]], node_of[cg[v]])
+                   and h.edges[node_of[cg[u]], node_of[cg[v]]]["label"] == label
+                   for u, v, label in g.edges(data="label"))
+    return nx.is_isomorphic(_coloured(g, cg), _coloured(h, ch), node_match=_match,
+                            edge_match=_match)
+
+
+def _refine(g: nx.Graph, h: nx.Graph) -> tuple[dict[int, int], dict[int, int]] | None:
+    """Stable colours of the nodes of `g` and `h` from one palette (node label, then the
+    multiset of (edge label, neighbour colour)), or None when the two graphs' colour counts
+    differ at some round (then they are not isomorphic)."""
+    palette: dict = {}
+    cg = {n: palette.setdefault(label, len(palette)) for n, label in g.nodes(data="label")}
+    ch = {n: palette.setdefault(label, len(palette)) for n, label in h.nodes(data="label")}
+    classes = 0
+    while True:
+        if Counter(cg.values()) != Counter(ch.values()):
+            return None
+        count = len(set(cg.values()))
+        if count == classes or count == len(cg):
+            return cg, ch
+        classes = count
+        palette = {}
+        cg, ch = (_refined(graph, c, palette) for graph, c in ((g, cg), (h, ch)))
+
+
+def _refined(graph: nx.Graph, colour: dict[int, int], palette: dict) -> dict[int, int]:
+    adj = graph.adj
+    return {n: palette.setdefault(
+        (c, tuple(sorted((d["label"], colour[m]) for m, d in adj[n].items()))), len(palette))
+        for n, c in colour.items()}
+
+
+def _coloured(graph: nx.Graph, colour: dict[int, int]) -> nx.Graph:
+    """A copy of `graph` whose node labels are the refined colours."""
+    out = nx.Graph()
+    out.add_nodes_from((n, {"label": c}) for n, c in colour.items())
+    out.add_edges_from(graph.edges(data=True))
+    return out
 
 
 @lru_cache(maxsize=200_000)
