@@ -67,7 +67,8 @@ def as_coef(c) -> sympy.Expr:
 class Expr:
     """Base class of all IR nodes."""
 
-    __slots__ = ("_hash", "_indices", "_shape", "_all", "_sig", "_signature", "_size_symbols")
+    __slots__ = ("_hash", "_indices", "_shape", "_all", "_sig", "_signature", "_size_symbols",
+                 "_vars")
 
     # --- to be provided by subclasses -------------------------------------------------------
     def _key(self) -> tuple:
@@ -143,11 +144,20 @@ class Expr:
 
     @property
     def variables(self) -> dict[str, "Variable"]:
-        """Variables by name (one representative occurrence each), in first-seen order."""
+        """Variables by name (one representative occurrence each), in first-seen pre-order
+        (a new dict each call; worked out once per node from its children's)."""
+        return dict(self._variables())
+
+    def _variables(self) -> dict[str, "Variable"]:
+        try:
+            return self._vars
+        except AttributeError:
+            pass
         out: dict[str, Variable] = {}
-        for node in self.walk():
-            if isinstance(node, Variable) and node.name not in out:
-                out[node.name] = node
+        for c in self.children:
+            for name, v in c._variables().items():
+                out.setdefault(name, v)
+        object.__setattr__(self, "_vars", out)
         return out
 
     @property
@@ -295,6 +305,9 @@ class Variable(Expr):
 
     def _key(self):
         return (self.name, self.axes, self.occ, self.axis_shape)
+
+    def _variables(self) -> dict[str, "Variable"]:
+        return {self.name: self}
 
     def _own_indices(self):
         return set(self.occ)
