@@ -14,6 +14,7 @@ import itertools
 import sys
 import types
 import weakref
+from functools import lru_cache
 
 from tnderive.errors import TNError
 
@@ -26,8 +27,7 @@ def load_source(source: str, name: str):
     tnderive.TNError)."""
     modname = f"{_PREFIX}_{name}_{next(_counter)}"
     module = types.ModuleType(modname, f"tnderive generated code for {name}")
-    code = builtins.compile(source, f"<tnderive {name}>", "exec")
-    exec(code, module.__dict__)
+    exec(_code(source, name), module.__dict__)
     fn = module.__dict__.pop(name, None)
     if not callable(fn):
         raise TNError(f"generated source defines no function {name!r}")
@@ -35,3 +35,9 @@ def load_source(source: str, name: str):
     sys.modules[modname] = module
     weakref.finalize(fn, sys.modules.pop, modname, None)
     return fn
+
+
+@lru_cache(maxsize=256)
+def _code(source: str, name: str) -> types.CodeType:
+    """The compiled `source` (code objects are immutable: equal sources share one)."""
+    return builtins.compile(source, f"<tnderive {name}>", "exec")
