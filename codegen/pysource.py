@@ -131,17 +131,21 @@ def _py_pow(e: sympy.Expr) -> tuple[str, int]:
 
 
 def _py_round(e: sympy.Expr) -> tuple[str, int]:
-    """floor(a/b) as a // b; ceiling as -(-a // b) (exact integer division of integer a, b;
-    an int() around it when a or b is not an integer, e.g. floor(sqrt(n)))."""
+    """floor(a/b) as a // b; ceiling as -(-a // b): exact integer division of integers a, b.
+    When a or b is not an integer (e.g. floor(sqrt(2)*sqrt(n)/2)) the quotient is a float,
+    rounded to 9 decimals before the floor so that a value that is exactly an integer (here
+    at n = 2) does not floor to the integer below from a rounding error."""
     num, den = sympy.fraction(sympy.together(e.args[0]))
     if den == 1 and num.is_integer:
         return _py(num)
-    exact = num.is_integer and den.is_integer
-    if isinstance(e, sympy.floor):
-        text = f"{_wrap(num, _POW)} // {_wrap(den, _POW)}"
-        return (text, _MUL) if exact else (f"int({text})", _ATOM)
-    text = f"-{_wrap(num, _POW)} // {_wrap(den, _POW)}"
-    return (f"-({text})", _NEG) if exact else (f"-int({text})", _NEG)
+    ceiling = isinstance(e, sympy.ceiling)
+    if not (num.is_integer and den.is_integer):
+        quotient = f"{'-' if ceiling else ''}{_wrap(num, _POW)} / {_wrap(den, _POW)}"
+        text = f"int(round({quotient}, 9) // 1)"
+        return (f"-{text}", _NEG) if ceiling else (text, _ATOM)
+    if not ceiling:
+        return f"{_wrap(num, _POW)} // {_wrap(den, _POW)}", _MUL
+    return f"-(-{_wrap(num, _POW)} // {_wrap(den, _POW)})", _NEG
 
 
 def py_shape(shape) -> str:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import sympy
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import tnderive as tn
@@ -84,6 +84,8 @@ def _coefficients():
 
 @settings(max_examples=300, deadline=None)
 @given(_coefficients(), st.tuples(st.integers(1, 7), st.integers(1, 7), st.integers(1, 7)))
+@example(sympy.floor(-sympy.sqrt(2) * sympy.sqrt(SYMBOLS[0]) / 2), (2, 1, 1))  # -1 exactly
+@example(sympy.ceiling(sympy.sqrt(2) * sympy.sqrt(SYMBOLS[0]) / 2), (2, 1, 1))
 def test_emitted_coefficient_equals_sympy(c, values):
     """py_coef(c) is a python operand equal to c in any context (B2)."""
     subs = dict(zip(SYMBOLS, values))
