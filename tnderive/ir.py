@@ -22,6 +22,7 @@ Node kinds
 from __future__ import annotations
 
 import itertools
+from functools import lru_cache
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import sympy
@@ -146,19 +147,7 @@ class Expr:
     def variables(self) -> dict[str, "Variable"]:
         """Variables by name (one representative occurrence each), in first-seen pre-order
         (a new dict each call; worked out once per node from its children's)."""
-        return dict(self._variables())
-
-    def _variables(self) -> dict[str, "Variable"]:
-        try:
-            return self._vars
-        except AttributeError:
-            pass
-        out: dict[str, Variable] = {}
-        for c in self.children:
-            for name, v in c._variables().items():
-                out.setdefault(name, v)
-        object.__setattr__(self, "_vars", out)
-        return out
+        return dict(bottom_up(self, "_vars", _own_variables))
 
     @property
     def signature(self) -> "Signature":
@@ -305,9 +294,6 @@ class Variable(Expr):
 
     def _key(self):
         return (self.name, self.axes, self.occ, self.axis_shape)
-
-    def _variables(self) -> dict[str, "Variable"]:
-        return {self.name: self}
 
     def _own_indices(self):
         return set(self.occ)
@@ -519,7 +505,7 @@ class Signature(Mapping[str, Variable]):
     `expr.signature` of a derived expression is its source's: `evaluate`, `compile` and
     `codegen` accept every tensor in it, and an unused one still binds sizes."""
 
-    __slots__ = ("_decls", "source_sizes")
+    __slots__ = ("_decls", "source_sizes", "_symbols")
 
     def __init__(self, decls: Iterable[Variable] = (), sizes: Iterable[sympy.Symbol] = ()):
         out: dict[str, Variable] = {}
@@ -552,10 +538,15 @@ class Signature(Mapping[str, Variable]):
 
     def symbols(self) -> set[sympy.Symbol]:
         """Every size symbol in the declared axis sizes and the source's index sizes."""
+        try:
+            return set(self._symbols)
+        except AttributeError:
+            pass
         out: set[sympy.Symbol] = set(self.source_sizes)
         for d in self._decls.values():
             for s in d.axis_shape:
-                out |= s.free_symbols
+                out |= free_symbols(s)
+        self._symbols = frozenset(out)
         return out
 
     def merged(self, used: "Signature") -> "Signature":
@@ -565,24 +556,58 @@ class Signature(Mapping[str, Variable]):
         return Signature(decls + list(used.values()), self.source_sizes | used.source_sizes)
 
 
+@lru_cache(maxsize=4096)
+def free_symbols(size: Size | sympy.Expr) -> frozenset[sympy.Symbol]:
+    """The symbols of a size or coefficient (sympy's `free_symbols`, remembered)."""
+    return frozenset(size.free_symbols)
+
+
 def size_symbols(expr: Expr) -> set[sympy.Symbol]:
     """Size symbols of `expr`: in its nodes' shapes, variables' axes and sums' coefficients
-    (computed once per node; a new set each call)."""
-    try:
-        return set(expr._size_symbols)
-    except AttributeError:
-        pass
-    out: set[sympy.Symbol] = set()
-    for node in expr.walk():
-        for s in node.shape:
-            out |= s.free_symbols
-        if isinstance(node, Variable):
-            for s in node.axis_shape:
-                out |= s.free_symbols
-        for c, _ in getattr(node, "terms", ()):
-            out |= c.free_symbols
-    object.__setattr__(expr, "_size_symbols", frozenset(out))
+    (computed once per node from its children's; a new set each call)."""
+    return set(bottom_up(expr, "_size_symbols", _own_size_symbols))
+
+
+def bottom_up(root: Expr, slot: str, compute: Callable[[Expr], object]):
+    """`root`'s cached `slot`, filling it (and its descendants' first: `compute(node)` reads
+    its children's) without recursion, so any depth of expression works."""
+    stack = [root]
+    while stack:
+        node = stack[-1]
+        if hasattr(node, slot):
+            stack.pop()
+            continue
+        pending = [c for c in node.children if not hasattr(c, slot)]
+        if pending:
+            stack.extend(pending)
+            continue
+        stack.pop()
+        object.__setattr__(node, slot, compute(node))
+    return getattr(root, slot)
+
+
+def _own_variables(node: Expr) -> dict[str, Variable]:
+    if isinstance(node, Variable):
+        return {node.name: node}
+    out: dict[str, Variable] = {}
+    for child in node.children:
+        for name, v in child._vars.items():
+            out.setdefault(name, v)
     return out
+
+
+def _own_size_symbols(node: Expr) -> frozenset[sympy.Symbol]:
+    out: set[sympy.Symbol] = set()
+    for child in node.children:
+        out |= child._size_symbols
+    for s in node.shape:
+        out |= free_symbols(s)
+    if isinstance(node, Variable):
+        for s in node.axis_shape:
+            out |= free_symbols(s)
+    for c, _ in getattr(node, "terms", ()):
+        out |= free_symbols(c)
+    return frozenset(out)
 
 
 def source_signature(src: Expr) -> Signature:
