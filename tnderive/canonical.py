@@ -28,7 +28,7 @@ graph with its free indices labelled by size only) and joined to each index it c
 edge labelled with that index's WL colour inside the child. Colours and hashes are invariant
 under isomorphism, so isomorphic expressions still hash equal, and a sub-network shared by
 many terms is hashed once instead of being rebuilt inside every term. The exact check
-(`isomorphic`) still runs VF2 on the full graphs, only inside a hash bucket.
+(`isomorphic`) still runs on the full graphs, only inside a hash bucket.
 
 Two expressions with isomorphic graphs (labels matched) are the same tensor, so like terms
 can be merged. The converse does not hold (rules normalise first). Isomorphism is not `==`:
@@ -199,14 +199,10 @@ def canonical_hash(expr: Expr) -> str:
                                            iterations=WL_ITERATIONS)
 
 
-def _match(a: dict, b: dict) -> bool:
-    return a["label"] == b["label"]
-
-
 def isomorphic(a: Expr, b: Expr) -> bool:
     """True when `a` and `b` are the same network up to renaming summed indices and
-    reordering factors and terms (free indices matched by name). Exact (VF2), run only when
-    the hashes agree."""
+    reordering factors and terms (free indices matched by name). Exact (`graphs_isomorphic`),
+    run only when the hashes agree."""
     if a is b or a == b:
         return True
     if set(a.indices) != set(b.indices) or a.sizes != b.sizes:
@@ -217,35 +213,50 @@ def isomorphic(a: Expr, b: Expr) -> bool:
 
 
 def graphs_isomorphic(g: nx.Graph, h: nx.Graph) -> bool:
-    """Exact isomorphism of two labelled graphs (node and edge attribute ``label``).
+    """Exact isomorphism of two labelled graphs (node and edge attribute ``label``), by
+    individualisation and refinement.
 
-    Colour refinement first, with one palette for both graphs: an isomorphism maps each node
-    to a node of the same refined colour. When the colour counts differ there is none; when
-    every colour of `g` is one node (the usual case for expression graphs, whose free indices
-    are named) the only candidate map is checked edge by edge, in linear time. Otherwise VF2
-    runs with the refined colours as node labels."""
+    Colour refinement, with one palette for both graphs, gives each node a colour that any
+    isomorphism keeps. When the two graphs' colour counts differ there is none; when every
+    colour is one node (the usual case for expression graphs, whose free indices are named)
+    the only candidate map is checked edge by edge, in linear time. Otherwise one node of the
+    smallest repeated colour in `g` is given a new colour, paired in turn with each node of
+    that colour in `h`, and the search goes on from the refined colourings (symmetric terms:
+    the first pairing usually succeeds)."""
     if g.number_of_nodes() != h.number_of_nodes() or g.number_of_edges() != h.number_of_edges():
         return False
-    colours = _refine(g, h)
-    if colours is None:
+    palette: dict = {}
+    cg = {n: palette.setdefault(label, len(palette)) for n, label in g.nodes(data="label")}
+    ch = {n: palette.setdefault(label, len(palette)) for n, label in h.nodes(data="label")}
+    return _search(g, h, cg, ch)
+
+
+def _search(g: nx.Graph, h: nx.Graph, cg: dict[int, int], ch: dict[int, int]) -> bool:
+    refined = _refine(g, h, cg, ch)
+    if refined is None:
         return False
-    cg, ch = colours
-    if len(set(cg.values())) == len(cg):
+    cg, ch = refined
+    cells: dict[int, list[int]] = {}
+    for n, c in cg.items():
+        cells.setdefault(c, []).append(n)
+    repeated = [cell for cell in cells.values() if len(cell) > 1]
+    if not repeated:
         node_of = {c: n for n, c in ch.items()}
         return all(h.has_edge(node_of[cg[u]], node_of[cg[v]])
                    and h.edges[node_of[cg[u]], node_of[cg[v]]]["label"] == label
                    for u, v, label in g.edges(data="label"))
-    return nx.is_isomorphic(_coloured(g, cg), _coloured(h, ch), node_match=_match,
-                            edge_match=_match)
+    v = min(min(repeated, key=len))
+    new = max(max(cg.values()), max(ch.values())) + 1
+    return any(_search(g, h, {**cg, v: new}, {**ch, w: new})
+               for w in sorted(n for n, c in ch.items() if c == cg[v]))
 
 
-def _refine(g: nx.Graph, h: nx.Graph) -> tuple[dict[int, int], dict[int, int]] | None:
-    """Stable colours of the nodes of `g` and `h` from one palette (node label, then the
-    multiset of (edge label, neighbour colour)), or None when the two graphs' colour counts
-    differ at some round (then they are not isomorphic)."""
-    palette: dict = {}
-    cg = {n: palette.setdefault(label, len(palette)) for n, label in g.nodes(data="label")}
-    ch = {n: palette.setdefault(label, len(palette)) for n, label in h.nodes(data="label")}
+def _refine(g: nx.Graph, h: nx.Graph, cg: dict[int, int], ch: dict[int, int]
+            ) -> tuple[dict[int, int], dict[int, int]] | None:
+    """The stable refinement of colourings `cg`, `ch` of `g` and `h` (a node's next colour:
+    its colour and the multiset of (edge label, neighbour colour), from one palette for both
+    graphs), or None when the two graphs' colour counts differ at some round (then no
+    isomorphism keeps the colours)."""
     classes = 0
     while True:
         if Counter(cg.values()) != Counter(ch.values()):
@@ -254,7 +265,7 @@ def _refine(g: nx.Graph, h: nx.Graph) -> tuple[dict[int, int], dict[int, int]] |
         if count == classes or count == len(cg):
             return cg, ch
         classes = count
-        palette = {}
+        palette: dict = {}
         cg, ch = (_refined(graph, c, palette) for graph, c in ((g, cg), (h, ch)))
 
 
@@ -263,14 +274,6 @@ def _refined(graph: nx.Graph, colour: dict[int, int], palette: dict) -> dict[int
     return {n: palette.setdefault(
         (c, tuple(sorted((d["label"], colour[m]) for m, d in adj[n].items()))), len(palette))
         for n, c in colour.items()}
-
-
-def _coloured(graph: nx.Graph, colour: dict[int, int]) -> nx.Graph:
-    """A copy of `graph` whose node labels are the refined colours."""
-    out = nx.Graph()
-    out.add_nodes_from((n, {"label": c}) for n, c in colour.items())
-    out.add_edges_from(graph.edges(data=True))
-    return out
 
 
 @lru_cache(maxsize=200_000)
@@ -299,7 +302,7 @@ def coarse_key(expr: Expr) -> int:
 
 def like_term_groups(exprs: list[Expr]) -> list[list[int]]:
     """Partition positions of `exprs` (all with the same free index set) into groups of
-    isomorphic expressions, first occurrence first. Cheap key, then WL hash, then VF2."""
+    isomorphic expressions, first occurrence first. Cheap key, then WL hash, then the exact check."""
     groups: list[list[int]] = []
     buckets: dict[int, list[int]] = {}
     for k, e in enumerate(exprs):
