@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.source_trees import parsed
+from tests.source_trees import parsed, released_source_trees  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"tnderive": ROOT / "tnderive", "tnderive.rules": ROOT / "rules",

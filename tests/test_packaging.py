@@ -14,7 +14,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.source_trees import parsed
+from tests.source_trees import parsed, released_source_trees  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 tomllib = pytest.importorskip("tomllib")  # Python ≥ 3.11 (3.10 has no TOML reader built in)

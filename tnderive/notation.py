@@ -402,10 +402,9 @@ def _scope_parts(node: ast.AST) -> tuple[list[ast.AST], list[str], Callable[[str
     return list(ast.iter_child_nodes(node)), [], None
 
 
-@lru_cache(maxsize=1024)
 def _syntax_tree(text: str) -> ast.Module | tuple[str, str, int | None, int | None]:
-    """`ast.parse` of `text` (read, never changed, by the parser: shared by equal texts), or
-    (what, message, line, column) of its syntax error or first syntax warning."""
+    """`ast.parse` of `text`, or (what, message, line, column) of its syntax error or first
+    syntax warning."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
