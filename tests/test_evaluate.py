@@ -93,3 +93,18 @@ def test_prepared_keeps_one_binding_per_shape():
     torch.testing.assert_close(out, evaluate(e, W=W, x=x32))
     with pytest.raises(TNError, match="size mismatch"):
         run(W=W, x=torch.randn(2, 5, dtype=torch.float64))
+
+
+def test_prepared_keys_its_bindings_by_the_given_sizes():
+    """A size no tensor binds comes from `sizes=`, which is part of the key: each value gives
+    evaluate's result, and leaving it out is evaluate's TNError naming it."""
+    EV = importlib.import_module("tnderive.evaluate")
+    e = parse("y[n] = sum(x[n,i], i) / size(k)")
+    run = EV.Prepared(e)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    for k in (4, 5, 4):
+        torch.testing.assert_close(run(sizes={"k": k}, x=x), evaluate(e, sizes={"k": k}, x=x),
+                                   rtol=1e-12, atol=0)
+    assert len(run._runs) == 2
+    with pytest.raises(TNError, match="'k'"):
+        run(x=x)

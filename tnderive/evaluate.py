@@ -85,10 +85,11 @@ def run_bound(expr: Expr, binding: Binding) -> torch.Tensor:
 
 
 class Prepared:
-    """`evaluate(expr, **tensors)` for one expression called many times (a layer): the binding
-    (checks, sizes, device, dtype) and the lowered program are kept per key of the tensors'
-    names, shapes, dtypes and devices (the last `kept` keys), so a repeated call only casts
-    and runs the program (about 0.2 ms less per call than `evaluate`).
+    """`evaluate(expr, sizes, **tensors)` for one expression called many times (a layer): the
+    binding (checks, sizes, device, dtype) and the lowered program are kept per key of the
+    tensors' names, shapes, dtypes and devices and the given sizes (the last `kept` keys), so
+    a repeated call only casts and runs the program (about 0.2 ms less per call than
+    `evaluate`).
 
     shared: lower through these `SharedLowerings` (programs shared with the other expressions
     of one network that differ only in their variables' names) instead of the module's LRU."""
@@ -101,12 +102,16 @@ class Prepared:
         self.shared = shared
         self._runs: dict[tuple, tuple] = {}
 
-    def __call__(self, **tensors: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sizes: Mapping[str, int] | None = None, **tensors: torch.Tensor
+                 ) -> torch.Tensor:
+        """`evaluate(expr, sizes, **tensors)`; `sizes` (name -> int) is part of the key."""
         key = tuple((k, tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor)
                     else (k, type(t)) for k, t in sorted(tensors.items()))
+        if sizes:
+            key += tuple(sorted(sizes.items()))
         run = self._runs.pop(key, None)
         if run is None:
-            binding = bind(self.expr, tensors)
+            binding = bind(self.expr, tensors, sizes)
             check_fits(self.expr, binding)
             runner, device, dtype = _runner(self.expr, binding, self.shared)
             run = (runner, tuple(binding.tensors), device, dtype)

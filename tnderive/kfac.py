@@ -72,7 +72,7 @@ from .losses import Loss, as_loss
 from .unionfind import UnionFind
 from .curvature import (_rename_to, compile_expr, maybe_simplify, relevant_sizes, sizes_from,
                         substitute)
-from .evaluate import evaluate
+from .evaluate import Prepared, evaluate
 
 __all__ = ["kfac", "KFACFactors", "LayerSplit", "split_layer", "KINDS", "FISHERS", "KFACKind",
            "FisherType"]
@@ -458,6 +458,7 @@ class KFACFactors:
     sizes: dict = field(default_factory=dict)
     _fns: dict = field(default_factory=dict, repr=False)
     _counts: dict = field(default_factory=dict, repr=False)
+    _views: Optional[bool] = field(default=None, repr=False)  # `uses_views`, once
 
     # --- metadata ---------------------------------------------------------------------------
     @property
@@ -541,21 +542,24 @@ class KFACFactors:
     def uses_views(self) -> bool:
         """True when the expand input side holds convolution constants (patterns, reshapes,
         slices): then it is evaluated with them as strided views, else by generated code."""
-        return any(isinstance(f, Constant) and f.kind in ("pattern", "split", "window")
-                   for f in self.input_side_expr.walk())
+        if self._views is None:
+            self._views = any(isinstance(f, Constant) and f.kind in ("pattern", "split", "window")
+                              for f in self.input_side_expr.walk())
+        return self._views
 
     def input_side(self, **tensors: torch.Tensor) -> torch.Tensor:
         """X = the input side (W removed) evaluated: [batch, *positions, *groups, *in] (expand)."""
-        if self.uses_views():
-            used = {k: v for k, v in tensors.items() if k in self.input_side_expr.signature}
-            key = ("sizes",) + tuple(sorted((k, tuple(v.shape)) for k, v in tensors.items()
-                                            if isinstance(v, torch.Tensor)))
-            sizes = self._counts.get(key)
-            if sizes is None:
-                sizes = self._counts[key] = self._sizes(tensors)
-            return evaluate(self.input_side_expr,
-                            sizes=relevant_sizes(self.input_side_expr, sizes), **used)
-        return self._fn("input_side")(**tensors)
+        if not self.uses_views():
+            return self._fn("input_side")(**tensors)
+        used = {k: v for k, v in tensors.items() if k in self.input_side_expr.signature}
+        key = ("sizes",) + tuple(sorted((k, tuple(v.shape)) for k, v in tensors.items()
+                                        if isinstance(v, torch.Tensor)))
+        sizes = self._counts.get(key)
+        if sizes is None:
+            sizes = self._counts[key] = relevant_sizes(self.input_side_expr, self._sizes(tensors))
+        if "input_side_views" not in self._fns:  # bound and lowered once per shapes
+            self._fns["input_side_views"] = Prepared(self.input_side_expr)
+        return self._fns["input_side_views"](sizes=sizes, **used)
 
     def input_factor(self, **tensors: torch.Tensor) -> torch.Tensor:
         """A [*groups, *in, *in'] with curvlinops' scaling (1/(N·S) expand, 1/(N·S²) reduce)."""
