@@ -26,8 +26,10 @@ from .pysource import py_size, size_var
 
 INDENT = "    "
 
-#: emitted into every generated module (after TNError and _MISSING)
-DEVICE_DTYPE_HELPER = '''def _device_dtype(fn, tensors):
+#: emitted into every generated module (after TNError and _MISSING): device and dtype of the
+#: arguments, and the checks of one tensor argument and of one size (one line per check in the
+#: generated function instead of an `if` and a `raise` each)
+ARGUMENT_HELPERS = '''def _device_dtype(fn, tensors):
     """(device, dtype) of the given tensors: torch's type promotion across all of them (a
     floating type), CPU and the default dtype when none is given."""
     dev = dt = first = None
@@ -45,7 +47,28 @@ DEVICE_DTYPE_HELPER = '''def _device_dtype(fn, tensors):
         return torch.device("cpu"), torch.get_default_dtype()
     if not (dt.is_floating_point or dt.is_complex):
         dt = torch.promote_types(dt, torch.get_default_dtype())
-    return dev, dt'''
+    return dev, dt
+
+
+def _tensor(fn, name, value, rank, dims):
+    """Check the tensor argument `name`: given, a torch.Tensor, of rank `rank` (`dims`: its
+    axes, for the messages)."""
+    if value is _MISSING:
+        raise TNError(f"{fn}(): missing argument {name!r} (shape [{dims}])")
+    if not isinstance(value, torch.Tensor):
+        raise TNError(f"{fn}(): argument {name!r} is a {type(value).__name__}, expected a "
+                      f"torch.Tensor")
+    if value.dim() != rank:
+        raise TNError(f"{fn}(): argument {name!r} has shape {tuple(value.shape)}, expected rank "
+                      f"{rank} [{dims}]")
+
+
+def _same(fn, index, where, got, other, want):
+    """Check that `where` (an argument's axis, size `got`) agrees with `other` on the size of
+    `index` (`want`)."""
+    if got != want:
+        raise TNError(f"{fn}(): size mismatch for index {index!r}: {where} has size {got} but "
+                      f"{other} has size {want}")'''
 
 
 def dims(var: Variable) -> str:
@@ -108,19 +131,7 @@ class _Arguments:
     # --- one tensor ------------------------------------------------------------------------
     def _tensor_checks(self, v: str) -> list[str]:
         var = self.signature[v]
-        out = []
-        if v in self.required:
-            out += [f"if {v} is _MISSING:",
-                    f"{INDENT}raise TNError(f\"{self.name}(): missing argument '{v}' "
-                    f"(shape [{_escape(dims(var))}])\")"]
-        out += [
-            f"if not isinstance({v}, torch.Tensor):",
-            f"{INDENT}raise TNError(f\"{self.name}(): argument '{v}' is a {{type({v}).__name__}}, "
-            f"expected a torch.Tensor\")",
-            f"if {v}.dim() != {len(var.axes)}:",
-            f"{INDENT}raise TNError(f\"{self.name}(): argument '{v}' has shape {{tuple({v}.shape)}}, "
-            f"expected rank {len(var.axes)} [{_escape(dims(var))}]\")",
-        ]
+        out = [f"_tensor({self.name!r}, {v!r}, {v}, {len(var.axes)}, {dims(var)!r})"]
         for k, (axis, s) in enumerate(zip(var.axes, var.axis_shape)):
             out += self._axis(v, k, axis, s)
         return out
@@ -138,12 +149,10 @@ class _Arguments:
         self.maybe.add(s)
         check = self._mismatch(s, where, got, "another argument")
         return [f"if {size_var(s)} is None:", f"{INDENT}{size_var(s)} = {got}",
-                "el" + check[0]] + check[1:]
+                "else:"] + _indent(check)
 
     def _mismatch(self, s, where: str, got: str, other: str) -> list[str]:
-        return [f"if {got} != {size_var(s)}:",
-                f"{INDENT}raise TNError(f\"{self.name}(): size mismatch for index '{s}': "
-                f"{where} has size {{{got}}} but {other} has size {{{size_var(s)}}}\")"]
+        return [f"_same({self.name!r}, {str(s)!r}, {where!r}, {got}, {other!r}, {size_var(s)})"]
 
     def _optional_symbols(self) -> list[str]:
         """`size_n = None` (or its `sizes=` value) for symbols first met in optional tensors."""

@@ -28,7 +28,7 @@ from tnderive.errors import TNError
 from tnderive.printer import to_notation
 from tnderive.torch_fns import torch_source
 
-from .arguments import DEVICE_DTYPE_HELPER, argument_lines, parameters
+from .arguments import ARGUMENT_HELPERS, argument_lines, parameters
 from .program import Op, Program, Value
 from .pysource import py_coef, py_expr, py_shape, py_size, size_var  # noqa: F401  (re-exported)
 from .convolution import source_lines as conv_source
@@ -60,7 +60,7 @@ def emit_module(program: Program, name: str = "f", notation: str | None = None,
     notation = notation if notation is not None else to_notation(expr)
     kinds = sorted({op.payload[0] for op in program.ops if op.kind == "const"})
     parts = [_module_doc(program, name, notation), "import torch", "",
-             "", _ERROR_CLASS, "", "", "_MISSING = object()", "", "", DEVICE_DTYPE_HELPER, ""]
+             "", _ERROR_CLASS, "", "", "_MISSING = object()", "", "", ARGUMENT_HELPERS, ""]
     if kinds:
         parts += ["", _constant_support(kinds)]
     parts += ["", _function(program, name, notation, sizes or {})]
@@ -413,7 +413,7 @@ def emit_ops_module(entry: Program, ops: list[Op], name: str, returns: str, doc:
         raise TNError(f"codegen: function name {name!r} is not a python identifier")
     kinds = sorted({op.payload[0] for op in ops if op.kind == "const"})
     parts = [f'"""{_escape_doc(doc)}\n"""\n', "import torch", "", "", _ERROR_CLASS, "", "",
-             "_MISSING = object()", "", "", DEVICE_DTYPE_HELPER, ""]
+             "_MISSING = object()", "", "", ARGUMENT_HELPERS, ""]
     if kinds:
         parts += ["", _constant_support(kinds)]
     body = argument_lines(entry, name, sizes or {})

@@ -303,7 +303,7 @@ def test_compiled_network_is_one_function_with_named_statements():
     g = tn.simplify(net.grad("WQ1"))
     c = g.compile()
     src = c.source
-    assert src.count("\ndef ") == 2 and "def f(" in src  # _device_dtype and f
+    assert src.count("\ndef ") == 4 and "def f(" in src  # _device_dtype, _tensor, _same, f
     assert [l for l in src.splitlines() if l.startswith(("import", "from"))] == ["import torch"]
     assert src.count("if _positional:") == 1  # arguments checked once
     assert "Contraction cost:" in src
