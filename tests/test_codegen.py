@@ -20,6 +20,7 @@ from tnderive.errors import TNError
 from tnderive.ir import Delta, Product, Sum, Variable, Zero, size_symbol
 
 from tests.cases.codegen_cases import CASES, EXTRA_SIZES, SIZES, V, conv_expr as _conv_expr, random_inputs, z
+from tests.background import QUICK_EXIT
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -111,8 +112,8 @@ def test_module_runs_in_clean_interpreter(tmp_path):
         assert "tnderive" not in sys.modules and "sympy" not in sys.modules
         print("ok")
     """)
-    res = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run([sys.executable, "-I", "-c", script + QUICK_EXIT], capture_output=True,
+                         text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "ok" in res.stdout
 

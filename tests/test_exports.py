@@ -77,7 +77,7 @@ def _fresh_import_job() -> tuple[list[str], dict]:
         assert "def build_window" in get_kind("window").source
         print("ok")
     """)
-    return [sys.executable, "-c", code], {}
+    return [sys.executable, "-c", code + background.QUICK_EXIT], {}
 
 
 @pytest.mark.slow

@@ -57,7 +57,7 @@ def _example_in_a_fresh_process(folder: Path) -> tuple[list[str], dict]:
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import gallery; "
             f"gallery.load(gallery.examples()[{EXAMPLES.index(DETERMINISM_EXAMPLE)}])"
-            f".main({str(folder / 'c')!r}, fast=True)")
+            f".main({str(folder / 'c')!r}, fast=True); {background.QUICK_EXIT}")
     return [sys.executable, "-c", code], {"env": env, "cwd": str(folder)}
 
 
