@@ -22,6 +22,7 @@ autograd and torch.func, like the generated code.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable, Mapping
 
 import sympy
@@ -41,10 +42,14 @@ class Runner:
     """A Program prepared for numeric sizes: call it with the input tensors (by name), the
     device and the dtype constants are made in."""
 
-    def __init__(self, steps: list[Step], result: str, perm: tuple[int, ...] | None):
+    def __init__(self, steps: list[Step], result: str, perm: tuple[int, ...] | None,
+                 largest: tuple[int, tuple[str, ...] | None] = (0, None)):
         self.steps = steps
         self.result = result
         self.perm = perm
+        #: (entries, labels) of the largest tensor a run holds: the result (labels None), or
+        #: the output of an op that allocates (not a view: expand, diagonal, slice, ...)
+        self.largest = largest
 
     def __call__(self, tensors: Mapping[str, torch.Tensor], device, dtype) -> torch.Tensor:
         env: dict[str, torch.Tensor] = dict(tensors)
@@ -92,7 +97,27 @@ def prepare(program: Program, symbols: Mapping[sympy.Symbol, int]) -> Runner:
     res = program.result
     order = tuple(program.expr.indices)
     perm = None if res.labels == order else tuple(res.labels.index(i) for i in order)
-    return Runner(steps, res.name, perm)
+    return Runner(steps, res.name, perm, _largest(program, ops, size))
+
+
+#: op kinds whose output is a view of their input (no new memory)
+VIEW_ONLY = ("expand", "diag", "unfold", "slice", "unsqueeze", "narrow")
+
+
+def _largest(program: Program, ops: list[Op], size) -> tuple[int, tuple[str, ...] | None]:
+    """(entries, labels) of the largest tensor a run holds (`Runner.largest`): the result
+    (labels None; counted even when it is a view, since a caller may materialise it) or an
+    allocating op's output."""
+    def entries(shape) -> int:
+        return math.prod(size(s) for s in shape)
+
+    best = (entries(program.expr.shape), None)
+    for op in ops:
+        if op.kind not in VIEW_ONLY and op.out != program.result.name:
+            n = entries(op.shape)
+            if n > best[0]:
+                best = (n, tuple(op.labels))
+    return best
 
 
 # --------------------------------------------------------------------------------------------

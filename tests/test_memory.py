@@ -39,6 +39,18 @@ def test_large_intermediate_is_named(monkeypatch):
         tn.evaluate(e, u=torch.randn(1000))
 
 
+def test_an_intermediate_the_program_never_allocates_is_not_refused(monkeypatch):
+    """The check reads the lowered program, not the expression tree: the inner product
+    t[a,b] = u[a]*u[b] (8 MB as a tree node) is contracted with v without being formed, so a
+    1 MB limit does not refuse it (the attention benchmark's Q-Q block has a 34 GB tree node
+    and needs 0.6 GB)."""
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 10**6)
+    monkeypatch.setattr(memory, "ALWAYS_FITS", 0)
+    e = tn.parse("t[a,b] = u[a]*u[b]\ns = sum(t[a,b]*v[a]*v[b])")
+    u, v = torch.randn(1000, dtype=torch.float64), torch.randn(1000, dtype=torch.float64)
+    torch.testing.assert_close(tn.evaluate(e, u=u, v=v), (u @ v) ** 2, rtol=1e-12, atol=0)
+
+
 def test_available_bytes_of_this_machine_is_positive():
     n = memory.available_bytes("cpu")
     assert n is None or n > 0

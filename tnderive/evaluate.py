@@ -4,10 +4,12 @@
 pipeline as generated code, without writing source:
 
 1. `binding.bind` checks the tensors against `expr.signature` and solves the size symbols;
-2. `memory.check_fits` refuses a largest tensor the device cannot hold (a clear TNError);
-3. `codegen.lower(expr, sizes)` builds the `Program` (deltas merged into index renames,
+2. `codegen.lower(expr, sizes)` builds the `Program` (deltas merged into index renames,
    structured constants as views, products planned, common sub-expressions shared), cached
    per (expression, numeric sizes) in a bounded LRU (`lowered`, `LOWERED_KEPT` entries);
+3. `memory.check_fits` refuses a largest tensor of the program (the result, or an
+   intermediate it allocates) that the device cannot hold: a clear TNError before anything
+   is allocated;
 4. `codegen.interpret` runs the program's ops with torch.
 
 Lowering setting for one-off evaluation (`EVALUATE_METHOD`, `EVALUATE_FORMS`): the same
@@ -59,9 +61,7 @@ def evaluate(expr: Expr, sizes: Mapping[str, int] | None = None, **tensors: torc
     Dims follow `expr.indices`; dtype: torch's promotion across the tensors."""
     if not isinstance(expr, Expr):
         raise TNError(f"evaluate expects an expression, got {type(expr).__name__}")
-    binding = bind(expr, tensors, sizes)
-    check_fits(expr, binding)  # before anything is allocated: a clear error, not the allocator's
-    return run_bound(expr, binding)
+    return run_bound(expr, bind(expr, tensors, sizes))
 
 
 def _runner(expr: Expr, binding: Binding, shared: "SharedLowerings | None" = None
@@ -75,8 +75,10 @@ def _runner(expr: Expr, binding: Binding, shared: "SharedLowerings | None" = Non
 
 
 def run_bound(expr: Expr, binding: Binding) -> torch.Tensor:
-    """`expr` evaluated under a checked binding (the interpreter on its cached program)."""
+    """`expr` evaluated under a checked binding (the interpreter on its cached program), after
+    the memory check of the program's largest tensor (a clear error, not the allocator's)."""
     runner, device, dtype = _runner(expr, binding)
+    check_fits(*runner.largest, binding)
     out = runner(binding.tensors, device, dtype)
     want = tuple(binding.size(s, f"index {i!r}") for i, s in zip(expr.indices, expr.shape))
     if tuple(out.shape) != want:
@@ -112,8 +114,8 @@ class Prepared:
         run = self._runs.pop(key, None)
         if run is None:
             binding = bind(self.expr, tensors, sizes)
-            check_fits(self.expr, binding)
             runner, device, dtype = _runner(self.expr, binding, self.shared)
+            check_fits(*runner.largest, binding)
             run = (runner, tuple(binding.tensors), device, dtype)
             if len(self._runs) >= self.kept:
                 self._runs.pop(next(iter(self._runs)))
@@ -178,6 +180,7 @@ class _RenamedRunner:
     def __init__(self, runner: Runner, names: tuple[str, ...]):
         self.runner = runner
         self.renaming = tuple((name, f"v{k}") for k, name in enumerate(names))
+        self.largest = runner.largest  # variables renamed only: the same indices
 
     def __call__(self, tensors, device, dtype) -> torch.Tensor:
         return self.runner({new: tensors[old] for old, new in self.renaming}, device, dtype)

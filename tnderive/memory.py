@@ -1,8 +1,10 @@
 """Memory an evaluation needs, checked before anything is allocated.
 
-`check_fits(expr, binding)` raises a TNError when a tensor that eager evaluation materialises
-(the result or an intermediate node) is larger than the memory available on the device, so a
-user gets the entry count, the bytes and the alternatives instead of the allocator's error.
+`check_fits(entries, labels, binding)` raises a TNError when the largest tensor an evaluation
+holds (the result, or an intermediate the lowered program allocates: `Runner.largest`) is
+larger than the memory available on the device, so a user gets the entry count, the bytes and
+the alternatives instead of the allocator's error. It runs after lowering (which allocates
+nothing) and before the program runs.
 """
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import torch
 
 from .binding import Binding
 from .errors import TNError
-from .ir import Delta, Expr, Variable
 
 _GB = 1e9
 
@@ -50,33 +51,10 @@ def _cpu_available() -> int | None:
 ALWAYS_FITS = 2**26
 
 
-def largest_node(expr: Expr, binding: Binding) -> tuple[Expr, int]:
-    """The node with the most entries among those eager evaluation materialises (the result,
-    products, sums, functions, constants; not the given variables nor merged copy tensors)."""
-    known: dict = {}
-    best, most = expr, _entries(expr, binding, known)
-    for node in expr.walk():
-        if isinstance(node, (Variable, Delta)):
-            continue
-        n = _entries(node, binding, known)
-        if n > most:
-            best, most = node, n
-    return best, most
-
-
-def _entries(node: Expr, binding: Binding, known: dict) -> int:
-    """Entries of `node` (sizes evaluated once per distinct size expression in `known`)."""
-    n = 1
-    for i, s in zip(node.indices, node.shape):
-        if s not in known:
-            known[s] = binding.size(s, f"index {i!r}")
-        n *= known[s]
-    return n
-
-
-def check_fits(expr: Expr, binding: Binding, what: str = "evaluate") -> None:
-    """TNError when the largest tensor evaluating `expr` needs exceeds the device's memory."""
-    node, entries = largest_node(expr, binding)
+def check_fits(entries: int, labels: tuple[str, ...] | None, binding: Binding,
+               what: str = "evaluate") -> None:
+    """TNError when the largest tensor of an evaluation (`entries`; `labels` the indices of an
+    intermediate, None for the result: `Runner.largest`) exceeds the device's memory."""
     dtype = binding.dtype if binding.dtype is not None else torch.get_default_dtype()
     if not dtype.is_floating_point and not dtype.is_complex:
         dtype = torch.get_default_dtype()
@@ -87,7 +65,7 @@ def check_fits(expr: Expr, binding: Binding, what: str = "evaluate") -> None:
     have = available_bytes(device)
     if have is None or need <= have:
         return
-    which = "the result" if node is expr else f"an intermediate [{','.join(node.indices)}]"
+    which = "the result" if labels is None else f"an intermediate [{','.join(labels)}]"
     raise TNError(
         f"{what}: {which} has {entries:,} entries ({need / _GB:.1f} GB as {dtype}), more than the "
         f"{have / _GB:.1f} GB available on {device}. Use tnderive.compile(expr) (it keeps "
