@@ -21,10 +21,6 @@ in float32 on channels-last inputs, equal otherwise). Lowering (`program`) emits
 (`source_lines`) and the interpreter runs it (`runner`), both calling the same public torch
 functions, which autograd and torch.func differentiate.
 
-A weight VJP with few output positions per image and a long contraction (ResNet-18's
-layer-4 3×3: 7×7 positions, 512 channels) is not a `conv` op: it stays views and one im2col
-GEMM over all images, faster there than torch's weight-VJP kernel (`cost.WEIGHT_VJP_VIEWS_*`).
-
 Two input VJPs run without torch's input-VJP kernel (`cost` chooses, at lowering):
 
 * few input channels and many kernel taps (a 7×7 stem): for a group of images at a time,
@@ -202,8 +198,6 @@ def lower(low, mode: str, a: Value, b: Value, geos: tuple, out: tuple[str, ...])
                 _flipped_forward_pays(B_ * sympy.Mul(*O), E, C):
             flipped, torch_size = back, (B_, G * C, *O)
     elif mode == "weight":          # a = x [N, G·E, I], b = g [N, G·C, O]
-        if _weight_vjp_by_views(E, K, O):
-            return None  # few positions, a long contraction: views and one GEMM (`cost`)
         ta = _layout(a, ones_a + roles["batch"] + roles["groups"] + roles["e"], sa, (B_, G * E))
         tb = _layout(b, ones_b + roles["batch"] + roles["groups"] + roles["c"], sb, (B_, G * C))
         torch_size = (G * C, E, *K)
@@ -254,17 +248,6 @@ def _flipped_forward_pays(positions, E, C) -> bool:
         return False
     return E >= max(C, cost.FLIPPED_FORWARD_MIN_CHANNELS) and \
         positions >= cost.FLIPPED_FORWARD_MIN_POSITIONS
-
-
-def _weight_vjp_by_views(E, K, O) -> bool:
-    """Whether a weight VJP with E input channels per group, kernel K and output positions O
-    (per spatial dim) runs faster as views and one im2col GEMM over all images than as
-    torch's weight-VJP kernel (`cost.WEIGHT_VJP_VIEWS_*`; sizes must be numbers)."""
-    contract, positions = E * sympy.Mul(*K), sympy.Mul(*O)
-    if not all(sympy.sympify(v).is_Integer for v in (contract, positions)):
-        return False
-    return positions <= cost.WEIGHT_VJP_VIEWS_MAX_POSITIONS and \
-        contract >= cost.WEIGHT_VJP_VIEWS_MIN_CONTRACT
 
 
 def _roles(mode: str, ra: list, rb: list, out: set) -> dict | None:

@@ -54,16 +54,6 @@ FLIPPED_FORWARD_MIN_CHANNELS = 16
 #: convolution is faster (2-5x for 3 → 64)
 FLIPPED_FORWARD_MIN_POSITIONS = 1024
 
-#: a weight VJP with at most this many output positions per image ...
-WEIGHT_VJP_VIEWS_MAX_POSITIONS = 64
-#: ... and a contraction of at least this many (input channels per group × kernel taps) runs
-#: as views and one im2col GEMM over all images instead of torch's weight-VJP kernel:
-#: ResNet-18's layer-4 3×3 (512 channels, 7×7 positions, batch 8, float32, 1 thread) 25 against
-#: 31 ms, 512 → 512 at 14²/2 26 against 27-31 ms; with 256 channels at 7×7 the two are equal,
-#: with fewer channels or more positions torch's kernel is faster (128 at 7×7: 1.3 against
-#: 2.6 ms; 512 at 14×14: 84 against 97 ms)
-WEIGHT_VJP_VIEWS_MIN_CONTRACT = 4096
-
 # --- stride-1 convolutions without kernels: one batched matmul per kernel tap (`taps`) -------
 
 #: the contraction (input channels) at least this long: else one im2col GEMM is faster

@@ -352,37 +352,6 @@ def _input_vjp_vs_autograd(net, x, w, tol) -> str:
     return f.source
 
 
-def _weight_vjp_vs_autograd(net, x, w, tol) -> str:
-    """The generated and the interpreted weight VJP of `net` against torch's autograd at x, w;
-    returns the generated source."""
-    expr = vjp(net.core, "W", "v")
-    wg = w.clone().requires_grad_()
-    y = net.finish(evaluate(net.core, **net.prepare(x, wg)), None)
-    v = torch.randn(y.shape, dtype=x.dtype)
-    (ref,) = torch.autograd.grad(y, wg, v)
-    tensors = {k: t for k, t in {**net.prepare(x, w), "v": v.reshape(
-        [int(n) for n in net.core.shape])}.items() if k in expr.variables}
-    for got in (compile(expr)(**tensors), evaluate(expr, **tensors)):
-        torch.testing.assert_close(got.reshape(ref.shape), ref, **tol)
-    return compile(expr).source
-
-
-def test_weight_vjp_of_few_positions_and_a_long_contraction_is_one_gemm():
-    """A 512-channel 3×3 layer at 7×7 (ResNet-18's layer 4): its weight VJP is views and one
-    im2col GEMM, not torch's weight-VJP kernel (`cost.WEIGHT_VJP_VIEWS_*`), and equals
-    autograd's; 128 channels at 7×7, or 512 at 14×14, keep torch's kernel."""
-    def source(xs, ws, check):
-        net = conv_network(xs, ws, padding=1, bias=False)
-        x, w = torch.randn(xs, dtype=torch.float64), torch.randn(ws, dtype=torch.float64)
-        if check:
-            return _weight_vjp_vs_autograd(net, x, w, TOL)
-        return compile(vjp(net.core, "W", "v")).source
-
-    assert "conv2d_weight(" not in source((2, 512, 7, 7), (512, 512, 3, 3), check=True)
-    assert "conv2d_weight(" in source((2, 128, 7, 7), (128, 128, 3, 3), check=True)
-    assert "conv2d_weight(" in source((2, 512, 14, 14), (512, 512, 3, 3), check=False)
-
-
 @pytest.mark.parametrize("case", SCATTER_AS_VIEWS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_placement_is_one_matmul(case, dtype, monkeypatch):
