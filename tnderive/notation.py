@@ -402,20 +402,6 @@ def _scope_parts(node: ast.AST) -> tuple[list[ast.AST], list[str], Callable[[str
     return list(ast.iter_child_nodes(node)), [], None
 
 
-def _syntax_tree(text: str) -> ast.Module | tuple[str, str, int | None, int | None]:
-    """`ast.parse` of `text`, or (what, message, line, column) of its syntax error or first
-    syntax warning."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            tree = ast.parse(text, mode="exec")
-        except SyntaxError as e:
-            return "syntax error", e.msg, e.lineno, e.offset
-    for w in caught:
-        return "syntax problem", str(w.message), w.lineno, None
-    return tree
-
-
 class _Parser:
     def __init__(self, text: str, sizes, keep: bool = False):
         self.keep = keep  # statements refer to earlier ones by name instead of inlining them
@@ -474,9 +460,14 @@ class _Parser:
     def syntax_tree(self) -> ast.Module:
         """`ast.parse` of the text; Python's syntax errors and warnings (e.g. "invalid decimal
         literal") become TNErrors with line, column and a caret (warnings stay local)."""
-        tree = _syntax_tree(self.text)
-        if isinstance(tree, tuple):
-            raise self.located(*tree)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                tree = ast.parse(self.text, mode="exec")
+            except SyntaxError as e:
+                raise self.located("syntax error", e.msg, e.lineno, e.offset) from None
+        for w in caught:
+            raise self.located("syntax problem", str(w.message), w.lineno, None)
         return tree
 
     def located(self, what: str, message: str, line: int | None, column: int | None) -> TNError:
