@@ -43,7 +43,7 @@ class Runner:
     device and the dtype constants are made in."""
 
     def __init__(self, steps: list[Step], result: str, perm: tuple[int, ...] | None,
-                 largest: tuple[int, tuple[str, ...] | None] = (0, None)):
+                 largest: tuple[int, tuple[str, ...] | None]):
         self.steps = steps
         self.result = result
         self.perm = perm

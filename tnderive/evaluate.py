@@ -152,15 +152,12 @@ def _lower(expr: Expr, values: tuple[tuple[str, int], ...]) -> Runner:
 
 def canonical_names(expr: Expr, made: dict[tuple, Variable] | None = None
                     ) -> tuple[Expr, tuple[str, ...]]:
-    """`expr` with its variables renamed `v0, v1, ...` in first-seen order (`Expr.walk`; axes,
+    """`expr` with its variables renamed `v0, v1, ...` in first-seen order (`Expr.variables`; axes,
     occurrences and sizes kept), and the original names in that order. Two expressions that
     differ only in their tensors' names (the tangent statements of two same-shaped
     parameters) have the same canonical form, hence the same lowered program. `made`: the
     renamed variables built so far, reused (a caller renaming many expressions)."""
-    order: dict[str, str] = {}
-    for node in expr.walk():
-        if isinstance(node, Variable) and node.name not in order:
-            order[node.name] = f"v{len(order)}"
+    order = {name: f"v{k}" for k, name in enumerate(expr.variables)}  # first-seen, cached
     made = {} if made is None else made
 
     def rename(node: Expr) -> Expr | None:
